@@ -1,0 +1,137 @@
+"""The config schema: every field, its default (the embedded default run), and validation.
+
+``get_config()`` is the embedded default: SupNet-M family at a size that trains usefully on
+2 CPU cores, on Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package. Config files in
+``configs/`` start from it and override fields; ``validate`` runs once at start.
+"""
+import ml_collections
+
+from pgnas_jax.errors import ConfigError
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'fashion_mnist'
+  c.data.data_dir = '/usr/share/datasets/fashion-mnist'
+  c.data.validation_size = 5000  # carved from the training split, held out for ranking
+  c.data.random_flip = True
+  c.data.pad_crop = 2  # pad by this many pixels and crop back at random; 0: off
+
+  c.model = ml_collections.ConfigDict()
+  c.model.family = 'shake_shake'
+  c.model.stem_width = 16
+  c.model.widths = (16, 32, 64)
+  c.model.blocks_per_stage = 1
+  c.model.kernel_sizes = (3, 3)  # one per branch
+  c.model.shake = True
+
+  c.drop = ml_collections.ConfigDict()
+  c.drop.mode = 'learned'  # 'learned' (PGNAS) or 'random' (logits frozen at random_p)
+  c.drop.init_p = 0.1
+  c.drop.random_p = 0.1
+  c.drop.tau = 0.2
+  c.drop.logit_lr_multiplier = 1.0
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.prior = 'posterior'  # 'posterior': l2 (1 - p); 'constant': constant_l2
+  c.objective.weight_prior_l2 = 50.0
+  c.objective.constant_l2 = 45.0
+  c.objective.num_train_effective = 55000.0  # N of SPEC section 2
+  c.objective.weight_decay = 0.0  # on non-searchable kernels only
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128
+  c.train.num_epochs = 5.0
+  c.train.num_steps = -1  # > 0 overrides num_epochs
+  c.train.learning_rate = 0.1
+  c.train.schedule = 'cosine'  # 'cosine', 'step' or 'sgdr'
+  c.train.step_epochs = (30, 60, 90)  # 'step': lr /= step_factor at these epochs
+  c.train.step_factor = 10.0
+  c.train.sgdr_min_lr = 1e-4
+  c.train.sgdr_t0_epochs = 10.0
+  c.train.sgdr_t_mul = 2.0
+  c.train.momentum = 0.9
+  c.train.nesterov = True
+  c.train.log_every_steps = 50
+
+  c.search = ml_collections.ConfigDict()
+  c.search.num_candidates = 100
+  c.search.chunk_size = 4  # candidates scored at once (vmap)
+  c.search.eval_batch_size = 500
+  return c
+
+
+CHOICES = {
+    'data.name': ('fashion_mnist',),
+    'model.family': ('shake_shake',),
+    'drop.mode': ('learned', 'random'),
+    'objective.prior': ('posterior', 'constant'),
+    'train.schedule': ('cosine', 'step', 'sgdr'),
+}
+
+# field -> (test, what the value must be)
+RANGES = {
+    'data.validation_size': (lambda v: v > 0, 'a positive number of images'),
+    'data.pad_crop': (lambda v: v >= 0, '>= 0'),
+    'model.stem_width': (lambda v: v > 0, '> 0'),
+    'model.widths': (lambda v: len(v) > 0 and all(w > 0 for w in v), 'non-empty, each > 0'),
+    'model.blocks_per_stage': (lambda v: v > 0, '> 0'),
+    'model.kernel_sizes': (lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
+                           'non-empty, each an odd number > 0'),
+    'drop.init_p': (lambda v: 0.0 < v < 1.0, 'in (0, 1)'),
+    'drop.random_p': (lambda v: 0.0 < v < 1.0, 'in (0, 1)'),
+    'drop.tau': (lambda v: v > 0.0, '> 0'),
+    'drop.logit_lr_multiplier': (lambda v: v >= 0.0, '>= 0'),
+    'objective.weight_prior_l2': (lambda v: v >= 0.0, '>= 0'),
+    'objective.constant_l2': (lambda v: v >= 0.0, '>= 0'),
+    'objective.num_train_effective': (lambda v: v > 0.0, '> 0'),
+    'objective.weight_decay': (lambda v: v >= 0.0, '>= 0'),
+    'train.batch_size': (lambda v: v > 0, '> 0'),
+    'train.num_epochs': (lambda v: v > 0.0, '> 0'),
+    'train.learning_rate': (lambda v: v > 0.0, '> 0'),
+    'train.step_factor': (lambda v: v > 0.0, '> 0'),
+    'train.sgdr_t0_epochs': (lambda v: v > 0.0, '> 0'),
+    'train.sgdr_t_mul': (lambda v: v >= 1.0, '>= 1'),
+    'train.momentum': (lambda v: 0.0 <= v < 1.0, 'in [0, 1)'),
+    'train.log_every_steps': (lambda v: v > 0, '> 0'),
+    'search.num_candidates': (lambda v: v > 0, '> 0'),
+    'search.chunk_size': (lambda v: v >= 1, '>= 1'),
+    'search.eval_batch_size': (lambda v: v > 0, '> 0'),
+}
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad field and the fix."""
+  reference = get_config()
+  ref_keys = set(_flat_keys(reference))
+  for key in _flat_keys(config):
+    if key not in ref_keys:
+      raise ConfigError(f'unknown config field {key!r}: remove it or check its spelling '
+                        f'(fields are listed in README.md, "Config fields")')
+  for key in ref_keys - set(_flat_keys(config)):
+    raise ConfigError(f'config field {key!r} is missing: start config files from '
+                      f'pgnas_jax.config.get_config() and override fields')
+  for key, options in CHOICES.items():
+    if _get(config, key) not in options:
+      raise ConfigError(f'--config.{key}={_get(config, key)!r} is not one of {options}')
+  for key, (ok, what) in RANGES.items():
+    if not ok(_get(config, key)):
+      raise ConfigError(f'--config.{key}={_get(config, key)!r} is out of range: it must be {what}')
+
+
+def _flat_keys(config, prefix=''):
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _flat_keys(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}'

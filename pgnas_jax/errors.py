@@ -1,0 +1,18 @@
+"""Errors that answer bad input or a failed run; each message says what went wrong and how
+to fix it, and the main job prints it as one line instead of a traceback."""
+
+
+class UserFacingError(Exception):
+  """Base class: the message is meant for the person running pgnas_jax."""
+
+
+class ConfigError(UserFacingError, ValueError):
+  """A config value that cannot run; the message names the field and what to use."""
+
+
+class MissingDataError(UserFacingError, FileNotFoundError):
+  """A data set is not where the config says; the message says how to get it."""
+
+
+class NonFiniteLossError(UserFacingError, FloatingPointError):
+  """Training produced a NaN or Inf loss; the message names the step."""

@@ -1,0 +1,67 @@
+"""Export of a searched architecture (SPEC section 4): kept input channels per group, the
+convolutions removed because every input was dropped, params and FLOPs, and the pruned
+weights, which give the same logits as the masked super-network."""
+from typing import Any
+
+import flax.serialization
+import jax
+import numpy as np
+from flax import traverse_util
+
+from pgnas_jax import layers, space as space_lib
+
+PyTree = Any
+
+
+def kept_channels(mask: PyTree) -> PyTree:
+  """Per group, the indices of kept input channels (int32)."""
+  return jax.tree.map(lambda m: np.flatnonzero(np.asarray(m)).astype(np.int32), mask)
+
+
+def removed_convs(mask: PyTree) -> list:
+  """'/'-joined names of searchable convs whose every input channel is dropped."""
+  by_conv = {}
+  for path, m in traverse_util.flatten_dict(jax.device_get(mask)).items():
+    by_conv.setdefault(path[:-1], []).append(np.asarray(m).sum())
+  return sorted('/'.join(conv) for conv, kept in by_conv.items() if sum(kept) == 0)
+
+
+def pruned_variables(variables: dict, space: space_lib.SearchSpace, mask: PyTree) -> dict:
+  """Variables of the pruned network: apply them to the same model, no masks needed."""
+  kept = kept_channels(mask)
+  return {'params': layers.prune_params(variables['params'], space.template, kept),
+          'batch_stats': variables['batch_stats'],
+          layers.ARCHITECTURE: kept}
+
+
+def describe(space: space_lib.SearchSpace, mask: PyTree, pruned: dict) -> dict:
+  """The architecture as JSON-ready data; params are counted on the pruned weights."""
+  names = space_lib.group_names(space)
+  kept = [np.asarray(k).tolist() for k in jax.tree.leaves(kept_channels(mask))]
+  params, macs = space_lib.costs(space, mask)
+  counted = space_lib.count_params(pruned['params'])
+  if counted != int(params):
+    raise AssertionError(f'pruned weights hold {counted} params, the cost model says {params}')
+  sizes = [int(m.shape[-1]) for m in jax.tree.leaves(space.template)]
+  dropped_channels = sum(s - len(k) for s, k in zip(sizes, kept))
+  convs = {tuple(n.split('/')[:-1]) for n in names}
+  removed = removed_convs(mask)
+  return {
+      'kept_channels': dict(zip(names, kept)),
+      'removed_convs': removed,
+      'params': int(params),
+      'flops': int(macs),
+      'dropped_channel_share': dropped_channels / sum(sizes),
+      'removed_conv_share': len(removed) / len(convs),
+  }
+
+
+def save_weights(path: str, pruned: dict) -> None:
+  with open(path, 'wb') as f:
+    f.write(flax.serialization.msgpack_serialize(jax.device_get(pruned)))
+
+
+def load_weights(path: str) -> dict:
+  """The pruned network's variables, ready for ``model.apply(variables, images)``."""
+  with open(path, 'rb') as f:
+    return flax.serialization.msgpack_restore(f.read())

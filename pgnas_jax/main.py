@@ -1,0 +1,108 @@
+"""The main job: config + workdir -> train the super-network -> rank candidates sampled from
+the learned posterior -> export the winner -> report.
+
+    python -m pgnas_jax.main --workdir=DIR [--config=configs/FILE.py] [--config.FIELD=VALUE]
+
+Without --config it runs the embedded default (``pgnas_jax/config.py``).
+"""
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pgnas_jax import config as config_lib
+from pgnas_jax import data as data_lib
+from pgnas_jax import errors, export, parallel, report, search, supernets, train
+from pgnas_jax import masks as masks_lib
+from pgnas_jax import space as space_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(os.path.dirname(__file__), 'config.py'),
+    'Config file (a Python file with get_config()); fields can be overridden with '
+    '--config.FIELD=VALUE.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for every output of the run.')
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the whole job; returns the winner's description (also in search/arch.json)."""
+  config_lib.validate(config)
+  dataset = data_lib.load(config.data)
+  os.makedirs(os.path.join(workdir, 'search'), exist_ok=True)
+  os.makedirs(os.path.join(workdir, 'plots'), exist_ok=True)
+  report.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  mesh = parallel.make_mesh()
+  model = supernets.build(config.model, dataset.num_classes)
+  timings = {}
+
+  t = time.time()
+  state, space = train.train(model, config, dataset, workdir, mesh)
+  timings['train'] = time.time() - t
+  variables = {'params': state.params['weights'], 'batch_stats': state.batch_stats}
+  drop_logits = state.params['drop_logits']
+  p = [float(x) for x in jax.tree.leaves(jax.device_get(masks_lib.drop_probabilities(drop_logits)))]
+  sizes = [int(m.shape[-1]) for m in jax.tree.leaves(space.template)]
+  posterior = report.posterior_table(space_lib.group_names(space), sizes, p)
+  report.write_json(os.path.join(workdir, 'posterior.json'), posterior)
+
+  t = time.time()
+  eval_batch = config.search.eval_batch_size
+  full_scorer = search.make_full_scorer(model, mesh)
+  validation = search.device_batches(dataset.validation, dataset, eval_batch, mesh)
+  full_val, _ = search.evaluate(full_scorer, (variables,), validation)
+  search_key = train.purpose_key(state.root_key, 'search')
+  records = search.rank_candidates(model, variables, drop_logits, space, search_key, validation,
+                                   config.search,
+                                   os.path.join(workdir, 'search', 'candidates.jsonl'), mesh)
+  winner = search.choose_winner(records)
+  timings['search'] = time.time() - t
+
+  t = time.time()
+  # The test split is touched here, once the choice is made.
+  test = search.device_batches(dataset.test, dataset, eval_batch, mesh)
+  test_acc, _ = search.evaluate_mask(model, variables, winner['mask'], test, mesh)
+  full_test, _ = search.evaluate(full_scorer, (variables,), test)
+  pruned = export.pruned_variables(variables, space, winner['mask'])
+  export.save_weights(os.path.join(workdir, 'search', 'winner_weights.msgpack'), pruned)
+  full_mask = jax.tree.map(np.asarray, space.template)
+  full_params, full_flops = space_lib.costs(space, full_mask)
+  arch = {'index': winner['index'], **export.describe(space, winner['mask'], pruned),
+          'val_acc': winner['val_acc'], 'test_acc': test_acc,
+          'supernet': {'val_acc': float(full_val), 'test_acc': float(full_test),
+                       'params': int(full_params), 'flops': int(full_flops)}}
+  report.write_json(os.path.join(workdir, 'search', 'arch.json'), arch)
+  timings['test and export'] = time.time() - t
+
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    metrics = [json.loads(line) for line in f]
+  report.plot_posterior(posterior, os.path.join(workdir, 'plots', 'drop_probabilities.png'))
+  report.plot_candidates([r['val_acc'] for r in records], float(full_val), winner['val_acc'],
+                         os.path.join(workdir, 'plots', 'candidate_val_accuracy.png'))
+  report.plot_training(metrics, os.path.join(workdir, 'plots', 'training.png'))
+  report.write_markdown(os.path.join(workdir, 'report.md'), arch, timings,
+                        config.search.num_candidates, posterior)
+  logging.info('winner #%d: val acc %.4f, test acc %.4f, %d params (full super-network: '
+               'val %.4f, test %.4f, %d params)', arch['index'], arch['val_acc'], test_acc,
+               arch['params'], full_val, full_test, full_params)
+  return arch
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required: the folder where the run writes its outputs')
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except errors.UserFacingError as e:
+    print(f'pgnas_jax: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,82 @@
+"""Channel masks as data: relaxed training masks (Eq. 16) and hard candidate masks.
+
+A mask tree mirrors the tree of searchable groups that a super-network declares in its
+``masks`` collection at init (leaf = ones of shape ``(channels,)``). Drop logits live in a
+tree of the same structure with scalar leaves, ``theta_g = log p_g - log(1 - p_g)``.
+Every leaf draws from its own key, ``fold_in(key, leaf_index)`` in flattening order, so a
+mask depends only on the key and the tree, never on batch layout or device count.
+"""
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def group_sizes(template: PyTree) -> PyTree:
+  """Channels per searchable group, from a mask template (leaf shape ``(channels,)``)."""
+  return jax.tree.map(lambda m: int(m.shape[-1]), template)
+
+
+def logit(p):
+  return jnp.log(p) - jnp.log1p(-p)
+
+
+def init_drop_logits(template: PyTree, p: float) -> PyTree:
+  """One scalar logit per group, all at drop probability ``p``."""
+  return jax.tree.map(lambda _: logit(jnp.float32(p)), template)
+
+
+def drop_probabilities(drop_logits: PyTree) -> PyTree:
+  return jax.tree.map(jax.nn.sigmoid, drop_logits)
+
+
+def _leaf_keys(key: jax.Array, tree: PyTree) -> PyTree:
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(
+      treedef, [jax.random.fold_in(key, i) for i in range(len(leaves))])
+
+
+def relaxed_masks(key: jax.Array, drop_logits: PyTree, template: PyTree,
+                  batch_size: int, tau: float) -> PyTree:
+  """Per-example relaxed-Bernoulli *keep* masks, leaf shape ``(batch_size, channels)``.
+
+  drop = sigmoid((theta + logistic noise) / tau), keep = 1 - drop (SPEC section 2).
+  As tau -> 0, keep -> 1[noise < -theta], i.e. Bernoulli(1 - p). No 1/(1-p) rescale.
+  """
+  chex.assert_trees_all_equal_structs(drop_logits, template)
+
+  def leaf(k, theta, m):
+    noise = jax.random.logistic(k, (batch_size, m.shape[-1]))
+    return 1.0 - jax.nn.sigmoid((theta + noise) / tau)
+
+  return jax.tree.map(leaf, _leaf_keys(key, template), drop_logits, template)
+
+
+def hard_mask(key: jax.Array, drop_logits: PyTree, template: PyTree) -> PyTree:
+  """One hard keep mask (one architecture): channel kept iff u >= p (SPEC section 3)."""
+  chex.assert_trees_all_equal_structs(drop_logits, template)
+
+  def leaf(k, theta, m):
+    u = jax.random.uniform(k, m.shape[-1:])
+    return (u >= jax.nn.sigmoid(theta)).astype(jnp.float32)
+
+  return jax.tree.map(leaf, _leaf_keys(key, template), drop_logits, template)
+
+
+def candidate_masks(search_key: jax.Array, indices: jax.Array, drop_logits: PyTree,
+                    template: PyTree) -> PyTree:
+  """Hard masks of candidates ``indices``; candidate c uses ``fold_in(search_key, c)``.
+
+  Leaves gain a leading candidate axis. The result for candidate c is independent of which
+  other indices are drawn with it (chunking) and of the device layout.
+  """
+  draw = lambda c: hard_mask(jax.random.fold_in(search_key, c), drop_logits, template)
+  return jax.vmap(draw)(indices)
+
+
+def dropped_counts(mask: PyTree) -> PyTree:
+  """Number of dropped channels per group of one hard mask."""
+  return jax.tree.map(lambda m: jnp.sum(m == 0, axis=-1), mask)

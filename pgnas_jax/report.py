@@ -1,0 +1,102 @@
+"""What a run leaves for people: ``posterior.json``, ``report.md`` and ``plots/``."""
+import json
+import os
+import re
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+
+def layer_order(name: str):
+  """Natural sort key, so stage2_block10 comes after stage2_block9."""
+  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
+
+
+def posterior_table(names, sizes, probabilities) -> list:
+  rows = [{'name': n, 'channels': int(c), 'p': float(p)}
+          for n, c, p in zip(names, sizes, probabilities)]
+  return sorted(rows, key=lambda r: layer_order(r['name']))
+
+
+def plot_posterior(rows: list, path: str) -> None:
+  fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 4))
+  ax.bar(range(len(rows)), [r['p'] for r in rows], color='tab:blue')
+  ax.set_xticks(range(len(rows)))
+  ax.set_xticklabels([r['name'].replace('/group0', '') for r in rows], rotation=90, fontsize=6)
+  ax.set_ylabel('learned drop probability p')
+  ax.set_title('Posterior drop probability per searchable group (layers in order)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_candidates(val_accs: list, supernet_val_acc: float, winner_val_acc: float,
+                    path: str) -> None:
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.hist(val_accs, bins=min(50, max(10, len(val_accs) // 5)), color='tab:gray')
+  ax.axvline(supernet_val_acc, color='tab:red', label=f'full super-network {supernet_val_acc:.4f}')
+  ax.axvline(winner_val_acc, color='tab:green', linestyle='--',
+             label=f'winner {winner_val_acc:.4f}')
+  ax.set_xlabel('validation accuracy (inherited weights, no fine-tuning)')
+  ax.set_ylabel('candidates')
+  ax.set_title(f'{len(val_accs)} candidates sampled from the posterior')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_training(metrics: list, path: str) -> None:
+  steps = [m['step'] for m in metrics]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+  axes[0].plot(steps, [m['nll'] for m in metrics], label='nll')
+  axes[0].plot(steps, [m['loss'] for m in metrics], label='loss')
+  axes[0].set_yscale('log')
+  axes[0].legend()
+  axes[1].plot(steps, [m['train_accuracy'] for m in metrics])
+  axes[1].set_ylabel('train accuracy (relaxed masks)')
+  axes[2].plot(steps, [m['mean_p'] for m in metrics])
+  axes[2].set_ylabel('mean drop probability')
+  for ax in axes:
+    ax.set_xlabel('step')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _fmt(x, digits=4):
+  return f'{x:.{digits}f}' if isinstance(x, float) else f'{x:,}' if isinstance(x, int) else str(x)
+
+
+def write_markdown(path: str, arch: dict, timings: dict, num_candidates: int,
+                   posterior: list) -> None:
+  full = arch['supernet']
+  mean_p = sum(r['p'] * r['channels'] for r in posterior) / sum(r['channels'] for r in posterior)
+  lines = [
+      '# PGNAS run report', '',
+      '| | validation acc | test acc | params | FLOPs (MACs) |', '|---|---|---|---|---|',
+      f"| full super-network | {_fmt(full['val_acc'])} | {_fmt(full['test_acc'])} | "
+      f"{_fmt(full['params'])} | {_fmt(full['flops'])} |",
+      f"| winner #{arch['index']} of {num_candidates} (no fine-tuning) | {_fmt(arch['val_acc'])} | "
+      f"{_fmt(arch['test_acc'])} | {_fmt(arch['params'])} | {_fmt(arch['flops'])} |", '',
+      f"Dropped channels: {arch['dropped_channel_share']:.1%}; removed convolutions: "
+      f"{len(arch['removed_convs'])} ({arch['removed_conv_share']:.1%}). "
+      f"Mean learned drop probability: {mean_p:.4f}.", '',
+      '| phase | seconds |', '|---|---|',
+      *[f'| {k} | {v:.1f} |' for k, v in timings.items()], '',
+      '![drop probabilities](plots/drop_probabilities.png)', '',
+      '![candidate validation accuracy](plots/candidate_val_accuracy.png)', '',
+      '![training](plots/training.png)', '',
+  ]
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines))
+
+
+def write_json(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1)
+    f.write('\n')
+  os.replace(tmp, path)

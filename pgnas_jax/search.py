@@ -1,0 +1,112 @@
+"""Posterior-guided search (Alg. 1 lines 7-16): sample hard candidate masks from the learned
+drop probabilities, score chunks of them at once on the held-out validation split
+(``jax.vmap`` over masks, every candidate of a chunk seeing the same batches), rank, and
+pick the winner (best validation accuracy; ties: fewer parameters)."""
+import json
+import logging
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pgnas_jax import data as data_lib
+from pgnas_jax import masks as masks_lib
+from pgnas_jax import parallel, space as space_lib
+
+PyTree = Any
+
+
+def _batch_scores(logits, batch):
+  """(correct, summed loss) over the real examples of a padded batch."""
+  w = batch['weights']
+  correct = jnp.sum((jnp.argmax(logits, -1) == batch['labels']) * w)
+  loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, batch['labels']) * w)
+  return correct, loss
+
+
+def make_chunk_scorer(model, mesh) -> Callable:
+  """``score(variables, masks, batch) -> (correct[K], loss_sum[K])`` for a chunk of K hard
+  masks (leaves with a leading K axis), vmapped over the masks."""
+  def score_one(variables, mask, batch):
+    logits = model.apply({**variables, 'masks': mask}, batch['images'], train=False)
+    return _batch_scores(logits, batch)
+
+  def score(variables, masks, batch):
+    return jax.vmap(score_one, in_axes=(None, 0, None))(variables, masks, batch)
+
+  replicated = parallel.replicated(mesh)
+  return jax.jit(score, in_shardings=(replicated, replicated, parallel.batch_sharded(mesh)),
+                 out_shardings=replicated)
+
+
+def make_full_scorer(model, mesh) -> Callable:
+  """Scores the full super-network (nothing dropped)."""
+  def score(variables, batch):
+    return _batch_scores(model.apply(variables, batch['images'], train=False), batch)
+
+  return jax.jit(score, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def device_batches(split: data_lib.Split, dataset: data_lib.Dataset, batch_size: int,
+                   mesh) -> list:
+  """A split as a list of padded batches placed on the mesh once, reused by every chunk."""
+  return [parallel.put_batch(b, mesh) for b in data_lib.eval_batches(split, dataset, batch_size)]
+
+
+def evaluate(scorer: Callable, args: tuple, batches: list) -> tuple:
+  """(accuracy, mean loss) over all batches; arrays of shape [K] for a chunk scorer."""
+  correct, loss, n = 0.0, 0.0, 0.0
+  for batch in batches:
+    c, l = scorer(*args, batch)
+    correct, loss = correct + np.asarray(c, np.float64), loss + np.asarray(l, np.float64)
+    n += float(np.sum(batch['weights']))
+  return correct / n, loss / n
+
+
+def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_lib.SearchSpace,
+                    search_key: jax.Array, validation: list, search_config, out_path: str,
+                    mesh) -> list:
+  """Scores candidates 0..C-1 on the validation split; writes one JSON line per candidate
+  to ``out_path`` and returns the records (with each candidate's mask under 'mask')."""
+  num, chunk = search_config.num_candidates, search_config.chunk_size
+  scorer = make_chunk_scorer(model, mesh)
+  draw = jax.jit(masks_lib.candidate_masks)
+  names = space_lib.group_names(space)
+  records, start = [], time.time()
+  with open(out_path, 'w') as out:
+    for first in range(0, num, chunk):
+      # the last chunk is padded with extra candidates (one compilation) and trimmed
+      indices = jnp.arange(first, first + chunk)
+      masks = jax.device_get(draw(search_key, indices, drop_logits, space.template))
+      acc, loss = evaluate(scorer, (variables, masks), validation)
+      params, macs = space_lib.costs(space, masks)
+      dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)
+      for j in range(min(chunk, num - first)):
+        record = {'index': first + j, 'val_acc': float(acc[j]), 'val_loss': float(loss[j]),
+                  'params': int(params[j]), 'flops': int(macs[j]),
+                  'dropped': dict(zip(names, dropped[j].tolist()))}
+        out.write(json.dumps(record) + '\n')
+        records.append({**record, 'mask': jax.tree.map(lambda m, j=j: m[j], masks)})
+      out.flush()
+      done = min(first + chunk, num)
+      rate = done / (time.time() - start)
+      best = max(records, key=lambda r: r['val_acc'])
+      logging.info('search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
+                   done, num, best['val_acc'], best['index'], rate, (num - done) / rate)
+  return records
+
+
+def choose_winner(records: list) -> dict:
+  """Best validation accuracy; ties broken by fewer parameters, then lower index."""
+  return min(records, key=lambda r: (-r['val_acc'], r['params'], r['index']))
+
+
+def evaluate_mask(model, variables: dict, mask: PyTree, batches: list, mesh) -> tuple:
+  """(accuracy, loss) of one architecture over a split's batches."""
+  chunk = jax.tree.map(lambda m: np.asarray(m)[None], mask)
+  acc, loss = evaluate(make_chunk_scorer(model, mesh), (variables, chunk), batches)
+  return float(acc[0]), float(loss[0])

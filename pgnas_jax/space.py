@@ -1,0 +1,67 @@
+"""The search space a super-network declares at init, and what a candidate costs.
+
+``template`` is the tree of searchable groups (leaf: ones of shape ``(channels,)``); every
+mask and the drop logits mirror it. ``channel_costs`` mirrors it too (leaf: params and MACs
+of one kept input channel). A candidate's cost is the fixed cost of the non-searchable layers
+plus, per group, its kept channels times their cost. FLOPs are counted as multiply-accumulates
+of conv and dense layers per image, the usual convention of the NAS literature.
+"""
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from pgnas_jax import layers
+
+PyTree = Any
+
+
+class SearchSpace(NamedTuple):
+  template: PyTree
+  channel_costs: PyTree  # leaf int32 [params per kept channel, MACs per kept channel]
+  fixed_params: int  # trainable parameters outside the searchable kernels (drop logits and
+  #                   BatchNorm running statistics are not counted)
+  fixed_macs: int
+
+  @property
+  def num_groups(self) -> int:
+    return len(jax.tree.leaves(self.template))
+
+  @property
+  def num_channels(self) -> int:
+    return int(sum(m.shape[-1] for m in jax.tree.leaves(self.template)))
+
+
+def count_params(tree: PyTree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def from_variables(variables: dict) -> SearchSpace:
+  """Reads the search space off the collections returned by ``model.init``."""
+  template = variables[layers.MASKS]
+  costs = jax.device_get(variables[layers.CHANNEL_COSTS])
+  searchable = sum(int(m.shape[-1]) * int(c[0]) for m, c in
+                   zip(jax.tree.leaves(template), jax.tree.leaves(costs)))
+  total = count_params(variables['params'])
+  fixed_macs = int(sum(int(v) for v in jax.tree.leaves(jax.device_get(variables[layers.FIXED_MACS]))))
+  return SearchSpace(template=template, channel_costs=costs, fixed_params=total - searchable,
+                     fixed_macs=fixed_macs)
+
+
+def kept_counts(masks: PyTree) -> np.ndarray:
+  """[..., groups] kept channels per group, leaves in flattening order."""
+  return np.stack([np.asarray(m).sum(-1) for m in jax.tree.leaves(masks)], axis=-1).astype(np.int64)
+
+
+def costs(space: SearchSpace, masks: PyTree) -> tuple:
+  """(params, MACs) of each architecture in ``masks`` (leading axes are kept)."""
+  per_channel = np.stack([np.asarray(c, np.int64) for c in jax.tree.leaves(space.channel_costs)])
+  kept = kept_counts(masks)
+  return (space.fixed_params + kept @ per_channel[:, 0],
+          space.fixed_macs + kept @ per_channel[:, 1])
+
+
+def group_names(space: SearchSpace) -> list:
+  """'/'-joined names of the groups, in flattening (and layer) order."""
+  paths = jax.tree_util.tree_flatten_with_path(space.template)[0]
+  return ['/'.join(k.key for k in path) for path, _ in paths]

@@ -1,0 +1,167 @@
+"""Training the super-network: the train state, the jitted data-parallel ``train_step``
+(weights and drop logits by one optimiser, Alg. 1 lines 1-6) and the training loop."""
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from pgnas_jax import data as data_lib
+from pgnas_jax import masks as masks_lib
+from pgnas_jax import objective, optim, parallel, space as space_lib
+from pgnas_jax.errors import ConfigError, NonFiniteLossError
+
+PyTree = Any
+KEY_PURPOSES = {'init': 0, 'train': 1, 'search': 2}
+
+
+def purpose_key(root_key: jax.Array, purpose: str) -> jax.Array:
+  """Keys are derived from the root key by purpose, then by step or candidate index."""
+  return jax.random.fold_in(root_key, KEY_PURPOSES[purpose])
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: PyTree  # {'weights': model params, 'drop_logits': one scalar per group}
+  batch_stats: PyTree
+  opt_state: PyTree
+  root_key: jax.Array
+
+
+def initialise(model, config: ml_collections.ConfigDict, image_shape: tuple,
+               tx: optax.GradientTransformation, mesh) -> tuple:
+  """(TrainState replicated on the mesh, SearchSpace)."""
+  root_key = jax.random.key(config.seed)
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  variables = jax.jit(lambda k: model.init({'params': k}, dummy, train=False))(
+      purpose_key(root_key, 'init'))
+  space = space_lib.from_variables(variables)
+  p0 = config.drop.random_p if config.drop.mode == 'random' else config.drop.init_p
+  params = {'weights': variables['params'],
+            'drop_logits': masks_lib.init_drop_logits(space.template, p0)}
+  state = TrainState(step=jnp.int32(0), params=params, batch_stats=variables['batch_stats'],
+                     opt_state=tx.init(params), root_key=root_key)
+  return parallel.put_replicated(state, mesh), space
+
+
+def make_loss_fn(model, space: space_lib.SearchSpace, config: ml_collections.ConfigDict):
+  learned = config.drop.mode == 'learned'
+
+  def loss_fn(params, batch_stats, batch, key):
+    drop_logits = params['drop_logits']
+    if not learned:
+      drop_logits = jax.lax.stop_gradient(drop_logits)
+    images = batch['images']
+    masks = masks_lib.relaxed_masks(jax.random.fold_in(key, 0), drop_logits, space.template,
+                                    images.shape[0], config.drop.tau)
+    logits, updates = model.apply(
+        {'params': params['weights'], 'batch_stats': batch_stats, 'masks': masks}, images,
+        train=True, rngs={'shake': jax.random.fold_in(key, 1)}, mutable=['batch_stats'])
+    loss, parts = objective.negative_elbo(logits, batch['labels'], params['weights'],
+                                          drop_logits, space.template, config.objective,
+                                          learned)
+    return loss, (parts, logits, updates['batch_stats'])
+
+  return loss_fn
+
+
+def mean_drop_probability(drop_logits: PyTree, template: PyTree) -> jax.Array:
+  """Expected share of searchable channels dropped."""
+  p = jax.tree.leaves(masks_lib.drop_probabilities(drop_logits))
+  sizes = [m.shape[-1] for m in jax.tree.leaves(template)]
+  return sum(q * n for q, n in zip(p, sizes)) / sum(sizes)
+
+
+def make_train_step(model, space: space_lib.SearchSpace, config: ml_collections.ConfigDict,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    mesh) -> Callable:
+  """``train_step(state, batch) -> (state, metrics)``, jitted over the mesh: state
+  replicated, batch sharded over 'data', the state donated."""
+  loss_fn = make_loss_fn(model, space, config)
+
+  def train_step(state: TrainState, batch: dict):
+    key = jax.random.fold_in(purpose_key(state.root_key, 'train'), state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (parts, logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats,
+                                                          batch, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': loss, **parts._asdict(),
+        'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['labels']),
+        'learning_rate': schedule(state.step),
+        'mean_p': mean_drop_probability(state.params['drop_logits'], space.template),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  replicated = parallel.replicated(mesh)
+  return jax.jit(train_step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+class TrainSetup(NamedTuple):
+  total_steps: int
+  steps_per_epoch: int
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+
+
+def setup(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> TrainSetup:
+  per_epoch = data_lib.steps_per_epoch(dataset, config.train.batch_size)
+  if per_epoch == 0:
+    raise ConfigError(f'--config.train.batch_size={config.train.batch_size} is larger than the '
+                     f'{dataset.train.images.shape[0]} training images')
+  total = (config.train.num_steps if config.train.num_steps > 0
+           else int(round(config.train.num_epochs * per_epoch)))
+  schedule = optim.learning_rate_schedule(config.train, total, per_epoch)
+  return TrainSetup(total, per_epoch, schedule, optim.make_optimizer(config, schedule))
+
+
+def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Dataset, workdir: str,
+          mesh) -> tuple:
+  """Runs training to the end; writes ``metrics.jsonl``. Returns (state, search space)."""
+  run = setup(config, dataset)
+  state, space = initialise(model, config, dataset.train.images.shape[1:], run.tx, mesh)
+  train_step = make_train_step(model, space, config, run.tx, run.schedule, mesh)
+  batch_size = config.train.batch_size
+  logging.info('training: %d steps (%.2f epochs of %d images), %d searchable groups, '
+               '%d channels, %d devices', run.total_steps, run.total_steps / run.steps_per_epoch,
+               dataset.train.images.shape[0], space.num_groups, space.num_channels,
+               mesh.devices.size)
+  pending, start, last = [], time.time(), time.time()
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as log:
+    for step in range(run.total_steps):
+      batch = data_lib.train_batch(dataset, config.data, config.seed, step, batch_size)
+      state, metrics = train_step(state, parallel.put_batch(batch, mesh))
+      pending.append(metrics)
+      if (step + 1) % config.train.log_every_steps == 0 or step + 1 == run.total_steps:
+        host = jax.device_get(pending)
+        summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        if not all(np.isfinite(v) for v in summary.values()):
+          bad = next(i for i, m in enumerate(host) if not np.isfinite(float(m['loss'])))
+          raise NonFiniteLossError(
+              f'non-finite loss at training step {step + 2 - len(host) + bad} (counting from 1): lower '
+              f'--config.train.learning_rate or check the data')
+        summary = {'step': step + 1, **summary}
+        log.write(json.dumps(summary) + '\n')
+        log.flush()
+        now = time.time()
+        rate = len(pending) * batch_size / (now - last)
+        eta = (run.total_steps - step - 1) * batch_size / rate
+        logging.info('train step %d/%d  loss %.4f  nll %.4f  acc %.3f  mean p %.3f  '
+                     'lr %.4f  %.0f img/s  eta %.0fs', step + 1, run.total_steps,
+                     summary['loss'], summary['nll'], summary['train_accuracy'],
+                     summary['mean_p'], summary['learning_rate'], rate, eta)
+        pending, last = [], now
+  logging.info('training done in %.0fs', time.time() - start)
+  return state, space

@@ -1,0 +1,25 @@
+"""Four simulated CPU devices for every test, so multi-device code paths run here; tests that
+need one device build their mesh from ``jax.devices()[:1]``."""
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=4').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from pgnas_jax.supernets.shake_shake import ShakeShakeNet  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def tiny_net():
+  """A two-stage super-network small enough for unit tests."""
+  return ShakeShakeNet(num_classes=3, stem_width=4, widths=(4, 8), blocks_per_stage=1,
+                       kernel_sizes=(3, 3), shake=True)
+
+
+@pytest.fixture(scope='session')
+def tiny_variables(tiny_net):
+  images = jax.numpy.zeros((1, 8, 8, 2))
+  return jax.jit(lambda k: tiny_net.init({'params': k}, images, train=False))(jax.random.key(0))

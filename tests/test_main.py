@@ -1,0 +1,103 @@
+"""The main job end to end on a tiny config, and its answers to bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pgnas_jax import config as config_lib
+from pgnas_jax import errors
+
+DATA_DIR = '/usr/share/datasets/fashion-mnist'
+TINY = ['--config.model.stem_width=4', '--config.model.widths=(4,8)',
+        '--config.train.num_steps=6', '--config.train.log_every_steps=3',
+        '--config.data.validation_size=500', '--config.search.num_candidates=5',
+        '--config.search.chunk_size=2', '--config.search.eval_batch_size=500']
+
+
+def _main(workdir, *args):
+  return subprocess.run([sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}', *args],
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_main_job_writes_the_workdir_contract(tmp_path):
+  result = _main(tmp_path, *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'train step 6/6' in result.stderr and 'search 5/5 candidates' in result.stderr
+
+  config = json.loads((tmp_path / 'config.json').read_text())
+  assert config['model']['widths'] == [4, 8] and config['train']['num_steps'] == 6
+
+  metrics = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [m['step'] for m in metrics] == [3, 6]
+  for key in ('loss', 'nll', 'prior', 'entropy', 'train_accuracy', 'learning_rate', 'mean_p'):
+    assert all(key in m for m in metrics)
+
+  posterior = json.loads((tmp_path / 'posterior.json').read_text())
+  assert len(posterior) == 8  # 2 stages x 1 block x 2 branches x 2 convs
+  assert all(set(r) == {'name', 'channels', 'p'} and 0 < r['p'] < 1 for r in posterior)
+
+  candidates = [json.loads(l) for l in
+                (tmp_path / 'search' / 'candidates.jsonl').read_text().splitlines()]
+  assert [c['index'] for c in candidates] == list(range(5))
+  for c in candidates:
+    assert {'index', 'val_acc', 'val_loss', 'params', 'flops', 'dropped'} <= set(c)
+    assert set(c['dropped']) == {r['name'] for r in posterior}
+
+  arch = json.loads((tmp_path / 'search' / 'arch.json').read_text())
+  best = max(c['val_acc'] for c in candidates)
+  assert arch['val_acc'] == best
+  winner = candidates[arch['index']]
+  assert arch['params'] == winner['params'] and arch['flops'] == winner['flops']
+  for r in posterior:
+    assert len(arch['kept_channels'][r['name']]) == r['channels'] - winner['dropped'][r['name']]
+  for key in ('removed_convs', 'test_acc'):
+    assert key in arch
+  assert set(arch['supernet']) == {'val_acc', 'test_acc', 'params', 'flops'}
+  assert (tmp_path / 'search' / 'winner_weights.msgpack').stat().st_size > 0
+  assert 'winner' in (tmp_path / 'report.md').read_text()
+  for plot in ('drop_probabilities.png', 'candidate_val_accuracy.png'):
+    assert (tmp_path / 'plots' / plot).read_bytes()[:4] == b'\x89PNG'
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.drop.tau=0'], 'drop.tau'),
+    (['--config.drop.init_p=1.5'], 'drop.init_p'),
+    (['--config.objective.num_train_effective=0'], 'num_train_effective'),
+    (['--config.data.validation_size=60000'], 'validation_size'),
+    (['--config.data.data_dir=/nonexistent'], 'apt-get install dataset-fashion-mnist'),
+    (['--config.train.shedule=cosine'], 'shedule'),
+    (['--config.train.batch_size=lots'], 'batch_size'),
+])
+def test_bad_input_is_refused_with_a_clear_message(tmp_path, args, message):
+  workdir = tmp_path / 'run'
+  result = _main(workdir, *args)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_validate_names_the_field():
+  c = config_lib.get_config()
+  c.search.chunk_size = 0
+  with pytest.raises(errors.ConfigError, match='search.chunk_size'):
+    config_lib.validate(c)
+  c = config_lib.get_config()
+  with c.unlocked():
+    c.train.extra = 1
+  with pytest.raises(errors.ConfigError, match='train.extra'):
+    config_lib.validate(c)
+  config_lib.validate(config_lib.get_config())
+
+
+def test_every_config_file_validates():
+  import importlib.util
+  root = os.path.join(os.path.dirname(__file__), '..', 'configs')
+  for name in os.listdir(root):
+    if name.endswith('.py'):
+      spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(root, name))
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      config_lib.validate(module.get_config())

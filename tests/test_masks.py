@@ -1,0 +1,83 @@
+"""Relaxed training masks (Eq. 16) and hard candidate masks."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pgnas_jax import masks, parallel
+
+TEMPLATE = {'a': {'group0': jnp.ones(64)}, 'b': {'group0': jnp.ones(32), 'group1': jnp.ones(32)}}
+P = {'a': {'group0': 0.1}, 'b': {'group0': 0.3, 'group1': 0.7}}
+
+
+def _logits():
+  return jax.tree.map(lambda p: masks.logit(jnp.float32(p)), P)
+
+
+@pytest.mark.parametrize('tau', [0.02, 0.005])
+def test_relaxed_masks_become_bernoulli_keep_with_rate_one_minus_p(tau):
+  # 2000 examples x 32..64 channels per group: >= 64,000 draws per group, so the standard
+  # error of a kept share is <= 0.0019; tolerance 0.01 is > 5 standard errors, while a
+  # mask that kept with rate p instead of 1 - p misses by >= 0.4.
+  m = masks.relaxed_masks(jax.random.key(0), _logits(), TEMPLATE, 2000, tau)
+  for name, p in (('a', 'group0'), ('b', 'group0'), ('b', 'group1')):
+    leaf = np.asarray(m[name][p])
+    assert leaf.shape == (2000, TEMPLATE[name][p].shape[0])
+    assert abs(np.mean(leaf > 0.5) - (1 - P[name][p])) < 0.01
+    # at small tau almost every value is near 0 or 1
+    assert np.mean((leaf > 0.05) & (leaf < 0.95)) < 0.1
+
+
+def test_relaxed_masks_mean_matches_expected_keep_at_tau_point_two():
+  # E[1 - sigmoid((theta + L) / tau)] for logistic L, by numerical integration, at tau = 0.2.
+  theta = float(masks.logit(jnp.float32(0.3)))
+  u = (np.arange(200000) + 0.5) / 200000
+  noise = np.log(u) - np.log1p(-u)
+  expected = np.mean(1 - 1 / (1 + np.exp(-(theta + noise) / 0.2)))
+  m = masks.relaxed_masks(jax.random.key(1), {'g': jnp.float32(theta)}, {'g': jnp.ones(100)},
+                          4000, 0.2)
+  # 400,000 draws, values in [0, 1]: standard error < 0.0008; tolerance 0.004.
+  assert abs(float(jnp.mean(m['g'])) - expected) < 0.004
+
+
+def test_hard_candidate_masks_drop_at_rate_p():
+  m = masks.candidate_masks(jax.random.key(2), jnp.arange(3000), _logits(), TEMPLATE)
+  for name, g in (('a', 'group0'), ('b', 'group0'), ('b', 'group1')):
+    leaf = np.asarray(m[name][g])
+    assert set(np.unique(leaf)) <= {0.0, 1.0}
+    # >= 96,000 draws: standard error <= 0.0016, tolerance 0.008
+    assert abs(np.mean(leaf == 0) - P[name][g]) < 0.008
+
+
+def test_candidates_differ_and_share_one_mask_per_candidate():
+  m = masks.candidate_masks(jax.random.key(3), jnp.arange(50), _logits(), TEMPLATE)
+  leaf = np.asarray(m['b']['group1'])
+  assert leaf.shape == (50, 32)
+  assert len({row.tobytes() for row in leaf}) > 45
+
+
+def test_candidate_mask_depends_only_on_search_key_and_index():
+  key, logits = jax.random.key(4), _logits()
+  whole = masks.candidate_masks(key, jnp.arange(12), logits, TEMPLATE)
+  for chunk in (1, 5, 12):
+    for first in range(0, 12, chunk):
+      idx = jnp.arange(first, min(first + chunk, 12))
+      part = masks.candidate_masks(key, idx, logits, TEMPLATE)
+      jax.tree.map(lambda w, p: np.testing.assert_array_equal(w[first:first + chunk], p),
+                   whole, part)
+  # the same when the indices are sharded over 4 devices
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  sharded = jax.jit(masks.candidate_masks, out_shardings=parallel.batch_sharded(mesh))(
+      key, jax.device_put(jnp.arange(12), parallel.batch_sharded(mesh)), logits, TEMPLATE)
+  jax.tree.map(lambda w, s: np.testing.assert_array_equal(w, np.asarray(s)), whole, sharded)
+  other = masks.candidate_masks(jax.random.key(5), jnp.arange(12), logits, TEMPLATE)
+  assert not np.array_equal(np.asarray(whole['a']['group0']), np.asarray(other['a']['group0']))
+
+
+def test_training_masks_do_not_depend_on_device_count():
+  logits = _logits()
+  one = masks.relaxed_masks(jax.random.key(6), logits, TEMPLATE, 16, 0.2)
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  four = jax.jit(lambda k: masks.relaxed_masks(k, logits, TEMPLATE, 16, 0.2),
+                 out_shardings=parallel.batch_sharded(mesh))(jax.random.key(6))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), one, four)

@@ -1,0 +1,116 @@
+"""Vmapped candidate scoring, ranking, and export of the pruned winner."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pgnas_jax import export, layers, masks, parallel, search, space as space_lib
+
+
+def _variables(tiny_variables, seed=1):
+  """Trained-looking variables: random weights and non-trivial BatchNorm statistics."""
+  leaves, treedef = jax.tree.flatten({'params': tiny_variables['params'],
+                                      'batch_stats': tiny_variables['batch_stats']})
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  noisy = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  v = jax.tree.unflatten(treedef, noisy)
+  v['batch_stats'] = jax.tree.map(jnp.abs, v['batch_stats'])  # variances must be positive
+  return v
+
+
+def _batch(n=12, seed=2):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return {'images': jax.random.normal(k1, (n, 8, 8, 2)),
+          'labels': jax.random.randint(k2, (n,), 0, 3),
+          'weights': jnp.ones((n,))}
+
+
+def test_vmapped_scoring_equals_python_loop(tiny_net, tiny_variables):
+  variables = _variables(tiny_variables)
+  space = space_lib.from_variables(tiny_variables)
+  logits = masks.init_drop_logits(space.template, 0.4)
+  cands = masks.candidate_masks(jax.random.key(3), jnp.arange(5), logits, space.template)
+  batch = _batch()
+  for mesh in (parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh(jax.devices()[:4])):
+    correct, loss = search.make_chunk_scorer(tiny_net, mesh)(
+        variables, cands, parallel.put_batch(jax.device_get(batch), mesh))
+    for c in range(5):
+      mask = jax.tree.map(lambda m: m[c], cands)
+      out = tiny_net.apply({**variables, 'masks': mask}, batch['images'], train=False)
+      ce = -jnp.take_along_axis(jax.nn.log_softmax(out), batch['labels'][:, None], 1)
+      np.testing.assert_allclose(float(loss[c]), float(jnp.sum(ce)), rtol=1e-5)
+      assert int(correct[c]) == int(jnp.sum(jnp.argmax(out, -1) == batch['labels']))
+
+
+def test_evaluate_ignores_padding(tiny_net, tiny_variables):
+  variables = _variables(tiny_variables)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  scorer = search.make_full_scorer(tiny_net, mesh)
+  batch = _batch(12)
+  whole = search.evaluate(scorer, (variables,), [batch])
+  padded = dict(batch, weights=batch['weights'].at[8:].set(0.0))
+  part = search.evaluate(scorer, (variables,), [padded])
+  first8 = search.evaluate(scorer, (variables,), [{k: v[:8] for k, v in batch.items()}])
+  np.testing.assert_allclose(part, first8, rtol=1e-6)
+  assert whole != part
+
+
+def test_winner_is_best_validation_accuracy_ties_fewer_params():
+  records = [{'index': 0, 'val_acc': 0.9, 'params': 50}, {'index': 1, 'val_acc': 0.95, 'params': 70},
+             {'index': 2, 'val_acc': 0.95, 'params': 60}, {'index': 3, 'val_acc': 0.95, 'params': 60}]
+  assert search.choose_winner(records)['index'] == 2
+
+
+def test_pruned_network_logits_equal_masked_supernet(tiny_net, tiny_variables):
+  variables = _variables(tiny_variables)
+  space = space_lib.from_variables(tiny_variables)
+  logits = masks.init_drop_logits(space.template, 0.5)
+  mask = masks.hard_mask(jax.random.key(4), logits, space.template)
+  # force one convolution to lose every input: it must be removed
+  mask['stage1_block0']['branch1']['conv1']['group0'] = jnp.zeros(8)
+  images = _batch()['images']
+  masked = tiny_net.apply({**variables, 'masks': mask}, images, train=False)
+  pruned = export.pruned_variables(variables, space, mask)
+  for round_trip in (False, True):
+    v = pruned
+    if round_trip:
+      export.save_weights('/tmp/pgnas_test_pruned.msgpack', pruned)
+      v = export.load_weights('/tmp/pgnas_test_pruned.msgpack')
+    out = tiny_net.apply(v, images, train=False)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(masked), rtol=1e-5, atol=1e-5)
+  kernel = pruned['params']['stage1_block0']['branch1']['conv1']['kernel']
+  assert kernel.shape[2] == 0
+  kept0 = int(mask['stage0_block0']['branch0']['conv0']['group0'].sum())
+  assert pruned['params']['stage0_block0']['branch0']['conv0']['kernel'].shape[2] == kept0
+  desc = export.describe(space, mask, pruned)
+  assert desc['removed_convs'] == ['stage1_block0/branch1/conv1']
+  assert desc['params'] == space_lib.count_params(pruned['params'])
+  # the full network's cost equals the super-network's parameter count
+  full_params, full_macs = space_lib.costs(space, space.template)
+  assert full_params == space_lib.count_params(tiny_variables['params'])
+  assert desc['params'] < full_params and desc['flops'] < full_macs
+
+
+def test_macs_of_full_network_match_hand_count(tiny_variables):
+  # 8x8 input, 2 channels; stem 3x3x2->4; stage0 (8x8): 2 branches x (3x3x4->4, 3x3x4->4);
+  # stage1 (4x4, stride 2): 2 branches x (3x3x4->8, 3x3x8->8), shortcut 2 x (1x1x4->4) on 4x4;
+  # classifier 8->3.
+  expected = (64 * 9 * 2 * 4 + 2 * 2 * 64 * 9 * 4 * 4 + 2 * 16 * 9 * (4 * 8 + 8 * 8)
+              + 2 * 16 * 4 * 4 + 8 * 3)
+  space = space_lib.from_variables(tiny_variables)
+  assert int(space_lib.costs(space, space.template)[1]) == expected
+
+
+def test_group_kernels_follow_group_order():
+  import flax.linen as nn
+
+  class Split(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return layers.SearchableConv(2, 1, groups=(1, 2, 3, 1, 1, 1, 1, 1, 1, 1, 1),
+                                   name='c')(x)
+
+  v = Split().init(jax.random.key(0), jnp.zeros((1, 2, 2, 14)))
+  parts = layers.group_kernels(v['params'], v['masks'])
+  k = v['params']['c']['kernel']
+  np.testing.assert_array_equal(parts['c']['group2'], k[:, :, 3:6])
+  np.testing.assert_array_equal(parts['c']['group10'], k[:, :, 13:14])

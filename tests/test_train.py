@@ -1,0 +1,117 @@
+"""The data-parallel train step: the same gradients and updates on 1 and 4 devices; the
+'random' ablation never moves the logits; schedules."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pgnas_jax import config as config_lib
+from pgnas_jax import data as data_lib
+from pgnas_jax import optim, parallel, train
+
+
+def _config(**drop):
+  c = config_lib.get_config()
+  c.model.stem_width, c.model.widths = 4, (4, 8)
+  c.train.batch_size = 8
+  c.train.num_steps = 3
+  c.objective.num_train_effective = 64.0  # large enough terms to matter in the gradients
+  c.drop.update(drop)
+  return c
+
+
+def _dataset(n=64):
+  rng = np.random.default_rng(0)
+  split = lambda m: data_lib.Split(rng.integers(0, 256, (m, 8, 8, 2), dtype=np.uint8),
+                                   rng.integers(0, 3, m).astype(np.int32))
+  return data_lib.Dataset(split(n), split(16), split(16), 3, np.full(2, 0.5, np.float32),
+                          np.full(2, 0.25, np.float32))
+
+
+def _run_steps(tiny_net, config, devices, steps=2):
+  mesh = parallel.make_mesh(devices)
+  dataset = _dataset()
+  run = train.setup(config, dataset)
+  state, space = train.initialise(tiny_net, config, (8, 8, 2), run.tx, mesh)
+  step_fn = train.make_train_step(tiny_net, space, config, run.tx, run.schedule, mesh)
+  history = []
+  for s in range(steps):
+    batch = data_lib.train_batch(dataset, config.data, config.seed, s, config.train.batch_size)
+    state, metrics = step_fn(state, parallel.put_batch(batch, mesh))
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state.params), history, space, state
+
+
+def test_gradients_on_four_devices_equal_one_device(tiny_net):
+  config = _config()
+  mesh1, mesh4 = (parallel.make_mesh(jax.devices()[:n]) for n in (1, 4))
+  dataset = _dataset()
+  run = train.setup(config, dataset)
+  state, space = train.initialise(tiny_net, config, (8, 8, 2), run.tx, mesh1)
+  loss_fn = train.make_loss_fn(tiny_net, space, config)
+  batch = data_lib.train_batch(dataset, config.data, 0, 0, 8)
+  grads = {}
+  for name, mesh in (('one', mesh1), ('four', mesh4)):
+    grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, state.batch_stats, b, jax.random.key(7))[0]),
+                      in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)))
+    grads[name] = jax.device_get(grad_fn(jax.device_put(state.params, parallel.replicated(mesh)),
+                                         parallel.put_batch(batch, mesh)))
+  flat1, flat4 = jax.tree.leaves(grads['one']), jax.tree.leaves(grads['four'])
+  for a, b in zip(flat1, flat4):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+  # and they are not trivially zero: the logits receive a gradient
+  assert all(abs(float(g)) > 0 for g in jax.tree.leaves(grads['one']['drop_logits']))
+
+
+def test_train_step_same_on_one_and_four_devices(tiny_net):
+  config = _config()
+  p1, h1, _, _ = _run_steps(tiny_net, config, jax.devices()[:1])
+  p4, h4, _, _ = _run_steps(tiny_net, config, jax.devices()[:4])
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for m1, m4 in zip(h1, h4):
+    np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
+
+
+def test_learned_logits_move_and_random_logits_stay(tiny_net):
+  learned, hist, _, state = _run_steps(tiny_net, _config(mode='learned', init_p=0.2), jax.devices()[:1])
+  assert int(state.step) == 2
+  p = jax.nn.sigmoid(np.array(jax.tree.leaves(learned['drop_logits'])))
+  assert np.all(np.abs(p - 0.2) > 1e-6)
+  assert set(hist[0]) >= {'loss', 'nll', 'prior', 'entropy', 'train_accuracy', 'learning_rate',
+                          'mean_p'}
+  random, hist, _, _ = _run_steps(tiny_net, _config(mode='random', random_p=0.3),
+                                  jax.devices()[:1])
+  p = jax.nn.sigmoid(np.array(jax.tree.leaves(random['drop_logits'])))
+  np.testing.assert_allclose(p, 0.3, rtol=1e-6)
+  assert all(h['entropy'] == 0.0 for h in hist)
+
+
+def test_step_key_comes_from_root_key_and_step(tiny_net):
+  a, _, _, _ = _run_steps(tiny_net, _config(), jax.devices()[:1])
+  b, _, _, _ = _run_steps(tiny_net, _config(), jax.devices()[:1])
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  c = _config()
+  c.seed = 1
+  other, _, _, _ = _run_steps(tiny_net, c, jax.devices()[:1])
+  assert not np.array_equal(jax.tree.leaves(a)[0], jax.tree.leaves(other)[0])
+
+
+@pytest.mark.parametrize('schedule', ['cosine', 'step', 'sgdr'])
+def test_schedules(schedule):
+  c = config_lib.get_config().train
+  c.schedule, c.learning_rate = schedule, 0.1
+  c.step_epochs, c.sgdr_t0_epochs, c.sgdr_t_mul, c.sgdr_min_lr = (2, 4), 1.0, 2.0, 1e-3
+  fn = optim.learning_rate_schedule(c, total_steps=100, steps_per_epoch=10)
+  values = np.array([float(fn(s)) for s in range(100)])
+  assert values[0] == pytest.approx(0.1)
+  if schedule == 'cosine':
+    assert np.all(np.diff(values) <= 1e-9) and values[-1] < 1e-3
+  elif schedule == 'step':
+    assert values[19] == pytest.approx(0.1) and values[20] == pytest.approx(0.01)
+    assert values[40] == pytest.approx(0.001)
+  else:  # restarts at 10, 30, 70 steps
+    for restart in (10, 30, 70):
+      assert values[restart] == pytest.approx(0.1)
+      assert values[restart - 1] < 0.01
