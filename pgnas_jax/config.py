@@ -129,6 +129,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'--config.{key}={_get(config, key)!r} is out of range: it must be {what}')
 
 
+def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Global batches are split evenly over the devices."""
+  for key in ('train.batch_size', 'search.eval_batch_size'):
+    if _get(config, key) % num_devices:
+      raise ConfigError(f'--config.{key}={_get(config, key)} does not split over {num_devices} '
+                        f'devices: use a multiple of {num_devices}')
+
+
 def _flat_keys(config, prefix=''):
   for k, v in config.items():
     if isinstance(v, ml_collections.ConfigDict):

@@ -22,21 +22,15 @@ from pgnas_jax import errors, export, parallel, report, search, supernets, train
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import space as space_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(__file__), 'config.py'),
-    'Config file (a Python file with get_config()); fields can be overridden with '
-    '--config.FIELD=VALUE.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for every output of the run.')
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the whole job; returns the winner's description (also in search/arch.json)."""
   config_lib.validate(config)
+  mesh = parallel.make_mesh()
+  config_lib.validate_for_devices(config, mesh.devices.size)
   dataset = data_lib.load(config.data)
   os.makedirs(os.path.join(workdir, 'search'), exist_ok=True)
   os.makedirs(os.path.join(workdir, 'plots'), exist_ok=True)
   report.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
-  mesh = parallel.make_mesh()
   model = supernets.build(config.model, dataset.num_classes)
   timings = {}
 
@@ -92,17 +86,59 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return arch
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required: the folder where the run writes its outputs')
+def _fail(message: str):
+  print(f'pgnas_jax: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+_FIELDS_HELP = 'fields are listed in README.md, "Config fields"'
+
+
+def _one_line(e: Exception) -> str:
+  """An exception's text on one line, without the quoting that KeyError adds."""
+  text = str(e)
+  if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':
+    text = text[1:-1]
+  return ' '.join(text.replace('\\n', ' ').replace("\\'", "'").split())
+
+
+def parse_flags(argv):
   try:
-    run(_CONFIG.value, _WORKDIR.value)
-  except errors.UserFacingError as e:
-    print(f'pgnas_jax: {e}', file=sys.stderr)
-    sys.exit(2)
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{_one_line(e)}; {_FIELDS_HELP}')
+
+
+def cli():
+  """Defines the flags and runs the job. ml_collections applies ``--config.FIELD`` overrides
+  while the flag is defined, so an unknown field surfaces here, not in flag parsing."""
+  try:
+    config_flag = config_flags.DEFINE_config_file(
+        'config', os.path.join(os.path.dirname(__file__), 'config.py'),
+        'Config file (a Python file with get_config()); fields can be overridden with '
+        '--config.FIELD=VALUE.', lock_config=True)
+  except (AttributeError, KeyError) as e:
+    _fail(f'unknown config field on the command line: {_one_line(e)}; {_FIELDS_HELP}')
+  workdir_flag = flags.DEFINE_string('workdir', None,
+                                     'Directory for every output of the run.')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments {argv[1:]}')
+    if not workdir_flag.value:
+      raise app.UsageError('--workdir is required: the folder where the run writes its outputs')
+    try:
+      config = config_flag.value
+      config.to_dict()  # a config file that failed to load raises only when first used
+    except (OSError, AttributeError, KeyError) as e:
+      _fail(f'cannot load the config: {_one_line(e)}')
+    try:
+      run(config, workdir_flag.value)
+    except errors.UserFacingError as e:
+      _fail(_one_line(e))
+
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli()

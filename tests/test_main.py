@@ -69,6 +69,8 @@ def test_main_job_writes_the_workdir_contract(tmp_path):
     (['--config.data.data_dir=/nonexistent'], 'apt-get install dataset-fashion-mnist'),
     (['--config.train.shedule=cosine'], 'shedule'),
     (['--config.train.batch_size=lots'], 'batch_size'),
+    (['--config.trian.batch_size=8'], 'trian'),
+    (['--config=configs/no_such_file.py'], 'no_such_file.py'),
 ])
 def test_bad_input_is_refused_with_a_clear_message(tmp_path, args, message):
   workdir = tmp_path / 'run'
