@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.data_dir = '/usr/share/datasets/fashion-mnist'
   c.data.validation_size = 5000  # carved from the training split, held out for ranking
   c.data.random_flip = True
-  c.data.pad_crop = 2  # pad by this many pixels and crop back at random; 0: off
+  c.data.pad_crop = 0  # pad by this many pixels and crop back at random; 0: off
 
   c.model = ml_collections.ConfigDict()
   c.model.family = 'shake_shake'
@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.search = ml_collections.ConfigDict()
   c.search.num_candidates = 100
   c.search.chunk_size = 4  # candidates scored at once (vmap)
-  c.search.eval_batch_size = 500
+  c.search.eval_batch_size = 100
   return c
 
 

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from pgnas_jax import layers, space as space_lib
+from pgnas_jax import layers
+from pgnas_jax import space as space_lib
 
 PyTree = Any
 

@@ -10,7 +10,8 @@ A pruned network (export) passes an ``architecture`` collection instead: per gro
 channel indices; the kernel then holds only those input channels, and a conv that keeps
 none is removed (its output is zero).
 """
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,7 +56,7 @@ class SearchableConv(nn.Module):
   kernel_size: int = 3
   strides: int = 1
   dilation: int = 1
-  groups: Optional[Sequence[int]] = None  # input channels per group; None: one group
+  groups: Sequence[int] | None = None  # input channels per group; None: one group
 
   @nn.compact
   def __call__(self, x):
@@ -121,7 +122,7 @@ class Dense(nn.Module):
     return y
 
 
-def batch_norm(train: bool, name: Optional[str] = None):
+def batch_norm(train: bool, name: str | None = None):
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 

@@ -22,6 +22,7 @@ from pgnas_jax import errors, export, parallel, report, search, supernets, train
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import space as space_lib
 
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the whole job; returns the winner's description (also in search/arch.json)."""
   config_lib.validate(config)
@@ -54,18 +55,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                    config.search,
                                    os.path.join(workdir, 'search', 'candidates.jsonl'), mesh)
   winner = search.choose_winner(records)
+  winner_mask = search.candidate_mask(search_key, winner['index'], drop_logits, space.template)
   timings['search'] = time.time() - t
 
   t = time.time()
   # The test split is touched here, once the choice is made.
   test = search.device_batches(dataset.test, dataset, eval_batch, mesh)
-  test_acc, _ = search.evaluate_mask(model, variables, winner['mask'], test, mesh)
+  test_acc, _ = search.evaluate_mask(model, variables, winner_mask, test, mesh)
   full_test, _ = search.evaluate(full_scorer, (variables,), test)
-  pruned = export.pruned_variables(variables, space, winner['mask'])
+  pruned = export.pruned_variables(variables, space, winner_mask)
   export.save_weights(os.path.join(workdir, 'search', 'winner_weights.msgpack'), pruned)
   full_mask = jax.tree.map(np.asarray, space.template)
   full_params, full_flops = space_lib.costs(space, full_mask)
-  arch = {'index': winner['index'], **export.describe(space, winner['mask'], pruned),
+  arch = {'index': winner['index'], **export.describe(space, winner_mask, pruned),
           'val_acc': winner['val_acc'], 'test_acc': test_acc,
           'supernet': {'val_acc': float(full_val), 'test_acc': float(full_test),
                        'params': int(full_params), 'flops': int(full_flops)}}

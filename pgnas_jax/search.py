@@ -5,7 +5,8 @@ pick the winner (best validation accuracy; ties: fewer parameters)."""
 import json
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,8 @@ import optax
 
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import parallel, space as space_lib
+from pgnas_jax import parallel
+from pgnas_jax import space as space_lib
 
 PyTree = Any
 
@@ -67,21 +69,31 @@ def evaluate(scorer: Callable, args: tuple, batches: list) -> tuple:
   return correct / n, loss / n
 
 
+draw_candidates = jax.jit(masks_lib.candidate_masks)
+
+
+def candidate_mask(search_key: jax.Array, index: int, drop_logits: PyTree,
+                   template: PyTree) -> PyTree:
+  """The hard mask of candidate ``index`` alone, as drawn during ranking."""
+  masks = draw_candidates(search_key, jnp.array([index]), drop_logits, template)
+  return jax.tree.map(lambda m: np.asarray(m[0]), masks)
+
+
 def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_lib.SearchSpace,
                     search_key: jax.Array, validation: list, search_config, out_path: str,
                     mesh) -> list:
   """Scores candidates 0..C-1 on the validation split; writes one JSON line per candidate
-  to ``out_path`` and returns the records (with each candidate's mask under 'mask')."""
+  to ``out_path`` and returns the records. A candidate's mask is not kept: it follows from
+  (search_key, index), see ``candidate_mask``."""
   num, chunk = search_config.num_candidates, search_config.chunk_size
   scorer = make_chunk_scorer(model, mesh)
-  draw = jax.jit(masks_lib.candidate_masks)
   names = space_lib.group_names(space)
   records, start = [], time.time()
   with open(out_path, 'w') as out:
     for first in range(0, num, chunk):
       # the last chunk is padded with extra candidates (one compilation) and trimmed
       indices = jnp.arange(first, first + chunk)
-      masks = jax.device_get(draw(search_key, indices, drop_logits, space.template))
+      masks = jax.device_get(draw_candidates(search_key, indices, drop_logits, space.template))
       acc, loss = evaluate(scorer, (variables, masks), validation)
       params, macs = space_lib.costs(space, masks)
       dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)
@@ -90,7 +102,7 @@ def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_li
                   'params': int(params[j]), 'flops': int(macs[j]),
                   'dropped': dict(zip(names, dropped[j].tolist()))}
         out.write(json.dumps(record) + '\n')
-        records.append({**record, 'mask': jax.tree.map(lambda m, j=j: m[j], masks)})
+        records.append(record)
       out.flush()
       done = min(first + chunk, num)
       rate = done / (time.time() - start)

@@ -4,7 +4,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -15,7 +16,8 @@ import optax
 
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import objective, optim, parallel, space as space_lib
+from pgnas_jax import objective, optim, parallel
+from pgnas_jax import space as space_lib
 from pgnas_jax.errors import ConfigError, NonFiniteLossError
 
 PyTree = Any

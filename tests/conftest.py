@@ -6,10 +6,10 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
-from pgnas_jax.supernets.shake_shake import ShakeShakeNet  # noqa: E402
+from pgnas_jax.supernets.shake_shake import ShakeShakeNet
 
 
 @pytest.fixture(scope='session')

@@ -3,7 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgnas_jax import export, layers, masks, parallel, search, space as space_lib
+from pgnas_jax import export, layers, masks, parallel, search
+from pgnas_jax import space as space_lib
 
 
 def _variables(tiny_variables, seed=1):

@@ -1,7 +1,6 @@
 """The data-parallel train step: the same gradients and updates on 1 and 4 devices; the
 'random' ablation never moves the logits; schedules."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

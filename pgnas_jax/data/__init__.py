@@ -5,13 +5,14 @@ every seed, so runs with different seeds rank on the same images) and never trai
 test split is touched once, for the winner's final report. Training batches depend only on
 (seed, step): a run restarted at step s sees the same stream.
 """
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import ml_collections
 import numpy as np
 
-from pgnas_jax.errors import ConfigError
 from pgnas_jax.data import fashion_mnist
+from pgnas_jax.errors import ConfigError
 
 SPLIT_SEED = 20200207  # fixes the validation carve-out for every run
 

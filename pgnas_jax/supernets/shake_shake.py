@@ -6,7 +6,7 @@ block of every stage after the first has stride 2; a shortcut that changes shape
 strided 1x1-conv paths (the second shifted by one pixel) concatenated + BN; then ReLU, global
 average pool and a dense classifier.
 """
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
