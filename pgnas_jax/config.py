@@ -21,12 +21,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.pad_crop = 0  # pad by this many pixels and crop back at random; 0: off
 
   c.model = ml_collections.ConfigDict()
-  c.model.family = 'shake_shake'
-  c.model.stem_width = 16
-  c.model.widths = (16, 32, 64)
-  c.model.blocks_per_stage = 1
-  c.model.kernel_sizes = (3, 3)  # one per branch
-  c.model.shake = True
+  c.model.family = 'shake_shake'  # which of the sub-configs below builds the super-network
+  c.model.shake_shake = ml_collections.ConfigDict()  # SupNet-M family
+  c.model.shake_shake.stem_width = 16
+  c.model.shake_shake.widths = (16, 32, 64)
+  c.model.shake_shake.blocks_per_stage = 1
+  c.model.shake_shake.kernel_sizes = (3, 3)  # one per branch
+  c.model.shake_shake.shake = True
 
   c.drop = ml_collections.ConfigDict()
   c.drop.mode = 'learned'  # 'learned' (PGNAS) or 'random' (logits frozen at random_p)
@@ -76,10 +77,11 @@ CHOICES = {
 RANGES = {
     'data.validation_size': (lambda v: v > 0, 'a positive number of images'),
     'data.pad_crop': (lambda v: v >= 0, '>= 0'),
-    'model.stem_width': (lambda v: v > 0, '> 0'),
-    'model.widths': (lambda v: len(v) > 0 and all(w > 0 for w in v), 'non-empty, each > 0'),
-    'model.blocks_per_stage': (lambda v: v > 0, '> 0'),
-    'model.kernel_sizes': (lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
+    'model.shake_shake.stem_width': (lambda v: v > 0, '> 0'),
+    'model.shake_shake.widths': (lambda v: len(v) > 0 and all(w > 0 for w in v),
+                                 'non-empty, each > 0'),
+    'model.shake_shake.blocks_per_stage': (lambda v: v > 0, '> 0'),
+    'model.shake_shake.kernel_sizes': (lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
                            'non-empty, each an odd number > 0'),
     'drop.init_p': (lambda v: 0.0 < v < 1.0, 'in (0, 1)'),
     'drop.random_p': (lambda v: 0.0 < v < 1.0, 'in (0, 1)'),

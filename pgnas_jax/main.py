@@ -28,6 +28,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)
   mesh = parallel.make_mesh()
   config_lib.validate_for_devices(config, mesh.devices.size)
+  if os.path.exists(os.path.join(workdir, 'config.json')):
+    raise errors.UserFacingError(
+        f'--workdir={workdir} already holds a run (config.json); nothing was changed. Choose '
+        f'a new --workdir, or delete this one to run again from scratch')
   dataset = data_lib.load(config.data)
   os.makedirs(os.path.join(workdir, 'search'), exist_ok=True)
   os.makedirs(os.path.join(workdir, 'plots'), exist_ok=True)

@@ -141,7 +141,7 @@ def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Dataset, w
                dataset.train.images.shape[0], space.num_groups, space.num_channels,
                mesh.devices.size)
   pending, start, last = [], time.time(), time.time()
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as log:
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as log:
     for step in range(run.total_steps):
       batch = data_lib.train_batch(dataset, config.data, config.seed, step, batch_size)
       state, metrics = train_step(state, parallel.put_batch(batch, mesh))

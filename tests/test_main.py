@@ -10,7 +10,7 @@ from pgnas_jax import config as config_lib
 from pgnas_jax import errors
 
 DATA_DIR = '/usr/share/datasets/fashion-mnist'
-TINY = ['--config.model.stem_width=4', '--config.model.widths=(4,8)',
+TINY = ['--config.model.shake_shake.stem_width=4', '--config.model.shake_shake.widths=(4,8)',
         '--config.train.num_steps=6', '--config.train.log_every_steps=3',
         '--config.data.validation_size=500', '--config.search.num_candidates=5',
         '--config.search.chunk_size=2', '--config.search.eval_batch_size=500']
@@ -27,7 +27,7 @@ def test_main_job_writes_the_workdir_contract(tmp_path):
   assert 'train step 6/6' in result.stderr and 'search 5/5 candidates' in result.stderr
 
   config = json.loads((tmp_path / 'config.json').read_text())
-  assert config['model']['widths'] == [4, 8] and config['train']['num_steps'] == 6
+  assert config['model']['shake_shake']['widths'] == [4, 8] and config['train']['num_steps'] == 6
 
   metrics = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [m['step'] for m in metrics] == [3, 6]
@@ -59,6 +59,16 @@ def test_main_job_writes_the_workdir_contract(tmp_path):
   assert 'winner' in (tmp_path / 'report.md').read_text()
   for plot in ('drop_probabilities.png', 'candidate_val_accuracy.png'):
     assert (tmp_path / 'plots' / plot).read_bytes()[:4] == b'\x89PNG'
+
+
+def test_a_workdir_holding_a_run_is_left_alone(tmp_path):
+  (tmp_path / 'config.json').write_text('{"seed": 0}')
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n')
+  result = _main(tmp_path)
+  assert result.returncode != 0 and 'already holds a run' in result.stderr
+  assert (tmp_path / 'config.json').read_text() == '{"seed": 0}'
+  assert (tmp_path / 'metrics.jsonl').read_text() == '{"step": 1}\n'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', 'metrics.jsonl']
 
 
 @pytest.mark.parametrize('args, message', [

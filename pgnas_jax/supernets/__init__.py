@@ -1,5 +1,6 @@
-"""Super-networks by name. Each is a flax.linen module ``model.apply(variables, images,
-train=...)`` whose searchable convs read masks from the ``masks`` collection."""
+"""Super-networks by family. Each is a flax.linen module ``model.apply(variables, images,
+train=...)`` whose searchable convs read masks from the ``masks`` collection; its fields come
+from the config's ``model.<family>`` sub-config."""
 import ml_collections
 
 from pgnas_jax.supernets.shake_shake import ShakeShakeNet
@@ -9,9 +10,8 @@ FAMILIES = ('shake_shake',)
 
 def build(model_config: ml_collections.ConfigDict, num_classes: int):
   if model_config.family == 'shake_shake':
-    return ShakeShakeNet(num_classes=num_classes, stem_width=model_config.stem_width,
-                         widths=tuple(model_config.widths),
-                         blocks_per_stage=model_config.blocks_per_stage,
-                         kernel_sizes=tuple(model_config.kernel_sizes),
-                         shake=model_config.shake)
+    c = model_config.shake_shake
+    return ShakeShakeNet(num_classes=num_classes, stem_width=c.stem_width,
+                         widths=tuple(c.widths), blocks_per_stage=c.blocks_per_stage,
+                         kernel_sizes=tuple(c.kernel_sizes), shake=c.shake)
   raise ValueError(f'unknown model.family {model_config.family!r}; choose one of {FAMILIES}')
