@@ -58,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.nesterov = True
   c.train.log_every_steps = 50
 
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500  # also at the end of training and on SIGTERM
+  c.checkpoint.max_to_keep = 3
+
   c.search = ml_collections.ConfigDict()
   c.search.num_candidates = 100
   c.search.chunk_size = 4  # candidates scored at once (vmap)
@@ -99,6 +103,8 @@ RANGES = {
     'train.sgdr_t_mul': (lambda v: v >= 1.0, '>= 1'),
     'train.momentum': (lambda v: 0.0 <= v < 1.0, 'in [0, 1)'),
     'train.log_every_steps': (lambda v: v > 0, '> 0'),
+    'checkpoint.every_steps': (lambda v: v > 0, '> 0'),
+    'checkpoint.max_to_keep': (lambda v: v > 0, '> 0'),
     'search.num_candidates': (lambda v: v > 0, '> 0'),
     'search.chunk_size': (lambda v: v >= 1, '>= 1'),
     'search.eval_batch_size': (lambda v: v > 0, '> 0'),

@@ -16,3 +16,15 @@ class MissingDataError(UserFacingError, FileNotFoundError):
 
 class NonFiniteLossError(UserFacingError, FloatingPointError):
   """Training produced a NaN or Inf loss; the message names the step."""
+
+
+class CheckpointError(UserFacingError):
+  """The workdir's checkpoints cannot be used; the message says which and what to do."""
+
+
+class IncompatibleWorkdirError(UserFacingError):
+  """The workdir holds a run made with another config."""
+
+
+class Preempted(UserFacingError):
+  """SIGTERM arrived; the run saved its state and stopped. Running it again resumes."""

@@ -1,6 +1,7 @@
 """Export of a searched architecture (SPEC section 4): kept input channels per group, the
 convolutions removed because every input was dropped, params and FLOPs, and the pruned
 weights, which give the same logits as the masked super-network."""
+import os
 from typing import Any
 
 import flax.serialization
@@ -58,8 +59,10 @@ def describe(space: space_lib.SearchSpace, mask: PyTree, pruned: dict) -> dict:
 
 
 def save_weights(path: str, pruned: dict) -> None:
-  with open(path, 'wb') as f:
+  """Written to a temporary file and renamed, so a kill never leaves half a file."""
+  with open(path + '.tmp', 'wb') as f:
     f.write(flax.serialization.msgpack_serialize(jax.device_get(pruned)))
+  os.replace(path + '.tmp', path)
 
 
 def load_weights(path: str) -> dict:

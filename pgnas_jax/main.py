@@ -6,7 +6,9 @@ the learned posterior -> export the winner -> report.
 Without --config it runs the embedded default (``pgnas_jax/config.py``).
 """
 import json
+import logging as py_logging
 import os
+import shutil
 import sys
 import time
 
@@ -16,6 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import errors, export, parallel, report, search, supernets, train
@@ -23,24 +26,79 @@ from pgnas_jax import masks as masks_lib
 from pgnas_jax import space as space_lib
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the whole job; returns the winner's description (also in search/arch.json)."""
+OUTPUTS = ('config.json', 'metrics.jsonl', 'posterior.json', 'report.md', 'search', 'plots',
+           checkpoint_lib.DIRNAME, checkpoint_lib.UNREADABLE_DIRNAME)
+# Fields that may change between a run and its resumption: they do not change any result.
+RESUMABLE_CHANGES = ('train.log_every_steps', 'checkpoint.every_steps', 'checkpoint.max_to_keep')
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """A workdir holding a run may only be resumed with the config that started it."""
+  with open(os.path.join(workdir, 'config.json')) as f:
+    before = _flat(json.load(f))
+  now = _flat(json.loads(json.dumps(config.to_dict())))
+  changed = [k for k in sorted(set(before) | set(now))
+             if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
+  if changed:
+    shown = ', '.join(f'{k}: {before.get(k)!r} in the workdir, {now.get(k)!r} now'
+                      for k in changed[:3])
+    raise errors.IncompatibleWorkdirError(
+        f'--workdir={workdir} holds a run made with another config ({shown}); nothing was '
+        f'changed. Rerun with its config to resume it, choose a new --workdir, or add '
+        f'--start_over to delete its outputs and start again')
+
+
+def _start_over(workdir: str) -> None:
+  for name in OUTPUTS:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> dict:
+  """Runs the whole job, or resumes it where it stopped when the workdir holds it; returns
+  the winner's description (also in search/arch.json)."""
   config_lib.validate(config)
   mesh = parallel.make_mesh()
   config_lib.validate_for_devices(config, mesh.devices.size)
-  if os.path.exists(os.path.join(workdir, 'config.json')):
-    raise errors.UserFacingError(
-        f'--workdir={workdir} already holds a run (config.json); nothing was changed. Choose '
-        f'a new --workdir, or delete this one to run again from scratch')
-  dataset = data_lib.load(config.data)
+  resuming = os.path.exists(os.path.join(workdir, 'config.json')) and not start_over
+  if resuming:
+    _check_resumable(workdir, config)
+    if os.path.exists(os.path.join(workdir, 'report.md')):
+      logging.info('%s holds a finished run (report.md); nothing to do', workdir)
+      with open(os.path.join(workdir, 'search', 'arch.json')) as f:
+        return json.load(f)
+  dataset = data_lib.load(config.data)  # before touching the workdir: it may be missing
+  if start_over:
+    _start_over(workdir)
   os.makedirs(os.path.join(workdir, 'search'), exist_ok=True)
   os.makedirs(os.path.join(workdir, 'plots'), exist_ok=True)
   report.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
   model = supernets.build(config.model, dataset.num_classes)
-  timings = {}
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+  try:
+    with checkpoint_lib.PreemptionGuard() as guard:
+      return _train_search_report(config, workdir, mesh, dataset, model, checkpointer, guard)
+  finally:
+    checkpointer.close()
 
+
+def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, guard) -> dict:
+  timings = {}
   t = time.time()
-  state, space = train.train(model, config, dataset, workdir, mesh)
+  state, space = train.train(model, config, dataset, workdir, mesh, checkpointer, guard)
   timings['train'] = time.time() - t
   variables = {'params': state.params['weights'], 'batch_stats': state.batch_stats}
   drop_logits = state.params['drop_logits']
@@ -57,7 +115,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   search_key = train.purpose_key(state.root_key, 'search')
   records = search.rank_candidates(model, variables, drop_logits, space, search_key, validation,
                                    config.search,
-                                   os.path.join(workdir, 'search', 'candidates.jsonl'), mesh)
+                                   os.path.join(workdir, 'search', 'candidates.jsonl'), mesh,
+                                   guard)
   winner = search.choose_winner(records)
   winner_mask = search.candidate_mask(search_key, winner['index'], drop_logits, space.template)
   timings['search'] = time.time() - t
@@ -84,6 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   report.plot_candidates([r['val_acc'] for r in records], float(full_val), winner['val_acc'],
                          os.path.join(workdir, 'plots', 'candidate_val_accuracy.png'))
   report.plot_training(metrics, os.path.join(workdir, 'plots', 'training.png'))
+  # written last: its presence marks the run finished
   report.write_markdown(os.path.join(workdir, 'report.md'), arch, timings,
                         config.search.num_candidates, posterior)
   logging.info('winner #%d: val acc %.4f, test acc %.4f, %d params (full super-network: '
@@ -92,9 +152,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return arch
 
 
-def _fail(message: str):
+def _fail(message: str, status: int = 2):
   print(f'pgnas_jax: {message}', file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 _FIELDS_HELP = 'fields are listed in README.md, "Config fields"'
@@ -106,6 +166,11 @@ def _one_line(e: Exception) -> str:
   if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':
     text = text[1:-1]
   return ' '.join(text.replace('\\n', ' ').replace("\\'", "'").split())
+
+
+def _quiet_libraries(record) -> bool:
+  """Keeps orbax's many INFO lines about its threads out of the progress log."""
+  return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def parse_flags(argv):
@@ -127,8 +192,12 @@ def cli():
     _fail(f'unknown config field on the command line: {_one_line(e)}; {_FIELDS_HELP}')
   workdir_flag = flags.DEFINE_string('workdir', None,
                                      'Directory for every output of the run.')
+  start_over_flag = flags.DEFINE_bool(
+      'start_over', False, 'Delete the outputs of an earlier run in --workdir (checkpoints '
+      'included) and start again; without it, a workdir holding a run is resumed.')
 
   def main(argv):
+    logging.get_absl_handler().addFilter(_quiet_libraries)
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments {argv[1:]}')
     if not workdir_flag.value:
@@ -139,7 +208,9 @@ def cli():
     except (OSError, AttributeError, KeyError) as e:
       _fail(f'cannot load the config: {_one_line(e)}')
     try:
-      run(config, workdir_flag.value)
+      run(config, workdir_flag.value, start_over_flag.value)
+    except errors.Preempted as e:
+      _fail(_one_line(e), status=143)
     except errors.UserFacingError as e:
       _fail(_one_line(e))
 

@@ -4,6 +4,7 @@ drop probabilities, score chunks of them at once on the held-out validation spli
 pick the winner (best validation accuracy; ties: fewer parameters)."""
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 import optax
 
 from pgnas_jax import data as data_lib
+from pgnas_jax.errors import CheckpointError, Preempted
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import parallel
 from pgnas_jax import space as space_lib
@@ -79,36 +81,64 @@ def candidate_mask(search_key: jax.Array, index: int, drop_logits: PyTree,
   return jax.tree.map(lambda m: np.asarray(m[0]), masks)
 
 
+def read_recorded(path: str) -> list:
+  """Candidates already scored by an earlier, interrupted search. A last line cut short by a
+  kill is dropped from the file; the rest must be candidates 0..n-1 in order."""
+  if not os.path.exists(path):
+    return []
+  with open(path, 'rb') as f:
+    text = f.read()
+  complete = text[:text.rfind(b'\n') + 1]
+  if len(complete) != len(text):
+    logging.warning('dropping a partly written last line of %s', path)
+    with open(path, 'r+b') as f:
+      f.truncate(len(complete))
+      os.fsync(f.fileno())
+  records = [json.loads(line) for line in complete.decode().splitlines()]
+  if [r['index'] for r in records] != list(range(len(records))):
+    raise CheckpointError(f'{path} does not hold candidates 0..{len(records) - 1} in order; '
+                          f'rerun with --start_over')
+  return records
+
+
 def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_lib.SearchSpace,
                     search_key: jax.Array, validation: list, search_config, out_path: str,
-                    mesh) -> list:
-  """Scores candidates 0..C-1 on the validation split; writes one JSON line per candidate
-  to ``out_path`` and returns the records. A candidate's mask is not kept: it follows from
-  (search_key, index), see ``candidate_mask``."""
+                    mesh, guard) -> list:
+  """Scores candidates 0..C-1 on the validation split, continuing after those already in
+  ``out_path``; each chunk's lines are appended durably (flush + fsync) once scored. Returns
+  all records. A candidate's mask is not kept: it follows from (search_key, index), see
+  ``candidate_mask``."""
   num, chunk = search_config.num_candidates, search_config.chunk_size
   scorer = make_chunk_scorer(model, mesh)
   names = space_lib.group_names(space)
-  records, start = [], time.time()
-  with open(out_path, 'w') as out:
-    for first in range(0, num, chunk):
+  records = read_recorded(out_path)
+  if records:
+    logging.info('search: resuming after %d recorded candidates', len(records))
+  resumed, start = len(records), time.time()
+  with open(out_path, 'a') as out:
+    for first in range(resumed, num, chunk):
       # the last chunk is padded with extra candidates (one compilation) and trimmed
       indices = jnp.arange(first, first + chunk)
       masks = jax.device_get(draw_candidates(search_key, indices, drop_logits, space.template))
       acc, loss = evaluate(scorer, (variables, masks), validation)
       params, macs = space_lib.costs(space, masks)
       dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)
-      for j in range(min(chunk, num - first)):
-        record = {'index': first + j, 'val_acc': float(acc[j]), 'val_loss': float(loss[j]),
-                  'params': int(params[j]), 'flops': int(macs[j]),
-                  'dropped': dict(zip(names, dropped[j].tolist()))}
-        out.write(json.dumps(record) + '\n')
-        records.append(record)
+      new = [{'index': first + j, 'val_acc': float(acc[j]), 'val_loss': float(loss[j]),
+              'params': int(params[j]), 'flops': int(macs[j]),
+              'dropped': dict(zip(names, dropped[j].tolist()))}
+             for j in range(min(chunk, num - first))]
+      out.write(''.join(json.dumps(r) + '\n' for r in new))
       out.flush()
-      done = min(first + chunk, num)
-      rate = done / (time.time() - start)
+      os.fsync(out.fileno())
+      records += new
+      done = first + len(new)
+      rate = (done - resumed) / (time.time() - start)
       best = max(records, key=lambda r: r['val_acc'])
       logging.info('search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
                    done, num, best['val_acc'], best['index'], rate, (num - done) / rate)
+      if guard.requested and done < num:
+        raise Preempted(f'stopped by SIGTERM after {done} scored candidates, all recorded in '
+                        f'{out_path}. Run the same command again to resume')
   return records
 
 

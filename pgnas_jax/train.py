@@ -14,11 +14,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import objective, optim, parallel
 from pgnas_jax import space as space_lib
-from pgnas_jax.errors import ConfigError, NonFiniteLossError
+from pgnas_jax.errors import ConfigError, NonFiniteLossError, Preempted
 
 PyTree = Any
 KEY_PURPOSES = {'init': 0, 'train': 1, 'search': 2}
@@ -97,7 +98,7 @@ def make_train_step(model, space: space_lib.SearchSpace, config: ml_collections.
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        'loss': loss, **parts._asdict(),
+        'loss': loss, **parts._asdict(), 'grad_norm': optax.global_norm(grads),
         'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['labels']),
         'learning_rate': schedule(state.step),
         'mean_p': mean_drop_probability(state.params['drop_logits'], space.template),
@@ -129,11 +130,53 @@ def setup(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> Train
   return TrainSetup(total, per_epoch, schedule, optim.make_optimizer(config, schedule))
 
 
+def _check_finite(pending: list, first_step: int) -> None:
+  """Raises on the first step among ``pending`` whose loss or gradient is not finite (steps
+  counted from 1). The gradient is checked too: a NaN input can leave the loss finite (ReLU
+  maps NaN to 0 on XLA:CPU) and still poison the update."""
+  values = np.asarray(jax.device_get([(m['loss'], m['grad_norm']) for m in pending]))
+  bad = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
+  if bad.size:
+    raise NonFiniteLossError(
+        f'non-finite loss or gradient at training step {first_step + int(bad[0])} (counting '
+        f'from 1); the '
+        f'checkpoints before it are intact. Lower --config.train.learning_rate or check the '
+        f'data, then rerun with --start_over')
+
+
+def _metrics_log(workdir: str, resume_step: int):
+  """``metrics.jsonl`` opened for appending, without lines past the resumed step (a run
+  that died after logging but before its next checkpoint logs those steps again)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  kept = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          if json.loads(line)['step'] <= resume_step:
+            kept.append(line)
+        except (ValueError, KeyError):  # a line cut short by a kill
+          break
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(kept)
+  os.replace(path + '.tmp', path)
+  return open(path, 'a')
+
+
 def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Dataset, workdir: str,
-          mesh) -> tuple:
-  """Runs training to the end; writes ``metrics.jsonl``. Returns (state, search space)."""
+          mesh, checkpointer: checkpoint_lib.Checkpointer,
+          guard: checkpoint_lib.PreemptionGuard) -> tuple:
+  """Trains to the end, resuming from the newest checkpoint in the workdir; writes
+  ``metrics.jsonl`` and checkpoints. Returns (state, search space)."""
   run = setup(config, dataset)
   state, space = initialise(model, config, dataset.train.images.shape[1:], run.tx, mesh)
+  restored = checkpointer.restore_latest(state)
+  if restored is not None:
+    state = restored
+    logging.info('resuming from the checkpoint at step %d', int(state.step))
+  first = int(state.step)
+  if first >= run.total_steps:
+    return state, space
   train_step = make_train_step(model, space, config, run.tx, run.schedule, mesh)
   batch_size = config.train.batch_size
   logging.info('training: %d steps (%.2f epochs of %d images), %d searchable groups, '
@@ -141,29 +184,36 @@ def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Dataset, w
                dataset.train.images.shape[0], space.num_groups, space.num_channels,
                mesh.devices.size)
   pending, start, last = [], time.time(), time.time()
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as log:
-    for step in range(run.total_steps):
+  with _metrics_log(workdir, first) as log:
+    for step in range(first, run.total_steps):
       batch = data_lib.train_batch(dataset, config.data, config.seed, step, batch_size)
       state, metrics = train_step(state, parallel.put_batch(batch, mesh))
       pending.append(metrics)
-      if (step + 1) % config.train.log_every_steps == 0 or step + 1 == run.total_steps:
+      done = step + 1
+      stop = guard.requested  # read once: a signal arriving later is seen at the next step
+      log_now = done % config.train.log_every_steps == 0 or done == run.total_steps
+      save_now = checkpointer.due(done) or done == run.total_steps or stop
+      if log_now or save_now:  # never save a state whose loss was not seen to be finite
+        _check_finite(pending, done - len(pending) + 1)
+      if save_now:
+        checkpointer.save(done, state)
+      if log_now:
         host = jax.device_get(pending)
-        summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        if not all(np.isfinite(v) for v in summary.values()):
-          bad = next(i for i, m in enumerate(host) if not np.isfinite(float(m['loss'])))
-          raise NonFiniteLossError(
-              f'non-finite loss at training step {step + 2 - len(host) + bad} (counting from 1): lower '
-              f'--config.train.learning_rate or check the data')
-        summary = {'step': step + 1, **summary}
+        summary = {'step': done, **{k: float(np.mean([m[k] for m in host])) for k in host[0]}}
         log.write(json.dumps(summary) + '\n')
         log.flush()
         now = time.time()
         rate = len(pending) * batch_size / (now - last)
-        eta = (run.total_steps - step - 1) * batch_size / rate
         logging.info('train step %d/%d  loss %.4f  nll %.4f  acc %.3f  mean p %.3f  '
-                     'lr %.4f  %.0f img/s  eta %.0fs', step + 1, run.total_steps,
+                     'lr %.4f  %.0f img/s  eta %.0fs', done, run.total_steps,
                      summary['loss'], summary['nll'], summary['train_accuracy'],
-                     summary['mean_p'], summary['learning_rate'], rate, eta)
+                     summary['mean_p'], summary['learning_rate'], rate,
+                     (run.total_steps - done) * batch_size / rate)
         pending, last = [], now
+      if stop:
+        checkpointer.wait()
+        raise Preempted(f'stopped by SIGTERM after training step {done}; the checkpoint is '
+                        f'saved. Run the same command again to resume')
+  checkpointer.wait()
   logging.info('training done in %.0fs', time.time() - start)
   return state, space

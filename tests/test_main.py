@@ -65,7 +65,7 @@ def test_a_workdir_holding_a_run_is_left_alone(tmp_path):
   (tmp_path / 'config.json').write_text('{"seed": 0}')
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n')
   result = _main(tmp_path)
-  assert result.returncode != 0 and 'already holds a run' in result.stderr
+  assert result.returncode != 0 and 'holds a run made with another config' in result.stderr
   assert (tmp_path / 'config.json').read_text() == '{"seed": 0}'
   assert (tmp_path / 'metrics.jsonl').read_text() == '{"step": 1}\n'
   assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', 'metrics.jsonl']

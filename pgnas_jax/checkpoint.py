@@ -1,0 +1,118 @@
+"""Checkpoints of the training state with orbax, and pre-emption.
+
+A checkpoint holds the whole ``TrainState``: weights, drop logits, optimiser state, BatchNorm
+statistics, step and root key. The input pipeline's position is the step itself: training
+batches are a pure function of (seed, step), so restoring the step restores the stream.
+Saves are asynchronous (orbax writes in the background and commits atomically); a save that
+was cut short is never restored, and an unreadable checkpoint is named and skipped for the
+one before it.
+"""
+import logging
+import os
+import signal
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from pgnas_jax.errors import CheckpointError
+
+DIRNAME = 'checkpoints'
+UNREADABLE_DIRNAME = 'checkpoints_unreadable'
+
+
+def _to_saveable(state):
+  return state.replace(root_key=jax.random.key_data(state.root_key))
+
+
+def _from_saveable(state):
+  return state.replace(root_key=jax.random.wrap_key_data(state.root_key))
+
+
+class Checkpointer:
+  """Saves every ``every_steps`` steps and on demand; restores the newest readable one."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self.directory = os.path.join(os.path.abspath(workdir), DIRNAME)
+    self.every_steps = config.every_steps
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.max_to_keep, enable_async_checkpointing=True))
+
+  def steps(self) -> list:
+    return sorted(self._manager.all_steps())
+
+  def due(self, step: int) -> bool:
+    return step % self.every_steps == 0
+
+  def save(self, step: int, state) -> None:
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(step, args=ocp.args.StandardSave(_to_saveable(state)), force=True)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def restore_latest(self, target):
+    """The newest readable checkpoint restored onto ``target``'s structure, shapes and
+    shardings, or None when there is none. Unreadable ones are named; when an older one is
+    readable they are moved aside, and when none is, nothing is touched."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(target))
+    failures, unreadable = [], []
+    for step in reversed(self.steps()):
+      path = os.path.join(self.directory, str(step))
+      try:
+        restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        if int(restored.step) != step:
+          raise ValueError(f'it holds step {int(restored.step)}')
+      except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        failures.append(f'{path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})')
+        logging.warning('checkpoint %s is unreadable: %s', path, failures[-1])
+        unreadable.append(step)
+        continue
+      for bad in unreadable:
+        self._set_aside(bad)
+      return _from_saveable(restored)
+    if failures:
+      raise CheckpointError(
+          f'no readable checkpoint in {self.directory}: {"; ".join(failures)}. Rerun with '
+          f'--start_over to train from scratch')
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    """Moves an unreadable checkpoint out of the manager's way, keeping it for inspection;
+    the step is then saved afresh when training passes it again."""
+    aside = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIRNAME)
+    os.makedirs(aside, exist_ok=True)
+    target = os.path.join(aside, str(step))
+    suffix = 0
+    while os.path.exists(target):
+      suffix += 1
+      target = os.path.join(aside, f'{step}.{suffix}')
+    os.replace(os.path.join(self.directory, str(step)), target)
+    logging.warning('moved the unreadable checkpoint to %s', target)
+    self._manager.reload()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+class PreemptionGuard:
+  """Turns SIGTERM into a request that the loops honour at their next safe point (after a
+  training step or a search chunk), so the run saves and exits instead of dying mid-write."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+    return False
