@@ -72,23 +72,30 @@ def test_a_workdir_holding_a_run_is_left_alone(tmp_path):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--config.drop.tau=0'], 'drop.tau'),
-    (['--config.drop.init_p=1.5'], 'drop.init_p'),
-    (['--config.objective.num_train_effective=0'], 'num_train_effective'),
-    (['--config.data.validation_size=60000'], 'validation_size'),
+    (['--config.drop.tau=0'], 'drop.tau=0.0 is out of range: it must be > 0'),
+    (['--config.drop.init_p=1.5'], 'drop.init_p=1.5 is out of range: it must be in (0, 1)'),
+    (['--config.drop.init_p=0'], 'drop.init_p=0.0 is out of range'),
+    (['--config.objective.num_train_effective=0'], 'num_train_effective=0.0 is out of range'),
+    (['--config.objective.weight_prior_l2=-1'], 'weight_prior_l2=-1.0 is out of range'),
+    (['--config.search.chunk_size=0'], 'search.chunk_size=0 is out of range: it must be >= 1'),
+    (['--config.data.validation_size=60000'], 'validation_size=60000 leaves no training images'),
+    (['--config.drop.mode=sometimes'], "drop.mode='sometimes' is not one of"),
+    (['--config.train.batch_size=130'], 'batch_size=130 does not split over 4 devices'),
     (['--config.data.data_dir=/nonexistent'], 'apt-get install dataset-fashion-mnist'),
-    (['--config.train.shedule=cosine'], 'shedule'),
-    (['--config.train.batch_size=lots'], 'batch_size'),
-    (['--config.trian.batch_size=8'], 'trian'),
+    (['--config.train.shedule=cosine'], "unknown config field on the command line: 'shedule'"),
+    (['--config.trian.batch_size=8'], "unknown config field on the command line: 'trian'"),
+    (['--config.train.batch_size=lots'], "batch_size=lots: invalid literal for int()"),
     (['--config=configs/no_such_file.py'], 'no_such_file.py'),
 ])
 def test_bad_input_is_refused_with_a_clear_message(tmp_path, args, message):
-  workdir = tmp_path / 'run'
-  result = _main(workdir, *args)
-  assert result.returncode != 0
+  # the workdir holds something of the user's: it must come out untouched
+  (tmp_path / 'notes.txt').write_text('mine')
+  result = _main(tmp_path, *args)
+  assert result.returncode == 2
   assert message in result.stderr
-  assert 'Traceback' not in result.stderr
-  assert not workdir.exists() or not any(workdir.iterdir())
+  assert result.stderr.startswith('pgnas_jax: ') and result.stderr.count('\n') == 1
+  assert [p.name for p in tmp_path.iterdir()] == ['notes.txt']
+  assert (tmp_path / 'notes.txt').read_text() == 'mine'
 
 
 def test_validate_names_the_field():
