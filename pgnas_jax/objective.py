@@ -34,7 +34,7 @@ def negative_bernoulli_entropy(p):
 def regulariser(params: PyTree, drop_logits: PyTree, template: PyTree,
                 objective: ml_collections.ConfigDict, learned: bool) -> tuple:
   """(prior, entropy) terms, both already divided by N."""
-  sq_norms = jax.tree.map(lambda w: jnp.sum(jnp.square(w)), layers.group_kernels(params, template))
+  sq_norms = layers.group_sq_norms(params, template)
   p = jax.tree.map(jax.nn.sigmoid, drop_logits)
   if objective.prior == 'posterior':
     coeff = jax.tree.map(lambda q: objective.weight_prior_l2 * (1.0 - q), p)
@@ -54,11 +54,11 @@ def fixed_weight_decay(params: PyTree, template: PyTree, rate: float):
   """Optional 0.5 * rate * ||w||^2 on the kernels of non-searchable layers (not BN)."""
   if rate == 0.0:
     return jnp.float32(0.0)
-  searchable = layers.searchable_kernel_paths(template)
+  searchable = layers.searchable_conv_paths(template)
   total = jnp.float32(0.0)
   for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = tuple(k.key for k in path)
-    if names[-1] == 'kernel' and names not in searchable:
+    if names[-1] == 'kernel' and names[:-1] not in searchable:
       total = total + jnp.sum(jnp.square(w))
   return 0.5 * rate * total
 
