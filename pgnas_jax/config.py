@@ -8,6 +8,12 @@ import ml_collections
 
 from pgnas_jax.errors import ConfigError
 
+# ENAS's published CIFAR-10 micro cells (SPEC section 5): per node, input, op, input, op;
+# inputs 0 and 1 are the cell's inputs, node j >= 2 is the j-th built; ops 0 sep3x3,
+# 1 sep5x5, 2 avg3x3, 3 max3x3, 4 identity
+ENAS_NORMAL_ARC = (0, 2, 0, 0, 0, 4, 0, 1, 0, 4, 1, 1, 1, 0, 0, 1, 0, 2, 1, 1)
+ENAS_REDUCTION_ARC = (1, 0, 1, 0, 0, 3, 0, 2, 1, 1, 3, 1, 1, 0, 0, 4, 0, 3, 1, 1)
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -42,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.objective.constant_l2 = 45.0
   c.objective.num_train_effective = 55000.0  # N of SPEC section 2
   c.objective.weight_decay = 0.0  # on non-searchable kernels only
+  c.objective.auxiliary_weight = 0.4  # of auxiliary classifiers' loss (SupNet-E/EI; ENAS: 0.4)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
@@ -91,6 +98,7 @@ RANGES = {
     'objective.constant_l2': (lambda v: v >= 0.0, '>= 0'),
     'objective.num_train_effective': (lambda v: v > 0.0, '> 0'),
     'objective.weight_decay': (lambda v: v >= 0.0, '>= 0'),
+    'objective.auxiliary_weight': (lambda v: v >= 0.0, '>= 0'),
     'train.batch_size': (lambda v: v > 0, '> 0'),
     'train.num_epochs': (lambda v: v > 0.0, '> 0'),
     'train.learning_rate': (lambda v: v > 0.0, '> 0'),

@@ -29,6 +29,7 @@ MASKS = 'masks'
 ARCHITECTURE = 'architecture'
 CHANNEL_COSTS = 'channel_costs'
 FIXED_MACS = 'fixed_macs'
+AUXILIARY_LOGITS = 'auxiliary_logits'  # training-only classifiers sow their logits here
 
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 

@@ -16,7 +16,7 @@ import optax
 
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import objective, optim, parallel
+from pgnas_jax import layers, objective, optim, parallel
 from pgnas_jax import space as space_lib
 from pgnas_jax.errors import ConfigError, NonFiniteLossError
 
@@ -66,10 +66,12 @@ def make_loss_fn(model, space: space_lib.SearchSpace, config: ml_collections.Con
                                     images.shape[0], config.drop.tau)
     logits, updates = model.apply(
         {'params': params['weights'], 'batch_stats': batch_stats, 'masks': masks}, images,
-        train=True, rngs={'shake': jax.random.fold_in(key, 1)}, mutable=['batch_stats'])
+        train=True, rngs={'shake': jax.random.fold_in(key, 1)},
+        mutable=['batch_stats', layers.AUXILIARY_LOGITS])
+    auxiliary_logits = jax.tree.leaves(updates.get(layers.AUXILIARY_LOGITS, {}))
     loss, parts = objective.negative_elbo(logits, batch['labels'], params['weights'],
                                           drop_logits, space.template, config.objective,
-                                          learned)
+                                          learned, auxiliary_logits)
     return loss, (parts, logits, updates['batch_stats'])
 
   return loss_fn
