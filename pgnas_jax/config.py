@@ -8,6 +8,13 @@ import ml_collections
 
 from pgnas_jax.errors import ConfigError
 
+# ENAS's published CIFAR-10 micro cells (SPEC section 5): per node, input, op, input, op;
+# inputs 0 and 1 are the cell's inputs, node j >= 2 is the j-th built; ops 0 sep3x3,
+# 1 sep5x5, 2 avg3x3, 3 max3x3, 4 identity
+ENAS_NORMAL_ARC = (0, 2, 0, 0, 0, 4, 0, 1, 0, 4, 1, 1, 1, 0, 0, 1, 0, 2, 1, 1)
+ENAS_REDUCTION_ARC = (1, 0, 1, 0, 0, 3, 0, 2, 1, 1, 3, 1, 1, 0, 0, 4, 0, 3, 1, 1)
+ENAS_NUM_OPS = 5
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -28,6 +35,24 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.shake_shake.blocks_per_stage = 1
   c.model.shake_shake.kernel_sizes = (3, 3)  # one per branch
   c.model.shake_shake.shake = True
+  c.model.enas = ml_collections.ConfigDict()  # SupNet-E (filters 36) / SupNet-EI (filters 72)
+  c.model.enas.filters = 36
+  c.model.enas.normal_cells_per_stage = 5
+  c.model.enas.normal_arc = ENAS_NORMAL_ARC
+  c.model.enas.reduction_arc = ENAS_REDUCTION_ARC
+  c.model.enas.auxiliary_head = True
+  c.model.resnet = ml_collections.ConfigDict()  # SupNet-R-50
+  c.model.resnet.stem_width = 64
+  c.model.resnet.widths = (64, 128, 256, 512)  # bottleneck widths; block outputs are 4x
+  c.model.resnet.blocks_per_stage = (3, 4, 6, 3)
+  c.model.resnet.kernel_sizes = (1, 3, 3, 5)  # one per branch of a multi-kernel block
+  c.model.resnet.dilations = (1, 1, 2, 2)
+  c.model.densenet = ml_collections.ConfigDict()  # SupNet-D-121
+  c.model.densenet.stem_width = 64
+  c.model.densenet.blocks = (6, 12, 24, 16)  # dense layers per block
+  c.model.densenet.growth_rate = 32
+  c.model.densenet.bottleneck_width = 128
+  c.model.densenet.compression = 0.5
 
   c.drop = ml_collections.ConfigDict()
   c.drop.mode = 'learned'  # 'learned' (PGNAS) or 'random' (logits frozen at random_p)
@@ -42,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.objective.constant_l2 = 45.0
   c.objective.num_train_effective = 55000.0  # N of SPEC section 2
   c.objective.weight_decay = 0.0  # on non-searchable kernels only
+  c.objective.auxiliary_weight = 0.4  # of auxiliary classifiers' loss (SupNet-E/EI; ENAS: 0.4)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
@@ -69,9 +95,23 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+_ENAS_ARC = ('4 numbers per node (input, op, input, op): node j (from 0) reads inputs '
+             f'0 .. j + 1, ops 0 .. {ENAS_NUM_OPS - 1}')
+
+
+def _is_enas_arc(arc) -> bool:
+  if len(arc) == 0 or len(arc) % 4:
+    return False
+  for j in range(len(arc) // 4):
+    inputs, ops = (arc[4 * j], arc[4 * j + 2]), (arc[4 * j + 1], arc[4 * j + 3])
+    if not all(0 <= i < j + 2 for i in inputs) or not all(0 <= o < ENAS_NUM_OPS for o in ops):
+      return False
+  return True
+
+
 CHOICES = {
     'data.name': ('fashion_mnist',),
-    'model.family': ('shake_shake',),
+    'model.family': ('shake_shake', 'enas', 'resnet', 'densenet'),
     'drop.mode': ('learned', 'random'),
     'objective.prior': ('posterior', 'constant'),
     'train.schedule': ('cosine', 'step', 'sgdr'),
@@ -87,6 +127,24 @@ RANGES = {
     'model.shake_shake.blocks_per_stage': (lambda v: v > 0, '> 0'),
     'model.shake_shake.kernel_sizes': (lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
                            'non-empty, each an odd number > 0'),
+    'model.enas.filters': (lambda v: v > 0, '> 0'),
+    'model.enas.normal_cells_per_stage': (lambda v: v > 0, '> 0'),
+    'model.enas.normal_arc': (_is_enas_arc, _ENAS_ARC),
+    'model.enas.reduction_arc': (_is_enas_arc, _ENAS_ARC),
+    'model.resnet.stem_width': (lambda v: v > 0, '> 0'),
+    'model.resnet.widths': (lambda v: len(v) > 0 and all(w > 0 for w in v), 'non-empty, each > 0'),
+    'model.resnet.blocks_per_stage': (lambda v: len(v) > 0 and all(b > 0 for b in v),
+                                      'non-empty, each > 0'),
+    'model.resnet.kernel_sizes': (lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
+                                  'non-empty, each an odd number > 0'),
+    'model.resnet.dilations': (lambda v: len(v) > 0 and all(d > 0 for d in v),
+                               'non-empty, each > 0'),
+    'model.densenet.stem_width': (lambda v: v > 0, '> 0'),
+    'model.densenet.blocks': (lambda v: len(v) > 0 and all(b > 0 for b in v),
+                              'non-empty, each > 0'),
+    'model.densenet.growth_rate': (lambda v: v > 0, '> 0'),
+    'model.densenet.bottleneck_width': (lambda v: v > 0, '> 0'),
+    'model.densenet.compression': (lambda v: 0.0 < v <= 1.0, 'in (0, 1]'),
     'drop.init_p': (lambda v: 0.0 < v < 1.0, 'in (0, 1)'),
     'drop.random_p': (lambda v: 0.0 < v < 1.0, 'in (0, 1)'),
     'drop.tau': (lambda v: v > 0.0, '> 0'),
@@ -95,6 +153,7 @@ RANGES = {
     'objective.constant_l2': (lambda v: v >= 0.0, '>= 0'),
     'objective.num_train_effective': (lambda v: v > 0.0, '> 0'),
     'objective.weight_decay': (lambda v: v >= 0.0, '>= 0'),
+    'objective.auxiliary_weight': (lambda v: v >= 0.0, '>= 0'),
     'train.batch_size': (lambda v: v > 0, '> 0'),
     'train.num_epochs': (lambda v: v > 0.0, '> 0'),
     'train.learning_rate': (lambda v: v > 0.0, '> 0'),
@@ -110,6 +169,17 @@ RANGES = {
     'search.eval_batch_size': (lambda v: v > 0, '> 0'),
 }
 
+
+# checks across fields: (fields, test of their values, what must hold)
+CONSTRAINTS = (
+    (('model.resnet.kernel_sizes', 'model.resnet.dilations'),
+     lambda k, d: len(k) == len(d), 'one dilation per kernel size'),
+    (('model.resnet.widths', 'model.resnet.blocks_per_stage'),
+     lambda w, b: len(w) == len(b), 'one number of blocks per width'),
+    (('model.resnet.widths', 'model.resnet.kernel_sizes'),
+     lambda w, k: all(x % len(k) == 0 for x in w),
+     'every width a multiple of the number of branches (each gets an equal share)'),
+)
 
 def _get(config, dotted):
   node = config
@@ -135,6 +205,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key, (ok, what) in RANGES.items():
     if not ok(_get(config, key)):
       raise ConfigError(f'--config.{key}={_get(config, key)!r} is out of range: it must be {what}')
+  for keys, ok, what in CONSTRAINTS:
+    if not ok(*(_get(config, k) for k in keys)):
+      values = ', '.join(f'--config.{k}={_get(config, k)!r}' for k in keys)
+      raise ConfigError(f'{values} do not fit together: {what}')
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -1,13 +1,18 @@
 """The searchable convolution, plain layers that record their cost, and kernel bookkeeping.
 
-A ``SearchableConv`` splits its input channels into groups. It declares, at init:
+A ``SearchableConv`` is a plain conv, or (``separable=True``) a depthwise conv followed by a
+pointwise 1x1 conv (the separable conv of ENAS). Every one of its parameters is a kernel whose
+axis 2 is the op's input channels, so dropping input channel ``k`` removes the slice
+``w[:, :, k, :]`` of each of them (SPEC section 1): for a separable conv, depthwise filter ``k``
+and the pointwise weights that read its output. It splits its input channels into groups and
+declares, at init:
   * ``masks/<path>/group<i>``: a template of ones, shape ``(channels,)``: the tree that
     every mask (relaxed or hard) and the drop logits mirror;
   * ``channel_costs/<path>/group<i>``: ``[params, MACs]`` that one kept input channel costs.
 At apply it reads its masks from the ``masks`` collection when the caller passes one
 (keep masks of shape ``(channels,)`` or ``(batch, channels)``), and runs unmasked when not.
 A pruned network (export) passes an ``architecture`` collection instead: per group, the kept
-channel indices; the kernel then holds only those input channels, and a conv that keeps
+channel indices; its kernels then hold only those input channels, and a conv that keeps
 none is removed (its output is zero).
 """
 from collections.abc import Sequence
@@ -24,6 +29,7 @@ MASKS = 'masks'
 ARCHITECTURE = 'architecture'
 CHANNEL_COSTS = 'channel_costs'
 FIXED_MACS = 'fixed_macs'
+AUXILIARY_LOGITS = 'auxiliary_logits'  # training-only classifiers sow their logits here
 
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
@@ -32,10 +38,10 @@ def group_name(i: int) -> str:
   return f'group{i}'
 
 
-def _conv(x, kernel, strides, dilation):
+def _conv(x, kernel, strides, dilation, feature_groups=1):
   return jax.lax.conv_general_dilated(
       x, kernel, (strides, strides), 'SAME', rhs_dilation=(dilation, dilation),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=feature_groups)
 
 
 def _macs(y_shape, kernel_shape) -> int:
@@ -57,6 +63,24 @@ class SearchableConv(nn.Module):
   strides: int = 1
   dilation: int = 1
   groups: Sequence[int] | None = None  # input channels per group; None: one group
+  separable: bool = False  # depthwise kernel_size conv (strided, dilated), then pointwise 1x1
+
+  def _kernel_shapes(self, channels: int) -> dict:
+    """Every kernel of the op, input channels on axis 2."""
+    window = (self.kernel_size, self.kernel_size)
+    if self.separable:
+      # depthwise stored [k, k, channels, 1] (not HWIO's [k, k, 1, channels]) so that axis 2
+      # is the input channel, as for every other searchable kernel
+      return {'depthwise': window + (channels, 1), 'pointwise': (1, 1, channels, self.features)}
+    return {'kernel': window + (channels, self.features)}
+
+  def _op(self, x, kernels: dict):
+    kernels = {n: k.astype(x.dtype) for n, k in kernels.items()}
+    if self.separable:
+      depthwise = jnp.swapaxes(kernels['depthwise'], 2, 3)
+      x = _conv(x, depthwise, self.strides, self.dilation, feature_groups=x.shape[-1])
+      return _conv(x, kernels['pointwise'], 1, 1)
+    return _conv(x, kernels['kernel'], self.strides, self.dilation)
 
   @nn.compact
   def __call__(self, x):
@@ -64,34 +88,41 @@ class SearchableConv(nn.Module):
     if sum(sizes) != x.shape[-1]:
       raise ValueError(f'{self.name}: groups {sizes} do not add up to {x.shape[-1]} channels')
     names = [group_name(i) for i in range(len(sizes))]
-    window = (self.kernel_size, self.kernel_size)
 
     if self.has_variable(ARCHITECTURE, names[0]):
       offsets = np.cumsum((0,) + sizes[:-1])
       kept = jnp.concatenate([self.get_variable(ARCHITECTURE, n) + o
                               for n, o in zip(names, offsets)])
       # pruned weights are sliced from a trained super-network, never initialised here
-      kernel = self.param('kernel', nn.initializers.zeros, window + (kept.shape[0], self.features))
+      kernels = {n: self.param(n, nn.initializers.zeros, s)
+                 for n, s in self._kernel_shapes(kept.shape[0]).items()}
       if kept.shape[0] == 0:  # every input dropped: the operation is removed
-        y_shape = jax.eval_shape(
-            lambda a: _conv(a, jnp.zeros(window + (x.shape[-1], self.features), x.dtype),
-                            self.strides, self.dilation), x).shape
-        return jnp.zeros(y_shape, x.dtype)
-      return _conv(jnp.take(x, kept, axis=-1), kernel, self.strides, self.dilation)
+        full = {n: jnp.zeros(s, x.dtype) for n, s in self._kernel_shapes(x.shape[-1]).items()}
+        return jnp.zeros(jax.eval_shape(lambda a: self._op(a, full), x).shape, x.dtype)
+      return self._op(jnp.take(x, kept, axis=-1), kernels)
 
-    kernel = self.param('kernel', conv_init, window + (x.shape[-1], self.features))
+    kernels = {n: self.param(n, _kernel_init(n), s)
+               for n, s in self._kernel_shapes(x.shape[-1]).items()}
     if all(self.has_variable(MASKS, n) for n in names):
       keep = jnp.concatenate([self.get_variable(MASKS, n) for n in names], axis=-1)
       x = _apply_keep_mask(x, keep)
-    y = _conv(x, kernel.astype(x.dtype), self.strides, self.dilation)
+    y = self._op(x, kernels)
 
     if self.is_initializing():
-      per_channel = self.kernel_size**2 * self.features
+      # one input channel costs its kernel slices; each weight is one MAC per output pixel
+      per_channel = sum(int(np.prod(s)) // s[2] for s in self._kernel_shapes(1).values())
+      spatial = int(np.prod(y.shape[1:-1]))
       for n, c in zip(names, sizes):
         self.variable(MASKS, n, jnp.ones, (c,), jnp.float32)
         self.variable(CHANNEL_COSTS, n, lambda: jnp.array(
-            [per_channel, _macs(y.shape, window + (1, self.features))], jnp.int32))
+            [per_channel, spatial * per_channel], jnp.int32))
     return y
+
+
+def _kernel_init(name: str):
+  if name == 'depthwise':  # fan-in of one depthwise filter is its window, not window x channels
+    return nn.initializers.variance_scaling(2.0, 'fan_in', 'normal', in_axis=-1, out_axis=-2)
+  return conv_init
 
 
 class Conv(nn.Module):
@@ -126,26 +157,33 @@ def batch_norm(train: bool, name: str | None = None):
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
-def _kernel_path(group_path):
-  return group_path[:-1] + ('kernel',)
+def _groups_by_conv(template: PyTree) -> dict:
+  """Searchable conv path -> its group paths in group order."""
+  by_conv = {}
+  for path in traverse_util.flatten_dict(template):
+    by_conv.setdefault(path[:-1], []).append(path)
+  return {conv: sorted(groups, key=lambda p: int(p[-1][len('group'):]))
+          for conv, groups in by_conv.items()}
 
 
-def group_kernels(params: PyTree, template: PyTree) -> PyTree:
-  """Per searchable group, its slice ``w[:, :, group channels, :]`` of the conv kernel."""
+def searchable_conv_paths(template: PyTree) -> set:
+  """Paths of the searchable convs; all their parameters are searchable kernels."""
+  return set(_groups_by_conv(template))
+
+
+def group_sq_norms(params: PyTree, template: PyTree) -> PyTree:
+  """Per searchable group, ``sum ||w[:, :, group channels, :]||^2`` over the conv's kernels."""
   flat_template = traverse_util.flatten_dict(template)
   flat_params = traverse_util.flatten_dict(params)
   out = {}
-  offsets = {}
-  for path in sorted(flat_template, key=lambda p: (p[:-1], int(p[-1][len('group'):]))):
-    start = offsets.get(path[:-1], 0)
-    size = flat_template[path].shape[-1]
-    out[path] = flat_params[_kernel_path(path)][:, :, start:start + size, :]
-    offsets[path[:-1]] = start + size
+  for conv, groups in _groups_by_conv(template).items():
+    kernels = [w for path, w in flat_params.items() if path[:-1] == conv]
+    start = 0
+    for g in groups:
+      size = flat_template[g].shape[-1]
+      out[g] = sum(jnp.sum(jnp.square(w[:, :, start:start + size, :])) for w in kernels)
+      start += size
   return traverse_util.unflatten_dict(out)
-
-
-def searchable_kernel_paths(template: PyTree) -> set:
-  return {_kernel_path(p) for p in traverse_util.flatten_dict(template)}
 
 
 def prune_params(params: PyTree, template: PyTree, kept: PyTree) -> PyTree:
@@ -153,13 +191,12 @@ def prune_params(params: PyTree, template: PyTree, kept: PyTree) -> PyTree:
   flat = dict(traverse_util.flatten_dict(params))
   flat_template = traverse_util.flatten_dict(template)
   flat_kept = traverse_util.flatten_dict(kept)
-  for kernel_path in searchable_kernel_paths(template):
-    conv = kernel_path[:-1]
-    groups = sorted((p for p in flat_template if p[:-1] == conv),
-                    key=lambda p: int(p[-1][len('group'):]))
+  for conv, groups in _groups_by_conv(template).items():
     offset, index = 0, []
     for g in groups:
       index.append(np.asarray(flat_kept[g], np.int64) + offset)
       offset += flat_template[g].shape[-1]
-    flat[kernel_path] = jnp.take(flat[kernel_path], np.concatenate(index), axis=2)
+    index = np.concatenate(index)
+    for path in [p for p in flat if p[:-1] == conv]:
+      flat[path] = jnp.take(flat[path], index, axis=2)
   return traverse_util.unflatten_dict(flat)

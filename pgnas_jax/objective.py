@@ -5,8 +5,10 @@
 
 with c_g = l2 (1 - p_g) (the weight prior; no factor 1/2, no 1/(1-p) rescale) or, for the
 "constant L2" ablation, a constant. The "random" ablation freezes every p_g at p0 and drops
-the entropy term.
+the entropy term. A super-network with auxiliary classifiers (SupNet-E/EI, as ENAS trains
+them) adds ``auxiliary_weight`` times their mean cross-entropy.
 """
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -24,6 +26,7 @@ class LossParts(NamedTuple):
   prior: jax.Array
   entropy: jax.Array
   weight_decay: jax.Array
+  auxiliary: jax.Array
 
 
 def negative_bernoulli_entropy(p):
@@ -34,7 +37,7 @@ def negative_bernoulli_entropy(p):
 def regulariser(params: PyTree, drop_logits: PyTree, template: PyTree,
                 objective: ml_collections.ConfigDict, learned: bool) -> tuple:
   """(prior, entropy) terms, both already divided by N."""
-  sq_norms = jax.tree.map(lambda w: jnp.sum(jnp.square(w)), layers.group_kernels(params, template))
+  sq_norms = layers.group_sq_norms(params, template)
   p = jax.tree.map(jax.nn.sigmoid, drop_logits)
   if objective.prior == 'posterior':
     coeff = jax.tree.map(lambda q: objective.weight_prior_l2 * (1.0 - q), p)
@@ -54,21 +57,27 @@ def fixed_weight_decay(params: PyTree, template: PyTree, rate: float):
   """Optional 0.5 * rate * ||w||^2 on the kernels of non-searchable layers (not BN)."""
   if rate == 0.0:
     return jnp.float32(0.0)
-  searchable = layers.searchable_kernel_paths(template)
+  searchable = layers.searchable_conv_paths(template)
   total = jnp.float32(0.0)
   for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = tuple(k.key for k in path)
-    if names[-1] == 'kernel' and names not in searchable:
+    if names[-1] == 'kernel' and names[:-1] not in searchable:
       total = total + jnp.sum(jnp.square(w))
   return 0.5 * rate * total
 
 
 def negative_elbo(logits: jax.Array, labels: jax.Array, params: PyTree, drop_logits: PyTree,
                   template: PyTree, objective: ml_collections.ConfigDict,
-                  learned: bool) -> tuple:
+                  learned: bool, auxiliary_logits: Sequence[jax.Array] = ()) -> tuple:
   """Total loss and its ``LossParts``."""
   nll = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
   prior, entropy = regulariser(params, drop_logits, template, objective, learned)
   decay = fixed_weight_decay(params, template, objective.weight_decay)
-  parts = LossParts(nll=nll, prior=prior, entropy=entropy, weight_decay=decay)
-  return nll + prior + entropy + decay, parts
+  auxiliary = jnp.float32(0.0)
+  if auxiliary_logits:
+    auxiliary = objective.auxiliary_weight * sum(
+        jnp.mean(optax.softmax_cross_entropy_with_integer_labels(a, labels))
+        for a in auxiliary_logits)
+  parts = LossParts(nll=nll, prior=prior, entropy=entropy, weight_decay=decay,
+                    auxiliary=auxiliary)
+  return nll + prior + entropy + decay + auxiliary, parts

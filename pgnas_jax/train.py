@@ -17,7 +17,7 @@ import optax
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import objective, optim, parallel
+from pgnas_jax import layers, objective, optim, parallel
 from pgnas_jax import space as space_lib
 from pgnas_jax.errors import ConfigError, NonFiniteLossError, Preempted
 
@@ -67,10 +67,12 @@ def make_loss_fn(model, space: space_lib.SearchSpace, config: ml_collections.Con
                                     images.shape[0], config.drop.tau)
     logits, updates = model.apply(
         {'params': params['weights'], 'batch_stats': batch_stats, 'masks': masks}, images,
-        train=True, rngs={'shake': jax.random.fold_in(key, 1)}, mutable=['batch_stats'])
+        train=True, rngs={'shake': jax.random.fold_in(key, 1)},
+        mutable=['batch_stats', layers.AUXILIARY_LOGITS])
+    auxiliary_logits = jax.tree.leaves(updates.get(layers.AUXILIARY_LOGITS, {}))
     loss, parts = objective.negative_elbo(logits, batch['labels'], params['weights'],
                                           drop_logits, space.template, config.objective,
-                                          learned)
+                                          learned, auxiliary_logits)
     return loss, (parts, logits, updates['batch_stats'])
 
   return loss_fn
@@ -98,7 +100,7 @@ def make_train_step(model, space: space_lib.SearchSpace, config: ml_collections.
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        'loss': loss, **parts._asdict(), 'grad_norm': optax.global_norm(grads),
+        'loss': loss, **parts._asdict(), 'grad_norm': optax.tree.norm(grads),
         'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['labels']),
         'learning_rate': schedule(state.step),
         'mean_p': mean_drop_probability(state.params['drop_logits'], space.template),

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pgnas_jax import layers
+from pgnas_jax.supernets import common
 
 
 def _mixing_weights(key, batch: int, branches: int):
@@ -37,21 +38,6 @@ class ShakeMix(nn.Module):
     with_backward = jnp.sum(stacked * backward, axis=-1)
     correction = jnp.sum(stacked * (forward - backward), axis=-1)
     return with_backward + jax.lax.stop_gradient(correction)
-
-
-class Shortcut(nn.Module):
-  features: int
-  strides: int
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = nn.relu(x)
-    s = self.strides
-    a = x[:, ::s, ::s, :]
-    b = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1::s, 1::s, :][:, :a.shape[1], :a.shape[2]]
-    a = layers.Conv(self.features // 2, 1, name='path0')(a)
-    b = layers.Conv(self.features - self.features // 2, 1, name='path1')(b)
-    return layers.batch_norm(train, 'bn')(jnp.concatenate([a, b], axis=-1))
 
 
 class Branch(nn.Module):
@@ -80,7 +66,8 @@ class Block(nn.Module):
             for i, k in enumerate(self.kernel_sizes)]
     mixed = ShakeMix(self.shake, name='mix')(outs, train)
     if self.strides != 1 or x.shape[-1] != self.features:
-      x = Shortcut(self.features, self.strides, name='shortcut')(x, train)
+      x = common.FactorizedReduction(self.features, self.strides, name='shortcut')(
+          nn.relu(x), train)
     return x + mixed
 
 
