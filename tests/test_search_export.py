@@ -2,8 +2,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from pgnas_jax import export, layers, masks, parallel, search
+from pgnas_jax import errors, export, layers, masks, parallel, search
 from pgnas_jax import space as space_lib
 
 
@@ -115,3 +116,16 @@ def test_group_sq_norms_follow_group_order():
   k = np.asarray(v['params']['c']['kernel'])
   np.testing.assert_allclose(norms['c']['group2'], np.sum(k[:, :, 3:6]**2), rtol=1e-6)
   np.testing.assert_allclose(norms['c']['group10'], np.sum(k[:, :, 13:14]**2), rtol=1e-6)
+
+
+def test_recorded_candidates_drop_a_partly_written_last_line(tmp_path):
+  path = tmp_path / 'candidates.jsonl'
+  lines = [f'{{"index": {i}, "val_acc": 0.5}}\n' for i in range(3)]
+  path.write_text(''.join(lines) + '{"index": 3, "val_a')
+  records = search.read_recorded(str(path))
+  assert [r['index'] for r in records] == [0, 1, 2]
+  assert path.read_text() == ''.join(lines)  # the fragment is gone from the file too
+  path.write_text(lines[0] + lines[2])
+  with pytest.raises(errors.CheckpointError, match='does not hold candidates 0..1 in order'):
+    search.read_recorded(str(path))
+  assert search.read_recorded(str(tmp_path / 'absent.jsonl')) == []
