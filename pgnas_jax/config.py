@@ -22,10 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'fashion_mnist'
-  c.data.data_dir = '/usr/share/datasets/fashion-mnist'
+  c.data.data_dir = '/usr/share/datasets/fashion-mnist'  # CIFAR: tfds data_dir, '' its default
   c.data.validation_size = 5000  # carved from the training split, held out for ranking
   c.data.random_flip = True
   c.data.pad_crop = 0  # pad by this many pixels and crop back at random; 0: off
+  c.data.cutout = 0  # side of the square zeroed per training image (DeVries & Taylor); 0: off
 
   c.model = ml_collections.ConfigDict()
   c.model.family = 'shake_shake'  # which of the sub-configs below builds the super-network
@@ -110,7 +111,7 @@ def _is_enas_arc(arc) -> bool:
 
 
 CHOICES = {
-    'data.name': ('fashion_mnist',),
+    'data.name': ('fashion_mnist', 'cifar10', 'cifar100'),
     'model.family': ('shake_shake', 'enas', 'resnet', 'densenet'),
     'drop.mode': ('learned', 'random'),
     'objective.prior': ('posterior', 'constant'),
@@ -121,6 +122,7 @@ CHOICES = {
 RANGES = {
     'data.validation_size': (lambda v: v > 0, 'a positive number of images'),
     'data.pad_crop': (lambda v: v >= 0, '>= 0'),
+    'data.cutout': (lambda v: v >= 0, '>= 0'),
     'model.shake_shake.stem_width': (lambda v: v > 0, '> 0'),
     'model.shake_shake.widths': (lambda v: len(v) > 0 and all(w > 0 for w in v),
                                  'non-empty, each > 0'),

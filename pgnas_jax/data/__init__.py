@@ -11,7 +11,7 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
-from pgnas_jax.data import fashion_mnist
+from pgnas_jax.data import cifar, fashion_mnist
 from pgnas_jax.errors import ConfigError
 
 SPLIT_SEED = 20200207  # fixes the validation carve-out for every run
@@ -31,20 +31,26 @@ class Dataset(NamedTuple):
   std: np.ndarray
 
 
+def _read(data: ml_collections.ConfigDict, split: str):
+  if data.name == 'fashion_mnist':
+    return fashion_mnist.load(data.data_dir, split)
+  if data.name in cifar.NUM_CLASSES:
+    return cifar.load(data.name, data.data_dir, split)
+  raise ConfigError(f'unknown data.name {data.name!r}')
+
+
 def load(data: ml_collections.ConfigDict) -> Dataset:
-  if data.name != 'fashion_mnist':
-    raise ConfigError(f'unknown data.name {data.name!r}')
-  images, labels = fashion_mnist.load(data.data_dir, 'train')
+  images, labels = _read(data, 'train')
   if data.validation_size >= images.shape[0]:
     raise ConfigError(f'--config.data.validation_size={data.validation_size} leaves no '
                      f'training images (the training split has {images.shape[0]})')
   order = np.random.default_rng(SPLIT_SEED).permutation(images.shape[0])
   val, train = order[:data.validation_size], order[data.validation_size:]
-  test = Split(*fashion_mnist.load(data.data_dir, 'test'))
+  test = Split(*_read(data, 'test'))
   train_split = Split(images[train], labels[train])
   pixels = train_split.images.reshape(-1, train_split.images.shape[-1]) / 255.0
   return Dataset(train=train_split, validation=Split(images[val], labels[val]), test=test,
-                 num_classes=fashion_mnist.NUM_CLASSES,
+                 num_classes=cifar.NUM_CLASSES.get(data.name, fashion_mnist.NUM_CLASSES),
                  mean=pixels.mean(0).astype(np.float32), std=pixels.std(0).astype(np.float32))
 
 
@@ -69,20 +75,37 @@ def augment(images: np.ndarray, rng: np.random.Generator, data: ml_collections.C
   return out
 
 
+def cutout(images: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+  """Cutout (DeVries & Taylor 2017): per image one ``size`` x ``size`` window, its centre
+  uniform over the image, clipped at the borders, set to 0. Applied to normalised images, as
+  there, so the window holds the training mean rather than black."""
+  n, h, w, _ = images.shape
+  cy, cx = rng.integers(0, h, n), rng.integers(0, w, n)
+  top, left = cy - size // 2, cx - size // 2
+  rows, cols = np.arange(h)[None, :], np.arange(w)[None, :]
+  inside_rows = (rows >= top[:, None]) & (rows < top[:, None] + size)
+  inside_cols = (cols >= left[:, None]) & (cols < left[:, None] + size)
+  window = inside_rows[:, :, None] & inside_cols[:, None, :]
+  return np.where(window[..., None], np.zeros((), images.dtype), images)
+
+
 def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:
   return dataset.train.images.shape[0] // batch_size
 
 
 def train_batch(dataset: Dataset, data: ml_collections.ConfigDict, seed: int, step: int,
                 batch_size: int) -> dict:
-  """The batch of training step ``step``: epochs are fresh permutations from (seed, epoch)."""
+  """The batch of training step ``step``: epochs are fresh permutations from (seed, epoch).
+  Pad-crop and flip act on the raw pixels, cutout after normalisation (zero is the mean)."""
   per_epoch = steps_per_epoch(dataset, batch_size)
   epoch, position = divmod(step, per_epoch)
   order = np.random.default_rng([seed, epoch]).permutation(dataset.train.images.shape[0])
   index = np.sort(order[position * batch_size:(position + 1) * batch_size])
-  images = augment(dataset.train.images[index], np.random.default_rng([seed, epoch, position]),
-                   data)
-  return {'images': normalise(images, dataset), 'labels': dataset.train.labels[index]}
+  rng = np.random.default_rng([seed, epoch, position])
+  images = normalise(augment(dataset.train.images[index], rng, data), dataset)
+  if data.cutout > 0:
+    images = cutout(images, rng, data.cutout)
+  return {'images': images, 'labels': dataset.train.labels[index]}
 
 
 def eval_batches(split: Split, dataset: Dataset, batch_size: int) -> Iterator[dict]:
