@@ -22,10 +22,9 @@ def kept_channels(mask: PyTree) -> PyTree:
 
 def removed_convs(mask: PyTree) -> list:
   """'/'-joined names of searchable convs whose every input channel is dropped."""
-  by_conv = {}
-  for path, m in traverse_util.flatten_dict(jax.device_get(mask)).items():
-    by_conv.setdefault(path[:-1], []).append(np.asarray(m).sum())
-  return sorted('/'.join(conv) for conv, kept in by_conv.items() if sum(kept) == 0)
+  flat = traverse_util.flatten_dict(jax.device_get(mask))
+  return sorted('/'.join(conv) for conv, groups in layers.groups_by_conv(mask).items()
+                if sum(np.asarray(flat[g]).sum() for g in groups) == 0)
 
 
 def pruned_variables(variables: dict, space: space_lib.SearchSpace, mask: PyTree) -> dict:
@@ -46,7 +45,7 @@ def describe(space: space_lib.SearchSpace, mask: PyTree, pruned: dict) -> dict:
     raise AssertionError(f'pruned weights hold {counted} params, the cost model says {params}')
   sizes = [int(m.shape[-1]) for m in jax.tree.leaves(space.template)]
   dropped_channels = sum(s - len(k) for s, k in zip(sizes, kept))
-  convs = {tuple(n.split('/')[:-1]) for n in names}
+  num_convs = len(layers.groups_by_conv(space.template))
   removed = removed_convs(mask)
   return {
       'kept_channels': dict(zip(names, kept)),
@@ -54,7 +53,7 @@ def describe(space: space_lib.SearchSpace, mask: PyTree, pruned: dict) -> dict:
       'params': int(params),
       'flops': int(macs),
       'dropped_channel_share': dropped_channels / sum(sizes),
-      'removed_conv_share': len(removed) / len(convs),
+      'removed_conv_share': len(removed) / num_convs,
   }
 
 

@@ -157,7 +157,7 @@ def batch_norm(train: bool, name: str | None = None):
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
-def _groups_by_conv(template: PyTree) -> dict:
+def groups_by_conv(template: PyTree) -> dict:
   """Searchable conv path -> its group paths in group order."""
   by_conv = {}
   for path in traverse_util.flatten_dict(template):
@@ -168,7 +168,7 @@ def _groups_by_conv(template: PyTree) -> dict:
 
 def searchable_conv_paths(template: PyTree) -> set:
   """Paths of the searchable convs; all their parameters are searchable kernels."""
-  return set(_groups_by_conv(template))
+  return set(groups_by_conv(template))
 
 
 def group_sq_norms(params: PyTree, template: PyTree) -> PyTree:
@@ -176,7 +176,7 @@ def group_sq_norms(params: PyTree, template: PyTree) -> PyTree:
   flat_template = traverse_util.flatten_dict(template)
   flat_params = traverse_util.flatten_dict(params)
   out = {}
-  for conv, groups in _groups_by_conv(template).items():
+  for conv, groups in groups_by_conv(template).items():
     kernels = [w for path, w in flat_params.items() if path[:-1] == conv]
     start = 0
     for g in groups:
@@ -191,7 +191,7 @@ def prune_params(params: PyTree, template: PyTree, kept: PyTree) -> PyTree:
   flat = dict(traverse_util.flatten_dict(params))
   flat_template = traverse_util.flatten_dict(template)
   flat_kept = traverse_util.flatten_dict(kept)
-  for conv, groups in _groups_by_conv(template).items():
+  for conv, groups in groups_by_conv(template).items():
     offset, index = 0, []
     for g in groups:
       index.append(np.asarray(flat_kept[g], np.int64) + offset)

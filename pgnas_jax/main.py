@@ -14,8 +14,8 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import app, flags, logging
+from flax import traverse_util
 from ml_collections import config_flags
 
 from pgnas_jax import checkpoint as checkpoint_lib
@@ -32,21 +32,12 @@ OUTPUTS = ('config.json', 'metrics.jsonl', 'posterior.json', 'report.md', 'searc
 RESUMABLE_CHANGES = ('train.log_every_steps', 'checkpoint.every_steps', 'checkpoint.max_to_keep')
 
 
-def _flat(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   """A workdir holding a run may only be resumed with the config that started it."""
   with open(os.path.join(workdir, 'config.json')) as f:
-    before = _flat(json.load(f))
-  now = _flat(json.loads(json.dumps(config.to_dict())))
+    before = traverse_util.flatten_dict(json.load(f), sep='.')
+  as_saved = json.loads(json.dumps(config.to_dict()))  # tuples become lists, as in the file
+  now = traverse_util.flatten_dict(as_saved, sep='.')
   changed = [k for k in sorted(set(before) | set(now))
              if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
   if changed:
@@ -128,8 +119,7 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
   full_test, _ = search.evaluate(full_scorer, (variables,), test)
   pruned = export.pruned_variables(variables, space, winner_mask)
   export.save_weights(os.path.join(workdir, 'search', 'winner_weights.msgpack'), pruned)
-  full_mask = jax.tree.map(np.asarray, space.template)
-  full_params, full_flops = space_lib.costs(space, full_mask)
+  full_params, full_flops = space_lib.costs(space, space.template)
   arch = {'index': winner['index'], **export.describe(space, winner_mask, pruned),
           'val_acc': winner['val_acc'], 'test_acc': test_acc,
           'supernet': {'val_acc': float(full_val), 'test_acc': float(full_test),
