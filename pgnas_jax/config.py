@@ -22,11 +22,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'fashion_mnist'
-  c.data.data_dir = '/usr/share/datasets/fashion-mnist'  # CIFAR: tfds data_dir, '' its default
+  c.data.data_dir = '/usr/share/datasets/fashion-mnist'  # tfds: data_dir, '' its default
   c.data.validation_size = 5000  # carved from the training split, held out for ranking
   c.data.random_flip = True
   c.data.pad_crop = 0  # pad by this many pixels and crop back at random; 0: off
   c.data.cutout = 0  # side of the square zeroed per training image (DeVries & Taylor); 0: off
+  c.data.image_size = 224  # imagenet2012 only: side of the square crops the network sees
 
   c.model = ml_collections.ConfigDict()
   c.model.family = 'shake_shake'  # which of the sub-configs below builds the super-network
@@ -111,7 +112,7 @@ def _is_enas_arc(arc) -> bool:
 
 
 CHOICES = {
-    'data.name': ('fashion_mnist', 'cifar10', 'cifar100'),
+    'data.name': ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012'),
     'model.family': ('shake_shake', 'enas', 'resnet', 'densenet'),
     'drop.mode': ('learned', 'random'),
     'objective.prior': ('posterior', 'constant'),
@@ -123,6 +124,7 @@ RANGES = {
     'data.validation_size': (lambda v: v > 0, 'a positive number of images'),
     'data.pad_crop': (lambda v: v >= 0, '>= 0'),
     'data.cutout': (lambda v: v >= 0, '>= 0'),
+    'data.image_size': (lambda v: v > 0, '> 0'),
     'model.shake_shake.stem_width': (lambda v: v > 0, '> 0'),
     'model.shake_shake.widths': (lambda v: len(v) > 0 and all(w > 0 for w in v),
                                  'non-empty, each > 0'),
@@ -174,6 +176,10 @@ RANGES = {
 
 # checks across fields: (fields, test of their values, what must hold)
 CONSTRAINTS = (
+    (('data.name', 'data.pad_crop', 'data.cutout'),
+     lambda name, pad_crop, cutout: name != 'imagenet2012' or pad_crop == cutout == 0,
+     'imagenet2012 is augmented by random-resized crop and flip only: set pad_crop and '
+     'cutout to 0'),
     (('model.resnet.kernel_sizes', 'model.resnet.dilations'),
      lambda k, d: len(k) == len(d), 'one dilation per kernel size'),
     (('model.resnet.widths', 'model.resnet.blocks_per_stage'),

@@ -5,6 +5,9 @@ process; the train state is replicated, batches are sharded along their leading 
 ``jax.jit`` turns the global-batch mean into an all-reduce. Results do not depend on the
 device count beyond float reduction order.
 """
+import collections
+from collections.abc import Iterable, Iterator
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -38,6 +41,18 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
                        f'the {n} devices: choose batch sizes divisible by the device count')
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def prefetch_to_mesh(batches: Iterable[dict], mesh: Mesh, ahead: int = 1) -> Iterator[dict]:
+  """Yields ``batches`` placed on the mesh, with the next ``ahead`` already placed: placement
+  is asynchronous, so their copies overlap the step that uses the current one."""
+  placed = collections.deque()
+  for batch in batches:
+    placed.append(put_batch(batch, mesh))
+    if len(placed) > ahead:
+      yield placed.popleft()
+  while placed:
+    yield placed.popleft()
 
 
 def put_replicated(tree, mesh: Mesh):

@@ -55,10 +55,27 @@ def make_full_scorer(model, mesh) -> Callable:
                  out_shardings=parallel.replicated(mesh))
 
 
-def device_batches(split: data_lib.Split, dataset: data_lib.Dataset, batch_size: int,
-                   mesh) -> list:
-  """A split as a list of padded batches placed on the mesh once, reused by every chunk."""
-  return [parallel.put_batch(b, mesh) for b in data_lib.eval_batches(split, dataset, batch_size)]
+class _Passes:
+  """Batches read again on every pass (``iter`` starts a new one)."""
+
+  def __init__(self, start: Callable):
+    self._start = start
+
+  def __iter__(self):
+    return self._start()
+
+
+def device_batches(split, dataset, batch_size: int, mesh):
+  """A split as padded batches on the mesh, iterable once per chunk: placed once and reused
+  when the data set is held in memory; read again on every pass, ahead in the background,
+  when it is streamed (ImageNet). Each process reads its own rows."""
+  def batches():
+    return data_lib.eval_batches(split, dataset, batch_size, jax.process_index(),
+                                 jax.process_count())
+
+  if data_lib.in_memory(dataset):
+    return [parallel.put_batch(b, mesh) for b in batches()]
+  return _Passes(lambda: parallel.prefetch_to_mesh(data_lib.in_background(batches()), mesh))
 
 
 def evaluate(scorer: Callable, args: tuple, batches: list) -> tuple:

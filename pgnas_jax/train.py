@@ -121,11 +121,12 @@ class TrainSetup(NamedTuple):
   tx: optax.GradientTransformation
 
 
-def setup(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> TrainSetup:
+def setup(config: ml_collections.ConfigDict,
+          dataset: data_lib.Dataset | data_lib.stream.Streamed) -> TrainSetup:
   per_epoch = data_lib.steps_per_epoch(dataset, config.train.batch_size)
   if per_epoch == 0:
     raise ConfigError(f'--config.train.batch_size={config.train.batch_size} is larger than the '
-                     f'{dataset.train.images.shape[0]} training images')
+                     f'{data_lib.num_examples(dataset.train)} training images')
   total = (config.train.num_steps if config.train.num_steps > 0
            else int(round(config.train.num_epochs * per_epoch)))
   schedule = optim.learning_rate_schedule(config.train, total, per_epoch)
@@ -165,13 +166,13 @@ def _metrics_log(workdir: str, resume_step: int):
   return open(path, 'a')
 
 
-def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Dataset, workdir: str,
-          mesh, checkpointer: checkpoint_lib.Checkpointer,
+def train(model, config: ml_collections.ConfigDict,
+          dataset: data_lib.Dataset | data_lib.stream.Streamed, workdir: str, mesh, checkpointer: checkpoint_lib.Checkpointer,
           guard: checkpoint_lib.PreemptionGuard) -> tuple:
   """Trains to the end, resuming from the newest checkpoint in the workdir; writes
   ``metrics.jsonl`` and checkpoints. Returns (state, search space)."""
   run = setup(config, dataset)
-  state, space = initialise(model, config, dataset.train.images.shape[1:], run.tx, mesh)
+  state, space = initialise(model, config, data_lib.image_shape(dataset), run.tx, mesh)
   restored = checkpointer.restore_latest(state)
   if restored is not None:
     state = restored
@@ -183,13 +184,17 @@ def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Dataset, w
   batch_size = config.train.batch_size
   logging.info('training: %d steps (%.2f epochs of %d images), %d searchable groups, '
                '%d channels, %d devices', run.total_steps, run.total_steps / run.steps_per_epoch,
-               dataset.train.images.shape[0], space.num_groups, space.num_channels,
+               data_lib.num_examples(dataset.train), space.num_groups, space.num_channels,
                mesh.devices.size)
   pending, start, last = [], time.time(), time.time()
   with _metrics_log(workdir, first) as log:
-    for step in range(first, run.total_steps):
-      batch = data_lib.train_batch(dataset, config.data, config.seed, step, batch_size)
-      state, metrics = train_step(state, parallel.put_batch(batch, mesh))
+    # this process's rows of each step's batch, read ahead in the background, placed ahead
+    batches = parallel.prefetch_to_mesh(data_lib.in_background(
+        data_lib.train_batch(dataset, config.data, config.seed, step, batch_size,
+                             jax.process_index(), jax.process_count())
+        for step in range(first, run.total_steps)), mesh)
+    for step, batch in zip(range(first, run.total_steps), batches):
+      state, metrics = train_step(state, batch)
       pending.append(metrics)
       done = step + 1
       stop = guard.requested  # read once: a signal arriving later is seen at the next step

@@ -71,9 +71,10 @@ def _windows(size, h, w, rng):
 def test_cutout_zeroes_one_clipped_window_per_image(size):
   n, h, w = 200, 32, 32
   images = np.random.default_rng(1).uniform(1, 2, (n, h, w, 3)).astype(np.float32)
-  out = data_lib.cutout(images, np.random.default_rng(7), size)
   draws = np.random.default_rng(7)
-  expected = _windows(size, h, w, (draws.integers(0, h, n), draws.integers(0, w, n)))
+  centres = np.stack([draws.integers(0, h, n), draws.integers(0, w, n)], 1)
+  out = data_lib.cutout(images, centres, size)
+  expected = _windows(size, h, w, centres.T)
   clipped = 0
   for i, (top, bottom, left, right) in enumerate(expected):
     window = np.zeros((h, w), bool)

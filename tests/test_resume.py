@@ -205,8 +205,8 @@ def test_nan_at_a_given_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
   config.checkpoint.every_steps, config.data.validation_size = 4, 500
   real_batch = data_lib.train_batch
 
-  def poisoned(dataset, data, seed, step, batch_size):
-    batch = real_batch(dataset, data, seed, step, batch_size)
+  def poisoned(dataset, data, seed, step, *args):
+    batch = real_batch(dataset, data, seed, step, *args)
     if step == 9:  # the 10th step, counting from 1
       batch['images'] = np.full_like(batch['images'], np.nan)
     return batch

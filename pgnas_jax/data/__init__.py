@@ -3,15 +3,23 @@
 The validation split is carved from the training split by a fixed permutation (the same for
 every seed, so runs with different seeds rank on the same images) and never trained on. The
 test split is touched once, for the winner's final report. Training batches depend only on
-(seed, step): a run restarted at step s sees the same stream.
+(seed, step): a run restarted at step s sees the same stream. Each process reads its own
+rows of every global batch (``process_index`` of ``process_count``), and the rows of all
+processes together are the one-process batch.
+
+Small data sets (Fashion-MNIST, CIFAR) are held in memory as a ``Dataset``; ImageNet is read
+while it is used, as a ``stream.Streamed``. The functions below take either.
 """
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import ml_collections
 import numpy as np
 
-from pgnas_jax.data import cifar, fashion_mnist
+from pgnas_jax.data import cifar, fashion_mnist, imagenet, shards, stream
+from pgnas_jax.data.prefetch import in_background  # noqa: F401  (re-exported)
 from pgnas_jax.errors import ConfigError
 
 SPLIT_SEED = 20200207  # fixes the validation carve-out for every run
@@ -39,13 +47,35 @@ def _read(data: ml_collections.ConfigDict, split: str):
   raise ConfigError(f'unknown data.name {data.name!r}')
 
 
-def load(data: ml_collections.ConfigDict) -> Dataset:
+def _carve(num_examples: int, validation_size: int) -> tuple:
+  """(validation indices, training indices) of the training split."""
+  if validation_size >= num_examples:
+    raise ConfigError(f'--config.data.validation_size={validation_size} leaves no '
+                      f'training images (the training split has {num_examples})')
+  order = np.random.default_rng(SPLIT_SEED).permutation(num_examples)
+  return order[:validation_size], order[validation_size:]
+
+
+def _stream(data: ml_collections.ConfigDict) -> stream.Streamed:
+  """ImageNet: the official validation set is the test split."""
+  train_source = imagenet.open_split(data.data_dir, 'train')
+  test_source = imagenet.open_split(data.data_dir, 'validation')
+  val, train = _carve(len(train_source), data.validation_size)
+  # sorted: nearby records are read together (the epoch permutations shuffle anyway)
+  return stream.Streamed(
+      train=stream.Records(train_source, np.sort(train)),
+      validation=stream.Records(train_source, np.sort(val)),
+      test=stream.Records(test_source, np.arange(len(test_source))),
+      num_classes=imagenet.NUM_CLASSES, mean=np.array(imagenet.MEAN, np.float32),
+      std=np.array(imagenet.STD, np.float32), image_size=data.image_size,
+      pool=ThreadPoolExecutor(os.cpu_count(), thread_name_prefix='pgnas_jax-read'))
+
+
+def load(data: ml_collections.ConfigDict) -> Dataset | stream.Streamed:
+  if data.name == imagenet.NAME:
+    return _stream(data)
   images, labels = _read(data, 'train')
-  if data.validation_size >= images.shape[0]:
-    raise ConfigError(f'--config.data.validation_size={data.validation_size} leaves no '
-                     f'training images (the training split has {images.shape[0]})')
-  order = np.random.default_rng(SPLIT_SEED).permutation(images.shape[0])
-  val, train = order[:data.validation_size], order[data.validation_size:]
+  val, train = _carve(images.shape[0], data.validation_size)
   test = Split(*_read(data, 'test'))
   train_split = Split(images[train], labels[train])
   pixels = train_split.images.reshape(-1, train_split.images.shape[-1]) / 255.0
@@ -54,34 +84,49 @@ def load(data: ml_collections.ConfigDict) -> Dataset:
                  mean=pixels.mean(0).astype(np.float32), std=pixels.std(0).astype(np.float32))
 
 
-def normalise(images: np.ndarray, dataset: Dataset) -> np.ndarray:
+def normalise(images: np.ndarray, dataset: Dataset | stream.Streamed) -> np.ndarray:
   return ((images.astype(np.float32) / 255.0 - dataset.mean) / dataset.std).astype(np.float32)
 
 
-def augment(images: np.ndarray, rng: np.random.Generator, data: ml_collections.ConfigDict):
-  """Random pad-and-crop and horizontal flip, per image."""
+def augmentation_draws(rng: np.random.Generator, n: int, height: int, width: int,
+                       data: ml_collections.ConfigDict) -> dict:
+  """The random choices of a global batch of ``n`` images, one row per image, drawn in a fixed
+  order: 'shift' (pad-crop offsets, [n, 2]), 'flip' ([n]), 'centre' (cutout centres, [n, 2]),
+  each only where its augmentation is on. A process slices its rows, so an image's draws do
+  not depend on how the batch is split over processes."""
+  draws = {}
+  if data.pad_crop > 0:
+    draws['shift'] = rng.integers(0, 2 * data.pad_crop + 1, size=(2, n)).T
+  if data.random_flip:
+    draws['flip'] = rng.random(n) < 0.5
+  if data.cutout > 0:
+    draws['centre'] = np.stack([rng.integers(0, height, n), rng.integers(0, width, n)], 1)
+  return draws
+
+
+def augment(images: np.ndarray, draws: dict, data: ml_collections.ConfigDict) -> np.ndarray:
+  """Random pad-and-crop and horizontal flip, per image, as ``draws`` say."""
   n, h, w, _ = images.shape
   out = images
-  if data.pad_crop > 0:
+  if 'shift' in draws:
     p = data.pad_crop
     padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-    dy, dx = rng.integers(0, 2 * p + 1, size=(2, n))
+    dy, dx = draws['shift'].T
     rows = dy[:, None] + np.arange(h)[None, :]
     cols = dx[:, None] + np.arange(w)[None, :]
     out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
-  if data.random_flip:
-    flip = rng.random(n) < 0.5
-    out = np.where(flip[:, None, None, None], out[:, :, ::-1], out)
+  if 'flip' in draws:
+    out = np.where(draws['flip'][:, None, None, None], out[:, :, ::-1], out)
   return out
 
 
-def cutout(images: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-  """Cutout (DeVries & Taylor 2017): per image one ``size`` x ``size`` window, its centre
-  uniform over the image, clipped at the borders, set to 0. Applied to normalised images, as
-  there, so the window holds the training mean rather than black."""
-  n, h, w, _ = images.shape
-  cy, cx = rng.integers(0, h, n), rng.integers(0, w, n)
-  top, left = cy - size // 2, cx - size // 2
+def cutout(images: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
+  """Cutout (DeVries & Taylor 2017): per image one ``size`` x ``size`` window centred at its
+  row of ``centres`` ([n, 2]: y, x; drawn uniformly over the image), clipped at the borders,
+  set to 0. Applied to normalised images, as there, so the window holds the training mean
+  rather than black."""
+  _, h, w, _ = images.shape
+  top, left = centres[:, 0] - size // 2, centres[:, 1] - size // 2
   rows, cols = np.arange(h)[None, :], np.arange(w)[None, :]
   inside_rows = (rows >= top[:, None]) & (rows < top[:, None] + size)
   inside_cols = (cols >= left[:, None]) & (cols < left[:, None] + size)
@@ -89,33 +134,66 @@ def cutout(images: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarra
   return np.where(window[..., None], np.zeros((), images.dtype), images)
 
 
-def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:
-  return dataset.train.images.shape[0] // batch_size
+def num_examples(split: Split | stream.Records) -> int:
+  return len(split) if isinstance(split, stream.Records) else split.images.shape[0]
 
 
-def train_batch(dataset: Dataset, data: ml_collections.ConfigDict, seed: int, step: int,
-                batch_size: int) -> dict:
-  """The batch of training step ``step``: epochs are fresh permutations from (seed, epoch).
-  Pad-crop and flip act on the raw pixels, cutout after normalisation (zero is the mean)."""
-  per_epoch = steps_per_epoch(dataset, batch_size)
-  epoch, position = divmod(step, per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(dataset.train.images.shape[0])
-  index = np.sort(order[position * batch_size:(position + 1) * batch_size])
-  rng = np.random.default_rng([seed, epoch, position])
-  images = normalise(augment(dataset.train.images[index], rng, data), dataset)
+def image_shape(dataset: Dataset | stream.Streamed) -> tuple:
+  """(height, width, channels) of the network input."""
+  if isinstance(dataset, stream.Streamed):
+    return (dataset.image_size, dataset.image_size, 3)
+  return dataset.train.images.shape[1:]
+
+
+def in_memory(dataset: Dataset | stream.Streamed) -> bool:
+  """Whether the evaluation splits are small enough to place on the devices once."""
+  return isinstance(dataset, Dataset)
+
+
+def steps_per_epoch(dataset: Dataset | stream.Streamed, batch_size: int) -> int:
+  return shards.steps_per_epoch(num_examples(dataset.train), batch_size)
+
+
+def train_batch(dataset: Dataset | stream.Streamed, data: ml_collections.ConfigDict, seed: int,
+                step: int, batch_size: int, process_index: int = 0,
+                process_count: int = 1) -> dict:
+  """This process's rows of the global batch of training step ``step``: epochs are fresh
+  permutations from (seed, epoch). Pad-crop and flip act on the raw pixels, cutout after
+  normalisation (zero is the mean); ImageNet: random-resized crop and flip."""
+  if isinstance(dataset, stream.Streamed):
+    batch = stream.train_batch(dataset, data, seed, step, batch_size, process_index,
+                               process_count)
+    return {**batch, 'images': normalise(batch['images'], dataset)}
+  epoch, position, index = shards.global_batch(seed, step, num_examples(dataset.train),
+                                               batch_size)
+  rows = shards.local_rows(batch_size, process_index, process_count)
+  _, h, w, _ = dataset.train.images.shape
+  draws = augmentation_draws(np.random.default_rng([seed, epoch, position]), batch_size, h, w,
+                             data)
+  draws = {k: v[rows] for k, v in draws.items()}
+  index = index[rows]
+  images = normalise(augment(dataset.train.images[index], draws, data), dataset)
   if data.cutout > 0:
-    images = cutout(images, rng, data.cutout)
+    images = cutout(images, draws['centre'], data.cutout)
   return {'images': images, 'labels': dataset.train.labels[index]}
 
 
-def eval_batches(split: Split, dataset: Dataset, batch_size: int) -> Iterator[dict]:
-  """Fixed-size batches over a whole split; the last is padded and ``weights`` marks real
-  examples, so every batch has one shape (one compilation)."""
+def eval_batches(split: Split | stream.Records, dataset: Dataset | stream.Streamed,
+                 batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+  """This process's rows of fixed-size global batches over a whole split; the last is padded
+  and ``weights`` marks real examples, so every batch has one shape (one compilation).
+  ImageNet: resize and centre crop."""
+  if isinstance(dataset, stream.Streamed):
+    for batch in stream.eval_batches(split, dataset, batch_size, process_index, process_count):
+      yield {**batch, 'images': normalise(batch['images'], dataset)}
+    return
+  rows = shards.local_rows(batch_size, process_index, process_count)
   n = split.images.shape[0]
   for start in range(0, n, batch_size):
-    stop = min(start + batch_size, n)
-    pad = batch_size - (stop - start)
-    images = np.pad(split.images[start:stop], ((0, pad), (0, 0), (0, 0), (0, 0)))
-    labels = np.pad(split.labels[start:stop], (0, pad))
-    weights = np.pad(np.ones(stop - start, np.float32), (0, pad))
+    first, last = min(start + rows.start, n), min(start + rows.stop, n)
+    pad = rows.stop - rows.start - (last - first)
+    images = np.pad(split.images[first:last], ((0, pad), (0, 0), (0, 0), (0, 0)))
+    labels = np.pad(split.labels[first:last], (0, pad))
+    weights = np.pad(np.ones(last - first, np.float32), (0, pad))
     yield {'images': normalise(images, dataset), 'labels': labels, 'weights': weights}
