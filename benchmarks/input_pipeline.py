@@ -1,0 +1,228 @@
+"""Input pipeline speed against the train step's: can the host feed the accelerator?
+
+    python -m benchmarks.input_pipeline [--quick]
+
+Measures, on this machine, images/s of one CPU core for:
+
+- CIFAR-shaped data held in memory (``data.train_batch``: pad 4 + crop, flip, normalise,
+  cutout 16; ``configs/cifar10_m.py``'s augmentation), and the one-off read of CIFAR through
+  ``tfds.data_source`` (array_record read + PNG decode with PIL, what tfds does per record);
+- ImageNet-shaped data streamed (``data.train_batch`` / ``data.eval_batches`` on a
+  ``stream.Streamed``): JPEGs of 400x350 (about the ImageNet average) stored in an
+  array_record file, each read and decoded by tfds' own image decoder (PIL), then
+  random-resized crop to 224 + flip, or resize to 256 + centre crop 224; with one read
+  thread (per core) and with one per core of the machine.
+
+and the train step (``train.make_train_step``, one device, a few steps after compilation)
+of the matching super-network: a SupNet-M-shaped network for 32x32 images and SupNet-D-121 at
+224x224. Prints a table and writes ``benchmarks/results/input_pipeline.{json,md}``.
+The images are synthetic (smooth random pictures with noise, saved as JPEG quality 90 or
+PNG): decoding speed depends on their size and entropy, not on what they show.
+"""
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from array_record.python import array_record_data_source, array_record_module
+from PIL import Image
+
+from pgnas_jax import config as config_lib
+from pgnas_jax import data as data_lib
+from pgnas_jax import optim, parallel, supernets, train
+from pgnas_jax.data import imagenet, stream
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+
+
+def _picture(rng, height, width):
+  """A smooth random picture with pixel noise: JPEG/PNG sizes near natural photos'."""
+  small = rng.integers(0, 256, (max(height // 8, 2), max(width // 8, 2), 3), dtype=np.uint8)
+  smooth = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC))
+  noisy = smooth.astype(np.int16) + rng.integers(-16, 17, smooth.shape)
+  return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def _write_records(path, n, height, width, image_format, rng) -> float:
+  """Writes ``n`` encoded pictures as an array_record file; returns their mean size."""
+  writer = array_record_module.ArrayRecordWriter(path, 'group_size:1')
+  sizes = []
+  for _ in range(n):
+    buffer = io.BytesIO()
+    Image.fromarray(_picture(rng, height, width)).save(buffer, image_format, quality=90)
+    sizes.append(len(buffer.getvalue()))
+    writer.write(buffer.getvalue())
+  writer.close()
+  return float(np.mean(sizes))
+
+
+class _DecodingSource:
+  """What ``tfds.data_source`` does per record of an image data set: an array_record read,
+  then tfds' image decoder (PIL here, as TensorFlow and OpenCV are not installed)."""
+
+  def __init__(self, path):
+    import tensorflow_datasets as tfds
+    self.records = array_record_data_source.ArrayRecordDataSource(path)
+    self.feature = tfds.features.Image(shape=(None, None, 3))
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    return {'image': self.feature.decode_example_np(self.records[i]), 'label': i % 1000}
+
+
+def _rate(fn, images_per_call, min_seconds, warmup=1):
+  for _ in range(warmup):
+    fn(0)
+  calls, start = 0, time.perf_counter()
+  while True:
+    fn(calls + warmup)
+    calls += 1
+    elapsed = time.perf_counter() - start
+    if elapsed >= min_seconds:
+      return calls * images_per_call / elapsed
+
+
+def cifar_rows(tmp, quick):
+  rows = []
+  seconds = 1.0 if quick else 3.0
+  rng = np.random.default_rng(0)
+  n = 50000
+  split = lambda m: data_lib.Split(rng.integers(0, 256, (m, 32, 32, 3), dtype=np.uint8),
+                                   rng.integers(0, 10, m).astype(np.int32))
+  dataset = data_lib.Dataset(split(n), split(100), split(100), 10,
+                             np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32))
+  c = config_lib.get_config().data
+  c.pad_crop, c.random_flip, c.cutout = 4, True, 16
+  rate = _rate(lambda s: data_lib.train_batch(dataset, c, 0, s, 128), 128, seconds)
+  rows.append(('CIFAR 32x32, in memory', 'train batch: pad 4 + crop, flip, normalise, '
+               'cutout 16 (batch 128)', 1, rate))
+
+  path = os.path.join(tmp, 'cifar.array_record')
+  count = 2000 if quick else 10000
+  png_bytes = _write_records(path, count, 32, 32, 'PNG', rng)
+  source = _DecodingSource(path)
+  start = time.perf_counter()
+  for i in range(count):
+    source[i]
+  rate = count / (time.perf_counter() - start)
+  rows.append(('CIFAR 32x32, tfds data_source', f'read + PNG decode of every record '
+               f'({png_bytes / 1024:.1f} KB each); CIFAR-10 (60,000) loads in '
+               f'{60000 / rate:.0f} s', 1, rate))
+  return rows
+
+
+def imagenet_rows(tmp, quick):
+  rows = []
+  seconds = 2.0 if quick else 6.0
+  rng = np.random.default_rng(1)
+  path = os.path.join(tmp, 'imagenet.array_record')
+  count = 128 if quick else 384
+  jpeg_bytes = _write_records(path, count, 350, 400, 'JPEG', rng)
+  source = _DecodingSource(path)
+  order = np.arange(count)
+  cores = os.cpu_count()
+
+  rate = _rate(lambda s: source[s % count], 1, seconds)
+  rows.append(('ImageNet 400x350 JPEG', f'read + decode only ({jpeg_bytes / 1024:.0f} KB '
+               f'each)', 1, rate))
+  c = config_lib.get_config().data
+  for threads in sorted({1, cores}):
+    dataset = stream.Streamed(
+        train=stream.Records(source, order), validation=stream.Records(source, order[:64]),
+        test=stream.Records(source, order[:64]), num_classes=imagenet.NUM_CLASSES,
+        mean=np.array(imagenet.MEAN, np.float32), std=np.array(imagenet.STD, np.float32),
+        image_size=224, pool=ThreadPoolExecutor(threads))
+    batch = 32
+    rate = _rate(lambda s: data_lib.train_batch(dataset, c, 0, s, batch), batch, seconds)
+    rows.append(('ImageNet 400x350 JPEG, streamed', f'train batch: read, decode, '
+                 f'random-resized crop 224, flip, normalise (batch {batch})', threads, rate))
+    rate = _rate(lambda s: list(data_lib.eval_batches(dataset.validation, dataset, batch)),
+                 64, seconds)
+    rows.append(('ImageNet 400x350 JPEG, streamed', f'eval batch: read, decode, resize 256, '
+                 f'centre crop 224, normalise (batch {batch})', threads, rate))
+    dataset.pool.shutdown()
+  return rows
+
+
+def _d121():
+  c = config_lib.get_config()
+  c.model.family = 'densenet'  # model.densenet's defaults are DenseNet-121
+  return c
+
+
+def _m_shape():
+  c = config_lib.get_config()
+  c.model.shake_shake.update({'stem_width': 16, 'widths': (32, 64, 128), 'blocks_per_stage': 2})
+  return c
+
+
+def train_step_rows(quick):
+  """(network, description, images/s) of the train step on one device."""
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  rows = []
+  for name, make, shape, classes, batch_size, steps in (
+      ('SupNet-M shape (shake-shake 32/64/128, 2 blocks per stage), 32x32', _m_shape,
+       (32, 32, 3), 10, 32, 2 if quick else 4),
+      ('SupNet-D-121, 224x224', _d121, (224, 224, 3), 1000, 4, 1 if quick else 2)):
+    config = make()
+    model = supernets.build(config.model, classes)
+    schedule = optim.learning_rate_schedule(config.train, 100, 10)
+    tx = optim.make_optimizer(config, schedule)
+    state, space = train.initialise(model, config, shape, tx, mesh)
+    step = train.make_train_step(model, space, config, tx, schedule, mesh)
+    rng = np.random.default_rng(0)
+    batch = parallel.put_batch({
+        'images': rng.normal(size=(batch_size,) + shape).astype(np.float32),
+        'labels': rng.integers(0, classes, batch_size).astype(np.int32)}, mesh)
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+    rate = steps * batch_size / (time.perf_counter() - start)
+    rows.append((name, f'train step, batch {batch_size}, first call (compile) '
+                 f'{compile_s:.0f} s', rate))
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true', help='shorter timings (a smoke run)')
+  parser.add_argument('--out', default=RESULTS, help='folder for the JSON and markdown')
+  args = parser.parse_args()
+  with tempfile.TemporaryDirectory() as tmp:
+    inputs = cifar_rows(tmp, args.quick) + imagenet_rows(tmp, args.quick)
+  steps = train_step_rows(args.quick)
+  machine = (f'{os.cpu_count()} CPU cores, {jax.devices()[0].platform}, jax {jax.__version__}')
+  lines = [f'Measured with `python -m benchmarks.input_pipeline` on {machine}.', '',
+           '| input | work | threads | images/s | images/s per thread |',
+           '|---|---|---|---|---|']
+  lines += [f'| {a} | {b} | {t} | {r:,.0f} | {r / t:,.0f} |' for a, b, t, r in inputs]
+  lines += ['', '| network | work | images/s |', '|---|---|---|']
+  lines += [f'| {a} | {b} | {r:,.1f} |' for a, b, r in steps]
+  table = '\n'.join(lines)
+  print(table)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, 'input_pipeline.json'), 'w') as f:
+    json.dump({'machine': machine,
+               'input': [dict(zip(('input', 'work', 'threads', 'images_per_s'), r))
+                         for r in inputs],
+               'train_step': [dict(zip(('network', 'work', 'images_per_s'), r))
+                              for r in steps]}, f, indent=1)
+  with open(os.path.join(args.out, 'input_pipeline.md'), 'w') as f:
+    f.write(table + '\n')
+
+
+if __name__ == '__main__':
+  main()
