@@ -53,7 +53,10 @@ def test_train_and_eval_batches_shapes_dtypes(mock_imagenet):
   assert [b['images'].shape for b in batches] == [(4, 16, 16, 3)] * 3
   np.testing.assert_array_equal(np.concatenate([b['weights'] for b in batches]),
                                 [1.0] * 10 + [0.0] * 2)
-  assert (batches[-1]['images'][2:] == data_lib.normalise(np.zeros((2, 16, 16, 3)), d)).all()
+  assert (batches[-1]['images'][2:] == 0).all() and (batches[-1]['labels'][2:] == 0).all()
+  for i in (0, 5):  # normalised with ImageNet's statistics
+    expected = (crops.centre_crop(d.validation[i][0], 16) / 255.0 - imagenet.MEAN) / imagenet.STD
+    np.testing.assert_allclose(batches[i // 4]['images'][i % 4], expected, rtol=1e-5, atol=1e-5)
   labels = np.concatenate([b['labels'] for b in batches])[:10]
   np.testing.assert_array_equal(labels, [d.validation[i][1] for i in range(10)])
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
-from pgnas_jax.data import cifar, fashion_mnist, imagenet, shards, stream
+from pgnas_jax.data import cifar, fashion_mnist, imagenet, pixels, shards, stream
 from pgnas_jax.data.prefetch import in_background  # noqa: F401  (re-exported)
 from pgnas_jax.errors import ConfigError
 
@@ -85,7 +85,7 @@ def load(data: ml_collections.ConfigDict) -> Dataset | stream.Streamed:
 
 
 def normalise(images: np.ndarray, dataset: Dataset | stream.Streamed) -> np.ndarray:
-  return ((images.astype(np.float32) / 255.0 - dataset.mean) / dataset.std).astype(np.float32)
+  return pixels.normalise(images, dataset.mean, dataset.std)
 
 
 def augmentation_draws(rng: np.random.Generator, n: int, height: int, width: int,
@@ -161,9 +161,8 @@ def train_batch(dataset: Dataset | stream.Streamed, data: ml_collections.ConfigD
   permutations from (seed, epoch). Pad-crop and flip act on the raw pixels, cutout after
   normalisation (zero is the mean); ImageNet: random-resized crop and flip."""
   if isinstance(dataset, stream.Streamed):
-    batch = stream.train_batch(dataset, data, seed, step, batch_size, process_index,
-                               process_count)
-    return {**batch, 'images': normalise(batch['images'], dataset)}
+    return stream.train_batch(dataset, data, seed, step, batch_size, process_index,
+                              process_count)
   epoch, position, index = shards.global_batch(seed, step, num_examples(dataset.train),
                                                batch_size)
   rows = shards.local_rows(batch_size, process_index, process_count)
@@ -185,8 +184,7 @@ def eval_batches(split: Split | stream.Records, dataset: Dataset | stream.Stream
   and ``weights`` marks real examples, so every batch has one shape (one compilation).
   ImageNet: resize and centre crop."""
   if isinstance(dataset, stream.Streamed):
-    for batch in stream.eval_batches(split, dataset, batch_size, process_index, process_count):
-      yield {**batch, 'images': normalise(batch['images'], dataset)}
+    yield from stream.eval_batches(split, dataset, batch_size, process_index, process_count)
     return
   rows = shards.local_rows(batch_size, process_index, process_count)
   n = split.images.shape[0]

@@ -1,7 +1,7 @@
 """Data sets read while they are used (ImageNet): each split is a list of indices into a
-random-access source, and a batch reads, decodes and crops its images in a thread pool
-(decoding and resampling release the GIL). Batches hold uint8 pixels; the caller normalises.
-"""
+random-access source, and a batch reads, decodes, crops and normalises its images in a
+thread pool, each thread writing its rows of the batch (decoding, resampling and numpy
+release the GIL, so the threads use every core)."""
 import dataclasses
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ml_collections
 import numpy as np
 
-from pgnas_jax.data import crops, shards
+from pgnas_jax.data import crops, pixels, shards
 
 
 class Records:
@@ -46,6 +46,7 @@ def train_batch(dataset: Streamed, data: ml_collections.ConfigDict, seed: int, s
   r), so a row is the same whichever process reads it."""
   epoch, position, index = shards.global_batch(seed, step, len(dataset.train), batch_size)
   rows = shards.local_rows(batch_size, process_index, process_count)
+  images, labels = _empty_batch(dataset, rows)
 
   def example(r):
     rng = np.random.default_rng([seed, epoch, position, r])
@@ -53,28 +54,36 @@ def train_batch(dataset: Streamed, data: ml_collections.ConfigDict, seed: int, s
     image = crops.random_resized_crop(image, dataset.image_size, rng)
     if data.random_flip and rng.random() < 0.5:
       image = image[:, ::-1]
-    return image, label
+    images[r - rows.start] = pixels.normalise(image, dataset.mean, dataset.std)
+    labels[r - rows.start] = label
 
-  images, labels = zip(*dataset.pool.map(example, range(rows.start, rows.stop)))
-  return {'images': np.stack(images), 'labels': np.array(labels, np.int32)}
+  list(dataset.pool.map(example, range(rows.start, rows.stop)))  # list: raises their errors
+  return {'images': images, 'labels': labels}
+
+
+def _empty_batch(dataset: Streamed, rows: slice) -> tuple:
+  size = dataset.image_size
+  return (np.zeros((rows.stop - rows.start, size, size, 3), np.float32),
+          np.zeros(rows.stop - rows.start, np.int32))
 
 
 def eval_batches(split: Records, dataset: Streamed, batch_size: int, process_index: int,
                  process_count: int) -> Iterator[dict]:
   """This process's rows of each fixed-size global batch over the split, centre-cropped;
-  rows past the end are zero images with ``weights`` 0, so every batch has one shape."""
+  rows past the end are zero images with label 0 and ``weights`` 0, so every batch has one
+  shape."""
   rows = shards.local_rows(batch_size, process_index, process_count)
-  size = dataset.image_size
-  blank = np.zeros((size, size, 3), np.uint8)
-
-  def example(i):
-    if i >= len(split):
-      return blank, 0, 0.0
-    image, label = split[i]
-    return crops.centre_crop(image, size), label, 1.0
-
   for start in range(0, len(split), batch_size):
-    images, labels, weights = zip(*dataset.pool.map(
-        example, range(start + rows.start, start + rows.stop)))
-    yield {'images': np.stack(images), 'labels': np.array(labels, np.int32),
-           'weights': np.array(weights, np.float32)}
+    first = start + rows.start
+    real = range(first, min(start + rows.stop, len(split)))
+    images, labels = _empty_batch(dataset, rows)
+
+    def example(i):
+      image, label = split[i]
+      images[i - first] = pixels.normalise(crops.centre_crop(image, dataset.image_size),
+                                           dataset.mean, dataset.std)
+      labels[i - first] = label
+
+    list(dataset.pool.map(example, real))  # list: raises their errors
+    weights = (np.arange(rows.stop - rows.start) < len(real)).astype(np.float32)
+    yield {'images': images, 'labels': labels, 'weights': weights}
