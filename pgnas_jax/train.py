@@ -121,8 +121,7 @@ class TrainSetup(NamedTuple):
   tx: optax.GradientTransformation
 
 
-def setup(config: ml_collections.ConfigDict,
-          dataset: data_lib.Dataset | data_lib.stream.Streamed) -> TrainSetup:
+def setup(config: ml_collections.ConfigDict, dataset: data_lib.Source) -> TrainSetup:
   per_epoch = data_lib.steps_per_epoch(dataset, config.train.batch_size)
   if per_epoch == 0:
     raise ConfigError(f'--config.train.batch_size={config.train.batch_size} is larger than the '
@@ -166,8 +165,8 @@ def _metrics_log(workdir: str, resume_step: int):
   return open(path, 'a')
 
 
-def train(model, config: ml_collections.ConfigDict,
-          dataset: data_lib.Dataset | data_lib.stream.Streamed, workdir: str, mesh, checkpointer: checkpoint_lib.Checkpointer,
+def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, workdir: str,
+          mesh, checkpointer: checkpoint_lib.Checkpointer,
           guard: checkpoint_lib.PreemptionGuard) -> tuple:
   """Trains to the end, resuming from the newest checkpoint in the workdir; writes
   ``metrics.jsonl`` and checkpoints. Returns (state, search space)."""

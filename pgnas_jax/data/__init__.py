@@ -8,7 +8,7 @@ rows of every global batch (``process_index`` of ``process_count``), and the row
 processes together are the one-process batch.
 
 Small data sets (Fashion-MNIST, CIFAR) are held in memory as a ``Dataset``; ImageNet is read
-while it is used, as a ``stream.Streamed``. The functions below take either.
+while it is used, as a ``stream.Streamed``.
 """
 import os
 from collections.abc import Iterator
@@ -37,6 +37,9 @@ class Dataset(NamedTuple):
   num_classes: int
   mean: np.ndarray  # per channel, of the training split, in [0, 1] units
   std: np.ndarray
+
+
+Source = Dataset | stream.Streamed  # what ``load`` returns; the functions below take either
 
 
 def _read(data: ml_collections.ConfigDict, split: str):
@@ -71,7 +74,7 @@ def _stream(data: ml_collections.ConfigDict) -> stream.Streamed:
       pool=ThreadPoolExecutor(os.cpu_count(), thread_name_prefix='pgnas_jax-read'))
 
 
-def load(data: ml_collections.ConfigDict) -> Dataset | stream.Streamed:
+def load(data: ml_collections.ConfigDict) -> Source:
   if data.name == imagenet.NAME:
     return _stream(data)
   images, labels = _read(data, 'train')
@@ -84,7 +87,7 @@ def load(data: ml_collections.ConfigDict) -> Dataset | stream.Streamed:
                  mean=pixels.mean(0).astype(np.float32), std=pixels.std(0).astype(np.float32))
 
 
-def normalise(images: np.ndarray, dataset: Dataset | stream.Streamed) -> np.ndarray:
+def normalise(images: np.ndarray, dataset: Source) -> np.ndarray:
   return pixels.normalise(images, dataset.mean, dataset.std)
 
 
@@ -138,23 +141,23 @@ def num_examples(split: Split | stream.Records) -> int:
   return len(split) if isinstance(split, stream.Records) else split.images.shape[0]
 
 
-def image_shape(dataset: Dataset | stream.Streamed) -> tuple:
+def image_shape(dataset: Source) -> tuple:
   """(height, width, channels) of the network input."""
   if isinstance(dataset, stream.Streamed):
     return (dataset.image_size, dataset.image_size, 3)
   return dataset.train.images.shape[1:]
 
 
-def in_memory(dataset: Dataset | stream.Streamed) -> bool:
+def in_memory(dataset: Source) -> bool:
   """Whether the evaluation splits are small enough to place on the devices once."""
   return isinstance(dataset, Dataset)
 
 
-def steps_per_epoch(dataset: Dataset | stream.Streamed, batch_size: int) -> int:
+def steps_per_epoch(dataset: Source, batch_size: int) -> int:
   return shards.steps_per_epoch(num_examples(dataset.train), batch_size)
 
 
-def train_batch(dataset: Dataset | stream.Streamed, data: ml_collections.ConfigDict, seed: int,
+def train_batch(dataset: Source, data: ml_collections.ConfigDict, seed: int,
                 step: int, batch_size: int, process_index: int = 0,
                 process_count: int = 1) -> dict:
   """This process's rows of the global batch of training step ``step``: epochs are fresh
@@ -177,7 +180,7 @@ def train_batch(dataset: Dataset | stream.Streamed, data: ml_collections.ConfigD
   return {'images': images, 'labels': dataset.train.labels[index]}
 
 
-def eval_batches(split: Split | stream.Records, dataset: Dataset | stream.Streamed,
+def eval_batches(split: Split | stream.Records, dataset: Source,
                  batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict]:
   """This process's rows of fixed-size global batches over a whole split; the last is padded
