@@ -83,13 +83,14 @@ def candidate_mask(search_key: jax.Array, index: int, drop_logits: PyTree,
 
 def read_recorded(path: str) -> list:
   """Candidates already scored by an earlier, interrupted search. A last line cut short by a
-  kill is dropped from the file; the rest must be candidates 0..n-1 in order."""
+  kill is dropped from the file (by process 0; every process ignores it); the rest must be
+  candidates 0..n-1 in order."""
   if not os.path.exists(path):
     return []
   with open(path, 'rb') as f:
     text = f.read()
   complete = text[:text.rfind(b'\n') + 1]
-  if len(complete) != len(text):
+  if len(complete) != len(text) and parallel.is_main_process():
     logging.warning('dropping a partly written last line of %s', path)
     with open(path, 'r+b') as f:
       f.truncate(len(complete))
@@ -101,44 +102,51 @@ def read_recorded(path: str) -> list:
   return records
 
 
+def _append_durably(path: str, records: list) -> None:
+  with open(path, 'a') as out:
+    out.write(''.join(json.dumps(r) + '\n' for r in records))
+    out.flush()
+    os.fsync(out.fileno())
+
+
 def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_lib.SearchSpace,
                     search_key: jax.Array, validation: list, search_config, out_path: str,
                     mesh, guard) -> list:
   """Scores candidates 0..C-1 on the validation split, continuing after those already in
-  ``out_path``; each chunk's lines are appended durably (flush + fsync) once scored. Returns
-  all records. A candidate's mask is not kept: it follows from (search_key, index), see
+  ``out_path``; each chunk's lines are appended durably (flush + fsync) once scored, by
+  process 0. Every process scores every chunk (its validation rows on its devices) and gets
+  all the records. A candidate's mask is not kept: it follows from (search_key, index), see
   ``candidate_mask``."""
   num, chunk = search_config.num_candidates, search_config.chunk_size
   scorer = make_chunk_scorer(model, mesh)
   names = space_lib.group_names(space)
   records = read_recorded(out_path)
+  parallel.barrier('candidates read')  # before process 0 appends to the file
   if records:
     logging.info('search: resuming after %d recorded candidates', len(records))
   resumed, start = len(records), time.time()
-  with open(out_path, 'a') as out:
-    for first in range(resumed, num, chunk):
-      # the last chunk is padded with extra candidates (one compilation) and trimmed
-      indices = jnp.arange(first, first + chunk)
-      masks = jax.device_get(draw_candidates(search_key, indices, drop_logits, space.template))
-      acc, loss = evaluate(scorer, (variables, masks), validation)
-      params, macs = space_lib.costs(space, masks)
-      dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)
-      new = [{'index': first + j, 'val_acc': float(acc[j]), 'val_loss': float(loss[j]),
-              'params': int(params[j]), 'flops': int(macs[j]),
-              'dropped': dict(zip(names, dropped[j].tolist()))}
-             for j in range(min(chunk, num - first))]
-      out.write(''.join(json.dumps(r) + '\n' for r in new))
-      out.flush()
-      os.fsync(out.fileno())
-      records += new
-      done = first + len(new)
-      rate = (done - resumed) / (time.time() - start)
-      best = max(records, key=lambda r: r['val_acc'])
-      logging.info('search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
-                   done, num, best['val_acc'], best['index'], rate, (num - done) / rate)
-      if guard.requested and done < num:
-        raise Preempted(f'stopped by SIGTERM after {done} scored candidates, all recorded in '
-                        f'{out_path}. Run the same command again to resume')
+  for first in range(resumed, num, chunk):
+    # the last chunk is padded with extra candidates (one compilation) and trimmed
+    indices = jnp.arange(first, first + chunk)
+    masks = jax.device_get(draw_candidates(search_key, indices, drop_logits, space.template))
+    acc, loss = evaluate(scorer, (variables, masks), validation)
+    params, macs = space_lib.costs(space, masks)
+    dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)
+    new = [{'index': first + j, 'val_acc': float(acc[j]), 'val_loss': float(loss[j]),
+            'params': int(params[j]), 'flops': int(macs[j]),
+            'dropped': dict(zip(names, dropped[j].tolist()))}
+           for j in range(min(chunk, num - first))]
+    if parallel.is_main_process():
+      _append_durably(out_path, new)
+    records += new
+    done = first + len(new)
+    rate = (done - resumed) / (time.time() - start)
+    best = max(records, key=lambda r: r['val_acc'])
+    logging.info('search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
+                 done, num, best['val_acc'], best['index'], rate, (num - done) / rate)
+    if parallel.any_process(guard.requested) and done < num:
+      raise Preempted(f'stopped by SIGTERM after {done} scored candidates, all recorded in '
+                      f'{out_path}. Run the same command again to resume')
   return records
 
 
