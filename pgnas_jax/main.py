@@ -108,7 +108,7 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
   t = time.time()
   eval_batch = config.search.eval_batch_size
   full_scorer = search.make_full_scorer(model, mesh)
-  validation = search.device_batches(dataset.validation, dataset, eval_batch, mesh)
+  validation = search.replicated_batches(dataset.validation, dataset, eval_batch, mesh)
   full_val, _ = search.evaluate(full_scorer, (variables,), validation)
   search_key = train.purpose_key(state.root_key, 'search')
   records = search.rank_candidates(model, variables, drop_logits, space, search_key, validation,

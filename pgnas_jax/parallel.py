@@ -112,6 +112,18 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
           for k in batch}
 
 
+def put_split(tree, mesh: Mesh):
+  """A tree that every process holds whole (the same on each), split along its leading axis
+  over the devices."""
+  sharding = batch_sharded(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
+
+
 def put_replicated(tree, mesh: Mesh):
   """A copy of ``tree`` on every device of the mesh. Leaves go through the host, since a
   process cannot place its device arrays on devices of other processes; typed keys travel
