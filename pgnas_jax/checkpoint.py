@@ -5,7 +5,8 @@ statistics, step and root key. The input pipeline's position is the step itself:
 batches are a pure function of (seed, step), so restoring the step restores the stream.
 Saves are asynchronous (orbax writes in the background and commits atomically); a save that
 was cut short is never restored, and an unreadable checkpoint is named and skipped for the
-one before it.
+one before it. With several processes every one of them saves and restores (orbax writes
+each array once, from one process holding it, into the shared workdir).
 """
 import logging
 import os
@@ -15,6 +16,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from pgnas_jax import parallel
 from pgnas_jax.errors import CheckpointError
 
 DIRNAME = 'checkpoints'
@@ -81,7 +83,14 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> None:
     """Moves an unreadable checkpoint out of the manager's way, keeping it for inspection;
-    the step is then saved afresh when training passes it again."""
+    the step is then saved afresh when training passes it again. Process 0 moves it, every
+    process then rereads the directory."""
+    if parallel.is_main_process():
+      self._move_aside(step)
+    parallel.barrier(f'checkpoint {step} set aside')
+    self._manager.reload()
+
+  def _move_aside(self, step: int) -> None:
     aside = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIRNAME)
     os.makedirs(aside, exist_ok=True)
     target = os.path.join(aside, str(step))
@@ -91,7 +100,6 @@ class Checkpointer:
       target = os.path.join(aside, f'{step}.{suffix}')
     os.replace(os.path.join(self.directory, str(step)), target)
     logging.warning('moved the unreadable checkpoint to %s', target)
-    self._manager.reload()
 
   def close(self) -> None:
     self._manager.wait_until_finished()

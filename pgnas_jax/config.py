@@ -92,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.search = ml_collections.ConfigDict()
   c.search.num_candidates = 100
-  c.search.chunk_size = 4  # candidates scored at once (vmap)
+  c.search.chunk_size = 4  # candidates scored at once (vmap), split over the devices
   c.search.eval_batch_size = 100
   return c
 
@@ -220,8 +220,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Global batches are split evenly over the devices."""
-  for key in ('train.batch_size', 'search.eval_batch_size'):
+  """Global batches and chunks of candidates are split evenly over the devices."""
+  for key in ('train.batch_size', 'search.eval_batch_size', 'search.chunk_size'):
     if _get(config, key) % num_devices:
       raise ConfigError(f'--config.{key}={_get(config, key)} does not split over {num_devices} '
                         f'devices: use a multiple of {num_devices}')

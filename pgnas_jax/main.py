@@ -72,11 +72,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
       with open(os.path.join(workdir, 'search', 'arch.json')) as f:
         return json.load(f)
   dataset = data_lib.load(config.data)  # before touching the workdir: it may be missing
-  if start_over:
-    _start_over(workdir)
-  os.makedirs(os.path.join(workdir, 'search'), exist_ok=True)
-  os.makedirs(os.path.join(workdir, 'plots'), exist_ok=True)
-  report.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  # With several processes the workdir is shared: every process has read it above before
+  # process 0 changes it, and none goes on before it is ready.
+  parallel.barrier('workdir checked')
+  if parallel.is_main_process():
+    if start_over:
+      _start_over(workdir)
+    os.makedirs(os.path.join(workdir, 'search'), exist_ok=True)
+    os.makedirs(os.path.join(workdir, 'plots'), exist_ok=True)
+    report.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  parallel.barrier('workdir ready')
   model = supernets.build(config.model, dataset.num_classes)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   try:
@@ -96,12 +101,14 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
   p = [float(x) for x in jax.tree.leaves(jax.device_get(masks_lib.drop_probabilities(drop_logits)))]
   sizes = [int(m.shape[-1]) for m in jax.tree.leaves(space.template)]
   posterior = report.posterior_table(space_lib.group_names(space), sizes, p)
-  report.write_json(os.path.join(workdir, 'posterior.json'), posterior)
+  writer = parallel.is_main_process()  # every process computes, process 0 writes
+  if writer:
+    report.write_json(os.path.join(workdir, 'posterior.json'), posterior)
 
   t = time.time()
   eval_batch = config.search.eval_batch_size
   full_scorer = search.make_full_scorer(model, mesh)
-  validation = search.device_batches(dataset.validation, dataset, eval_batch, mesh)
+  validation = search.replicated_batches(dataset.validation, dataset, eval_batch, mesh)
   full_val, _ = search.evaluate(full_scorer, (variables,), validation)
   search_key = train.purpose_key(state.root_key, 'search')
   records = search.rank_candidates(model, variables, drop_logits, space, search_key, validation,
@@ -118,24 +125,27 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
   test_acc, _ = search.evaluate_mask(model, variables, winner_mask, test, mesh)
   full_test, _ = search.evaluate(full_scorer, (variables,), test)
   pruned = export.pruned_variables(variables, space, winner_mask)
-  export.save_weights(os.path.join(workdir, 'search', 'winner_weights.msgpack'), pruned)
+  if writer:
+    export.save_weights(os.path.join(workdir, 'search', 'winner_weights.msgpack'), pruned)
   full_params, full_flops = space_lib.costs(space, space.template)
   arch = {'index': winner['index'], **export.describe(space, winner_mask, pruned),
           'val_acc': winner['val_acc'], 'test_acc': test_acc,
           'supernet': {'val_acc': float(full_val), 'test_acc': float(full_test),
                        'params': int(full_params), 'flops': int(full_flops)}}
-  report.write_json(os.path.join(workdir, 'search', 'arch.json'), arch)
+  if writer:
+    report.write_json(os.path.join(workdir, 'search', 'arch.json'), arch)
   timings['test and export'] = time.time() - t
 
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    metrics = [json.loads(line) for line in f]
-  report.plot_posterior(posterior, os.path.join(workdir, 'plots', 'drop_probabilities.png'))
-  report.plot_candidates([r['val_acc'] for r in records], float(full_val), winner['val_acc'],
-                         os.path.join(workdir, 'plots', 'candidate_val_accuracy.png'))
-  report.plot_training(metrics, os.path.join(workdir, 'plots', 'training.png'))
-  # written last: its presence marks the run finished
-  report.write_markdown(os.path.join(workdir, 'report.md'), arch, timings,
-                        config.search.num_candidates, posterior)
+  if writer:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      metrics = [json.loads(line) for line in f]
+    report.plot_posterior(posterior, os.path.join(workdir, 'plots', 'drop_probabilities.png'))
+    report.plot_candidates([r['val_acc'] for r in records], float(full_val), winner['val_acc'],
+                           os.path.join(workdir, 'plots', 'candidate_val_accuracy.png'))
+    report.plot_training(metrics, os.path.join(workdir, 'plots', 'training.png'))
+    # written last: its presence marks the run finished
+    report.write_markdown(os.path.join(workdir, 'report.md'), arch, timings,
+                          config.search.num_candidates, posterior)
   logging.info('winner #%d: val acc %.4f, test acc %.4f, %d params (full super-network: '
                'val %.4f, test %.4f, %d params)', arch['index'], arch['val_acc'], test_acc,
                arch['params'], full_val, full_test, full_params)
@@ -185,6 +195,16 @@ def cli():
   start_over_flag = flags.DEFINE_bool(
       'start_over', False, 'Delete the outputs of an earlier run in --workdir (checkpoints '
       'included) and start again; without it, a workdir holding a run is resumed.')
+  distributed_flag = flags.DEFINE_bool(
+      'distributed', False, 'Run as one of several processes (jax.distributed), reading the '
+      'coordinator, process count and index from the cluster (Cloud TPU pod, SLURM); implied '
+      'by --coordinator_address, --num_processes and --process_id, which give them instead.')
+  coordinator_flag = flags.DEFINE_string(
+      'coordinator_address', None, 'HOST:PORT of process 0, reachable by every process.')
+  num_processes_flag = flags.DEFINE_integer('num_processes', None,
+                                            'Number of processes in the run.')
+  process_id_flag = flags.DEFINE_integer('process_id', None,
+                                         'Index of this process, 0 .. num_processes - 1.')
 
   def main(argv):
     logging.get_absl_handler().addFilter(_quiet_libraries)
@@ -198,6 +218,10 @@ def cli():
     except (OSError, AttributeError, KeyError) as e:
       _fail(f'cannot load the config: {_one_line(e)}')
     try:
+      parallel.initialize_distributed(distributed_flag.value, coordinator_flag.value,
+                                      num_processes_flag.value, process_id_flag.value)
+      if not parallel.is_main_process():  # one progress log for the run, process 0's
+        logging.set_verbosity(logging.WARNING)
       run(config, workdir_flag.value, start_over_flag.value)
     except errors.Preempted as e:
       _fail(_one_line(e), status=143)

@@ -33,7 +33,10 @@ def _batch_scores(logits, batch):
 
 def make_chunk_scorer(model, mesh) -> Callable:
   """``score(variables, masks, batch) -> (correct[K], loss_sum[K])`` for a chunk of K hard
-  masks (leaves with a leading K axis), vmapped over the masks."""
+  masks (leaves with a leading K axis), vmapped over the masks. The chunk's candidates are
+  split over the devices of every process (K a multiple of the device count), each device
+  scoring its own on the whole batch: measured faster than splitting the batch's rows
+  (docs/scaling.md). Every process gets all K results."""
   def score_one(variables, mask, batch):
     logits = model.apply({**variables, 'masks': mask}, batch['images'], train=False)
     return _batch_scores(logits, batch)
@@ -42,17 +45,17 @@ def make_chunk_scorer(model, mesh) -> Callable:
     return jax.vmap(score_one, in_axes=(None, 0, None))(variables, masks, batch)
 
   replicated = parallel.replicated(mesh)
-  return jax.jit(score, in_shardings=(replicated, replicated, parallel.batch_sharded(mesh)),
+  return jax.jit(score, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
                  out_shardings=replicated)
 
 
 def make_full_scorer(model, mesh) -> Callable:
-  """Scores the full super-network (nothing dropped)."""
+  """Scores one network: the full super-network, or a masked one when ``variables`` holds
+  ``masks``. The batch stays where it was placed (rows split or whole on every device)."""
   def score(variables, batch):
     return _batch_scores(model.apply(variables, batch['images'], train=False), batch)
 
-  return jax.jit(score, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                 out_shardings=parallel.replicated(mesh))
+  return jax.jit(score, out_shardings=parallel.replicated(mesh))
 
 
 class _Passes:
@@ -65,17 +68,28 @@ class _Passes:
     return self._start()
 
 
-def device_batches(split, dataset, batch_size: int, mesh):
-  """A split as padded batches on the mesh, iterable once per chunk: placed once and reused
-  when the data set is held in memory; read again on every pass, ahead in the background,
-  when it is streamed (ImageNet). Each process reads its own rows."""
-  def batches():
-    return data_lib.eval_batches(split, dataset, batch_size, jax.process_index(),
-                                 jax.process_count())
-
+def _placed(dataset, batches: Callable, mesh, whole: bool):
+  """Placed once and reused when the data set is held in memory; read again on every pass,
+  ahead in the background, when it is streamed (ImageNet)."""
   if data_lib.in_memory(dataset):
-    return [parallel.put_batch(b, mesh) for b in batches()]
-  return _Passes(lambda: parallel.prefetch_to_mesh(data_lib.in_background(batches()), mesh))
+    place = parallel.put_replicated if whole else parallel.put_batch
+    return [place(b, mesh) for b in batches()]
+  return _Passes(lambda: parallel.prefetch_to_mesh(data_lib.in_background(batches()), mesh,
+                                                   whole=whole))
+
+
+def device_batches(split, dataset, batch_size: int, mesh):
+  """A split as padded batches, their rows split over the devices, each process reading its
+  own rows: for scoring one network."""
+  return _placed(dataset, lambda: data_lib.eval_batches(
+      split, dataset, batch_size, jax.process_index(), jax.process_count()), mesh, whole=False)
+
+
+def replicated_batches(split, dataset, batch_size: int, mesh):
+  """A split as padded batches, each whole on every device, every process reading whole
+  batches: for chunks of candidates split over the devices."""
+  return _placed(dataset, lambda: data_lib.eval_batches(split, dataset, batch_size), mesh,
+                 whole=True)
 
 
 def evaluate(scorer: Callable, args: tuple, batches: list) -> tuple:
@@ -100,13 +114,14 @@ def candidate_mask(search_key: jax.Array, index: int, drop_logits: PyTree,
 
 def read_recorded(path: str) -> list:
   """Candidates already scored by an earlier, interrupted search. A last line cut short by a
-  kill is dropped from the file; the rest must be candidates 0..n-1 in order."""
+  kill is dropped from the file (by process 0; every process ignores it); the rest must be
+  candidates 0..n-1 in order."""
   if not os.path.exists(path):
     return []
   with open(path, 'rb') as f:
     text = f.read()
   complete = text[:text.rfind(b'\n') + 1]
-  if len(complete) != len(text):
+  if len(complete) != len(text) and parallel.is_main_process():
     logging.warning('dropping a partly written last line of %s', path)
     with open(path, 'r+b') as f:
       f.truncate(len(complete))
@@ -118,44 +133,51 @@ def read_recorded(path: str) -> list:
   return records
 
 
+def _append_durably(path: str, records: list) -> None:
+  with open(path, 'a') as out:
+    out.write(''.join(json.dumps(r) + '\n' for r in records))
+    out.flush()
+    os.fsync(out.fileno())
+
+
 def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_lib.SearchSpace,
                     search_key: jax.Array, validation: list, search_config, out_path: str,
                     mesh, guard) -> list:
   """Scores candidates 0..C-1 on the validation split, continuing after those already in
-  ``out_path``; each chunk's lines are appended durably (flush + fsync) once scored. Returns
-  all records. A candidate's mask is not kept: it follows from (search_key, index), see
+  ``out_path``; each chunk's lines are appended durably (flush + fsync) once scored, by
+  process 0. Every process scores every chunk (its validation rows on its devices) and gets
+  all the records. A candidate's mask is not kept: it follows from (search_key, index), see
   ``candidate_mask``."""
   num, chunk = search_config.num_candidates, search_config.chunk_size
   scorer = make_chunk_scorer(model, mesh)
   names = space_lib.group_names(space)
   records = read_recorded(out_path)
+  parallel.barrier('candidates read')  # before process 0 appends to the file
   if records:
     logging.info('search: resuming after %d recorded candidates', len(records))
   resumed, start = len(records), time.time()
-  with open(out_path, 'a') as out:
-    for first in range(resumed, num, chunk):
-      # the last chunk is padded with extra candidates (one compilation) and trimmed
-      indices = jnp.arange(first, first + chunk)
-      masks = jax.device_get(draw_candidates(search_key, indices, drop_logits, space.template))
-      acc, loss = evaluate(scorer, (variables, masks), validation)
-      params, macs = space_lib.costs(space, masks)
-      dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)
-      new = [{'index': first + j, 'val_acc': float(acc[j]), 'val_loss': float(loss[j]),
-              'params': int(params[j]), 'flops': int(macs[j]),
-              'dropped': dict(zip(names, dropped[j].tolist()))}
-             for j in range(min(chunk, num - first))]
-      out.write(''.join(json.dumps(r) + '\n' for r in new))
-      out.flush()
-      os.fsync(out.fileno())
-      records += new
-      done = first + len(new)
-      rate = (done - resumed) / (time.time() - start)
-      best = max(records, key=lambda r: r['val_acc'])
-      logging.info('search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
-                   done, num, best['val_acc'], best['index'], rate, (num - done) / rate)
-      if guard.requested and done < num:
-        raise Preempted(f'stopped by SIGTERM after {done} scored candidates, all recorded in '
-                        f'{out_path}. Run the same command again to resume')
+  for first in range(resumed, num, chunk):
+    # the last chunk is padded with extra candidates (one compilation) and trimmed
+    indices = jnp.arange(first, first + chunk)
+    masks = jax.device_get(draw_candidates(search_key, indices, drop_logits, space.template))
+    acc, loss = evaluate(scorer, (variables, parallel.put_split(masks, mesh)), validation)
+    params, macs = space_lib.costs(space, masks)
+    dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)
+    new = [{'index': first + j, 'val_acc': float(acc[j]), 'val_loss': float(loss[j]),
+            'params': int(params[j]), 'flops': int(macs[j]),
+            'dropped': dict(zip(names, dropped[j].tolist()))}
+           for j in range(min(chunk, num - first))]
+    if parallel.is_main_process():
+      _append_durably(out_path, new)
+    records += new
+    done = first + len(new)
+    rate = (done - resumed) / (time.time() - start)
+    best = max(records, key=lambda r: r['val_acc'])
+    logging.info('search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
+                 done, num, best['val_acc'], best['index'], rate, (num - done) / rate)
+    if parallel.any_process(guard.requested) and done < num:
+      raise Preempted(f'stopped by SIGTERM after {done} scored candidates, all recorded in '
+                      f'{out_path}. Run the same command again to resume')
   return records
 
 
@@ -166,6 +188,5 @@ def choose_winner(records: list) -> dict:
 
 def evaluate_mask(model, variables: dict, mask: PyTree, batches: list, mesh) -> tuple:
   """(accuracy, loss) of one architecture over a split's batches."""
-  chunk = jax.tree.map(lambda m: np.asarray(m)[None], mask)
-  acc, loss = evaluate(make_chunk_scorer(model, mesh), (variables, chunk), batches)
-  return float(acc[0]), float(loss[0])
+  acc, loss = evaluate(make_full_scorer(model, mesh), ({**variables, 'masks': mask},), batches)
+  return float(acc), float(loss)

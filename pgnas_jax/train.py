@@ -148,7 +148,10 @@ def _check_finite(pending: list, first_step: int) -> None:
 
 def _metrics_log(workdir: str, resume_step: int):
   """``metrics.jsonl`` opened for appending, without lines past the resumed step (a run
-  that died after logging but before its next checkpoint logs those steps again)."""
+  that died after logging but before its next checkpoint logs those steps again). Only
+  process 0 writes it; the others write to the null device."""
+  if not parallel.is_main_process():
+    return open(os.devnull, 'w')
   path = os.path.join(workdir, 'metrics.jsonl')
   kept = []
   if os.path.exists(path):
@@ -182,9 +185,9 @@ def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, wo
   train_step = make_train_step(model, space, config, run.tx, run.schedule, mesh)
   batch_size = config.train.batch_size
   logging.info('training: %d steps (%.2f epochs of %d images), %d searchable groups, '
-               '%d channels, %d devices', run.total_steps, run.total_steps / run.steps_per_epoch,
-               data_lib.num_examples(dataset.train), space.num_groups, space.num_channels,
-               mesh.devices.size)
+               '%d channels, %d devices in %d processes', run.total_steps,
+               run.total_steps / run.steps_per_epoch, data_lib.num_examples(dataset.train),
+               space.num_groups, space.num_channels, mesh.devices.size, jax.process_count())
   pending, start, last = [], time.time(), time.time()
   with _metrics_log(workdir, first) as log:
     # this process's rows of each step's batch, read ahead in the background, placed ahead
@@ -196,8 +199,10 @@ def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, wo
       state, metrics = train_step(state, batch)
       pending.append(metrics)
       done = step + 1
-      stop = guard.requested  # read once: a signal arriving later is seen at the next step
       log_now = done % config.train.log_every_steps == 0 or done == run.total_steps
+      stop = guard.requested  # read once: a signal arriving later is seen at the next step
+      if jax.process_count() > 1:  # all processes must stop at the same step: they agree
+        stop = log_now and parallel.any_process(stop)  # where they wait for results anyway
       save_now = checkpointer.due(done) or done == run.total_steps or stop
       if log_now or save_now:  # never save a state whose loss was not seen to be finite
         _check_finite(pending, done - len(pending) + 1)

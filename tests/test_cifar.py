@@ -145,7 +145,7 @@ def test_cifar10_m_end_to_end_on_mock_data(tmp_path):
   c.train.log_every_steps = 2
   c.data.validation_size = 16
   c.search.num_candidates = 4
-  c.search.chunk_size = 2
+  c.search.chunk_size = 4
   c.search.eval_batch_size = 16
   with tfds.testing.mock_data(num_examples=48):
     arch = main.run(c, str(tmp_path))

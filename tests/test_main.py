@@ -13,7 +13,7 @@ DATA_DIR = '/usr/share/datasets/fashion-mnist'
 TINY = ['--config.model.shake_shake.stem_width=4', '--config.model.shake_shake.widths=(4,8)',
         '--config.train.num_steps=6', '--config.train.log_every_steps=3',
         '--config.data.validation_size=500', '--config.search.num_candidates=5',
-        '--config.search.chunk_size=2', '--config.search.eval_batch_size=500']
+        '--config.search.chunk_size=4', '--config.search.eval_batch_size=500']
 
 
 def _main(workdir, *args):
@@ -86,6 +86,12 @@ def test_a_workdir_holding_a_run_is_left_alone(tmp_path):
     (['--config.trian.batch_size=8'], "unknown config field on the command line: 'trian'"),
     (['--config.train.batch_size=lots'], "batch_size=lots: invalid literal for int()"),
     (['--config=configs/no_such_file.py'], 'no_such_file.py'),
+    (['--num_processes=2'],
+     '--num_processes given without --coordinator_address, --process_id: pass all three'),
+    (['--coordinator_address=127.0.0.1:1234', '--num_processes=2', '--process_id=2'],
+     '--process_id=2 is out of range: it must be in [0, 1]'),
+    (['--coordinator_address=127.0.0.1', '--num_processes=2', '--process_id=0'],
+     "--coordinator_address='127.0.0.1' has no port"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(tmp_path, args, message):
   # the workdir holds something of the user's: it must come out untouched

@@ -30,12 +30,12 @@ def test_vmapped_scoring_equals_python_loop(tiny_net, tiny_variables):
   variables = _variables(tiny_variables)
   space = space_lib.from_variables(tiny_variables)
   logits = masks.init_drop_logits(space.template, 0.4)
-  cands = masks.candidate_masks(jax.random.key(3), jnp.arange(5), logits, space.template)
+  cands = masks.candidate_masks(jax.random.key(3), jnp.arange(8), logits, space.template)
   batch = _batch()
   for mesh in (parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh(jax.devices()[:4])):
     correct, loss = search.make_chunk_scorer(tiny_net, mesh)(
-        variables, cands, parallel.put_batch(jax.device_get(batch), mesh))
-    for c in range(5):
+        variables, cands, parallel.put_replicated(batch, mesh))
+    for c in range(8):
       mask = jax.tree.map(lambda m: m[c], cands)
       out = tiny_net.apply({**variables, 'masks': mask}, batch['images'], train=False)
       ce = -jnp.take_along_axis(jax.nn.log_softmax(out), batch['labels'][:, None], 1)

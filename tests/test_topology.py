@@ -1,0 +1,148 @@
+"""The same run on three topologies gives the same answer: (a) one device, (b) four
+simulated devices in one process, (c) two processes joined through jax.distributed on
+localhost, two simulated devices each (``launch/local_processes.sh 2 2``). Two devices per
+process, rather than one, so that a process feeds several devices from its rows of a batch
+and reductions cross both devices and processes.
+
+Compared: the loss curve, the dropped channels of every candidate in
+``search/candidates.jsonl`` (byte for byte), the validation scores and the winner (the same).
+The tolerances: one device and four in one process agree within 1e-7 here, but the two
+processes' all-reduce (gloo) adds the devices' partial gradients in another order, and SGD at
+learning rate 0.1 amplifies that last-bit difference step by step (measured after 8 steps:
+1.3e-5 relative in the loss, 9e-4 in the gradient norm, 1.5e-5 in a validation loss). So the
+first logged line (steps 1 and 2, before any difference can grow) must agree within 1e-6,
+the later ones within 1e-4 (loss, its parts, learning rate, mean drop probability) and 5e-3
+(gradient norm), validation losses within 1e-4 and accuracies within one validation image. A
+wrong row, mask or key changes the first line at the 1e-2 level.
+"""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pgnas_jax.data import fashion_mnist
+
+FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VALIDATION = 400
+TINY = ['--config.model.shake_shake.stem_width=4', '--config.model.shake_shake.widths=(4,8)',
+        '--config.train.batch_size=32', '--config.train.num_steps=8',
+        '--config.train.log_every_steps=2', '--config.checkpoint.every_steps=4',
+        f'--config.data.validation_size={VALIDATION}', '--config.search.num_candidates=8',
+        '--config.search.chunk_size=4', '--config.search.eval_batch_size=200']
+CURVE = ('loss', 'nll', 'prior', 'entropy', 'learning_rate', 'mean_p')
+TIMEOUT = 240
+
+
+def _write_idx(path, array):
+  header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
+      int(d).to_bytes(4, 'big') for d in array.shape)
+  with gzip.open(path, 'wb', compresslevel=1) as f:
+    f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+@pytest.fixture(scope='module')
+def small_data(tmp_path_factory):
+  """The first 1,600 training and 400 test images of Fashion-MNIST, in its own format: the
+  same code path, a fraction of the loading and evaluation time."""
+  folder = tmp_path_factory.mktemp('fashion_mnist_small')
+  for split, n in (('train', 1600), ('test', 400)):
+    images, labels = fashion_mnist.load(FASHION_MNIST, split)
+    image_file, label_file = fashion_mnist.FILES[split]
+    _write_idx(folder / image_file, images[:n, :, :, 0])
+    _write_idx(folder / label_file, labels[:n])
+  return str(folder)
+
+
+
+def _start(command, workdir, data_dir, devices):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  if devices > 1:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return subprocess.Popen(
+      command + [f'--workdir={workdir}', *TINY, f'--config.data.data_dir={data_dir}'],
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+      start_new_session=True)  # its own process group: killed whole, children included
+
+
+def _read(workdir):
+  metrics = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  candidates = [json.loads(l) for l in open(os.path.join(workdir, 'search', 'candidates.jsonl'))]
+  arch = json.load(open(os.path.join(workdir, 'search', 'arch.json')))
+  return metrics, candidates, arch
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, small_data):
+  """The three runs, started at once (the two cores overlap one run's waits with another's
+  work) and always cleaned up: every process group is killed at the end, finished or not."""
+  root = tmp_path_factory.mktemp('topologies')
+  main = [sys.executable, '-m', 'pgnas_jax.main']
+  procs = {
+      'one device': _start(main, root / 'one', small_data, 1),
+      'four devices': _start(main, root / 'four', small_data, 4),
+      'two processes': _start(['bash', os.path.join(REPO, 'launch', 'local_processes.sh'),
+                               '2', '2'], root / 'two', small_data, 1),
+  }
+  logs = {}
+  try:
+    for name, proc in procs.items():
+      logs[name] = proc.communicate(timeout=TIMEOUT)[1]
+      assert proc.returncode == 0, f'{name}: {logs[name][-3000:]}'
+  finally:
+    for proc in procs.values():
+      try:
+        os.killpg(proc.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+      proc.wait()
+  assert '4 devices in 2 processes' in logs['two processes']
+  return {name: _read(root / folder) for name, folder in
+          (('one device', 'one'), ('four devices', 'four'), ('two processes', 'two'))}, root
+
+
+def _dropped_lines(candidates):
+  return ''.join(json.dumps({'index': c['index'], 'dropped': c['dropped']}) + '\n'
+                 for c in candidates).encode()
+
+
+def test_loss_curve_masks_and_winner_do_not_depend_on_the_topology(runs):
+  results, _ = runs
+  metrics, candidates, arch = results['one device']
+  assert [m['step'] for m in metrics] == [2, 4, 6, 8]
+  assert len(candidates) == 8
+  assert sum(sum(c['dropped'].values()) for c in candidates) > 0  # something is dropped
+  for name in ('four devices', 'two processes'):
+    other_metrics, other_candidates, other_arch = results[name]
+    assert [m['step'] for m in other_metrics] == [m['step'] for m in metrics], name
+    for i, (a, b) in enumerate(zip(metrics, other_metrics)):
+      tight = i == 0
+      np.testing.assert_allclose([b[k] for k in CURVE], [a[k] for k in CURVE],
+                                 rtol=1e-6 if tight else 1e-4, atol=1e-7,
+                                 err_msg=f'{name}, step {a["step"]}')
+      np.testing.assert_allclose(b['grad_norm'], a['grad_norm'], rtol=1e-6 if tight else 5e-3,
+                                 err_msg=f'{name}, step {a["step"]}')
+    assert _dropped_lines(other_candidates) == _dropped_lines(candidates), name
+    for a, b in zip(candidates, other_candidates):
+      assert (a['params'], a['flops']) == (b['params'], b['flops'])
+      assert abs(a['val_acc'] - b['val_acc']) <= 1 / VALIDATION + 1e-12, name
+      np.testing.assert_allclose(b['val_loss'], a['val_loss'], rtol=1e-4, err_msg=name)
+    assert other_arch['index'] == arch['index'], name
+    assert other_arch['kept_channels'] == arch['kept_channels'], name
+
+
+def test_two_processes_share_one_workdir_and_checkpoint_together(runs):
+  _, root = runs
+  two = root / 'two'
+  assert (two / 'report.md').exists() and (two / 'search' / 'winner_weights.msgpack').exists()
+  assert sorted(os.listdir(two / 'checkpoints')) == ['4', '8']
+  # process 0 alone wrote the logs: one line per logged step, no duplicates
+  assert [json.loads(l)['step'] for l in open(two / 'metrics.jsonl')] == [2, 4, 6, 8]
+  assert [json.loads(l)['index'] for l in open(two / 'search' / 'candidates.jsonl')] == list(
+      range(8))
