@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.family = 'shake_shake'  # which of the sub-configs below builds the super-network
+  # 'bfloat16': mixed precision (convs and activations in bf16; parameters, optimiser state,
+  # BatchNorm statistics, masks and the loss in float32), for training and ranking alike
+  c.model.compute_dtype = 'float32'
   c.model.shake_shake = ml_collections.ConfigDict()  # SupNet-M family
   c.model.shake_shake.stem_width = 16
   c.model.shake_shake.widths = (16, 32, 64)
@@ -113,6 +116,7 @@ def _is_enas_arc(arc) -> bool:
 CHOICES = {
     'data.name': ('fashion_mnist', 'cifar10', 'cifar100'),
     'model.family': ('shake_shake', 'enas', 'resnet', 'densenet'),
+    'model.compute_dtype': ('float32', 'bfloat16'),
     'drop.mode': ('learned', 'random'),
     'objective.prior': ('posterior', 'constant'),
     'train.schedule': ('cosine', 'step', 'sgdr'),

@@ -17,7 +17,7 @@ import optax
 from pgnas_jax import data as data_lib
 from pgnas_jax.errors import CheckpointError, Preempted
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import parallel
+from pgnas_jax import parallel, precision
 from pgnas_jax import space as space_lib
 
 PyTree = Any
@@ -31,11 +31,12 @@ def _batch_scores(logits, batch):
   return correct, loss
 
 
-def make_chunk_scorer(model, mesh) -> Callable:
+def make_chunk_scorer(model, mesh, compute_dtype: str) -> Callable:
   """``score(variables, masks, batch) -> (correct[K], loss_sum[K])`` for a chunk of K hard
   masks (leaves with a leading K axis), vmapped over the masks."""
   def score_one(variables, mask, batch):
-    logits = model.apply({**variables, 'masks': mask}, batch['images'], train=False)
+    logits = precision.apply(model, {**variables, 'masks': mask}, batch['images'],
+                             compute_dtype, train=False)
     return _batch_scores(logits, batch)
 
   def score(variables, masks, batch):
@@ -46,10 +47,11 @@ def make_chunk_scorer(model, mesh) -> Callable:
                  out_shardings=replicated)
 
 
-def make_full_scorer(model, mesh) -> Callable:
+def make_full_scorer(model, mesh, compute_dtype: str) -> Callable:
   """Scores the full super-network (nothing dropped)."""
   def score(variables, batch):
-    return _batch_scores(model.apply(variables, batch['images'], train=False), batch)
+    logits = precision.apply(model, variables, batch['images'], compute_dtype, train=False)
+    return _batch_scores(logits, batch)
 
   return jax.jit(score, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                  out_shardings=parallel.replicated(mesh))
@@ -102,14 +104,14 @@ def read_recorded(path: str) -> list:
 
 
 def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_lib.SearchSpace,
-                    search_key: jax.Array, validation: list, search_config, out_path: str,
-                    mesh, guard) -> list:
+                    search_key: jax.Array, validation: list, search_config, compute_dtype: str,
+                    out_path: str, mesh, guard) -> list:
   """Scores candidates 0..C-1 on the validation split, continuing after those already in
   ``out_path``; each chunk's lines are appended durably (flush + fsync) once scored. Returns
   all records. A candidate's mask is not kept: it follows from (search_key, index), see
   ``candidate_mask``."""
   num, chunk = search_config.num_candidates, search_config.chunk_size
-  scorer = make_chunk_scorer(model, mesh)
+  scorer = make_chunk_scorer(model, mesh, compute_dtype)
   names = space_lib.group_names(space)
   records = read_recorded(out_path)
   if records:
@@ -147,8 +149,10 @@ def choose_winner(records: list) -> dict:
   return min(records, key=lambda r: (-r['val_acc'], r['params'], r['index']))
 
 
-def evaluate_mask(model, variables: dict, mask: PyTree, batches: list, mesh) -> tuple:
+def evaluate_mask(model, variables: dict, mask: PyTree, batches: list, mesh,
+                  compute_dtype: str) -> tuple:
   """(accuracy, loss) of one architecture over a split's batches."""
   chunk = jax.tree.map(lambda m: np.asarray(m)[None], mask)
-  acc, loss = evaluate(make_chunk_scorer(model, mesh), (variables, chunk), batches)
+  acc, loss = evaluate(make_chunk_scorer(model, mesh, compute_dtype), (variables, chunk),
+                       batches)
   return float(acc[0]), float(loss[0])

@@ -33,7 +33,7 @@ def test_vmapped_scoring_equals_python_loop(tiny_net, tiny_variables):
   cands = masks.candidate_masks(jax.random.key(3), jnp.arange(5), logits, space.template)
   batch = _batch()
   for mesh in (parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh(jax.devices()[:4])):
-    correct, loss = search.make_chunk_scorer(tiny_net, mesh)(
+    correct, loss = search.make_chunk_scorer(tiny_net, mesh, 'float32')(
         variables, cands, parallel.put_batch(jax.device_get(batch), mesh))
     for c in range(5):
       mask = jax.tree.map(lambda m: m[c], cands)
@@ -46,7 +46,7 @@ def test_vmapped_scoring_equals_python_loop(tiny_net, tiny_variables):
 def test_evaluate_ignores_padding(tiny_net, tiny_variables):
   variables = _variables(tiny_variables)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  scorer = search.make_full_scorer(tiny_net, mesh)
+  scorer = search.make_full_scorer(tiny_net, mesh, 'float32')
   batch = _batch(12)
   whole = search.evaluate(scorer, (variables,), [batch])
   padded = dict(batch, weights=batch['weights'].at[8:].set(0.0))
