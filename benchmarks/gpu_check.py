@@ -6,10 +6,11 @@
   * ranking throughput of SupNet-MI on 5,000 validation images: candidates/s of the vmapped
     evaluator at a few chunk sizes against one candidate at a time and a plain forward pass.
 
-    python benchmarks/gpu_check.py [--smoke]
+    python benchmarks/gpu_check.py [--out DIR] [--smoke]
 
-Each result is printed and appended to ``results/gpu_check.jsonl`` as soon as it is measured
-(a run cut short keeps what it measured). MFU is
+Each result is printed and appended to ``DIR/gpu_check.jsonl`` (default ``results/``) as soon
+as it is measured, so a run cut short keeps what it measured: on a lent machine pass
+``--out=$OUT`` and do not pipe the output through a filter (``grep`` holds it back). MFU is
 achieved FLOP/s over the chip's dense peak: bf16 989 TFLOP/s, and for float32 the TF32 peak
 494.5 TFLOP/s, since XLA runs float32 convolutions on TF32 tensor cores by default on Hopper
 (H100/H200 SXM datasheet figures). ``--smoke`` runs the same code at toy sizes (CPU check).
@@ -34,15 +35,21 @@ PEAK_FLOPS = {'bfloat16': 989e12, 'float32': 494.5e12}
 START = time.time()
 
 
-def log(row: dict) -> None:
-  row = {**row, 'elapsed_s': round(time.time() - START, 1)}
-  print(json.dumps(row), flush=True)
-  os.makedirs(harness.RESULTS, exist_ok=True)
-  with open(os.path.join(harness.RESULTS, 'gpu_check.jsonl'), 'a') as f:
-    f.write(json.dumps(row) + '\n')
+def results_log(folder: str):
+  """``log(row)``: prints a result and appends it to ``folder/gpu_check.jsonl`` at once."""
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, 'gpu_check.jsonl')
+
+  def log(row: dict) -> None:
+    row = {**row, 'elapsed_s': round(time.time() - START, 1)}
+    print(json.dumps(row), flush=True)
+    with open(path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+
+  return log
 
 
-def train_row(name, dtype, batch_size, steps, smoke):
+def train_row(log, name, dtype, batch_size, steps, smoke):
   config, model, shape, classes, _ = harness.network(name, dtype)
   if smoke:
     shape = (32, 32, 3) if name == 'd121' else shape
@@ -86,7 +93,7 @@ def largest_batch(row: dict, smoke: bool) -> int:
   return max(64, min(2048, fits // 64 * 64))
 
 
-def ranking_rows(smoke):
+def ranking_rows(log, smoke):
   name = 'mi'
   config, model, shape, classes, _ = harness.network(name, 'bfloat16')
   if smoke:
@@ -124,19 +131,21 @@ def ranking_rows(smoke):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--out', default=harness.RESULTS, help='folder for gpu_check.jsonl')
   p.add_argument('--smoke', action='store_true', help='toy sizes, to check the script on CPU')
   args = p.parse_args()
+  log = results_log(args.out)
   jax.config.update('jax_compilation_cache_dir', '/tmp/pgnas_jax_compilation_cache')
   log({'check': 'device', 'device': harness.device_description()})
   steps = 3 if args.smoke else 20
   for dtype in ('bfloat16', 'float32'):
-    train_row('default' if args.smoke else 'mi', dtype, 16 if args.smoke else 128, steps,
+    train_row(log, 'default' if args.smoke else 'mi', dtype, 16 if args.smoke else 128, steps,
               args.smoke)
-  ranking_rows(args.smoke)
+  ranking_rows(log, args.smoke)
   for dtype in ('bfloat16', 'float32'):
-    first = train_row('d121', dtype, 4 if args.smoke else 128, 3 if args.smoke else 10,
+    first = train_row(log, 'd121', dtype, 4 if args.smoke else 128, 3 if args.smoke else 10,
                       args.smoke)
-    train_row('d121', dtype, largest_batch(first, args.smoke), 3 if args.smoke else 5,
+    train_row(log, 'd121', dtype, largest_batch(first, args.smoke), 3 if args.smoke else 5,
               args.smoke)
   log({'check': 'done'})
 
