@@ -94,7 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.search = ml_collections.ConfigDict()
   c.search.num_candidates = 100
-  c.search.chunk_size = 4  # candidates scored at once (vmap)
+  # candidates scored at once (vmap): a number, or 'auto' (search.auto_chunk_size: from the
+  # free device memory and the platform's best images per call)
+  c.search.chunk_size = ml_collections.FieldReference('auto', field_type=object)
   c.search.eval_batch_size = 100
   return c
 
@@ -171,7 +173,8 @@ RANGES = {
     'checkpoint.every_steps': (lambda v: v > 0, '> 0'),
     'checkpoint.max_to_keep': (lambda v: v > 0, '> 0'),
     'search.num_candidates': (lambda v: v > 0, '> 0'),
-    'search.chunk_size': (lambda v: v >= 1, '>= 1'),
+    'search.chunk_size': (lambda v: v == 'auto' or (type(v) is int and v >= 1),
+                          "'auto' or a whole number >= 1"),
     'search.eval_batch_size': (lambda v: v > 0, '> 0'),
 }
 

@@ -57,6 +57,50 @@ def make_full_scorer(model, mesh, compute_dtype: str) -> Callable:
                  out_shardings=parallel.replicated(mesh))
 
 
+# Images per call (chunk x per-device batch) that 'auto' aims for. CPU: where the vmapped
+# scorer measured fastest on a 2-core machine (benchmarks/ranking.py, docs/benchmarks.md);
+# larger chunks leave the caches and slow down. Accelerators: large enough to keep the chip
+# busy; free memory sets the limit there.
+IMAGES_PER_CALL = {'cpu': 512}
+ACCELERATOR_IMAGES_PER_CALL = 16384
+MEMORY_SHARE = 0.5  # of the free device memory that a chunk's activations may take
+
+
+def _free_memory_bytes(device) -> int | None:
+  stats = device.memory_stats()
+  if stats and 'bytes_limit' in stats:
+    return int(stats['bytes_limit'] - stats.get('bytes_in_use', 0))
+  if device.platform == 'cpu':
+    free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    return free // len(jax.local_devices())
+  return None
+
+
+def auto_chunk_size(model, variables: dict, space: space_lib.SearchSpace, batch: dict,
+                    num_candidates: int, mesh, compute_dtype: str) -> int:
+  """The chunk size ``search.chunk_size='auto'`` means: the number of candidates whose
+  per-device images per call reach the platform's target (``IMAGES_PER_CALL``), lowered
+  until their activations fit in ``MEMORY_SHARE`` of the free device memory. A candidate's
+  activation memory is the difference between the compiled scorer's temporaries at 2 and
+  at 1 candidates. Deterministic for a given machine, network and batch size."""
+  device = mesh.devices.flat[0]
+  per_device_batch = batch['images'].shape[0] // mesh.devices.size
+  target = IMAGES_PER_CALL.get(device.platform, ACCELERATOR_IMAGES_PER_CALL)
+  chunk = max(1, target // per_device_batch)
+  free = _free_memory_bytes(device)
+  scorer = make_chunk_scorer(model, mesh, compute_dtype)
+
+  def temporaries(k):
+    masks = jax.tree.map(lambda m: np.ones((k,) + m.shape, np.float32), space.template)
+    analysis = scorer.lower(variables, masks, batch).compile().memory_analysis()
+    return None if analysis is None else analysis.temp_size_in_bytes
+
+  one, two = temporaries(1), temporaries(2)
+  if free is not None and one is not None and two is not None:
+    chunk = min(chunk, max(1, int(MEMORY_SHARE * free) // max(two - one, 1)))
+  return int(min(chunk, num_candidates))
+
+
 def device_batches(split: data_lib.Split, dataset: data_lib.Dataset, batch_size: int,
                    mesh) -> list:
   """A split as a list of padded batches placed on the mesh once, reused by every chunk."""
@@ -111,6 +155,9 @@ def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_li
   all records. A candidate's mask is not kept: it follows from (search_key, index), see
   ``candidate_mask``."""
   num, chunk = search_config.num_candidates, search_config.chunk_size
+  if chunk == 'auto':
+    chunk = auto_chunk_size(model, variables, space, validation[0], num, mesh, compute_dtype)
+    logging.info('search: chunk size %d (auto)', chunk)
   scorer = make_chunk_scorer(model, mesh, compute_dtype)
   names = space_lib.group_names(space)
   records = read_recorded(out_path)

@@ -129,3 +129,27 @@ def test_recorded_candidates_drop_a_partly_written_last_line(tmp_path):
   with pytest.raises(errors.CheckpointError, match='does not hold candidates 0..1 in order'):
     search.read_recorded(str(path))
   assert search.read_recorded(str(tmp_path / 'absent.jsonl')) == []
+
+
+def test_auto_chunk_size_aims_at_the_platform_target_within_free_memory(tiny_net, tiny_variables,
+                                                                        monkeypatch):
+  variables = _variables(tiny_variables)
+  space = space_lib.from_variables(tiny_variables)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  batch = parallel.put_batch(jax.device_get(_batch(16)), mesh)
+  auto = lambda n: search.auto_chunk_size(tiny_net, variables, space, batch, n, mesh, 'float32')
+  target = search.IMAGES_PER_CALL['cpu'] // 16
+  assert auto(1000) == target == auto(1000)  # deterministic
+  assert auto(5) == 5  # never more than the candidates
+  # with room for about 3 candidates' activations, it takes 3
+  per_candidate = {}
+  scorer = search.make_chunk_scorer(tiny_net, mesh, 'float32')
+  for k in (1, 2):
+    masks_k = jax.tree.map(lambda m: np.ones((k,) + m.shape, np.float32), space.template)
+    per_candidate[k] = scorer.lower(variables, masks_k, batch).compile().memory_analysis(
+        ).temp_size_in_bytes
+  room = 3.5 * (per_candidate[2] - per_candidate[1]) / search.MEMORY_SHARE
+  monkeypatch.setattr(search, '_free_memory_bytes', lambda device: int(room))
+  assert auto(1000) == 3
+  monkeypatch.setattr(search, '_free_memory_bytes', lambda device: 0)
+  assert auto(1000) == 1
