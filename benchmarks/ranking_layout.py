@@ -1,7 +1,7 @@
 """Which layout ranks candidates faster: the validation batch split over the devices (every
-device scores every candidate of a chunk on its rows; what ``search.make_chunk_scorer`` does)
-or the chunk's candidates split over the devices (every device scores its candidates on the
-whole batch). Default super-network, random weights (speed does not depend on them),
+device scores every candidate of a chunk on its rows) or the chunk's candidates split over the
+devices (every device scores its candidates on the whole batch; what
+``search.make_chunk_scorer`` does, chosen by this measurement). Default super-network, random weights (speed does not depend on them),
 Fashion-MNIST-sized images. Prints candidates/s of each, as JSON.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m benchmarks.ranking_layout
@@ -25,8 +25,8 @@ _IMAGES = flags.DEFINE_integer('images', 1000, 'Validation images.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed chunks, after one warm-up.')
 
 
-def _candidates_split_scorer(model, mesh):
-  """The other layout: candidates sharded, the batch on every device."""
+def _rows_split_scorer(model, mesh):
+  """The other layout: every candidate on every device, the batch's rows sharded."""
   def score(variables, masks, batch):
     def one(mask):
       logits = model.apply({**variables, 'masks': mask}, batch['images'], train=False)
@@ -34,7 +34,7 @@ def _candidates_split_scorer(model, mesh):
     return jax.vmap(one)(masks)
 
   replicated = parallel.replicated(mesh)
-  return jax.jit(score, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+  return jax.jit(score, in_shardings=(replicated, replicated, parallel.batch_sharded(mesh)),
                  out_shardings=replicated)
 
 
@@ -72,10 +72,10 @@ def main(argv):
   whole_batch = [parallel.put_replicated(b, mesh) for b in batches]
   chunk = _CHUNK.value
   seconds = {
-      'validation rows split': _time(search.make_chunk_scorer(model, mesh), variables, masks,
+      'validation rows split': _time(_rows_split_scorer(model, mesh), variables, masks,
                                      split_batch),
-      'candidates split': _time(_candidates_split_scorer(model, mesh), variables, masks,
-                                whole_batch),
+      'candidates split': _time(search.make_chunk_scorer(model, mesh, 'float32'), variables,
+                                masks, whole_batch),
   }
   print(json.dumps({'devices': mesh.devices.size, 'chunk': chunk, 'batch': _BATCH.value,
                     'images': n, **{k: round(chunk / s, 3) for k, s in seconds.items()}}))

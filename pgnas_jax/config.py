@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.family = 'shake_shake'  # which of the sub-configs below builds the super-network
+  # 'bfloat16': mixed precision (convs and activations in bf16; parameters, optimiser state,
+  # BatchNorm statistics, masks and the loss in float32), for training and ranking alike
+  c.model.compute_dtype = 'float32'
   c.model.shake_shake = ml_collections.ConfigDict()  # SupNet-M family
   c.model.shake_shake.stem_width = 16
   c.model.shake_shake.widths = (16, 32, 64)
@@ -92,7 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.search = ml_collections.ConfigDict()
   c.search.num_candidates = 100
-  c.search.chunk_size = 4  # candidates scored at once (vmap), split over the devices
+  # candidates scored at once (vmap), split over the devices: a multiple of the device count,
+  # or 'auto' (search.auto_chunk_size: from the platform's best images per call and the free
+  # device memory)
+  c.search.chunk_size = ml_collections.FieldReference('auto', field_type=object)
   c.search.eval_batch_size = 100
   return c
 
@@ -114,6 +120,7 @@ def _is_enas_arc(arc) -> bool:
 CHOICES = {
     'data.name': ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012'),
     'model.family': ('shake_shake', 'enas', 'resnet', 'densenet'),
+    'model.compute_dtype': ('float32', 'bfloat16'),
     'drop.mode': ('learned', 'random'),
     'objective.prior': ('posterior', 'constant'),
     'train.schedule': ('cosine', 'step', 'sgdr'),
@@ -169,7 +176,8 @@ RANGES = {
     'checkpoint.every_steps': (lambda v: v > 0, '> 0'),
     'checkpoint.max_to_keep': (lambda v: v > 0, '> 0'),
     'search.num_candidates': (lambda v: v > 0, '> 0'),
-    'search.chunk_size': (lambda v: v >= 1, '>= 1'),
+    'search.chunk_size': (lambda v: v == 'auto' or (type(v) is int and v >= 1),
+                          "'auto' or a whole number >= 1"),
     'search.eval_batch_size': (lambda v: v > 0, '> 0'),
 }
 
@@ -222,7 +230,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Global batches and chunks of candidates are split evenly over the devices."""
   for key in ('train.batch_size', 'search.eval_batch_size', 'search.chunk_size'):
-    if _get(config, key) % num_devices:
+    if _get(config, key) != 'auto' and _get(config, key) % num_devices:
       raise ConfigError(f'--config.{key}={_get(config, key)} does not split over {num_devices} '
                         f'devices: use a multiple of {num_devices}')
 

@@ -107,12 +107,12 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
 
   t = time.time()
   eval_batch = config.search.eval_batch_size
-  full_scorer = search.make_full_scorer(model, mesh)
+  full_scorer = search.make_full_scorer(model, mesh, config.model.compute_dtype)
   validation = search.replicated_batches(dataset.validation, dataset, eval_batch, mesh)
   full_val, _ = search.evaluate(full_scorer, (variables,), validation)
   search_key = train.purpose_key(state.root_key, 'search')
   records = search.rank_candidates(model, variables, drop_logits, space, search_key, validation,
-                                   config.search,
+                                   config.search, config.model.compute_dtype,
                                    os.path.join(workdir, 'search', 'candidates.jsonl'), mesh,
                                    guard)
   winner = search.choose_winner(records)
@@ -122,7 +122,8 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
   t = time.time()
   # The test split is touched here, once the choice is made.
   test = search.device_batches(dataset.test, dataset, eval_batch, mesh)
-  test_acc, _ = search.evaluate_mask(model, variables, winner_mask, test, mesh)
+  test_acc, _ = search.evaluate_mask(model, variables, winner_mask, test, mesh,
+                                     config.model.compute_dtype)
   full_test, _ = search.evaluate(full_scorer, (variables,), test)
   pruned = export.pruned_variables(variables, space, winner_mask)
   if writer:

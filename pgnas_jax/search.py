@@ -17,7 +17,7 @@ import optax
 from pgnas_jax import data as data_lib
 from pgnas_jax.errors import CheckpointError, Preempted
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import parallel
+from pgnas_jax import parallel, precision
 from pgnas_jax import space as space_lib
 
 PyTree = Any
@@ -31,14 +31,15 @@ def _batch_scores(logits, batch):
   return correct, loss
 
 
-def make_chunk_scorer(model, mesh) -> Callable:
+def make_chunk_scorer(model, mesh, compute_dtype: str) -> Callable:
   """``score(variables, masks, batch) -> (correct[K], loss_sum[K])`` for a chunk of K hard
   masks (leaves with a leading K axis), vmapped over the masks. The chunk's candidates are
   split over the devices of every process (K a multiple of the device count), each device
   scoring its own on the whole batch: measured faster than splitting the batch's rows
   (docs/scaling.md). Every process gets all K results."""
   def score_one(variables, mask, batch):
-    logits = model.apply({**variables, 'masks': mask}, batch['images'], train=False)
+    logits = precision.apply(model, {**variables, 'masks': mask}, batch['images'],
+                             compute_dtype, train=False)
     return _batch_scores(logits, batch)
 
   def score(variables, masks, batch):
@@ -49,13 +50,60 @@ def make_chunk_scorer(model, mesh) -> Callable:
                  out_shardings=replicated)
 
 
-def make_full_scorer(model, mesh) -> Callable:
+def make_full_scorer(model, mesh, compute_dtype: str) -> Callable:
   """Scores one network: the full super-network, or a masked one when ``variables`` holds
   ``masks``. The batch stays where it was placed (rows split or whole on every device)."""
   def score(variables, batch):
-    return _batch_scores(model.apply(variables, batch['images'], train=False), batch)
+    logits = precision.apply(model, variables, batch['images'], compute_dtype, train=False)
+    return _batch_scores(logits, batch)
 
   return jax.jit(score, out_shardings=parallel.replicated(mesh))
+
+
+# Images per device and call (candidates per device x batch) that 'auto' aims for. CPU:
+# where the vmapped scorer measured fastest on a 2-core machine (benchmarks/ranking.py,
+# docs/benchmarks.md); larger chunks leave the caches and slow down. Accelerators: large
+# enough to keep the chip busy; free memory sets the limit there.
+IMAGES_PER_CALL = {'cpu': 512}
+ACCELERATOR_IMAGES_PER_CALL = 16384
+MEMORY_SHARE = 0.5  # of the free device memory that a chunk's activations may take
+
+
+def _free_memory_bytes(device) -> int | None:
+  stats = device.memory_stats()
+  if stats and 'bytes_limit' in stats:
+    return int(stats['bytes_limit'] - stats.get('bytes_in_use', 0))
+  if device.platform == 'cpu':
+    free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    return free // len(jax.local_devices())
+  return None
+
+
+def auto_chunk_size(model, variables: dict, space: space_lib.SearchSpace, batch: dict,
+                    num_candidates: int, mesh, compute_dtype: str) -> int:
+  """The chunk size ``search.chunk_size='auto'`` means. Each device scores its share of the
+  chunk on the whole batch; it gets enough candidates for the platform's target images per
+  call (``IMAGES_PER_CALL``), fewer if their activations would take more than
+  ``MEMORY_SHARE`` of its free memory, never more than needed for ``num_candidates``. One
+  candidate's activation memory is the difference between the compiled scorer's
+  temporaries at 2 and at 1 candidates per device. The result is a multiple of the device
+  count, and the same for a given machine, network and batch size."""
+  device, n = mesh.devices.flat[0], mesh.devices.size
+  target = IMAGES_PER_CALL.get(device.platform, ACCELERATOR_IMAGES_PER_CALL)
+  per_device = max(1, target // batch['images'].shape[0])
+  free = _free_memory_bytes(device)
+  scorer = make_chunk_scorer(model, mesh, compute_dtype)
+
+  def temporaries(k):
+    masks = parallel.put_split(
+        jax.tree.map(lambda m: np.ones((k,) + m.shape, np.float32), space.template), mesh)
+    analysis = scorer.lower(variables, masks, batch).compile().memory_analysis()
+    return None if analysis is None else analysis.temp_size_in_bytes
+
+  one, two = temporaries(n), temporaries(2 * n)
+  if free is not None and one is not None and two is not None:
+    per_device = min(per_device, max(1, int(MEMORY_SHARE * free) // max(two - one, 1)))
+  return n * min(per_device, -(-num_candidates // n))
 
 
 class _Passes:
@@ -141,15 +189,19 @@ def _append_durably(path: str, records: list) -> None:
 
 
 def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_lib.SearchSpace,
-                    search_key: jax.Array, validation: list, search_config, out_path: str,
-                    mesh, guard) -> list:
+                    search_key: jax.Array, validation: list, search_config, compute_dtype: str,
+                    out_path: str, mesh, guard) -> list:
   """Scores candidates 0..C-1 on the validation split, continuing after those already in
   ``out_path``; each chunk's lines are appended durably (flush + fsync) once scored, by
   process 0. Every process scores every chunk (its validation rows on its devices) and gets
   all the records. A candidate's mask is not kept: it follows from (search_key, index), see
   ``candidate_mask``."""
   num, chunk = search_config.num_candidates, search_config.chunk_size
-  scorer = make_chunk_scorer(model, mesh)
+  if chunk == 'auto':
+    chunk = auto_chunk_size(model, variables, space, next(iter(validation)), num, mesh,
+                            compute_dtype)
+    logging.info('search: chunk size %d (auto)', chunk)
+  scorer = make_chunk_scorer(model, mesh, compute_dtype)
   names = space_lib.group_names(space)
   records = read_recorded(out_path)
   parallel.barrier('candidates read')  # before process 0 appends to the file
@@ -186,7 +238,9 @@ def choose_winner(records: list) -> dict:
   return min(records, key=lambda r: (-r['val_acc'], r['params'], r['index']))
 
 
-def evaluate_mask(model, variables: dict, mask: PyTree, batches: list, mesh) -> tuple:
+def evaluate_mask(model, variables: dict, mask: PyTree, batches: list, mesh,
+                  compute_dtype: str) -> tuple:
   """(accuracy, loss) of one architecture over a split's batches."""
-  acc, loss = evaluate(make_full_scorer(model, mesh), ({**variables, 'masks': mask},), batches)
+  acc, loss = evaluate(make_full_scorer(model, mesh, compute_dtype),
+                       ({**variables, 'masks': mask},), batches)
   return float(acc), float(loss)

@@ -17,7 +17,7 @@ import optax
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import layers, objective, optim, parallel
+from pgnas_jax import layers, objective, optim, parallel, precision
 from pgnas_jax import space as space_lib
 from pgnas_jax.errors import ConfigError, NonFiniteLossError, Preempted
 
@@ -65,11 +65,13 @@ def make_loss_fn(model, space: space_lib.SearchSpace, config: ml_collections.Con
     images = batch['images']
     masks = masks_lib.relaxed_masks(jax.random.fold_in(key, 0), drop_logits, space.template,
                                     images.shape[0], config.drop.tau)
-    logits, updates = model.apply(
-        {'params': params['weights'], 'batch_stats': batch_stats, 'masks': masks}, images,
-        train=True, rngs={'shake': jax.random.fold_in(key, 1)},
+    logits, updates = precision.apply(
+        model, {'params': params['weights'], 'batch_stats': batch_stats, 'masks': masks},
+        images, config.model.compute_dtype, train=True,
+        rngs={'shake': jax.random.fold_in(key, 1)},
         mutable=['batch_stats', layers.AUXILIARY_LOGITS])
-    auxiliary_logits = jax.tree.leaves(updates.get(layers.AUXILIARY_LOGITS, {}))
+    auxiliary_logits = [a.astype(jnp.float32) for a in
+                        jax.tree.leaves(updates.get(layers.AUXILIARY_LOGITS, {}))]
     loss, parts = objective.negative_elbo(logits, batch['labels'], params['weights'],
                                           drop_logits, space.template, config.objective,
                                           learned, auxiliary_logits)

@@ -81,3 +81,23 @@ def test_training_masks_do_not_depend_on_device_count():
   four = jax.jit(lambda k: masks.relaxed_masks(k, logits, TEMPLATE, 16, 0.2),
                  out_shardings=parallel.batch_sharded(mesh))(jax.random.key(6))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), one, four)
+
+
+def test_each_leaf_draws_from_its_own_key():
+  """Leaves of one size are drawn together (vmap); the values must be those of one draw per
+  leaf from fold_in(key, leaf_index), whatever sizes the other leaves have."""
+  template = {'a': {'group0': jnp.ones(5), 'group1': jnp.ones(3)}, 'b': {'group0': jnp.ones(5)},
+              'c': {'group0': jnp.ones(7)}}
+  logits = jax.tree.map(lambda m, q: masks.logit(jnp.float32(q)), template,
+                        {'a': {'group0': 0.2, 'group1': 0.5}, 'b': {'group0': 0.7},
+                         'c': {'group0': 0.3}})
+  key = jax.random.key(11)
+  relaxed = masks.relaxed_masks(key, logits, template, 4, 0.2)
+  hard = masks.hard_mask(key, logits, template)
+  for i, (r, h, theta, m) in enumerate(zip(jax.tree.leaves(relaxed), jax.tree.leaves(hard),
+                                           jax.tree.leaves(logits), jax.tree.leaves(template))):
+    k = jax.random.fold_in(key, i)
+    noise = jax.random.logistic(k, (4, m.shape[-1]))
+    np.testing.assert_array_equal(r, 1.0 - jax.nn.sigmoid((theta + noise) / 0.2))
+    u = jax.random.uniform(k, m.shape)
+    np.testing.assert_array_equal(h, (u >= jax.nn.sigmoid(theta)).astype(np.float32))

@@ -33,7 +33,7 @@ def test_vmapped_scoring_equals_python_loop(tiny_net, tiny_variables):
   cands = masks.candidate_masks(jax.random.key(3), jnp.arange(8), logits, space.template)
   batch = _batch()
   for mesh in (parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh(jax.devices()[:4])):
-    correct, loss = search.make_chunk_scorer(tiny_net, mesh)(
+    correct, loss = search.make_chunk_scorer(tiny_net, mesh, 'float32')(
         variables, cands, parallel.put_replicated(batch, mesh))
     for c in range(8):
       mask = jax.tree.map(lambda m: m[c], cands)
@@ -46,7 +46,7 @@ def test_vmapped_scoring_equals_python_loop(tiny_net, tiny_variables):
 def test_evaluate_ignores_padding(tiny_net, tiny_variables):
   variables = _variables(tiny_variables)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  scorer = search.make_full_scorer(tiny_net, mesh)
+  scorer = search.make_full_scorer(tiny_net, mesh, 'float32')
   batch = _batch(12)
   whole = search.evaluate(scorer, (variables,), [batch])
   padded = dict(batch, weights=batch['weights'].at[8:].set(0.0))
@@ -129,3 +129,31 @@ def test_recorded_candidates_drop_a_partly_written_last_line(tmp_path):
   with pytest.raises(errors.CheckpointError, match='does not hold candidates 0..1 in order'):
     search.read_recorded(str(path))
   assert search.read_recorded(str(tmp_path / 'absent.jsonl')) == []
+
+
+def test_auto_chunk_size_aims_at_the_platform_target_within_free_memory(tiny_net, tiny_variables,
+                                                                        monkeypatch):
+  variables = _variables(tiny_variables)
+  space = space_lib.from_variables(tiny_variables)
+  target = search.IMAGES_PER_CALL['cpu'] // 16  # candidates per device for batches of 16
+  for n in (1, 4):
+    mesh = parallel.make_mesh(jax.devices()[:n])
+    batch = parallel.put_replicated(_batch(16), mesh)
+    auto = lambda c: search.auto_chunk_size(tiny_net, variables, space, batch, c, mesh,
+                                            'float32')
+    assert auto(1000) == n * target == auto(1000)  # deterministic
+    assert auto(5) == n * -(-5 // n)  # no more than the candidates need, a multiple of n
+  # with room for about 3 candidates' activations, it takes 3
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  batch = parallel.put_replicated(_batch(16), mesh)
+  scorer = search.make_chunk_scorer(tiny_net, mesh, 'float32')
+  temporaries = {}
+  for k in (1, 2):
+    masks_k = jax.tree.map(lambda m: np.ones((k,) + m.shape, np.float32), space.template)
+    temporaries[k] = scorer.lower(variables, masks_k, batch).compile().memory_analysis(
+        ).temp_size_in_bytes
+  room = 3.5 * (temporaries[2] - temporaries[1]) / search.MEMORY_SHARE
+  monkeypatch.setattr(search, '_free_memory_bytes', lambda device: int(room))
+  assert search.auto_chunk_size(tiny_net, variables, space, batch, 1000, mesh, 'float32') == 3
+  monkeypatch.setattr(search, '_free_memory_bytes', lambda device: 0)
+  assert search.auto_chunk_size(tiny_net, variables, space, batch, 1000, mesh, 'float32') == 1

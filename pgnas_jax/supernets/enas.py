@@ -75,7 +75,8 @@ class Cell(nn.Module):
     if op in SEPARABLE_KERNEL_SIZES:
       return SeparableOp(self.features, SEPARABLE_KERNEL_SIZES[op], strides, name=name)(x, train)
     if op == AVG_POOL:  # TF's SAME average pooling: the padding is not counted
-      return nn.avg_pool(x, (3, 3), (strides, strides), 'SAME', count_include_pad=False)
+      pooled = nn.avg_pool(x, (3, 3), (strides, strides), 'SAME', count_include_pad=False)
+      return pooled.astype(x.dtype)  # flax counts the window in float32
     if op == MAX_POOL:
       return nn.max_pool(x, (3, 3), (strides, strides), 'SAME')
     if strides > 1:  # identity

@@ -33,8 +33,8 @@ class ShakeMix(nn.Module):
     n = len(branches)
     if not (train and self.shake):
       return jnp.mean(stacked, axis=-1)
-    forward = _mixing_weights(self.make_rng('shake'), stacked.shape[0], n)
-    backward = _mixing_weights(self.make_rng('shake'), stacked.shape[0], n)
+    forward = _mixing_weights(self.make_rng('shake'), stacked.shape[0], n).astype(stacked.dtype)
+    backward = _mixing_weights(self.make_rng('shake'), stacked.shape[0], n).astype(stacked.dtype)
     with_backward = jnp.sum(stacked * backward, axis=-1)
     correction = jnp.sum(stacked * (forward - backward), axis=-1)
     return with_backward + jax.lax.stop_gradient(correction)

@@ -1,0 +1,135 @@
+"""What the benchmark scripts share: the networks they time, synthetic inputs, the timing
+loop, FLOP counts and the tables they print and write (JSON and markdown).
+
+Every number comes from the project's own code paths (``train.make_train_step``,
+``search.make_chunk_scorer``), on synthetic images of the network's input shape: speed does
+not depend on pixel values. Timings block on the result of every call.
+"""
+import importlib.util
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pgnas_jax import config as config_lib
+from pgnas_jax import optim, parallel, supernets, train
+from pgnas_jax import space as space_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
+
+
+def _config_file(name: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', name + '.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _m32():
+  c = config_lib.get_config()
+  c.model.shake_shake.update({'stem_width': 16, 'widths': (32, 64, 128), 'blocks_per_stage': 2})
+  return c
+
+
+def _d121():
+  c = config_lib.get_config()
+  c.model.family = 'densenet'  # the model.densenet defaults are DenseNet-121's
+  return c
+
+
+# name -> (config with the model, input shape of one image, classes, description)
+NETWORKS = {
+    'default': (config_lib.get_config, (28, 28, 1), 10,
+                'the embedded default (SupNet-M family, 16/32/64, 1 block per stage), 28x28x1'),
+    'm32': (_m32, (32, 32, 3), 10, 'SupNet-M shape at width 32 (32/64/128), 2 blocks per stage, '
+            '32x32x3'),
+    'mi': (lambda: _config_file('cifar10_mi'), (32, 32, 3), 10,
+           'SupNet-MI (shake-shake 26 2x160d), 32x32x3'),
+    'd121': (_d121, (224, 224, 3), 1000, 'SupNet-D-121, 224x224x3'),
+}
+
+
+def network(name: str, compute_dtype: str = 'float32'):
+  """(config, model, image shape, classes, description) of a named benchmark network."""
+  make, shape, classes, description = NETWORKS[name]
+  config = make()
+  config.model.compute_dtype = compute_dtype
+  return config, supernets.build(config.model, classes), shape, classes, description
+
+
+def synthetic_batch(batch_size: int, shape: tuple, classes: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  return {'images': rng.standard_normal((batch_size,) + tuple(shape), np.float32),
+          'labels': rng.integers(0, classes, batch_size).astype(np.int32),
+          'weights': np.ones(batch_size, np.float32)}
+
+
+def train_state(config, model, shape, mesh):
+  """(state, space, train_step) for ``config`` with a one-epoch cosine schedule."""
+  schedule = optim.learning_rate_schedule(config.train, 1000, 100)
+  tx = optim.make_optimizer(config, schedule)
+  state, space = train.initialise(model, config, shape, tx, mesh)
+  step = train.make_train_step(model, space, config, tx, schedule, mesh)
+  return state, space, step
+
+
+def forward_flops(space: space_lib.SearchSpace) -> int:
+  """FLOPs of one image through the full super-network: 2 per multiply-accumulate of its
+  conv and dense layers (BatchNorm, activations and masks not counted)."""
+  return 2 * int(space_lib.costs(space, space.template)[1])
+
+
+def timed(fn, repeats: int) -> float:
+  """Seconds per call of ``fn`` (which must return device arrays), after one warm-up call."""
+  jax.block_until_ready(fn())
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeats
+
+
+def peak_memory_bytes(compiled=None):
+  """Peak device memory in use where the backend reports it (GPU, TPU); on CPU, the
+  compiled program's arguments, outputs and temporaries (``memory_analysis``)."""
+  stats = jax.devices()[0].memory_stats()
+  if stats and 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use'])
+  if compiled is None:
+    return None
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+
+
+def device_description() -> str:
+  d = jax.devices()
+  return f'{len(d)} x {d[0].device_kind} ({d[0].platform}), jax {jax.__version__}'
+
+
+def write_table(name: str, title: str, columns: list, rows: list, notes: str = '') -> str:
+  """Prints a markdown table and writes it as ``results/<name>.md`` and ``.json``;
+  returns the markdown."""
+  os.makedirs(RESULTS, exist_ok=True)
+  fmt = lambda v: f'{v:,.3g}' if isinstance(v, float) and abs(v) < 100 else (
+      f'{v:,.0f}' if isinstance(v, (int, float)) else str(v))
+  lines = [f'### {title}', '', f'Device: {device_description()}.', '',
+           '| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  lines += ['| ' + ' | '.join(fmt(r[c]) for c in columns) + ' |' for r in rows]
+  if notes:
+    lines += ['', notes]
+  text = '\n'.join(lines) + '\n'
+  print(text, flush=True)
+  with open(os.path.join(RESULTS, name + '.md'), 'w') as f:
+    f.write(text)
+  with open(os.path.join(RESULTS, name + '.json'), 'w') as f:
+    json.dump({'title': title, 'device': device_description(), 'rows': rows}, f, indent=1)
+  return text
+
+
+def mesh_of(num_devices: int):
+  return parallel.make_mesh(jax.devices()[:num_devices])
+
