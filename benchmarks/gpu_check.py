@@ -110,7 +110,7 @@ def ranking_rows(log, smoke):
     batches = [parallel.put_replicated(harness.synthetic_batch(eval_batch, shape, classes, i),
                                        mesh) for i in range(num_images // eval_batch)]
     plain = search.make_full_scorer(model, mesh, dtype)
-    seconds = harness.timed(lambda: [plain(weights, b) for b in batches][-1], 2)
+    seconds = harness.timed(lambda: search.evaluate(plain, (weights,), batches), 2)
     floor = num_images / seconds
     log({'check': 'ranking', 'network': name, 'dtype': dtype, 'way': 'plain forward',
          'chunk': 0, 'eval_batch': eval_batch, 'images_per_s': round(floor, 1),
@@ -121,7 +121,7 @@ def ranking_rows(log, smoke):
           jax.random.key(1), jnp.arange(s, s + chunk), logits, space.template))
           for s in range(0, candidates, chunk)]
       seconds = harness.timed(
-          lambda: [scorer(weights, m, b) for m in masks for b in batches][-1], 1)
+          lambda: [search.evaluate(scorer, (weights, m), batches) for m in masks], 1)
       log({'check': 'ranking', 'network': name, 'dtype': dtype,
            'way': 'one at a time' if chunk == 1 else 'vmapped chunk', 'chunk': chunk,
            'eval_batch': eval_batch, 'candidates_per_s': round(candidates / seconds, 2),

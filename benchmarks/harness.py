@@ -84,7 +84,8 @@ def forward_flops(space: space_lib.SearchSpace) -> int:
 
 
 def timed(fn, repeats: int) -> float:
-  """Seconds per call of ``fn`` (which must return device arrays), after one warm-up call."""
+  """Seconds per call of ``fn`` (returning device arrays, or host values it waited for),
+  after one warm-up call."""
   jax.block_until_ready(fn())
   start = time.perf_counter()
   for _ in range(repeats):

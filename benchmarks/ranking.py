@@ -63,12 +63,13 @@ def measure(args, num_devices, eval_batch, chunks):
     masks = [parallel.put_split(jax.device_get(search.draw_candidates(
         jax.random.key(1), jnp.arange(s, s + chunk), logits, space.template)), mesh)
              for s in range(0, args.candidates, chunk)]
-    seconds = harness.timed(lambda: [scorer(weights, m, b) for m in masks for b in batches][-1],
-                            1)
+    # search.evaluate, as ranking runs it: it reads each batch's scores before the next
+    seconds = harness.timed(lambda: [search.evaluate(scorer, (weights, m), batches)
+                                     for m in masks], 1)
     plain_batches = [parallel.put_batch(harness.synthetic_batch(chunk * eval_batch, shape,
                                                                 classes, i), mesh)
                      for i in range(total // (chunk * eval_batch))]
-    plain_seconds = harness.timed(lambda: [plain(weights, b) for b in plain_batches][-1], 1)
+    plain_seconds = harness.timed(lambda: search.evaluate(plain, (weights,), plain_batches), 1)
     rows.append({'devices': num_devices, 'eval_batch': eval_batch, 'chunk': chunk,
                  'images_per_call': chunk * eval_batch,
                  'candidates_per_s': args.candidates / seconds, 'images_per_s': total / seconds,

@@ -61,10 +61,11 @@ def make_full_scorer(model, mesh, compute_dtype: str) -> Callable:
 
 
 # Images per device and call (candidates per device x batch) that 'auto' aims for. CPU:
-# where the vmapped scorer measured fastest on a 2-core machine (benchmarks/ranking.py,
-# docs/benchmarks.md); larger chunks leave the caches and slow down. Accelerators: large
-# enough to keep the chip busy; free memory sets the limit there.
-IMAGES_PER_CALL = {'cpu': 512}
+# where scoring measured fastest on a 2-core machine, about 80 to 100 images per call, for
+# the vmapped scorer and a plain forward alike (benchmarks/ranking.py, docs/benchmarks.md);
+# larger calls leave the caches and slow down. Accelerators: large enough to keep the chip
+# busy; free memory sets the limit there.
+IMAGES_PER_CALL = {'cpu': 100}
 ACCELERATOR_IMAGES_PER_CALL = 16384
 MEMORY_SHARE = 0.5  # of the free device memory that a chunk's activations may take
 
