@@ -53,31 +53,17 @@ def train_row(log, name, dtype, batch_size, steps, smoke):
   config, model, shape, classes, _ = harness.network(name, dtype)
   if smoke:
     shape = (32, 32, 3) if name == 'd121' else shape
-  mesh = harness.mesh_of(1)
-  state, space, step = harness.train_state(config, model, shape, mesh)
-  batch = parallel.put_batch({k: v for k, v in harness.synthetic_batch(
-      batch_size, shape, classes).items() if k != 'weights'}, mesh)
-  t = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t
-  holder = [state]
-
-  def one_step():
-    holder[0], metrics = compiled(holder[0], batch)
-    return metrics['loss']
-
-  seconds = harness.timed(one_step, steps)
-  flops = 3 * harness.forward_flops(space) * batch_size
-  analysis = compiled.memory_analysis()
+  t = harness.time_train_step(config, model, shape, classes, batch_size, steps,
+                              harness.mesh_of(1))
+  achieved = t.train_flops / t.step_s
   row = {'check': 'train_step', 'network': name, 'dtype': dtype, 'batch': batch_size,
-         'compile_s': round(compile_s, 1), 'step_ms': round(1e3 * seconds, 2),
-         'images_per_s': round(batch_size / seconds, 1),
-         'achieved_TFLOP_per_s': round(flops / seconds / 1e12, 2),
-         'MFU': round(flops / seconds / PEAK_FLOPS[dtype], 4),
-         'temp_GiB': round(analysis.temp_size_in_bytes / 2**30, 2),
-         'peak_GiB': round((harness.peak_memory_bytes(compiled) or 0) / 2**30, 2)}
+         'compile_s': round(t.compile_s, 1), 'step_ms': round(1e3 * t.step_s, 2),
+         'images_per_s': round(batch_size / t.step_s, 1),
+         'achieved_TFLOP_per_s': round(achieved / 1e12, 2),
+         'MFU': round(achieved / PEAK_FLOPS[dtype], 4),
+         'temp_GiB': round(t.temp_bytes / 2**30, 2),
+         'peak_GiB': round((t.peak_bytes or 0) / 2**30, 2)}
   log(row)
-  del holder, state, compiled
   return row
 
 
@@ -94,10 +80,8 @@ def largest_batch(row: dict, smoke: bool) -> int:
 
 
 def ranking_rows(log, smoke):
-  name = 'mi'
+  name = 'default' if smoke else 'mi'
   config, model, shape, classes, _ = harness.network(name, 'bfloat16')
-  if smoke:
-    config, model, shape, classes, _ = harness.network('default', 'bfloat16')
   mesh = harness.mesh_of(1)
   variables = jax.jit(lambda k: model.init({'params': k}, jnp.zeros((1,) + shape),
                                            train=False))(jax.random.key(0))

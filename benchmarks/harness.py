@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,36 @@ def train_state(config, model, shape, mesh):
   state, space = train.initialise(model, config, shape, tx, mesh)
   step = train.make_train_step(model, space, config, tx, schedule, mesh)
   return state, space, step
+
+
+class StepTiming(NamedTuple):
+  compile_s: float
+  step_s: float
+  train_flops: int  # per step: 3 x the forward FLOPs of the batch
+  temp_bytes: int  # the compiled step's temporaries (per device)
+  peak_bytes: int | None  # see peak_memory_bytes
+
+
+def time_train_step(config, model, shape: tuple, classes: int, batch_size: int, steps: int,
+                    mesh) -> StepTiming:
+  """Compiles the project's ``train_step`` for a synthetic batch and times ``steps`` steps
+  after one warm-up."""
+  state, space, step = train_state(config, model, shape, mesh)
+  data = synthetic_batch(batch_size, shape, classes)
+  batch = parallel.put_batch({'images': data['images'], 'labels': data['labels']}, mesh)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  holder = [state]
+
+  def one_step():
+    holder[0], metrics = compiled(holder[0], batch)
+    return metrics['loss']
+
+  seconds = timed(one_step, steps)
+  return StepTiming(compile_s, seconds, 3 * forward_flops(space) * batch_size,
+                    int(compiled.memory_analysis().temp_size_in_bytes),
+                    peak_memory_bytes(compiled))
 
 
 def forward_flops(space: space_lib.SearchSpace) -> int:

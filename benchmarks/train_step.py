@@ -27,37 +27,22 @@ def parse():
 
 
 def measure(name, dtype, num_devices, batch_size, steps):
-  import time
-  import jax
   from benchmarks import harness
-  from pgnas_jax import parallel
   config, model, shape, classes, _ = harness.network(name, dtype)
-  mesh = harness.mesh_of(num_devices)
-  state, space, step = harness.train_state(config, model, shape, mesh)
-  batch = parallel.put_batch(
-      {k: v for k, v in harness.synthetic_batch(batch_size, shape, classes).items()
-       if k != 'weights'}, mesh)
-  start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
-  holder = [state]
-
-  def one_step():
-    holder[0], metrics = compiled(holder[0], batch)
-    return metrics['loss']
-
-  seconds = harness.timed(one_step, steps)
-  flops = 3 * harness.forward_flops(space) * batch_size
+  t = harness.time_train_step(config, model, shape, classes, batch_size, steps,
+                              harness.mesh_of(num_devices))
   return {'network': name, 'dtype': dtype, 'devices': num_devices, 'batch': batch_size,
-          'compile_s': compile_s, 'step_ms': 1e3 * seconds, 'images_per_s': batch_size / seconds,
-          'peak_memory_MiB': (harness.peak_memory_bytes(compiled) or 0) / 2**20,
-          'train_GFLOP_per_step': flops / 1e9, 'achieved_GFLOP_per_s': flops / seconds / 1e9}
+          'compile_s': t.compile_s, 'step_ms': 1e3 * t.step_s,
+          'images_per_s': batch_size / t.step_s, 'peak_memory_MiB': (t.peak_bytes or 0) / 2**20,
+          'train_GFLOP_per_step': t.train_flops / 1e9,
+          'achieved_GFLOP_per_s': t.train_flops / t.step_s / 1e9}
 
 
 def main():
   args = parse()
   devices = [int(d) for d in args.devices.split(',')]
-  os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count={max(devices)}')
+  flag = f'--xla_force_host_platform_device_count={max(devices)}'
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
   from benchmarks import harness
   rows = [measure(n, d, k, args.batch, args.steps)
           for n in args.networks.split(',') for d in args.dtypes.split(',') for k in devices]
