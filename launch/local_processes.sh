@@ -27,7 +27,7 @@ while ((${#running[@]})); do
   finished=''
   wait -n -p finished "${!running[@]}"
   code=$?
-  [[ -z "${finished}" ]] && continue  # woken by a signal, already passed on
+  [[ -z "${finished:-}" ]] && continue  # woken by a signal, already passed on
   unset "running[${finished}]"
   if ((code != 0 && status == 0)); then
     status="${code}"

@@ -74,6 +74,14 @@ def any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
+def min_over_processes(value: int) -> int:
+  """The smallest of every process's ``value``, on every process, so that all choose the
+  same (free memory differs between hosts)."""
+  if jax.process_count() == 1:
+    return value
+  return int(np.min(multihost_utils.process_allgather(np.array(value))))
+
+
 def make_mesh(devices=None) -> Mesh:
   """A 1-D 'data' mesh over ``devices`` (default: every device of every process), ordered by
   process, so that process p's devices hold one contiguous block of a batch's rows."""

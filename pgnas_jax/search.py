@@ -88,8 +88,10 @@ def auto_chunk_size(model, variables: dict, space: space_lib.SearchSpace, batch:
   ``MEMORY_SHARE`` of its free memory, never more than needed for ``num_candidates``. One
   candidate's activation memory is the difference between the compiled scorer's
   temporaries at 2 and at 1 candidates per device. The result is a multiple of the device
-  count, and the same for a given machine, network and batch size."""
-  device, n = mesh.devices.flat[0], mesh.devices.size
+  count, the same on every process (the smallest they find), and the same for a given
+  machine, network and batch size."""
+  n = mesh.devices.size
+  device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
   target = IMAGES_PER_CALL.get(device.platform, ACCELERATOR_IMAGES_PER_CALL)
   per_device = max(1, target // batch['images'].shape[0])
   free = _free_memory_bytes(device)
@@ -104,7 +106,7 @@ def auto_chunk_size(model, variables: dict, space: space_lib.SearchSpace, batch:
   one, two = temporaries(n), temporaries(2 * n)
   if free is not None and one is not None and two is not None:
     per_device = min(per_device, max(1, int(MEMORY_SHARE * free) // max(two - one, 1)))
-  return n * min(per_device, -(-num_candidates // n))
+  return n * min(parallel.min_over_processes(per_device), -(-num_candidates // n))
 
 
 class _Passes:

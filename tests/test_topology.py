@@ -4,6 +4,9 @@ localhost, two simulated devices each (``launch/local_processes.sh 2 2``). Two d
 process, rather than one, so that a process feeds several devices from its rows of a batch
 and reductions cross both devices and processes.
 
+The search's chunk size is 'auto' (the default): 1 candidate at a time on one device, 4 on
+four devices in one or two processes, the processes agreeing on it.
+
 Compared: the loss curve, the dropped channels of every candidate in
 ``search/candidates.jsonl`` (byte for byte), the validation scores and the winner (the same).
 The tolerances: one device and four in one process agree within 1e-7 here, but the two
@@ -34,7 +37,7 @@ TINY = ['--config.model.shake_shake.stem_width=4', '--config.model.shake_shake.w
         '--config.train.batch_size=32', '--config.train.num_steps=8',
         '--config.train.log_every_steps=2', '--config.checkpoint.every_steps=4',
         f'--config.data.validation_size={VALIDATION}', '--config.search.num_candidates=8',
-        '--config.search.chunk_size=4', '--config.search.eval_batch_size=200']
+        '--config.search.chunk_size=auto', '--config.search.eval_batch_size=200']
 CURVE = ('loss', 'nll', 'prior', 'entropy', 'learning_rate', 'mean_p')
 TIMEOUT = 240
 
