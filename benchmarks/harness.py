@@ -5,7 +5,6 @@ Every number comes from the project's own code paths (``train.make_train_step``,
 ``search.make_chunk_scorer``), on synthetic images of the network's input shape: speed does
 not depend on pixel values. Timings block on the result of every call.
 """
-import importlib.util
 import json
 import os
 import time
@@ -24,10 +23,7 @@ RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
 
 
 def _config_file(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', name + '.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.read_config_file(os.path.join(ROOT, 'configs', name + '.py')).get_config()
 
 
 def _m32():

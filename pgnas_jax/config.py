@@ -4,6 +4,10 @@
 2 CPU cores, on Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package. Config files in
 ``configs/`` start from it and override fields; ``validate`` runs once at start.
 """
+import importlib.util
+import os
+import types
+
 import ml_collections
 
 from pgnas_jax.errors import ConfigError
@@ -101,6 +105,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.search.chunk_size = ml_collections.FieldReference('auto', field_type=object)
   c.search.eval_batch_size = 100
   return c
+
+
+def read_config_file(path: str) -> types.ModuleType:
+  """A config file (``configs/*.py``) as a module: its docstring says how to run it and what
+  the paper reports, its ``get_config()`` builds the config, as ``--config=PATH`` does."""
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 _ENAS_ARC = ('4 numbers per node (input, op, input, op): node j (from 0) reads inputs '

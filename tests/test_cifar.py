@@ -1,5 +1,4 @@
 """CIFAR-10/100 through tfds' mock data (no files, no TensorFlow), cutout, the CIFAR configs."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -106,10 +105,7 @@ def test_cutout_applies_to_training_batches_only():
 
 
 def _config_file(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.read_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
 
 
 @pytest.mark.parametrize('name, family, size, l2, candidates', [

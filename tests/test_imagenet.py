@@ -1,6 +1,5 @@
 """ImageNet through tfds' mock data (no files, no TensorFlow): streamed splits, crops,
 per-process rows, the missing-data message, the ImageNet configs end to end."""
-import importlib.util
 import json
 import math
 import os
@@ -158,10 +157,7 @@ def test_imagenet_refuses_cifar_augmentations():
 
 
 def _config_file(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.read_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
 
 
 @pytest.mark.parametrize('name, family, l2, batch, epochs, step_epochs', [
