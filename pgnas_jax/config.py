@@ -104,6 +104,10 @@ def get_config() -> ml_collections.ConfigDict:
   # device memory)
   c.search.chunk_size = ml_collections.FieldReference('auto', field_type=object)
   c.search.eval_batch_size = 100
+
+  c.finetune = ml_collections.ConfigDict()  # of the winner, after the choice (SPEC section 3)
+  c.finetune.steps = 0  # 0: off (the paper's headline protocol)
+  c.finetune.learning_rate = 0.01  # peak, cosine to 0 over the steps
   return c
 
 
@@ -193,6 +197,8 @@ RANGES = {
     'search.chunk_size': (lambda v: v == 'auto' or (type(v) is int and v >= 1),
                           "'auto' or a whole number >= 1"),
     'search.eval_batch_size': (lambda v: v > 0, '> 0'),
+    'finetune.steps': (lambda v: v >= 0, '>= 0 (0: no fine-tuning)'),
+    'finetune.learning_rate': (lambda v: v > 0.0, '> 0'),
 }
 
 

@@ -186,6 +186,18 @@ def group_sq_norms(params: PyTree, template: PyTree) -> PyTree:
   return traverse_util.unflatten_dict(out)
 
 
+def mask_params(params: PyTree, template: PyTree, mask: PyTree) -> PyTree:
+  """Searchable kernels with the input channels that the hard ``mask`` drops set to zero:
+  the weights one architecture has (``prune_params`` without removing them)."""
+  flat = dict(traverse_util.flatten_dict(params))
+  flat_mask = traverse_util.flatten_dict(mask)
+  for conv, groups in groups_by_conv(template).items():
+    keep = jnp.concatenate([flat_mask[g] for g in groups])
+    for path in [p for p in flat if p[:-1] == conv]:
+      flat[path] = flat[path] * keep.astype(flat[path].dtype)[None, None, :, None]
+  return traverse_util.unflatten_dict(flat)
+
+
 def prune_params(params: PyTree, template: PyTree, kept: PyTree) -> PyTree:
   """Weights of the pruned network: each searchable kernel keeps its kept input channels."""
   flat = dict(traverse_util.flatten_dict(params))

@@ -21,13 +21,13 @@ from ml_collections import config_flags
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, export, parallel, report, search, supernets, train
+from pgnas_jax import errors, export, finetune, parallel, report, search, supernets, train
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import space as space_lib
 
 
-OUTPUTS = ('config.json', 'metrics.jsonl', 'posterior.json', 'report.md', 'search', 'plots',
-           checkpoint_lib.DIRNAME, checkpoint_lib.UNREADABLE_DIRNAME)
+OUTPUTS = ('config.json', 'metrics.jsonl', 'posterior.json', 'timings.json', 'report.md',
+           'search', 'plots', checkpoint_lib.DIRNAME, checkpoint_lib.UNREADABLE_DIRNAME)
 # Fields that may change between a run and its resumption: they do not change any result.
 RESUMABLE_CHANGES = ('train.log_every_steps', 'checkpoint.every_steps', 'checkpoint.max_to_keep')
 
@@ -133,9 +133,14 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
           'val_acc': winner['val_acc'], 'test_acc': test_acc,
           'supernet': {'val_acc': float(full_val), 'test_acc': float(full_test),
                        'params': int(full_params), 'flops': int(full_flops)}}
+  timings['test and export'] = time.time() - t
+  if config.finetune.steps > 0:
+    t = time.time()
+    arch['finetuned'] = _finetune_winner(config, workdir, mesh, dataset, model, space, state,
+                                         variables, winner_mask, validation, test)
+    timings['fine-tune'] = time.time() - t
   if writer:
     report.write_json(os.path.join(workdir, 'search', 'arch.json'), arch)
-  timings['test and export'] = time.time() - t
 
   if writer:
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -144,6 +149,7 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
     report.plot_candidates([r['val_acc'] for r in records], float(full_val), winner['val_acc'],
                            os.path.join(workdir, 'plots', 'candidate_val_accuracy.png'))
     report.plot_training(metrics, os.path.join(workdir, 'plots', 'training.png'))
+    report.write_json(os.path.join(workdir, 'timings.json'), timings)
     # written last: its presence marks the run finished
     report.write_markdown(os.path.join(workdir, 'report.md'), arch, timings,
                           config.search.num_candidates, posterior)
@@ -153,7 +159,25 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
   return arch
 
 
-def _fail(message: str, status: int = 2):
+def _finetune_winner(config, workdir, mesh, dataset, model, space, state, variables, mask,
+                     validation, test) -> dict:
+  """Fine-tunes the winner (``finetune.steps`` > 0), saves its pruned weights beside the
+  un-tuned ones and returns its accuracies."""
+  tuner = finetune.Finetuner(model, config, dataset, space, mesh)
+  tuned = tuner(variables, mask, state.params['drop_logits'],
+                train.purpose_key(state.root_key, 'finetune'), int(state.step))
+  dtype = config.model.compute_dtype
+  val_acc, _ = search.evaluate_mask(model, tuned, mask, validation, mesh, dtype)
+  test_acc, _ = search.evaluate_mask(model, tuned, mask, test, mesh, dtype)
+  if parallel.is_main_process():
+    export.save_weights(os.path.join(workdir, 'search', 'winner_finetuned_weights.msgpack'),
+                        export.pruned_variables(tuned, space, mask))
+  logging.info('winner fine-tuned %d steps: val acc %.4f, test acc %.4f', config.finetune.steps,
+               val_acc, test_acc)
+  return {'steps': config.finetune.steps, 'val_acc': val_acc, 'test_acc': test_acc}
+
+
+def fail(message: str, status: int = 2):
   print(f'pgnas_jax: {message}', file=sys.stderr)
   sys.exit(status)
 
@@ -161,7 +185,7 @@ def _fail(message: str, status: int = 2):
 _FIELDS_HELP = 'fields are listed in README.md, "Config fields"'
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
   """An exception's text on one line, without the quoting that KeyError adds."""
   text = str(e)
   if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':
@@ -169,7 +193,7 @@ def _one_line(e: Exception) -> str:
   return ' '.join(text.replace('\\n', ' ').replace("\\'", "'").split())
 
 
-def _quiet_libraries(record) -> bool:
+def quiet_libraries(record) -> bool:
   """Keeps orbax's many INFO lines about its threads out of the progress log."""
   return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
 
@@ -178,7 +202,7 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(f'{_one_line(e)}; {_FIELDS_HELP}')
+    fail(f'{one_line(e)}; {_FIELDS_HELP}')
 
 
 def cli():
@@ -190,7 +214,7 @@ def cli():
         'Config file (a Python file with get_config()); fields can be overridden with '
         '--config.FIELD=VALUE.', lock_config=True)
   except (AttributeError, KeyError) as e:
-    _fail(f'unknown config field on the command line: {_one_line(e)}; {_FIELDS_HELP}')
+    fail(f'unknown config field on the command line: {one_line(e)}; {_FIELDS_HELP}')
   workdir_flag = flags.DEFINE_string('workdir', None,
                                      'Directory for every output of the run.')
   start_over_flag = flags.DEFINE_bool(
@@ -208,7 +232,7 @@ def cli():
                                          'Index of this process, 0 .. num_processes - 1.')
 
   def main(argv):
-    logging.get_absl_handler().addFilter(_quiet_libraries)
+    logging.get_absl_handler().addFilter(quiet_libraries)
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments {argv[1:]}')
     if not workdir_flag.value:
@@ -217,7 +241,7 @@ def cli():
       config = config_flag.value
       config.to_dict()  # a config file that failed to load raises only when first used
     except (OSError, AttributeError, KeyError) as e:
-      _fail(f'cannot load the config: {_one_line(e)}')
+      fail(f'cannot load the config: {one_line(e)}')
     try:
       parallel.initialize_distributed(distributed_flag.value, coordinator_flag.value,
                                       num_processes_flag.value, process_id_flag.value)
@@ -225,9 +249,9 @@ def cli():
         logging.set_verbosity(logging.WARNING)
       run(config, workdir_flag.value, start_over_flag.value)
     except errors.Preempted as e:
-      _fail(_one_line(e), status=143)
+      fail(one_line(e), status=143)
     except errors.UserFacingError as e:
-      _fail(_one_line(e))
+      fail(one_line(e))
 
   app.run(main, flags_parser=parse_flags)
 

@@ -80,7 +80,11 @@ def write_markdown(path: str, arch: dict, timings: dict, num_candidates: int,
       f"| full super-network | {_fmt(full['val_acc'])} | {_fmt(full['test_acc'])} | "
       f"{_fmt(full['params'])} | {_fmt(full['flops'])} |",
       f"| winner #{arch['index']} of {num_candidates} (no fine-tuning) | {_fmt(arch['val_acc'])} | "
-      f"{_fmt(arch['test_acc'])} | {_fmt(arch['params'])} | {_fmt(arch['flops'])} |", '',
+      f"{_fmt(arch['test_acc'])} | {_fmt(arch['params'])} | {_fmt(arch['flops'])} |",
+      *([f"| the winner fine-tuned {arch['finetuned']['steps']} steps | "
+         f"{_fmt(arch['finetuned']['val_acc'])} | {_fmt(arch['finetuned']['test_acc'])} | "
+         f"{_fmt(arch['params'])} | {_fmt(arch['flops'])} |"] if 'finetuned' in arch else []),
+      '',
       f"Dropped channels: {arch['dropped_channel_share']:.1%}; removed convolutions: "
       f"{len(arch['removed_convs'])} ({arch['removed_conv_share']:.1%}). "
       f"Mean learned drop probability: {mean_p:.4f}.", '',

@@ -22,7 +22,7 @@ from pgnas_jax import space as space_lib
 from pgnas_jax.errors import ConfigError, NonFiniteLossError, Preempted
 
 PyTree = Any
-KEY_PURPOSES = {'init': 0, 'train': 1, 'search': 2}
+KEY_PURPOSES = {'init': 0, 'train': 1, 'search': 2, 'finetune': 3}
 
 
 def purpose_key(root_key: jax.Array, purpose: str) -> jax.Array:

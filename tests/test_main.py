@@ -22,7 +22,7 @@ def _main(workdir, *args):
 
 
 def test_main_job_writes_the_workdir_contract(tmp_path):
-  result = _main(tmp_path, *TINY)
+  result = _main(tmp_path, *TINY, '--config.finetune.steps=3')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'train step 6/6' in result.stderr and 'search 5/5 candidates' in result.stderr
 
@@ -56,7 +56,14 @@ def test_main_job_writes_the_workdir_contract(tmp_path):
     assert key in arch
   assert set(arch['supernet']) == {'val_acc', 'test_acc', 'params', 'flops'}
   assert (tmp_path / 'search' / 'winner_weights.msgpack').stat().st_size > 0
-  assert 'winner' in (tmp_path / 'report.md').read_text()
+  assert arch['finetuned']['steps'] == 3
+  assert 0.0 <= arch['finetuned']['val_acc'] <= 1.0 and 0.0 <= arch['finetuned']['test_acc'] <= 1.0
+  assert (tmp_path / 'search' / 'winner_finetuned_weights.msgpack').stat().st_size > 0
+  assert 'winner fine-tuned 3 steps' in result.stderr
+  assert set(json.loads((tmp_path / 'timings.json').read_text())) == {
+      'train', 'search', 'test and export', 'fine-tune'}
+  report = (tmp_path / 'report.md').read_text()
+  assert 'winner' in report and 'fine-tuned 3 steps' in report
   for plot in ('drop_probabilities.png', 'candidate_val_accuracy.png'):
     assert (tmp_path / 'plots' / plot).read_bytes()[:4] == b'\x89PNG'
 

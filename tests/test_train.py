@@ -6,7 +6,7 @@ import pytest
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import optim, parallel, train
+from pgnas_jax import export, finetune, layers, optim, parallel, train
 
 
 def _config(**drop):
@@ -114,3 +114,41 @@ def test_schedules(schedule):
     for restart in (10, 30, 70):
       assert values[restart] == pytest.approx(0.1)
       assert values[restart - 1] < 0.01
+
+
+def _finetuned(tiny_net, devices, steps=8):
+  """The tiny net after 2 training steps, its candidate mask dropping channel 0 of every
+  group, fine-tuned ``steps`` steps on ``devices``."""
+  config = _config()
+  config.finetune.steps, config.finetune.learning_rate = steps, 0.05
+  params, _, space, state = _run_steps(tiny_net, config, jax.devices()[:1])
+  variables = {'params': params['weights'], 'batch_stats': jax.device_get(state.batch_stats)}
+  mask = jax.tree.map(lambda m: np.concatenate([[0.0], np.ones(m.shape[0] - 1)]).astype(
+      np.float32), space.template)
+  mesh = parallel.make_mesh(devices)
+  tuner = finetune.Finetuner(tiny_net, config, _dataset(), space, mesh)
+  tuned = tuner(variables, mask, params['drop_logits'], jax.random.key(5), first_step=2)
+  return variables, jax.device_get(tuned), mask, space
+
+
+def test_finetuning_trains_kept_weights_only_and_exports_exactly(tiny_net):
+  before, after, mask, space = _finetuned(tiny_net, jax.devices()[:1])
+  for conv in layers.groups_by_conv(space.template):
+    k0 = before['params']
+    k1 = after['params']
+    for name in conv:
+      k0, k1 = k0[name], k1[name]
+    # channel 0 (dropped) of the kernel's input axis untouched, the kept ones trained
+    np.testing.assert_array_equal(k0['kernel'][:, :, 0], k1['kernel'][:, :, 0])
+    assert not np.allclose(k0['kernel'][:, :, 1:], k1['kernel'][:, :, 1:])
+  images = jax.numpy.asarray(_dataset().test.images, jax.numpy.float32) / 255.0
+  masked = tiny_net.apply({**after, 'masks': mask}, images, train=False)
+  pruned = tiny_net.apply(export.pruned_variables(after, space, mask), images, train=False)
+  np.testing.assert_allclose(pruned, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_finetuning_same_on_one_and_four_devices(tiny_net):
+  _, one, _, _ = _finetuned(tiny_net, jax.devices()[:1], steps=3)
+  _, four, _, _ = _finetuned(tiny_net, jax.devices()[:4], steps=3)
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)

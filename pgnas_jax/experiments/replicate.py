@@ -1,0 +1,326 @@
+"""The paper's ablations reproduced at small scale, on Fashion-MNIST with the embedded default
+super-network (SupNet-M family), with one command:
+
+    python -m pgnas_jax.experiments.replicate --workdir=DIR [--quick]
+
+writes ``DIR/replication.md``, ``DIR/results.json`` and the figures under ``DIR/figures/``.
+Every training and search is the main job (``pgnas_jax.main.run``) in its own workdir,
+``DIR/runs/<arm>/seed<s>``; what the study adds (winners among the first C candidates, their
+test accuracy, fine-tuning, the ranking-fidelity check) reuses the project's search and
+fine-tuning code and is cached beside each run in ``study.json``. Run the same command again
+after an interruption: finished runs and analyses are skipped, an interrupted run resumes
+from its last checkpoint or its last scored candidate.
+
+Arms (``Study`` sets the sizes; ``FULL`` is the committed study, ``QUICK`` the CI one):
+  * ``pgnas``: PGNAS as configured by default; ranks enough candidates for Table 6;
+  * ``random``: predefined dropout (drop logits frozen at p0, paper Table 3 "Random"), p0
+    chosen from the ``pgnas`` winners' sizes (``choose_random_p``);
+  * ``full``: the super-network trained without dropout to speak of (p = ``full_p`` frozen),
+    evaluated whole: the paper's "full model";
+  * ``l2_<v>``, ``tau_<t>``: PGNAS with another weight-prior l2 or temperature (Tables 4, 5).
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from pgnas_jax import checkpoint as checkpoint_lib
+from pgnas_jax import config as config_lib
+from pgnas_jax import data as data_lib
+from pgnas_jax import errors, finetune, main, parallel, report, search, supernets, train
+from pgnas_jax.experiments import replication_report
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  seeds: tuple
+  train_epochs: float
+  train_steps: int  # > 0 overrides train_epochs
+  batch_size: int
+  validation_size: int  # images held out of training for ranking
+  candidates: int  # Random and PGNAS compared among this many (Table 3, Figure 1)
+  sweep_candidates: int  # the l2 and tau arms rank this many (Tables 4, 5)
+  candidate_counts: tuple  # Table 6: the pgnas arm's winner among its first C candidates
+  l2_values: tuple  # Table 4; must hold the default config's weight_prior_l2
+  taus: tuple  # Table 5; must hold the default config's tau
+  finetune_steps: int  # "a short fine-tuning": Random's and PGNAS's winners, fidelity
+  fidelity_candidates: int  # spread over the pgnas seed-0 ranking, each fine-tuned
+  full_p: float  # frozen drop probability of the "full model" arm
+
+  def pgnas_candidates(self) -> int:
+    return max(self.candidate_counts + (self.candidates, self.sweep_candidates))
+
+
+FULL = Study(seeds=(0, 1, 2), train_epochs=1.5, train_steps=-1, batch_size=128,
+             validation_size=2000, candidates=200, sweep_candidates=100,
+             candidate_counts=(10, 50, 100, 200, 500), l2_values=(10.0, 50.0, 250.0),
+             taus=(2 / 3, 0.2), finetune_steps=100, fidelity_candidates=20, full_p=0.001)
+QUICK = Study(seeds=(0,), train_epochs=1.0, train_steps=12, batch_size=64,
+              validation_size=200, candidates=6, sweep_candidates=4,
+              candidate_counts=(2, 4, 8), l2_values=(50.0, 250.0), taus=(2 / 3, 0.2),
+              finetune_steps=4, fidelity_candidates=4, full_p=0.001)
+
+
+def base_config(study: Study, seed: int, data_dir: str | None) -> ml_collections.ConfigDict:
+  """The embedded default with the study's budget: every arm starts from it."""
+  c = config_lib.get_config()
+  c.seed = seed
+  if data_dir:
+    c.data.data_dir = data_dir
+  c.data.validation_size = study.validation_size
+  c.train.num_epochs = study.train_epochs
+  c.train.num_steps = study.train_steps
+  c.train.batch_size = study.batch_size
+  c.checkpoint.every_steps = 200
+  return c
+
+
+def arm_config(study: Study, arm: str, seed: int, data_dir: str | None,
+               random_p: float | None = None) -> ml_collections.ConfigDict:
+  c = base_config(study, seed, data_dir)
+  c.search.num_candidates = study.sweep_candidates
+  if arm == 'pgnas':
+    c.search.num_candidates = study.pgnas_candidates()
+  elif arm == 'random':
+    c.drop.mode, c.drop.random_p = 'random', random_p
+    c.search.num_candidates = study.candidates
+  elif arm == 'full':
+    c.drop.mode, c.drop.random_p = 'random', study.full_p
+    c.search.num_candidates = 1  # only the whole super-network is reported
+  elif arm.startswith('l2_'):
+    c.objective.weight_prior_l2 = float(arm[len('l2_'):])
+  elif arm.startswith('tau_'):
+    c.drop.tau = float(arm[len('tau_'):])
+  else:
+    raise ValueError(f'unknown arm {arm!r}')
+  config_lib.validate(c)
+  return c
+
+
+def arm_names(study: Study) -> list:
+  """Every arm but ``random`` (which waits for p0), defaults shared with ``pgnas``."""
+  default = config_lib.get_config()
+  return (['pgnas', 'full']
+          + [f'l2_{v:g}' for v in study.l2_values if v != default.objective.weight_prior_l2]
+          + [f'tau_{t:.4g}' for t in study.taus if not np.isclose(t, default.drop.tau)])
+
+
+def choose_random_p(pgnas_runs: list, candidates: int) -> float:
+  """p0 of the Random arm, chosen as the paper's supplement does: so that Random's candidates
+  are about as large as PGNAS's winners. Under Random every channel is dropped with p0, so a
+  candidate keeps (1 - p0) of the searchable weights on average: p0 = 1 - the mean share of
+  searchable weights that the PGNAS winners (among ``candidates``) keep, to 2 decimals."""
+  shares = [(r['winners'][str(candidates)]['params'] - r['fixed_params'])
+            / (r['supernet']['params'] - r['fixed_params']) for r in pgnas_runs]
+  return float(np.clip(round(1.0 - float(np.mean(shares)), 2), 0.01, 0.95))
+
+
+class _Trained:
+  """A finished run's trained super-network, restored from its last checkpoint."""
+
+  def __init__(self, config, workdir: str, dataset, mesh):
+    self.model = supernets.build(config.model, dataset.num_classes)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+    try:
+      with checkpoint_lib.PreemptionGuard() as guard:
+        state, self.space = train.train(self.model, config, dataset, workdir, mesh,
+                                        checkpointer, guard)
+    finally:
+      checkpointer.close()
+    self.state = state
+    self.variables = {'params': state.params['weights'], 'batch_stats': state.batch_stats}
+    self.drop_logits = state.params['drop_logits']
+    self.search_key = train.purpose_key(state.root_key, 'search')
+
+  def mask(self, index: int):
+    return search.candidate_mask(self.search_key, index, self.drop_logits, self.space.template)
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+class Runner:
+  """Runs and analyses the arms of one study under ``workdir``, skipping what is done."""
+
+  def __init__(self, study: Study, workdir: str, data_dir: str | None):
+    self.study, self.workdir, self.data_dir = study, workdir, data_dir
+    self.mesh = parallel.make_mesh()
+    self.dataset = data_lib.load(base_config(study, 0, data_dir).data)
+    self._scorer = None
+
+  def run_dir(self, arm: str, seed: int) -> str:
+    return os.path.join(self.workdir, 'runs', arm, f'seed{seed}')
+
+  def _test_accuracy(self, trained: _Trained, variables: dict, mask) -> float:
+    if self._scorer is None:
+      self._scorer = search.make_full_scorer(trained.model, self.mesh, 'float32')
+    test = search.device_batches(self.dataset.test, self.dataset,
+                                 config_lib.get_config().search.eval_batch_size, self.mesh)
+    acc, _ = search.evaluate(self._scorer, ({**variables, 'masks': mask},), test)
+    return float(acc)
+
+  def _finetuner(self, config, trained: _Trained) -> Callable:
+    """``tune(mask) -> test accuracy after the study's fine-tuning`` for one run: its seed's
+    batches after its last training step, its objective (compiled once per run)."""
+    config = config.copy_and_resolve_references()
+    config.finetune.steps = self.study.finetune_steps
+    tuner = finetune.Finetuner(trained.model, config, self.dataset, trained.space, self.mesh)
+    key = train.purpose_key(trained.state.root_key, 'finetune')
+
+    def tune(mask) -> float:
+      tuned = tuner(trained.variables, mask, trained.drop_logits, key, int(trained.state.step))
+      return self._test_accuracy(trained, tuned, mask)
+
+    return tune
+
+  def arm(self, arm: str, seed: int, counts: tuple, finetune_at: int | None,
+          random_p: float | None = None) -> dict:
+    """Trains and searches one arm and seed with the main job, then records its winners among
+    the first C candidates for every C in ``counts`` (and fine-tunes the one at
+    ``finetune_at``); cached in the run's ``study.json``."""
+    workdir = self.run_dir(arm, seed)
+    cache = os.path.join(workdir, 'study.json')
+    if os.path.exists(cache):
+      return _read_json(cache)
+    start = time.time()
+    config = arm_config(self.study, arm, seed, self.data_dir, random_p)
+    logging.info('study: %s, seed %d', arm, seed)
+    arch = main.run(config, workdir)
+    records = search.read_recorded(os.path.join(workdir, 'search', 'candidates.jsonl'))
+    posterior = _read_json(os.path.join(workdir, 'posterior.json'))
+    timings = _read_json(os.path.join(workdir, 'timings.json'))
+    winners = {C: search.choose_winner(records[:C]) for C in counts}
+    needs_model = finetune_at is not None or any(w['index'] != arch['index']
+                                                  for w in winners.values())
+    trained = _Trained(config, workdir, self.dataset, self.mesh) if needs_model else None
+    tested = {arch['index']: arch['test_acc']}
+    for w in winners.values():
+      if w['index'] not in tested:
+        tested[w['index']] = self._test_accuracy(trained, trained.variables,
+                                                 trained.mask(w['index']))
+    result = {
+        'arm': arm, 'seed': seed, 'config': config.to_dict(),
+        'supernet': arch['supernet'], 'fixed_params': None,
+        'mean_p': sum(r['p'] * r['channels'] for r in posterior)
+                  / sum(r['channels'] for r in posterior),
+        'winners': {str(C): {'index': w['index'], 'val_acc': w['val_acc'], 'params': w['params'],
+                             'test_acc': tested[w['index']]} for C, w in winners.items()},
+        'val_accs': [r['val_acc'] for r in records],
+        'num_candidates': len(records), 'train_seconds': timings['train'],
+        'search_seconds': timings['search'],
+    }
+    if trained is not None:
+      result['fixed_params'] = int(trained.space.fixed_params)
+    if finetune_at is not None:
+      index = winners[finetune_at]['index']
+      result['finetuned'] = {'C': finetune_at, 'index': index,
+                             'steps': self.study.finetune_steps,
+                             'test_acc': self._finetuner(config, trained)(trained.mask(index))}
+    result['wall_seconds'] = time.time() - start
+    if parallel.is_main_process():
+      report.write_json(cache, result)
+    return result
+
+  def fidelity(self, pgnas_seed0: dict) -> list:
+    """Ranking fidelity: ``fidelity_candidates`` candidates at evenly spaced places of the
+    pgnas seed-0 ranking, each fine-tuned identically; their inherited-weight validation
+    accuracy against their test accuracy after fine-tuning. One line per candidate in
+    ``fidelity.jsonl``, appended as each finishes."""
+    path = os.path.join(self.workdir, 'fidelity.jsonl')
+    done = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    seed = self.study.seeds[0]
+    workdir = self.run_dir('pgnas', seed)
+    records = search.read_recorded(os.path.join(workdir, 'search', 'candidates.jsonl'))
+    ranked = sorted(records, key=lambda r: (-r['val_acc'], r['params'], r['index']))
+    places = np.unique(np.round(np.linspace(0, len(ranked) - 1,
+                                            self.study.fidelity_candidates)).astype(int))
+    todo = [(int(p), ranked[p]) for p in places][len(done):]
+    if not todo:
+      return done
+    config = arm_config(self.study, 'pgnas', seed, self.data_dir)
+    trained = _Trained(config, workdir, self.dataset, self.mesh)
+    tune = self._finetuner(config, trained)
+    for place, record in todo:
+      start = time.time()
+      mask = trained.mask(record['index'])
+      line = {'place': place + 1, 'index': record['index'], 'val_acc': record['val_acc'],
+              'params': record['params'],
+              'test_acc': self._test_accuracy(trained, trained.variables, mask),
+              'finetuned_test_acc': tune(mask)}
+      line['wall_seconds'] = time.time() - start
+      logging.info('study: fidelity %d/%d (place %d): val %.4f, fine-tuned test %.4f',
+                   len(done) + 1, len(places), line['place'], line['val_acc'],
+                   line['finetuned_test_acc'])
+      if parallel.is_main_process():
+        with open(path, 'a') as f:
+          f.write(json.dumps(line) + '\n')
+      done.append(line)
+    return done
+
+
+def run_study(study: Study, workdir: str, data_dir: str | None = None,
+              command: str = '') -> dict:
+  """Runs (or resumes) the whole study and writes the report; returns the results."""
+  runner = Runner(study, workdir, data_dir)
+  runs = {}
+  counts = tuple(sorted(set(study.candidate_counts + (study.candidates,
+                                                      study.sweep_candidates))))
+  runs['pgnas'] = [runner.arm('pgnas', s, counts, study.candidates) for s in study.seeds]
+  pgnas_fixed = runs['pgnas'][0]['fixed_params']
+  random_p = choose_random_p(runs['pgnas'], study.candidates)
+  logging.info('study: p0 of the Random arm = %.2f', random_p)
+  runs['random'] = [runner.arm('random', s, (study.candidates,), study.candidates, random_p)
+                    for s in study.seeds]
+  for arm in arm_names(study)[1:]:
+    runs[arm] = [runner.arm(arm, s, (study.sweep_candidates,), None) for s in study.seeds]
+  fidelity = runner.fidelity(runs['pgnas'][0])
+  default = config_lib.get_config()
+  results = {
+      'study': dataclasses.asdict(study), 'command': command,
+      'machine': f'{jax.devices()[0].platform}, {os.cpu_count()} cores',
+      'default_l2': default.objective.weight_prior_l2, 'default_tau': default.drop.tau,
+      'random_p': random_p, 'fixed_params': pgnas_fixed, 'runs': runs, 'fidelity': fidelity,
+      'wall_seconds': sum(r['wall_seconds'] for rs in runs.values() for r in rs)
+                      + sum(f['wall_seconds'] for f in fidelity),
+  }
+  if parallel.is_main_process():
+    report.write_json(os.path.join(workdir, 'results.json'), results)
+    replication_report.write(results, workdir)
+  return results
+
+
+def cli():
+  workdir = flags.DEFINE_string('workdir', None, 'Directory for the study: every run, '
+                                'results.json, replication.md and figures/.')
+  quick = flags.DEFINE_bool('quick', False, 'A tiny study (one seed, a few steps) that runs '
+                            'every arm, table and figure in a few minutes.')
+  data_dir = flags.DEFINE_string('data_dir', None, 'Folder of the Fashion-MNIST IDX files '
+                                 '(default: the config default).')
+  flags.mark_flag_as_required('workdir')
+
+  def run(argv):
+    logging.get_absl_handler().addFilter(main.quiet_libraries)
+    if len(argv) > 1:
+      main.fail(f'unexpected arguments {argv[1:]}')
+    try:
+      run_study(QUICK if quick.value else FULL, workdir.value, data_dir.value,
+                ' '.join(['python -m pgnas_jax.experiments.replicate'] + sys.argv[1:]))
+    except errors.Preempted as e:
+      main.fail(main.one_line(e), status=143)
+    except errors.UserFacingError as e:
+      main.fail(main.one_line(e))
+
+  app.run(run)
+
+
+if __name__ == '__main__':
+  cli()
