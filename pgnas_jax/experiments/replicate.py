@@ -156,6 +156,9 @@ class Runner:
     self.mesh = parallel.make_mesh()
     self.dataset = data_lib.load(base_config(study, 0, data_dir).data)
     self._scorer = None
+    self._runs_total = len(study.seeds) * (len(arm_names(study)) + 1)  # + random
+    self._runs_seen = 0
+    self._start = time.time()
 
   def run_dir(self, arm: str, seed: int) -> str:
     return os.path.join(self.workdir, 'runs', arm, f'seed{seed}')
@@ -189,11 +192,13 @@ class Runner:
     ``finetune_at``); cached in the run's ``study.json``."""
     workdir = self.run_dir(arm, seed)
     cache = os.path.join(workdir, 'study.json')
+    self._runs_seen += 1
     if os.path.exists(cache):
       return _read_json(cache)
     start = time.time()
     config = arm_config(self.study, arm, seed, self.data_dir, random_p)
-    logging.info('study: %s, seed %d', arm, seed)
+    logging.info('study: run %d of %d: %s, seed %d (%.0f min so far)', self._runs_seen,
+                 self._runs_total, arm, seed, (start - self._start) / 60)
     arch = main.run(config, workdir)
     records = search.read_recorded(os.path.join(workdir, 'search', 'candidates.jsonl'))
     posterior = _read_json(os.path.join(workdir, 'posterior.json'))

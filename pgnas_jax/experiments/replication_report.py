@@ -108,65 +108,99 @@ def histograms(results: dict) -> dict:
           for arm in ('random', 'pgnas')}
 
 
-def _direction(name: str, holds: bool, detail: str) -> str:
-  return f"- **{name}**: {'agrees' if holds else 'does not agree'} at this scale. {detail}"
+def _within_noise(diffs) -> bool:
+  """Whether the mean of per-seed differences lies within 2 standard errors of zero (False
+  for one seed: no estimate of the noise)."""
+  d = np.asarray(diffs, float)
+  return len(d) > 1 and abs(d.mean()) <= 2.0 * d.std(ddof=1) / np.sqrt(len(d))
+
+
+def _direction(name: str, holds: bool, detail: str, noisy: bool = False) -> str:
+  verdict = f"{'agrees' if holds else 'does not agree'} at this scale"
+  if noisy:
+    verdict += ', within the noise'
+  return f'- **{name}**: {verdict}. {detail}'
+
+
+def _kendall_z(tau: float, n: int) -> float:
+  """tau over its standard deviation when there is no correlation (normal approximation)."""
+  return tau / np.sqrt(2.0 * (2 * n + 5) / (9.0 * n * (n - 1)))
 
 
 def claims(results: dict) -> list:
   """One line per claim of the paper: whether the small-scale numbers point the same way,
-  with the numbers to judge by."""
+  "within the noise" when the per-seed differences' mean is within 2 standard errors of
+  zero, with the numbers to judge by."""
   t3 = {name: np.array(acc) for name, acc, _ in table3(results)}
   err = lambda name: 100.0 * (1.0 - t3[name])
+  per_seed = lambda d: ', '.join(f'{x:+.2f}' for x in d)
   lines = []
   diff = err('Random w/o FT') - err('PGNAS w/o FT')
   lines.append(_direction(
       'PGNAS beats Random without fine-tuning (Table 3)', diff.mean() > 0,
-      f'Random minus PGNAS test error: {diff.mean():+.2f} points (per seed '
-      f'{", ".join(f"{d:+.2f}" for d in diff)}); PGNAS lower in {int(np.sum(diff > 0))} of '
-      f'{len(diff)} seeds.'))
-  gain_random = err('Random w/o FT') - err('Random w/ FT')
-  gain_pgnas = err('PGNAS w/o FT') - err('PGNAS w/ FT')
+      f'Random minus PGNAS test error: {diff.mean():+.2f} points (per seed {per_seed(diff)}); '
+      f'PGNAS lower in {int(np.sum(diff > 0))} of {len(diff)} seeds.', _within_noise(diff)))
+  gains = ((err('Random w/o FT') - err('Random w/ FT'))
+           - (err('PGNAS w/o FT') - err('PGNAS w/ FT')))
   lines.append(_direction(
-      'Fine-tuning helps Random much more than PGNAS (Table 3, Table 5 †: weights and '
-      'architecture match under PGNAS)', gain_random.mean() > gain_pgnas.mean(),
-      f'error removed by fine-tuning: Random {gain_random.mean():+.2f}, PGNAS '
-      f'{gain_pgnas.mean():+.2f} points.'))
-  full = err('Full model (trained without dropout, evaluated whole)')
+      'Fine-tuning helps Random more than PGNAS (Table 3; Table 5 †: under PGNAS weights '
+      'and architecture already match)', gains.mean() > 0,
+      f'error removed by fine-tuning: Random '
+      f'{(err("Random w/o FT") - err("Random w/ FT")).mean():+.2f}, PGNAS '
+      f'{(err("PGNAS w/o FT") - err("PGNAS w/ FT")).mean():+.2f} points (difference per seed '
+      f'{per_seed(gains)}).', _within_noise(gains)))
+  diff = err('Full model (trained without dropout, evaluated whole)') - err('PGNAS w/o FT')
   lines.append(_direction(
       'The PGNAS winner, not fine-tuned, is at least as good as the full model (Table 3)',
-      err('PGNAS w/o FT').mean() <= full.mean(),
-      f'PGNAS {err("PGNAS w/o FT").mean():.2f}%, full model {full.mean():.2f}%.'))
-  h = histograms(results)
-  r, p = np.array(h['random']), np.array(h['pgnas'])
+      diff.mean() >= 0,
+      f'PGNAS {err("PGNAS w/o FT").mean():.2f}%, full model '
+      f'{err("Full model (trained without dropout, evaluated whole)").mean():.2f}% (full minus '
+      f'PGNAS per seed {per_seed(diff)}).', _within_noise(diff)))
+  C = results['study']['candidates']
+  seeds = lambda arm: [np.array(r['val_accs'][:C]) for r in results['runs'][arm]]
+  means = np.array([p.mean() - r.mean() for p, r in zip(seeds('pgnas'), seeds('random'))])
+  spreads = np.array([r.std() - p.std() for p, r in zip(seeds('pgnas'), seeds('random'))])
   lines.append(_direction(
-      'Candidates sampled from the posterior have a higher mean and a smaller spread than '
-      'Random\'s (supplement Fig. 1)', p.mean() > r.mean() and p.std() < r.std(),
-      f'validation accuracy mean ± std: PGNAS {p.mean():.4f} ± {p.std():.4f}, Random '
-      f'{r.mean():.4f} ± {r.std():.4f}.'))
+      'Candidates sampled from the posterior are better on average than Random\'s (supplement '
+      'Fig. 1)', means.mean() > 0,
+      f'PGNAS minus Random mean validation accuracy of the candidates: {means.mean():+.4f} '
+      f'(per seed {", ".join(f"{x:+.4f}" for x in means)}).', _within_noise(means)))
+  lines.append(_direction(
+      'Candidates sampled from the posterior vary less than Random\'s (supplement Fig. 1)',
+      spreads.mean() > 0,
+      f'Random minus PGNAS standard deviation of the candidates\' validation accuracy: '
+      f'{spreads.mean():+.4f} (per seed {", ".join(f"{x:+.4f}" for x in spreads)}).',
+      _within_noise(spreads)))
   t6 = table6(results)
-  first, last = mean_std([1 - a for a in t6[0][1]])[0], mean_std([1 - a for a in t6[-1][1]])[0]
+  diff = 100.0 * (np.array(t6[-1][1]) - np.array(t6[0][1]))
   lines.append(_direction(
-      'More candidates, lower error (Table 6)', last < first,
-      f'{t6[0][0]} candidates: {100 * first:.2f}%, {t6[-1][0]}: {100 * last:.2f}%; ranking time '
-      f'grows linearly with the number of candidates.'))
+      'More candidates, lower error (Table 6)', diff.mean() > 0,
+      f'{t6[0][0]} candidates: {100 * (1 - np.mean(t6[0][1])):.2f}%, {t6[-1][0]}: '
+      f'{100 * (1 - np.mean(t6[-1][1])):.2f}% (per seed {per_seed(diff)} points); ranking time '
+      f'grows linearly with the number of candidates.', _within_noise(diff)))
   l2 = sweep(results, 'l2_values', 'default_l2', 'l2', 'g')
   params = [np.mean(row[2]) for row in sorted(l2)]
   lines.append(_direction(
       'A larger l2 gives smaller winners (Table 4)', bool(np.all(np.diff(params) < 0)),
       'winner params by increasing l2: ' + ', '.join(f'{x:,.0f}' for x in params) + '.'))
-  tau = {row[0]: 100.0 * (1.0 - np.mean(row[1]))
+  tau = {row[0]: 100.0 * (1.0 - np.array(row[1]))
          for row in sweep(results, 'taus', 'default_tau', 'tau', '.4g')}
   small, large = min(tau), max(tau)
+  diff = tau[large] - tau[small]
   lines.append(_direction(
-      'A smaller temperature tau gives a lower error (Table 5)', tau[small] < tau[large],
-      f'tau = {small:.3g}: {tau[small]:.2f}%, tau = {large:.3g}: {tau[large]:.2f}%.'))
+      'A smaller temperature tau gives a lower error (Table 5)', diff.mean() > 0,
+      f'tau = {small:.3g}: {tau[small].mean():.2f}%, tau = {large:.3g}: '
+      f'{tau[large].mean():.2f}% (per seed {per_seed(diff)} points).', _within_noise(diff)))
   fidelity = results['fidelity']
+  n = len(fidelity)
   k = kendall_tau([f['val_acc'] for f in fidelity], [f['finetuned_test_acc'] for f in fidelity])
+  z = _kendall_z(k, n) if n > 1 else float('nan')
   lines.append(_direction(
       'Inherited weights rank candidates as fine-tuning would (the premise of ranking without '
       'fine-tuning)', k > 0,
       f'Kendall tau between inherited-weight validation accuracy and test accuracy after the '
-      f'same fine-tuning, over {len(fidelity)} candidates: {k:.3f}.'))
+      f'same fine-tuning, over {n} candidates: {k:.3f} ({z:.2f} standard deviations of tau '
+      f'under no correlation).', bool(abs(z) < 2.0)))
   return lines
 
 
@@ -199,13 +233,15 @@ def plot_candidates(results: dict, path: str) -> None:
               yerr=[np.std(e, ddof=1) if len(e) > 1 else 0 for e in errors], marker='o',
               capsize=3, label='winner test error (mean ± std over seeds)')
   ax.set_xscale('log')
+  ax.set_xticks(counts, [str(c) for c in counts])
+  ax.minorticks_off()
   ax.set_xlabel('candidates ranked')
   ax.set_ylabel('test error (%)')
   right = ax.twinx()
   right.plot(counts, [np.mean(r[3]) for r in rows], color='tab:gray', linestyle='--',
              marker='.', label='ranking time')
-  right.set_ylabel('ranking time (s)')
-  ax.legend(loc='upper right')
+  right.set_ylabel('ranking time (s), dashed')
+  ax.legend(loc='upper center')
   _save(fig, path)
 
 
@@ -214,6 +250,8 @@ def plot_l2(results: dict, path: str) -> None:
   fig, ax = plt.subplots(figsize=(6.5, 4))
   ax.plot([r[0] for r in rows], [100 * (1 - np.mean(r[1])) for r in rows], marker='o')
   ax.set_xscale('log')
+  ax.set_xticks([r[0] for r in rows], [f'{r[0]:g}' for r in rows])
+  ax.minorticks_off()
   ax.set_xlabel('weight prior l2')
   ax.set_ylabel('winner test error (%)')
   right = ax.twinx()
