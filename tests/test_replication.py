@@ -1,5 +1,6 @@
 """The replication study: the quick variant end to end (every arm, table and figure) through its
 command line, resumed as a no-op; the report generator and p0's choice on fixed inputs."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from pgnas_jax import errors
 from pgnas_jax.experiments import replicate, replication_report
 
 SECTIONS = ('## Guided vs predefined sampling (paper Table 3)',
@@ -66,7 +68,9 @@ def test_quick_study_runs_every_arm_table_and_figure_and_resumes(tmp_path):
 
 def _run(test_acc, params, val_accs=(0.5,), finetuned=None, mean_p=0.1, supernet=0.9):
   counts = (10, 50, 200)
-  run = {'supernet': {'test_acc': supernet, 'params': 1100, 'val_acc': supernet, 'flops': 1},
+  run = {'config': {'model': {'shake_shake': {'stem_width': 16, 'widths': [16, 32, 64],
+                                              'blocks_per_stage': 1, 'kernel_sizes': [3, 3]}}},
+         'supernet': {'test_acc': supernet, 'params': 1100, 'val_acc': supernet, 'flops': 1},
          'fixed_params': 100, 'mean_p': mean_p, 'val_accs': list(val_accs),
          'num_candidates': 200, 'search_seconds': 40.0, 'train_seconds': 100.0,
          'wall_seconds': 150.0,
@@ -108,6 +112,8 @@ def test_report_tables_and_verdicts_on_fixed_inputs(tmp_path):
   path = replication_report.write(results, str(tmp_path))
   text = open(path).read()
   # test error in % over the three seeds, mean ± sample std
+  assert ('a SupNet-M-family super-network (stem 16, stage widths 16/32/64, 1 block per stage, '
+          '2 branches, 1,100 params)') in text
   assert '| Random w/o FT | 15.00 ± 1.00 | 750 |' in text
   assert '| Random w/ FT | 10.00 ± 1.00 | 750 |' in text
   assert '| PGNAS w/o FT | 9.00 ± 1.00 | 700 |' in text
@@ -150,3 +156,10 @@ def test_random_p0_matches_the_pgnas_winners_size():
   runs = [{'fixed_params': 100, 'supernet': {'params': 1100},
            'winners': {'200': {'params': 100 + kept}}} for kept in (800, 600)]
   assert replicate.choose_random_p(runs, 200) == pytest.approx(0.3)
+
+
+def test_a_workdir_holding_a_study_of_other_sizes_is_refused(tmp_path):
+  (tmp_path / 'sizes.json').write_text(json.dumps(dataclasses.asdict(replicate.QUICK)))
+  with pytest.raises(errors.IncompatibleWorkdirError, match='seeds differ'):
+    replicate.run_study(dataclasses.replace(replicate.QUICK, seeds=(0, 1)), str(tmp_path))
+  assert os.listdir(tmp_path) == ['sizes.json']

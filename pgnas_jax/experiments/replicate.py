@@ -1,5 +1,5 @@
-"""The paper's ablations reproduced at small scale, on Fashion-MNIST with the embedded default
-super-network (SupNet-M family), with one command:
+"""The paper's ablations reproduced at small scale, on Fashion-MNIST with a small super-network of
+the SupNet-M family (the embedded default's in the full study), with one command:
 
     python -m pgnas_jax.experiments.replicate --workdir=DIR [--quick]
 
@@ -9,7 +9,8 @@ Every training and search is the main job (``pgnas_jax.main.run``) in its own wo
 test accuracy, fine-tuning, the ranking-fidelity check) reuses the project's search and
 fine-tuning code and is cached beside each run in ``study.json``. Run the same command again
 after an interruption: finished runs and analyses are skipped, an interrupted run resumes
-from its last checkpoint or its last scored candidate.
+from its last checkpoint or its last scored candidate. ``DIR/sizes.json`` records the study's
+sizes; a workdir holding a study of other sizes (``--quick`` or not) is refused.
 
 Arms (``Study`` sets the sizes; ``FULL`` is the committed study, ``QUICK`` the CI one):
   * ``pgnas``: PGNAS as configured by default; ranks enough candidates for Table 6;
@@ -41,6 +42,8 @@ from pgnas_jax.experiments import replication_report
 @dataclasses.dataclass(frozen=True)
 class Study:
   seeds: tuple
+  stem_width: int  # the SupNet-M-family super-network: stem and stage widths
+  widths: tuple
   train_epochs: float
   train_steps: int  # > 0 overrides train_epochs
   batch_size: int
@@ -58,20 +61,22 @@ class Study:
     return max(self.candidate_counts + (self.candidates, self.sweep_candidates))
 
 
-FULL = Study(seeds=(0, 1, 2), train_epochs=1.5, train_steps=-1, batch_size=128,
+FULL = Study(seeds=(0, 1, 2), stem_width=16, widths=(16, 32, 64), train_epochs=1.5, train_steps=-1, batch_size=128,
              validation_size=2000, candidates=200, sweep_candidates=100,
              candidate_counts=(10, 50, 100, 200, 500), l2_values=(10.0, 50.0, 250.0),
              taus=(2 / 3, 0.2), finetune_steps=100, fidelity_candidates=20, full_p=0.001)
-QUICK = Study(seeds=(0,), train_epochs=1.0, train_steps=12, batch_size=64,
+QUICK = Study(seeds=(0,), stem_width=4, widths=(4, 8, 16), train_epochs=1.0, train_steps=12, batch_size=64,
               validation_size=200, candidates=6, sweep_candidates=4,
               candidate_counts=(2, 4, 8), l2_values=(50.0, 250.0), taus=(2 / 3, 0.2),
               finetune_steps=4, fidelity_candidates=4, full_p=0.001)
 
 
 def base_config(study: Study, seed: int, data_dir: str | None) -> ml_collections.ConfigDict:
-  """The embedded default with the study's budget: every arm starts from it."""
+  """The embedded default with the study's network and budget: every arm starts from it."""
   c = config_lib.get_config()
   c.seed = seed
+  c.model.shake_shake.stem_width = study.stem_width
+  c.model.shake_shake.widths = study.widths
   if data_dir:
     c.data.data_dir = data_dir
   c.data.validation_size = study.validation_size
@@ -272,9 +277,28 @@ class Runner:
     return done
 
 
+def _claim_workdir(study: Study, workdir: str) -> None:
+  """A study's workdir holds one study: its sizes are recorded at the start
+  (``DIR/sizes.json``) and a run with other sizes is refused before anything runs."""
+  path = os.path.join(workdir, 'sizes.json')
+  sizes = json.loads(json.dumps(dataclasses.asdict(study)))
+  if os.path.exists(path):
+    before = _read_json(path)
+    changed = sorted(k for k in set(before) | set(sizes) if before.get(k) != sizes.get(k))
+    if changed:
+      raise errors.IncompatibleWorkdirError(
+          f'--workdir={workdir} holds a study of other sizes ({", ".join(changed)} differ: '
+          f'one is --quick, the other is not); nothing was changed. Use another --workdir, '
+          f'or the flags that started it')
+  elif parallel.is_main_process():
+    os.makedirs(workdir, exist_ok=True)
+    report.write_json(path, sizes)
+
+
 def run_study(study: Study, workdir: str, data_dir: str | None = None,
               command: str = '') -> dict:
   """Runs (or resumes) the whole study and writes the report; returns the results."""
+  _claim_workdir(study, workdir)
   runner = Runner(study, workdir, data_dir)
   runs = {}
   counts = tuple(sorted(set(study.candidate_counts + (study.candidates,

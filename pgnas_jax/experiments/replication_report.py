@@ -275,6 +275,14 @@ FIGURES = {'candidates_histogram.png': plot_histograms, 'candidates_vs_error.png
            'l2_sweep.png': plot_l2, 'ranking_fidelity.png': plot_fidelity}
 
 
+def _network(results: dict) -> str:
+  net = results['runs']['pgnas'][0]['config']['model']['shake_shake']
+  return (f"a SupNet-M-family super-network (stem {net['stem_width']}, stage widths "
+          f"{'/'.join(str(w) for w in net['widths'])}, {net['blocks_per_stage']} block per stage, "
+          f"{len(net['kernel_sizes'])} branches, {results['runs']['pgnas'][0]['supernet']['params']:,} "
+          f"params)")
+
+
 def markdown(results: dict) -> str:
   s = results['study']
   seeds = len(s['seeds'])
@@ -284,7 +292,7 @@ def markdown(results: dict) -> str:
       '# PGNAS ablations at small scale', '',
       f"Made by `{results['command']}` on {results['machine']}; wall time "
       f"{results['wall_seconds'] / 60:.1f} min (training, ranking and fine-tuning, summed over "
-      f"runs). Fashion-MNIST, the embedded default super-network (SupNet-M family), {seeds} "
+      f"runs). Fashion-MNIST, {_network(results)}, {seeds} "
       f"seed(s) per arm, {budget} of training at batch {s['batch_size']} for every arm, "
       f"{s['validation_size']} validation images held out of training for ranking, test "
       f"error on the 10,000 test images. Errors are mean ± sample std over seeds.", '',
