@@ -2,6 +2,7 @@
 drop probabilities, score chunks of them at once on the held-out validation split
 (``jax.vmap`` over masks, every candidate of a chunk seeing the same batches), rank, and
 pick the winner (best validation accuracy; ties: fewer parameters)."""
+import functools
 import json
 import logging
 import os
@@ -31,12 +32,15 @@ def _batch_scores(logits, batch):
   return correct, loss
 
 
+@functools.cache
 def make_chunk_scorer(model, mesh, compute_dtype: str) -> Callable:
   """``score(variables, masks, batch) -> (correct[K], loss_sum[K])`` for a chunk of K hard
   masks (leaves with a leading K axis), vmapped over the masks. The chunk's candidates are
   split over the devices of every process (K a multiple of the device count), each device
   scoring its own on the whole batch: measured faster than splitting the batch's rows
-  (docs/scaling.md). Every process gets all K results."""
+  (docs/scaling.md). Every process gets all K results. One jitted function per (model, mesh,
+  dtype) (a model is a hashable description of its module): searches of equal
+  super-networks in one process share its compilations."""
   def score_one(variables, mask, batch):
     logits = precision.apply(model, {**variables, 'masks': mask}, batch['images'],
                              compute_dtype, train=False)
@@ -50,9 +54,12 @@ def make_chunk_scorer(model, mesh, compute_dtype: str) -> Callable:
                  out_shardings=replicated)
 
 
+@functools.cache
 def make_full_scorer(model, mesh, compute_dtype: str) -> Callable:
   """Scores one network: the full super-network, or a masked one when ``variables`` holds
-  ``masks``. The batch stays where it was placed (rows split or whole on every device)."""
+  ``masks``. The batch stays where it was placed (rows split or whole on every device). One
+  jitted function per (model, mesh, dtype): the full super-network, the winner and its
+  fine-tuned weights are scored by one compilation per batch shape."""
   def score(variables, batch):
     logits = precision.apply(model, variables, batch['images'], compute_dtype, train=False)
     return _batch_scores(logits, batch)
@@ -236,9 +243,15 @@ def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_li
   return records
 
 
+def ranking_key(record: dict) -> tuple:
+  """Sort key of the ranking: best validation accuracy first; ties broken by fewer
+  parameters, then lower index."""
+  return -record['val_acc'], record['params'], record['index']
+
+
 def choose_winner(records: list) -> dict:
-  """Best validation accuracy; ties broken by fewer parameters, then lower index."""
-  return min(records, key=lambda r: (-r['val_acc'], r['params'], r['index']))
+  """The first candidate of the ranking (``ranking_key``)."""
+  return min(records, key=ranking_key)
 
 
 def evaluate_mask(model, variables: dict, mask: PyTree, batches: list, mesh,

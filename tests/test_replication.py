@@ -104,7 +104,7 @@ def _fixed_results():
               for p, v, f in [(1, 0.9, 0.91), (67, 0.8, 0.85), (133, 0.7, 0.86), (200, 0.6, 0.7)]]
   return {'study': study, 'command': 'python -m pgnas_jax.experiments.replicate --workdir=X',
           'machine': 'cpu, 2 cores', 'default_l2': 50.0, 'default_tau': 0.2, 'random_p': 0.3,
-          'fixed_params': 100, 'runs': runs, 'fidelity': fidelity, 'wall_seconds': 3600.0}
+          'runs': runs, 'fidelity': fidelity, 'wall_seconds': 3600.0}
 
 
 def test_report_tables_and_verdicts_on_fixed_inputs(tmp_path):

@@ -110,11 +110,13 @@ def arm_config(study: Study, arm: str, seed: int, data_dir: str | None,
 
 
 def arm_names(study: Study) -> list:
-  """Every arm but ``random`` (which waits for p0), defaults shared with ``pgnas``."""
+  """Every arm but ``random`` (which waits for p0); sweep values equal to the default
+  config's are the ``pgnas`` arm."""
   default = config_lib.get_config()
-  return (['pgnas', 'full']
-          + [f'l2_{v:g}' for v in study.l2_values if v != default.objective.weight_prior_l2]
-          + [f'tau_{t:.4g}' for t in study.taus if not np.isclose(t, default.drop.tau)])
+  sweeps = ([replication_report.sweep_arm('l2', v, default.objective.weight_prior_l2)
+             for v in study.l2_values]
+            + [replication_report.sweep_arm('tau', t, default.drop.tau) for t in study.taus])
+  return ['pgnas', 'full'] + [arm for arm in sweeps if arm != 'pgnas']
 
 
 def choose_random_p(pgnas_runs: list, candidates: int) -> float:
@@ -159,8 +161,11 @@ class Runner:
   def __init__(self, study: Study, workdir: str, data_dir: str | None):
     self.study, self.workdir, self.data_dir = study, workdir, data_dir
     self.mesh = parallel.make_mesh()
-    self.dataset = data_lib.load(base_config(study, 0, data_dir).data)
-    self._scorer = None
+    config = base_config(study, 0, data_dir)
+    self.dataset = data_lib.load(config.data)
+    self._compute_dtype = config.model.compute_dtype
+    self._test = search.device_batches(self.dataset.test, self.dataset,
+                                       config.search.eval_batch_size, self.mesh)
     self._runs_total = len(study.seeds) * (len(arm_names(study)) + 1)  # + random
     self._runs_seen = 0
     self._start = time.time()
@@ -169,12 +174,9 @@ class Runner:
     return os.path.join(self.workdir, 'runs', arm, f'seed{seed}')
 
   def _test_accuracy(self, trained: _Trained, variables: dict, mask) -> float:
-    if self._scorer is None:
-      self._scorer = search.make_full_scorer(trained.model, self.mesh, 'float32')
-    test = search.device_batches(self.dataset.test, self.dataset,
-                                 config_lib.get_config().search.eval_batch_size, self.mesh)
-    acc, _ = search.evaluate(self._scorer, ({**variables, 'masks': mask},), test)
-    return float(acc)
+    acc, _ = search.evaluate_mask(trained.model, variables, mask, self._test, self.mesh,
+                                  self._compute_dtype)
+    return acc
 
   def _finetuner(self, config, trained: _Trained) -> Callable:
     """``tune(mask) -> test accuracy after the study's fine-tuning`` for one run: its seed's
@@ -219,7 +221,8 @@ class Runner:
                                                  trained.mask(w['index']))
     result = {
         'arm': arm, 'seed': seed, 'config': config.to_dict(),
-        'supernet': arch['supernet'], 'fixed_params': None,
+        'supernet': arch['supernet'],
+        'fixed_params': None if trained is None else int(trained.space.fixed_params),
         'mean_p': sum(r['p'] * r['channels'] for r in posterior)
                   / sum(r['channels'] for r in posterior),
         'winners': {str(C): {'index': w['index'], 'val_acc': w['val_acc'], 'params': w['params'],
@@ -228,8 +231,6 @@ class Runner:
         'num_candidates': len(records), 'train_seconds': timings['train'],
         'search_seconds': timings['search'],
     }
-    if trained is not None:
-      result['fixed_params'] = int(trained.space.fixed_params)
     if finetune_at is not None:
       index = winners[finetune_at]['index']
       result['finetuned'] = {'C': finetune_at, 'index': index,
@@ -246,11 +247,14 @@ class Runner:
     accuracy against their test accuracy after fine-tuning. One line per candidate in
     ``fidelity.jsonl``, appended as each finishes."""
     path = os.path.join(self.workdir, 'fidelity.jsonl')
-    done = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    done = []
+    if os.path.exists(path):
+      with open(path) as f:
+        done = [json.loads(line) for line in f]
     seed = self.study.seeds[0]
     workdir = self.run_dir('pgnas', seed)
     records = search.read_recorded(os.path.join(workdir, 'search', 'candidates.jsonl'))
-    ranked = sorted(records, key=lambda r: (-r['val_acc'], r['params'], r['index']))
+    ranked = sorted(records, key=search.ranking_key)
     places = np.unique(np.round(np.linspace(0, len(ranked) - 1,
                                             self.study.fidelity_candidates)).astype(int))
     todo = [(int(p), ranked[p]) for p in places][len(done):]
@@ -304,7 +308,6 @@ def run_study(study: Study, workdir: str, data_dir: str | None = None,
   counts = tuple(sorted(set(study.candidate_counts + (study.candidates,
                                                       study.sweep_candidates))))
   runs['pgnas'] = [runner.arm('pgnas', s, counts, study.candidates) for s in study.seeds]
-  pgnas_fixed = runs['pgnas'][0]['fixed_params']
   random_p = choose_random_p(runs['pgnas'], study.candidates)
   logging.info('study: p0 of the Random arm = %.2f', random_p)
   runs['random'] = [runner.arm('random', s, (study.candidates,), study.candidates, random_p)
@@ -317,7 +320,7 @@ def run_study(study: Study, workdir: str, data_dir: str | None = None,
       'study': dataclasses.asdict(study), 'command': command,
       'machine': f'{jax.devices()[0].platform}, {os.cpu_count()} cores',
       'default_l2': default.objective.weight_prior_l2, 'default_tau': default.drop.tau,
-      'random_p': random_p, 'fixed_params': pgnas_fixed, 'runs': runs, 'fidelity': fidelity,
+      'random_p': random_p, 'runs': runs, 'fidelity': fidelity,
       'wall_seconds': sum(r['wall_seconds'] for rs in runs.values() for r in rs)
                       + sum(f['wall_seconds'] for f in fidelity),
   }

@@ -51,8 +51,13 @@ def _params(values) -> str:
   return f'{np.mean(values):,.0f}'
 
 
-def _sweep_arm(value, default, prefix: str, fmt: str) -> str:
-  return 'pgnas' if np.isclose(value, default) else f'{prefix}_{value:{fmt}}'
+# sweep -> (the study's values, the results' default, how an arm's name writes a value)
+SWEEPS = {'l2': ('l2_values', 'default_l2', 'g'), 'tau': ('taus', 'default_tau', '.4g')}
+
+
+def sweep_arm(kind: str, value: float, default: float) -> str:
+  """The arm that ran ``value`` of the ``kind`` sweep: ``pgnas`` for the default."""
+  return 'pgnas' if np.isclose(value, default) else f'{kind}_{value:{SWEEPS[kind][2]}}'
 
 
 def table3(results: dict) -> list:
@@ -88,13 +93,14 @@ def table6(results: dict) -> list:
   return rows
 
 
-def sweep(results: dict, values_key: str, default_key: str, prefix: str, fmt: str) -> list:
+def sweep(results: dict, kind: str) -> list:
   """Rows (value, test accuracies, params, mean learned p, supernet test accuracies) of the
-  l2 or tau sweep, each arm's winner among ``sweep_candidates``."""
+  ``kind`` sweep ('l2' or 'tau'), each arm's winner among ``sweep_candidates``."""
+  values_key, default_key, _ = SWEEPS[kind]
   C = str(results['study']['sweep_candidates'])
   rows = []
   for v in results['study'][values_key]:
-    runs = results['runs'][_sweep_arm(v, results[default_key], prefix, fmt)]
+    runs = results['runs'][sweep_arm(kind, v, results[default_key])]
     rows.append((v, [r['winners'][C]['test_acc'] for r in runs],
                  [r['winners'][C]['params'] for r in runs], [r['mean_p'] for r in runs],
                  [r['supernet']['test_acc'] for r in runs]))
@@ -178,13 +184,13 @@ def claims(results: dict) -> list:
       f'{t6[0][0]} candidates: {100 * (1 - np.mean(t6[0][1])):.2f}%, {t6[-1][0]}: '
       f'{100 * (1 - np.mean(t6[-1][1])):.2f}% (per seed {per_seed(diff)} points); ranking time '
       f'grows linearly with the number of candidates.', _within_noise(diff)))
-  l2 = sweep(results, 'l2_values', 'default_l2', 'l2', 'g')
+  l2 = sweep(results, 'l2')
   params = [np.mean(row[2]) for row in sorted(l2)]
   lines.append(_direction(
       'A larger l2 gives smaller winners (Table 4)', bool(np.all(np.diff(params) < 0)),
       'winner params by increasing l2: ' + ', '.join(f'{x:,.0f}' for x in params) + '.'))
   tau = {row[0]: 100.0 * (1.0 - np.array(row[1]))
-         for row in sweep(results, 'taus', 'default_tau', 'tau', '.4g')}
+         for row in sweep(results, 'tau')}
   small, large = min(tau), max(tau)
   diff = tau[large] - tau[small]
   lines.append(_direction(
@@ -246,7 +252,7 @@ def plot_candidates(results: dict, path: str) -> None:
 
 
 def plot_l2(results: dict, path: str) -> None:
-  rows = sorted(sweep(results, 'l2_values', 'default_l2', 'l2', 'g'))
+  rows = sorted(sweep(results, 'l2'))
   fig, ax = plt.subplots(figsize=(6.5, 4))
   ax.plot([r[0] for r in rows], [100 * (1 - np.mean(r[1])) for r in rows], marker='o')
   ax.set_xscale('log')
@@ -318,12 +324,12 @@ def markdown(results: dict) -> str:
       '| l2 | test error (%) | params | mean learned p | super-network error (%) |',
       '|---|---|---|---|---|',
       *[f'| {v:g} | {_error(acc)} | {_params(params)} | {np.mean(p):.3f} | {_error(full)} |'
-        for v, acc, params, p, full in sorted(sweep(results, 'l2_values', 'default_l2', 'l2', 'g'))],
+        for v, acc, params, p, full in sorted(sweep(results, 'l2'))],
       '', f"Paper: {PAPER['table4']}.", '', '![l2 sweep](figures/l2_sweep.png)', '',
       f"## Temperature tau (paper Table 5), winners among {s['sweep_candidates']} candidates",
       '', '| tau | test error (%) | params | mean learned p |', '|---|---|---|---|',
       *[f'| {v:.3g} | {_error(acc)} | {_params(params)} | {np.mean(p):.3f} |'
-        for v, acc, params, p, _ in sorted(sweep(results, 'taus', 'default_tau', 'tau', '.4g'))],
+        for v, acc, params, p, _ in sorted(sweep(results, 'tau'))],
       '', f"Paper: {PAPER['table5']}.", '',
       '## Ranking fidelity', '',
       f"{len(results['fidelity'])} candidates at evenly spaced places of the ranking of the "
