@@ -1,206 +1,223 @@
 """The config schema: every field, its default (the embedded default run), and validation.
 
-``get_config()`` is the embedded default: SupNet-M family at a size that trains usefully on
-2 CPU cores, on Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package. Config files in
-``configs/`` start from it and override fields; ``validate`` runs once at start.
+``FIELDS`` is the one place a field is declared: its dotted name, default, allowed values
+and one-line meaning. ``get_config()`` (the embedded default: SupNet-M family at a size that
+trains usefully on 2 CPU cores, on Fashion-MNIST from Debian's ``dataset-fashion-mnist``
+package), ``validate`` (run once at start) and the table in ``docs/config.md``
+(``pgnas_jax.config_doc``) are all built from it, so a new field is one ``Field`` entry.
+Config files in ``configs/`` start from ``get_config()`` and override fields.
 """
+import dataclasses
 import importlib.util
 import os
 import types
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
 from pgnas_jax.errors import ConfigError
-
-# ENAS's published CIFAR-10 micro cells (SPEC section 5): per node, input, op, input, op;
-# inputs 0 and 1 are the cell's inputs, node j >= 2 is the j-th built; ops 0 sep3x3,
-# 1 sep5x5, 2 avg3x3, 3 max3x3, 4 identity
-ENAS_NORMAL_ARC = (0, 2, 0, 0, 0, 4, 0, 1, 0, 4, 1, 1, 1, 0, 0, 1, 0, 2, 1, 1)
-ENAS_REDUCTION_ARC = (1, 0, 1, 0, 0, 3, 0, 2, 1, 1, 3, 1, 1, 0, 0, 4, 0, 3, 1, 1)
-ENAS_NUM_OPS = 5
+from pgnas_jax.supernets import enas
 
 
-def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-
-  c.data = ml_collections.ConfigDict()
-  c.data.name = 'fashion_mnist'
-  c.data.data_dir = '/usr/share/datasets/fashion-mnist'  # tfds: data_dir, '' its default
-  c.data.validation_size = 5000  # carved from the training split, held out for ranking
-  c.data.random_flip = True
-  c.data.pad_crop = 0  # pad by this many pixels and crop back at random; 0: off
-  c.data.cutout = 0  # side of the square zeroed per training image (DeVries & Taylor); 0: off
-  c.data.image_size = 224  # imagenet2012 only: side of the square crops the network sees
-
-  c.model = ml_collections.ConfigDict()
-  c.model.family = 'shake_shake'  # which of the sub-configs below builds the super-network
-  # 'bfloat16': mixed precision (convs and activations in bf16; parameters, optimiser state,
-  # BatchNorm statistics, masks and the loss in float32), for training and ranking alike
-  c.model.compute_dtype = 'float32'
-  c.model.shake_shake = ml_collections.ConfigDict()  # SupNet-M family
-  c.model.shake_shake.stem_width = 16
-  c.model.shake_shake.widths = (16, 32, 64)
-  c.model.shake_shake.blocks_per_stage = 1
-  c.model.shake_shake.kernel_sizes = (3, 3)  # one per branch
-  c.model.shake_shake.shake = True
-  c.model.enas = ml_collections.ConfigDict()  # SupNet-E (filters 36) / SupNet-EI (filters 72)
-  c.model.enas.filters = 36
-  c.model.enas.normal_cells_per_stage = 5
-  c.model.enas.normal_arc = ENAS_NORMAL_ARC
-  c.model.enas.reduction_arc = ENAS_REDUCTION_ARC
-  c.model.enas.auxiliary_head = True
-  c.model.resnet = ml_collections.ConfigDict()  # SupNet-R-50
-  c.model.resnet.stem_width = 64
-  c.model.resnet.widths = (64, 128, 256, 512)  # bottleneck widths; block outputs are 4x
-  c.model.resnet.blocks_per_stage = (3, 4, 6, 3)
-  c.model.resnet.kernel_sizes = (1, 3, 3, 5)  # one per branch of a multi-kernel block
-  c.model.resnet.dilations = (1, 1, 2, 2)
-  c.model.densenet = ml_collections.ConfigDict()  # SupNet-D-121
-  c.model.densenet.stem_width = 64
-  c.model.densenet.blocks = (6, 12, 24, 16)  # dense layers per block
-  c.model.densenet.growth_rate = 32
-  c.model.densenet.bottleneck_width = 128
-  c.model.densenet.compression = 0.5
-
-  c.drop = ml_collections.ConfigDict()
-  c.drop.mode = 'learned'  # 'learned' (PGNAS) or 'random' (logits frozen at random_p)
-  c.drop.init_p = 0.1
-  c.drop.random_p = 0.1
-  c.drop.tau = 0.2
-  c.drop.logit_lr_multiplier = 1.0
-
-  c.objective = ml_collections.ConfigDict()
-  c.objective.prior = 'posterior'  # 'posterior': l2 (1 - p); 'constant': constant_l2
-  c.objective.weight_prior_l2 = 50.0
-  c.objective.constant_l2 = 45.0
-  c.objective.num_train_effective = 55000.0  # N of SPEC section 2
-  c.objective.weight_decay = 0.0  # on non-searchable kernels only
-  c.objective.auxiliary_weight = 0.4  # of auxiliary classifiers' loss (SupNet-E/EI; ENAS: 0.4)
-
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 128
-  c.train.num_epochs = 5.0
-  c.train.num_steps = -1  # > 0 overrides num_epochs
-  c.train.learning_rate = 0.1
-  c.train.schedule = 'cosine'  # 'cosine', 'step' or 'sgdr'
-  c.train.step_epochs = (30, 60, 90)  # 'step': lr /= step_factor at these epochs
-  c.train.step_factor = 10.0
-  c.train.sgdr_min_lr = 1e-4
-  c.train.sgdr_t0_epochs = 10.0
-  c.train.sgdr_t_mul = 2.0
-  c.train.momentum = 0.9
-  c.train.nesterov = True
-  c.train.log_every_steps = 50
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 500  # also at the end of training and on SIGTERM
-  c.checkpoint.max_to_keep = 3
-
-  c.search = ml_collections.ConfigDict()
-  c.search.num_candidates = 100
-  # candidates scored at once (vmap), split over the devices: a multiple of the device count,
-  # or 'auto' (search.auto_chunk_size: from the platform's best images per call and the free
-  # device memory)
-  c.search.chunk_size = ml_collections.FieldReference('auto', field_type=object)
-  c.search.eval_batch_size = 100
-
-  c.finetune = ml_collections.ConfigDict()  # of the winner, after the choice (SPEC section 3)
-  c.finetune.steps = 0  # 0: off (the paper's headline protocol)
-  c.finetune.learning_rate = 0.01  # peak, cosine to 0 over the steps
-  return c
+@dataclasses.dataclass(frozen=True)
+class Check:
+  """A test a field's value must pass, and what it must be (for the message and the docs)."""
+  test: Callable[[Any], bool]
+  what: str
 
 
-def read_config_file(path: str) -> types.ModuleType:
-  """A config file (``configs/*.py``) as a module: its docstring says how to run it and what
-  the paper reports, its ``get_config()`` builds the config, as ``--config=PATH`` does."""
-  spec = importlib.util.spec_from_file_location(
-      os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+POSITIVE = Check(lambda v: v > 0, '> 0')
+NON_NEGATIVE = Check(lambda v: v >= 0, '>= 0')
+PROBABILITY = Check(lambda v: 0.0 < v < 1.0, 'in (0, 1)')
+EACH_POSITIVE = Check(lambda v: len(v) > 0 and all(x > 0 for x in v), 'non-empty, each > 0')
+EACH_ODD = Check(lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
+                 'non-empty, each an odd number > 0')
+ENAS_ARC = Check(enas.is_valid_arc, enas.ARC_RULE)
 
 
-_ENAS_ARC = ('4 numbers per node (input, op, input, op): node j (from 0) reads inputs '
-             f'0 .. j + 1, ops 0 .. {ENAS_NUM_OPS - 1}')
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One config field. ``doc`` is its row in docs/config.md; ``choices`` or ``check`` what
+  ``validate`` accepts; ``any_type`` lets a value of another type replace the default (the
+  command line then parses it as a Python literal)."""
+  name: str  # dotted path, e.g. 'train.batch_size'
+  default: Any
+  doc: str
+  choices: tuple = ()
+  check: Check | None = None
+  any_type: bool = False
 
 
-def _is_enas_arc(arc) -> bool:
-  if len(arc) == 0 or len(arc) % 4:
-    return False
-  for j in range(len(arc) // 4):
-    inputs, ops = (arc[4 * j], arc[4 * j + 2]), (arc[4 * j + 1], arc[4 * j + 3])
-    if not all(0 <= i < j + 2 for i in inputs) or not all(0 <= o < ENAS_NUM_OPS for o in ops):
-      return False
-  return True
+FIELDS = (
+    Field('seed', 0, 'root of every key: init, training masks and shake-shake, search'),
+    # data
+    Field('data.name', 'fashion_mnist',
+          'data set; the last three need the `tfds` extra (see [data sets](data.md))',
+          choices=('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012')),
+    Field('data.data_dir', '/usr/share/datasets/fashion-mnist',
+          'Fashion-MNIST: folder of the IDX files; CIFAR and ImageNet: tfds `data_dir` holding '
+          "`cifar10/`, `cifar100/` or `imagenet2012/`, `''` (the CIFAR and ImageNet configs' "
+          "value) for tfds' default, `$TFDS_DATA_DIR` or else `~/tensorflow_datasets`"),
+    Field('data.validation_size', 5000,
+          'images carved from the training split (a fixed permutation, the same for every '
+          'seed) for ranking; never trained on (ImageNet configs: 50000)',
+          check=Check(lambda v: v > 0, 'a positive number of images')),
+    Field('data.random_flip', True, 'horizontal flip in training'),
+    Field('data.pad_crop', 0,
+          'pad by this many pixels and crop back at random in training; 0: off (must be 0 '
+          'for ImageNet)', check=NON_NEGATIVE),
+    Field('data.cutout', 0,
+          'cutout in training (DeVries & Taylor 2017): per image one square of this side, '
+          'centred uniformly over the image and clipped at the borders, set to 0 after '
+          'normalisation (the training mean); 0: off (must be 0 for ImageNet)',
+          check=NON_NEGATIVE),
+    Field('data.image_size', 224,
+          'ImageNet only (the others keep their native size): side of the square network '
+          'input; training takes a random-resized crop (8% to 100% of the area, aspect 3/4 to '
+          '4/3) resized to it, evaluation resizes the shorter side to `image_size * 256 / 224` '
+          'and takes the centre crop', check=POSITIVE),
+    # model
+    Field('model.family', 'shake_shake',
+          'super-network family (see [super-networks](supernets.md)); its fields are in '
+          '`model.<family>`', choices=('shake_shake', 'enas', 'resnet', 'densenet')),
+    Field('model.compute_dtype', 'float32',
+          '`bfloat16`: mixed precision for training and ranking; convolutions and activations '
+          'in bf16, parameters, optimiser state, BatchNorm statistics, drop logits, masks and '
+          'the loss in float32 (`pgnas_jax/precision.py`)', choices=('float32', 'bfloat16')),
+    Field('model.shake_shake.stem_width', 16,
+          'SupNet-M family (SPEC section 5): channels of the stem conv', check=POSITIVE),
+    Field('model.shake_shake.widths', (16, 32, 64),
+          'channels per stage (SupNet-M: 96, 192, 384)', check=EACH_POSITIVE),
+    Field('model.shake_shake.blocks_per_stage', 1, 'residual blocks per stage (SupNet-M: 4)',
+          check=POSITIVE),
+    Field('model.shake_shake.kernel_sizes', (3, 3),
+          'one kernel size per branch; the number of entries is the number of branches',
+          check=EACH_ODD),
+    Field('model.shake_shake.shake', True,
+          'shake-shake mixing of the branches in training (equal weights at test)'),
+    Field('model.enas.filters', 36,
+          "SupNet-E family (SPEC section 5): `F`, the first stage's cell width, doubled by each "
+          'reduction cell (SupNet-E: 36, SupNet-EI: 72)', check=POSITIVE),
+    Field('model.enas.normal_cells_per_stage', 5,
+          'normal cells in each of the 3 stages; a reduction cell precedes stages 2 and 3 '
+          '(ENAS: 15 layers, reductions at 5 and 11)', check=POSITIVE),
+    Field('model.enas.normal_arc', enas.NORMAL_ARC,
+          "ENAS's CIFAR-10 normal cell: per node `input, op, input, op`; inputs 0 and 1 are the "
+          "cell's inputs, node `j` >= 2 the `j`-th built; ops 0 sep3x3, 1 sep5x5, 2 avg3x3, "
+          '3 max3x3, 4 identity', check=ENAS_ARC),
+    Field('model.enas.reduction_arc', enas.REDUCTION_ARC,
+          "ENAS's CIFAR-10 reduction cell, written as `normal_arc`", check=ENAS_ARC),
+    Field('model.enas.auxiliary_head', True,
+          "ENAS's auxiliary classifier after the first cell of the last stage, trained with "
+          'weight `objective.auxiliary_weight`, never used at evaluation'),
+    Field('model.resnet.stem_width', 64, 'SupNet-R-50 family: channels of the conv7x7/2 stem',
+          check=POSITIVE),
+    Field('model.resnet.widths', (64, 128, 256, 512),
+          'bottleneck widths per stage (block outputs are 4x); each a multiple of the number '
+          'of branches', check=EACH_POSITIVE),
+    Field('model.resnet.blocks_per_stage', (3, 4, 6, 3), 'bottleneck blocks per stage',
+          check=EACH_POSITIVE),
+    Field('model.resnet.kernel_sizes', (1, 3, 3, 5),
+          'one entry per branch of the multi-kernel block that replaces every 3x3 conv; each '
+          'branch has `width / branches` output channels', check=EACH_ODD),
+    Field('model.resnet.dilations', (1, 1, 2, 2),
+          'the dilation of each branch, one per entry of `kernel_sizes`', check=EACH_POSITIVE),
+    Field('model.densenet.stem_width', 64,
+          'SupNet-D-121 family: channels of the conv7x7/2 stem', check=POSITIVE),
+    Field('model.densenet.blocks', (6, 12, 24, 16), 'dense layers per dense block',
+          check=EACH_POSITIVE),
+    Field('model.densenet.growth_rate', 32,
+          "channels each dense layer adds (its 3x3 conv's output)", check=POSITIVE),
+    Field('model.densenet.bottleneck_width', 128,
+          "output channels of a dense layer's 1x1 conv", check=POSITIVE),
+    Field('model.densenet.compression', 0.5, 'share of channels a transition keeps',
+          check=Check(lambda v: 0.0 < v <= 1.0, 'in (0, 1]')),
+    # drop probabilities
+    Field('drop.mode', 'learned',
+          '`learned`: PGNAS; `random`: every drop logit frozen at `random_p`, no entropy term, '
+          "no gradient to the logits (the paper's predefined-dropout baseline)",
+          choices=('learned', 'random')),
+    Field('drop.init_p', 0.1, 'initial drop probability of every group', check=PROBABILITY),
+    Field('drop.random_p', 0.1, 'p0 of the `random` ablation', check=PROBABILITY),
+    Field('drop.tau', 0.2, 'temperature of the relaxed Bernoulli training masks',
+          check=Check(lambda v: v > 0.0, '> 0')),
+    Field('drop.logit_lr_multiplier', 1.0, 'learning-rate multiplier of the drop logits',
+          check=NON_NEGATIVE),
+    # objective
+    Field('objective.prior', 'posterior',
+          '`posterior`: prior term `l2 (1 - p) ||m||^2`; `constant`: `constant_l2 ||m||^2` '
+          '(the "constant L2" ablation)', choices=('posterior', 'constant')),
+    Field('objective.weight_prior_l2', 50.0, '`l2` of the weight prior (SPEC section 2)',
+          check=NON_NEGATIVE),
+    Field('objective.constant_l2', 45.0, 'the constant of the `constant` ablation',
+          check=NON_NEGATIVE),
+    Field('objective.num_train_effective', 55000.0,
+          '`N` of SPEC section 2, the effective training-set size dividing the regulariser',
+          check=POSITIVE),
+    Field('objective.weight_decay', 0.0,
+          'optional `0.5 * rate * ||w||^2` on non-searchable conv and dense kernels',
+          check=NON_NEGATIVE),
+    Field('objective.auxiliary_weight', 0.4,
+          "weight of the auxiliary classifiers' cross-entropy in the training loss "
+          '(SupNet-E/EI; ENAS uses 0.4)', check=NON_NEGATIVE),
+    # training
+    Field('train.batch_size', 128, 'global batch, split over the devices', check=POSITIVE),
+    Field('train.num_epochs', 5.0, 'training length in epochs', check=POSITIVE),
+    Field('train.num_steps', -1, '> 0 overrides `num_epochs`'),
+    Field('train.learning_rate', 0.1, 'peak learning rate', check=POSITIVE),
+    Field('train.schedule', 'cosine',
+          '`cosine` (no restart, to 0), `step` (divide by `step_factor` at `step_epochs`), '
+          '`sgdr` (warm restarts: `sgdr_t0_epochs`, `sgdr_t_mul`, down to `sgdr_min_lr`)',
+          choices=('cosine', 'step', 'sgdr')),
+    Field('train.step_epochs', (30, 60, 90),
+          'the `step` schedule: the epochs at which the learning rate is divided'),
+    Field('train.step_factor', 10.0, 'the `step` schedule: what it divides by',
+          check=POSITIVE),
+    Field('train.sgdr_min_lr', 1e-4, 'the `sgdr` schedule: the learning rate it ends a cycle at'),
+    Field('train.sgdr_t0_epochs', 10.0, "the `sgdr` schedule: the first cycle's epochs",
+          check=POSITIVE),
+    Field('train.sgdr_t_mul', 2.0, "the `sgdr` schedule: each cycle's length over the last's",
+          check=Check(lambda v: v >= 1.0, '>= 1')),
+    Field('train.momentum', 0.9, 'SGD momentum, weights and logits alike',
+          check=Check(lambda v: 0.0 <= v < 1.0, 'in [0, 1)')),
+    Field('train.nesterov', True, 'Nesterov momentum, weights and logits alike'),
+    Field('train.log_every_steps', 50, 'metrics line and progress every this many steps',
+          check=POSITIVE),
+    # checkpoints
+    Field('checkpoint.every_steps', 500,
+          'save the training state every this many steps (also at the end of training and on '
+          'SIGTERM)', check=POSITIVE),
+    Field('checkpoint.max_to_keep', 3, 'checkpoints kept', check=POSITIVE),
+    # search
+    Field('search.num_candidates', 100, 'candidate architectures sampled and ranked',
+          check=POSITIVE),
+    Field('search.chunk_size', 'auto',
+          'candidates scored at once (`jax.vmap` over masks), split over the devices: a '
+          "multiple of the device count, or `auto`: per device enough candidates for the "
+          "platform's best images per call (CPU: 100, measured in `docs/benchmarks.md`; "
+          'accelerators: 16,384), fewer if their activations would take more than half the '
+          "device's free memory (`search.auto_chunk_size`)",
+          check=Check(lambda v: v == 'auto' or (type(v) is int and v >= 1),
+                      "'auto' or a whole number >= 1"), any_type=True),
+    Field('search.eval_batch_size', 100,
+          'validation and test batch (a multiple of the device count)', check=POSITIVE),
+    # fine-tuning of the winner, after the choice (SPEC section 3)
+    Field('finetune.steps', 0,
+          'after the choice, fine-tune the winner this many steps and report it beside the '
+          'un-tuned one (`arch.json` `finetuned`, `report.md`, '
+          "`search/winner_finetuned_weights.msgpack`); 0: off, the paper's headline protocol. "
+          "The winner's mask stays fixed; the loss is the training objective over the "
+          "architecture's own weights (cross-entropy + weight prior, logits frozen); BatchNorm "
+          'statistics are updated; batches continue the training sequence '
+          '(`pgnas_jax/finetune.py`)', check=Check(lambda v: v >= 0, '>= 0 (0: no fine-tuning)')),
+    Field('finetune.learning_rate', 0.01,
+          'peak learning rate of the fine-tuning, cosine to 0; SGD with `train.momentum` and '
+          '`train.nesterov`', check=POSITIVE),
+)
 
-
-CHOICES = {
-    'data.name': ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012'),
-    'model.family': ('shake_shake', 'enas', 'resnet', 'densenet'),
-    'model.compute_dtype': ('float32', 'bfloat16'),
-    'drop.mode': ('learned', 'random'),
-    'objective.prior': ('posterior', 'constant'),
-    'train.schedule': ('cosine', 'step', 'sgdr'),
-}
-
-# field -> (test, what the value must be)
-RANGES = {
-    'data.validation_size': (lambda v: v > 0, 'a positive number of images'),
-    'data.pad_crop': (lambda v: v >= 0, '>= 0'),
-    'data.cutout': (lambda v: v >= 0, '>= 0'),
-    'data.image_size': (lambda v: v > 0, '> 0'),
-    'model.shake_shake.stem_width': (lambda v: v > 0, '> 0'),
-    'model.shake_shake.widths': (lambda v: len(v) > 0 and all(w > 0 for w in v),
-                                 'non-empty, each > 0'),
-    'model.shake_shake.blocks_per_stage': (lambda v: v > 0, '> 0'),
-    'model.shake_shake.kernel_sizes': (lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
-                           'non-empty, each an odd number > 0'),
-    'model.enas.filters': (lambda v: v > 0, '> 0'),
-    'model.enas.normal_cells_per_stage': (lambda v: v > 0, '> 0'),
-    'model.enas.normal_arc': (_is_enas_arc, _ENAS_ARC),
-    'model.enas.reduction_arc': (_is_enas_arc, _ENAS_ARC),
-    'model.resnet.stem_width': (lambda v: v > 0, '> 0'),
-    'model.resnet.widths': (lambda v: len(v) > 0 and all(w > 0 for w in v), 'non-empty, each > 0'),
-    'model.resnet.blocks_per_stage': (lambda v: len(v) > 0 and all(b > 0 for b in v),
-                                      'non-empty, each > 0'),
-    'model.resnet.kernel_sizes': (lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
-                                  'non-empty, each an odd number > 0'),
-    'model.resnet.dilations': (lambda v: len(v) > 0 and all(d > 0 for d in v),
-                               'non-empty, each > 0'),
-    'model.densenet.stem_width': (lambda v: v > 0, '> 0'),
-    'model.densenet.blocks': (lambda v: len(v) > 0 and all(b > 0 for b in v),
-                              'non-empty, each > 0'),
-    'model.densenet.growth_rate': (lambda v: v > 0, '> 0'),
-    'model.densenet.bottleneck_width': (lambda v: v > 0, '> 0'),
-    'model.densenet.compression': (lambda v: 0.0 < v <= 1.0, 'in (0, 1]'),
-    'drop.init_p': (lambda v: 0.0 < v < 1.0, 'in (0, 1)'),
-    'drop.random_p': (lambda v: 0.0 < v < 1.0, 'in (0, 1)'),
-    'drop.tau': (lambda v: v > 0.0, '> 0'),
-    'drop.logit_lr_multiplier': (lambda v: v >= 0.0, '>= 0'),
-    'objective.weight_prior_l2': (lambda v: v >= 0.0, '>= 0'),
-    'objective.constant_l2': (lambda v: v >= 0.0, '>= 0'),
-    'objective.num_train_effective': (lambda v: v > 0.0, '> 0'),
-    'objective.weight_decay': (lambda v: v >= 0.0, '>= 0'),
-    'objective.auxiliary_weight': (lambda v: v >= 0.0, '>= 0'),
-    'train.batch_size': (lambda v: v > 0, '> 0'),
-    'train.num_epochs': (lambda v: v > 0.0, '> 0'),
-    'train.learning_rate': (lambda v: v > 0.0, '> 0'),
-    'train.step_factor': (lambda v: v > 0.0, '> 0'),
-    'train.sgdr_t0_epochs': (lambda v: v > 0.0, '> 0'),
-    'train.sgdr_t_mul': (lambda v: v >= 1.0, '>= 1'),
-    'train.momentum': (lambda v: 0.0 <= v < 1.0, 'in [0, 1)'),
-    'train.log_every_steps': (lambda v: v > 0, '> 0'),
-    'checkpoint.every_steps': (lambda v: v > 0, '> 0'),
-    'checkpoint.max_to_keep': (lambda v: v > 0, '> 0'),
-    'search.num_candidates': (lambda v: v > 0, '> 0'),
-    'search.chunk_size': (lambda v: v == 'auto' or (type(v) is int and v >= 1),
-                          "'auto' or a whole number >= 1"),
-    'search.eval_batch_size': (lambda v: v > 0, '> 0'),
-    'finetune.steps': (lambda v: v >= 0, '>= 0 (0: no fine-tuning)'),
-    'finetune.learning_rate': (lambda v: v > 0.0, '> 0'),
-}
-
+# the allowed values of each field that has few, by name
+CHOICES = {field.name: field.choices for field in FIELDS if field.choices}
 
 # checks across fields: (fields, test of their values, what must hold)
 CONSTRAINTS = (
@@ -216,6 +233,44 @@ CONSTRAINTS = (
      lambda w, k: all(x % len(k) == 0 for x in w),
      'every width a multiple of the number of branches (each gets an equal share)'),
 )
+
+
+# fields split evenly over the devices of all processes together ('auto' chunks choose so)
+SPLIT_OVER_DEVICES = ('train.batch_size', 'search.eval_batch_size', 'search.chunk_size')
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The embedded default: every field of FIELDS at its default."""
+  c = ml_collections.ConfigDict()
+  for field in FIELDS:
+    *parents, leaf = field.name.split('.')
+    node = c
+    for part in parents:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    node[leaf] = (ml_collections.FieldReference(field.default, field_type=object)
+                  if field.any_type else field.default)
+  return c
+
+
+def read_config_file(path: str) -> types.ModuleType:
+  """A config file (``configs/*.py``) as a module: its docstring says how to run it and what
+  the paper reports, its ``get_config()`` builds the config, as ``--config=PATH`` does."""
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def read_sibling(config_file: str, name: str) -> types.ModuleType:
+  """The config file ``name``.py in the folder of ``config_file`` (a config passes its
+  ``__file__``): configs/ is not a package, so a config builds on another by its path, which
+  works however the config itself was loaded (``--config=PATH`` or read_config_file)."""
+  return read_config_file(os.path.join(os.path.dirname(os.path.abspath(config_file)),
+                                       f'{name}.py'))
+
 
 def _get(config, dotted):
   node = config
@@ -235,12 +290,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ref_keys - set(_flat_keys(config)):
     raise ConfigError(f'config field {key!r} is missing: start config files from '
                       f'pgnas_jax.config.get_config() and override fields')
-  for key, options in CHOICES.items():
-    if _get(config, key) not in options:
-      raise ConfigError(f'--config.{key}={_get(config, key)!r} is not one of {options}')
-  for key, (ok, what) in RANGES.items():
-    if not ok(_get(config, key)):
-      raise ConfigError(f'--config.{key}={_get(config, key)!r} is out of range: it must be {what}')
+  # every choice before any range, as the message for a config with several faults says
+  for field in FIELDS:
+    if field.choices and _get(config, field.name) not in field.choices:
+      raise ConfigError(f'--config.{field.name}={_get(config, field.name)!r} is not one of '
+                        f'{field.choices}')
+  for field in FIELDS:
+    if field.check and not field.check.test(_get(config, field.name)):
+      raise ConfigError(f'--config.{field.name}={_get(config, field.name)!r} is out of range: '
+                        f'it must be {field.check.what}')
   for keys, ok, what in CONSTRAINTS:
     if not ok(*(_get(config, k) for k in keys)):
       values = ', '.join(f'--config.{k}={_get(config, k)!r}' for k in keys)
@@ -249,7 +307,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Global batches and chunks of candidates are split evenly over the devices."""
-  for key in ('train.batch_size', 'search.eval_batch_size', 'search.chunk_size'):
+  for key in SPLIT_OVER_DEVICES:
     if _get(config, key) != 'auto' and _get(config, key) % num_devices:
       raise ConfigError(f'--config.{key}={_get(config, key)} does not split over {num_devices} '
                         f'devices: use a multiple of {num_devices}')

@@ -22,7 +22,7 @@ It is built here (``auxiliary_head``, default on) and trains with the main class
 training its logits are sown into the ``auxiliary_logits`` collection, which the training
 loss weighs by ``objective.auxiliary_weight``; it is never used at evaluation. The paper's
 counts include it: 15.3M for SupNet-EI is this network with the head (without it: 14.8M),
-see README.md, "Super-networks". ENAS's other training-only extras, drop-path and dropout
+see docs/supernets.md. ENAS's other training-only extras, drop-path and dropout
 before the classifier, are not built: PGNAS's learned channel dropout is the regulariser.
 
 Searchable: every separable conv, one group over its input channels (SPEC section 1). The
@@ -34,11 +34,29 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pgnas_jax import layers
-from pgnas_jax.config import ENAS_NORMAL_ARC, ENAS_REDUCTION_ARC
 from pgnas_jax.supernets import common
 
+# ENAS's published CIFAR-10 micro cells (SPEC section 5): per node, input, op, input, op;
+# inputs 0 and 1 are the cell's inputs, node j >= 2 is the j-th built; ops 0 sep3x3,
+# 1 sep5x5, 2 avg3x3, 3 max3x3, 4 identity
+NORMAL_ARC = (0, 2, 0, 0, 0, 4, 0, 1, 0, 4, 1, 1, 1, 0, 0, 1, 0, 2, 1, 1)
+REDUCTION_ARC = (1, 0, 1, 0, 0, 3, 0, 2, 1, 1, 3, 1, 1, 0, 0, 4, 0, 3, 1, 1)
+NUM_OPS = 5
+ARC_RULE = ('4 numbers per node (input, op, input, op): node j (from 0) reads inputs '
+            f'0 .. j + 1, ops 0 .. {NUM_OPS - 1}')
 SEPARABLE_KERNEL_SIZES = {0: 3, 1: 5}  # op -> kernel size; 2 avg3x3, 3 max3x3, 4 identity
 AVG_POOL, MAX_POOL = 2, 3
+
+
+def is_valid_arc(arc) -> bool:
+  """Whether ``arc`` follows ARC_RULE: every node reads earlier nodes through known ops."""
+  if len(arc) == 0 or len(arc) % 4:
+    return False
+  for j in range(len(arc) // 4):
+    inputs, ops = (arc[4 * j], arc[4 * j + 2]), (arc[4 * j + 1], arc[4 * j + 3])
+    if not all(0 <= i < j + 2 for i in inputs) or not all(0 <= o < NUM_OPS for o in ops):
+      return False
+  return True
 
 
 class ReluConvBN(nn.Module):
@@ -135,8 +153,8 @@ class EnasNet(nn.Module):
   num_classes: int
   filters: int = 36
   normal_cells_per_stage: int = 5
-  normal_arc: Sequence[int] = ENAS_NORMAL_ARC
-  reduction_arc: Sequence[int] = ENAS_REDUCTION_ARC
+  normal_arc: Sequence[int] = NORMAL_ARC
+  reduction_arc: Sequence[int] = REDUCTION_ARC
   auxiliary_head: bool = True
   stem_multiplier: int = 3  # ENAS: the stem has 3F channels
 
