@@ -10,7 +10,6 @@ error, 46.4M params, 11 GPU-days on a single NVIDIA P40.
 from pgnas_jax import config as config_lib
 
 
-
 def get_config():
   """SupNet-M's setup (configs/cifar10_m.py) on CIFAR-100 and the wider network, with a
   stronger prior and more candidates."""

@@ -11,7 +11,6 @@ candidates, `--config.search.num_candidates=10000`, 11.1 GPU-days).
 from pgnas_jax import config as config_lib
 
 
-
 def get_config():
   """SupNet-M's setup (configs/cifar10_m.py) on the wider network, with a stronger prior."""
   c = config_lib.read_sibling(__file__, 'cifar10_m').get_config()

@@ -223,8 +223,8 @@ CHOICES = {field.name: field.choices for field in FIELDS if field.choices}
 CONSTRAINTS = (
     (('data.name', 'data.pad_crop', 'data.cutout'),
      lambda name, pad_crop, cutout: name != 'imagenet2012' or pad_crop == cutout == 0,
-     'imagenet2012 is augmented by random-resized crop and flip only: set pad_crop and '
-     'cutout to 0'),
+     ('imagenet2012 is augmented by random-resized crop and flip only: set pad_crop and '
+      'cutout to 0')),
     (('model.resnet.kernel_sizes', 'model.resnet.dilations'),
      lambda k, d: len(k) == len(d), 'one dilation per kernel size'),
     (('model.resnet.widths', 'model.resnet.blocks_per_stage'),

@@ -11,10 +11,10 @@ from pgnas_jax import config_doc
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 PAGES = sorted([os.path.join(ROOT, 'README.md')] + glob.glob(os.path.join(ROOT, 'docs', '*.md')))
 SET_UP_COMMANDS = (
-    'apt-get update && apt-get install -y dataset-fashion-mnist && pip install -e . && '
-    'python -m pgnas_jax.main --workdir=/tmp/pgnas_default',
-    "apt-get update && apt-get install -y dataset-fashion-mnist && pip install -e '.[test]' && "
-    'python -m pytest -q tests',
+    ('apt-get update && apt-get install -y dataset-fashion-mnist && pip install -e . && '
+     'python -m pgnas_jax.main --workdir=/tmp/pgnas_default'),
+    ("apt-get update && apt-get install -y dataset-fashion-mnist && pip install -e '.[test]' && "
+     'python -m pytest -q tests'),
 )
 _LINK = re.compile(r'\[[^\]]*\]\(([^)\s]+)\)')
 
