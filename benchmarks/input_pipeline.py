@@ -109,7 +109,7 @@ def cifar_rows(tmp, quick):
                              np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32))
   c = config_lib.get_config().data
   c.pad_crop, c.random_flip, c.cutout = 4, True, 16
-  rate = _rate(lambda s: data_lib.train_batch(dataset, c, 0, s, 128), 128, seconds)
+  rate = _rate(lambda s: dataset.train_batch(c, 0, s, 128), 128, seconds)
   rows.append(('CIFAR 32x32, in memory', 'train batch: pad 4 + crop, flip, normalise, '
                'cutout 16 (batch 128)', 1, rate))
 
@@ -146,10 +146,10 @@ def imagenet_rows(tmp, quick):
         mean=np.array(imagenet.MEAN, np.float32), std=np.array(imagenet.STD, np.float32),
         image_size=224, pool=ThreadPoolExecutor(threads))
     batch = 32
-    rate = _rate(lambda s: data_lib.train_batch(dataset, c, 0, s, batch), batch, seconds)
+    rate = _rate(lambda s: dataset.train_batch(c, 0, s, batch), batch, seconds)
     rows.append(('ImageNet 400x350 JPEG, streamed', f'train batch: read, decode, '
                  f'random-resized crop 224, flip, normalise (batch {batch})', threads, rate))
-    rate = _rate(lambda s: list(data_lib.eval_batches(dataset.validation, dataset, batch)),
+    rate = _rate(lambda s: list(dataset.eval_batches(dataset.validation, batch)),
                  64, seconds)
     rows.append(('ImageNet 400x350 JPEG, streamed', f'eval batch: read, decode, resize 256, '
                  f'centre crop 224, normalise (batch {batch})', threads, rate))
