@@ -45,8 +45,8 @@ class Finetuner:
                space: space_lib.SearchSpace, mesh):
     self._config, self._dataset, self._mesh = config, dataset, mesh
     self.space = space
-    self.steps = steps = config.finetune.steps
-    schedule = optax.cosine_decay_schedule(config.finetune.learning_rate, max(steps, 1))
+    self.steps = config.finetune.steps
+    schedule = optax.cosine_decay_schedule(config.finetune.learning_rate, max(self.steps, 1))
     self._tx = optax.sgd(schedule, momentum=config.train.momentum,
                          nesterov=config.train.nesterov)
     template = space.template

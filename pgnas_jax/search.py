@@ -102,7 +102,7 @@ class Scorer(NamedTuple):
   chunks of candidates), through the compiled functions that every scorer of the same three
   shares."""
   model: Any
-  mesh: Any
+  mesh: jax.sharding.Mesh
   compute_dtype: str
 
   def network(self, variables: dict, batches) -> tuple:
