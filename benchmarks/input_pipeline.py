@@ -4,10 +4,10 @@
 
 Measures, on this machine, images/s of one CPU core for:
 
-- CIFAR-shaped data held in memory (``data.train_batch``: pad 4 + crop, flip, normalise,
+- CIFAR-shaped data held in memory (``data.Dataset.train_batch``: pad 4 + crop, flip, normalise,
   cutout 16; ``configs/cifar10_m.py``'s augmentation), and the one-off read of CIFAR through
   ``tfds.data_source`` (array_record read + PNG decode with PIL, what tfds does per record);
-- ImageNet-shaped data streamed (``data.train_batch`` / ``data.eval_batches`` on a
+- ImageNet-shaped data streamed (``train_batch`` / ``eval_batches`` of a
   ``stream.Streamed``): JPEGs of 400x350 (about the ImageNet average) stored in an
   array_record file, each read and decoded by tfds' own image decoder (PIL), then
   random-resized crop to 224 + flip, or resize to 256 + centre crop 224; with one read
