@@ -4,10 +4,10 @@
 
 Measures, on this machine, images/s of one CPU core for:
 
-- CIFAR-shaped data held in memory (``data.train_batch``: pad 4 + crop, flip, normalise,
+- CIFAR-shaped data held in memory (``data.Dataset.train_batch``: pad 4 + crop, flip, normalise,
   cutout 16; ``configs/cifar10_m.py``'s augmentation), and the one-off read of CIFAR through
   ``tfds.data_source`` (array_record read + PNG decode with PIL, what tfds does per record);
-- ImageNet-shaped data streamed (``data.train_batch`` / ``data.eval_batches`` on a
+- ImageNet-shaped data streamed (``train_batch`` / ``eval_batches`` of a
   ``stream.Streamed``): JPEGs of 400x350 (about the ImageNet average) stored in an
   array_record file, each read and decoded by tfds' own image decoder (PIL), then
   random-resized crop to 224 + flip, or resize to 256 + centre crop 224; with one read
@@ -109,7 +109,7 @@ def cifar_rows(tmp, quick):
                              np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32))
   c = config_lib.get_config().data
   c.pad_crop, c.random_flip, c.cutout = 4, True, 16
-  rate = _rate(lambda s: data_lib.train_batch(dataset, c, 0, s, 128), 128, seconds)
+  rate = _rate(lambda s: dataset.train_batch(c, 0, s, 128), 128, seconds)
   rows.append(('CIFAR 32x32, in memory', 'train batch: pad 4 + crop, flip, normalise, '
                'cutout 16 (batch 128)', 1, rate))
 
@@ -146,10 +146,10 @@ def imagenet_rows(tmp, quick):
         mean=np.array(imagenet.MEAN, np.float32), std=np.array(imagenet.STD, np.float32),
         image_size=224, pool=ThreadPoolExecutor(threads))
     batch = 32
-    rate = _rate(lambda s: data_lib.train_batch(dataset, c, 0, s, batch), batch, seconds)
+    rate = _rate(lambda s: dataset.train_batch(c, 0, s, batch), batch, seconds)
     rows.append(('ImageNet 400x350 JPEG, streamed', f'train batch: read, decode, '
                  f'random-resized crop 224, flip, normalise (batch {batch})', threads, rate))
-    rate = _rate(lambda s: list(data_lib.eval_batches(dataset.validation, dataset, batch)),
+    rate = _rate(lambda s: list(dataset.eval_batches(dataset.validation, batch)),
                  64, seconds)
     rows.append(('ImageNet 400x350 JPEG, streamed', f'eval batch: read, decode, resize 256, '
                  f'centre crop 224, normalise (batch {batch})', threads, rate))

@@ -78,8 +78,8 @@ def measure(args, num_devices, eval_batch, chunks):
   one = rows[0]  # one candidate per device at a time
   for r in rows:
     r['ratio_to_one_at_a_time'] = r['images_per_s'] / one['images_per_s']
-  auto = search.auto_chunk_size(model, weights, space, batches[0], args.candidates, mesh,
-                                args.dtype)
+  auto = search.Scorer(model, mesh, args.dtype).auto_chunk_size(weights, space, batches[0],
+                                                                args.candidates)
   return rows, auto
 
 

@@ -17,10 +17,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from pgnas_jax import parallel
+from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.errors import CheckpointError
-
-DIRNAME = 'checkpoints'
-UNREADABLE_DIRNAME = 'checkpoints_unreadable'
 
 
 def _to_saveable(state):
@@ -35,7 +33,7 @@ class Checkpointer:
   """Saves every ``every_steps`` steps and on demand; restores the newest readable one."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-    self.directory = os.path.join(os.path.abspath(workdir), DIRNAME)
+    self.directory = workdir_lib.path(os.path.abspath(workdir), workdir_lib.CHECKPOINTS)
     self.every_steps = config.every_steps
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
@@ -91,7 +89,7 @@ class Checkpointer:
     self._manager.reload()
 
   def _move_aside(self, step: int) -> None:
-    aside = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIRNAME)
+    aside = workdir_lib.path(os.path.dirname(self.directory), workdir_lib.UNREADABLE_CHECKPOINTS)
     os.makedirs(aside, exist_ok=True)
     target = os.path.join(aside, str(step))
     suffix = 0

@@ -1,7 +1,6 @@
 """Export of a searched architecture (SPEC section 4): kept input channels per group, the
 convolutions removed because every input was dropped, params and FLOPs, and the pruned
 weights, which give the same logits as the masked super-network."""
-import os
 from typing import Any
 
 import flax.serialization
@@ -10,7 +9,9 @@ import numpy as np
 from flax import traverse_util
 
 from pgnas_jax import layers
+from pgnas_jax import masks
 from pgnas_jax import space as space_lib
+from pgnas_jax import workdir as workdir_lib
 
 PyTree = Any
 
@@ -43,7 +44,7 @@ def describe(space: space_lib.SearchSpace, mask: PyTree, pruned: dict) -> dict:
   counted = space_lib.count_params(pruned['params'])
   if counted != int(params):
     raise AssertionError(f'pruned weights hold {counted} params, the cost model says {params}')
-  sizes = [int(m.shape[-1]) for m in jax.tree.leaves(space.template)]
+  sizes = masks.channel_counts(space.template)
   dropped_channels = sum(s - len(k) for s, k in zip(sizes, kept))
   num_convs = len(layers.groups_by_conv(space.template))
   removed = removed_convs(mask)
@@ -58,10 +59,8 @@ def describe(space: space_lib.SearchSpace, mask: PyTree, pruned: dict) -> dict:
 
 
 def save_weights(path: str, pruned: dict) -> None:
-  """Written to a temporary file and renamed, so a kill never leaves half a file."""
-  with open(path + '.tmp', 'wb') as f:
-    f.write(flax.serialization.msgpack_serialize(jax.device_get(pruned)))
-  os.replace(path + '.tmp', path)
+  """Written atomically: a kill never leaves half a file."""
+  workdir_lib.write_atomically(path, flax.serialization.msgpack_serialize(jax.device_get(pruned)))
 
 
 def load_weights(path: str) -> dict:

@@ -21,9 +21,8 @@ import numpy as np
 import optax
 
 from pgnas_jax import data as data_lib
-from pgnas_jax import layers, objective, parallel, precision
+from pgnas_jax import layers, objective, parallel, train
 from pgnas_jax import space as space_lib
-from pgnas_jax.errors import NonFiniteLossError
 
 PyTree = Any
 
@@ -37,31 +36,28 @@ class FinetuneState:
 
 
 class Finetuner:
-  """``finetuner(variables, mask, drop_logits, key, first_step) -> variables``: compiled once
-  for a super-network, reused for every architecture (the mask is an argument, not a
+  """``finetuner(variables, mask, drop_logits, key, first_step) -> variables``, or
+  ``finetuner.tune(state, mask)`` after the training that left ``state``: compiled once for
+  a super-network, reused for every architecture (the mask is an argument, not a
   constant)."""
 
   def __init__(self, model, config: ml_collections.ConfigDict, dataset: data_lib.Source,
                space: space_lib.SearchSpace, mesh):
     self._config, self._dataset, self._mesh = config, dataset, mesh
-    steps = config.finetune.steps
-    schedule = optax.cosine_decay_schedule(config.finetune.learning_rate, max(steps, 1))
+    self.space = space
+    self.steps = config.finetune.steps
+    schedule = optax.cosine_decay_schedule(config.finetune.learning_rate, max(self.steps, 1))
     self._tx = optax.sgd(schedule, momentum=config.train.momentum,
                          nesterov=config.train.nesterov)
-    template, dtype = space.template, config.model.compute_dtype
+    template = space.template
+    masked_loss = objective.make_masked_loss(model, template, config, learned=False)
 
     def loss_fn(weights, batch_stats, mask, drop_logits, batch, key):
-      logits, updates = precision.apply(
-          model, {'params': weights, 'batch_stats': batch_stats, 'masks': mask},
-          batch['images'], dtype, train=True, rngs={'shake': key},
-          mutable=['batch_stats', layers.AUXILIARY_LOGITS])
-      auxiliary = [a.astype(jnp.float32) for a in
-                   jax.tree.leaves(updates.get(layers.AUXILIARY_LOGITS, {}))]
       # the prior of the architecture's own weights: those of dropped channels are not in it
-      loss, _ = objective.negative_elbo(logits, batch['labels'],
-                                        layers.mask_params(weights, template, mask), drop_logits,
-                                        template, config.objective, False, auxiliary)
-      return loss, updates['batch_stats']
+      loss, (_, _, batch_stats) = masked_loss(
+          {'weights': weights, 'drop_logits': drop_logits}, batch_stats, mask, batch, key,
+          prior_weights=layers.mask_params(weights, template, mask))
+      return loss, batch_stats
 
     def step(state, mask, drop_logits, key, batch):
       (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -82,19 +78,21 @@ class Finetuner:
         step=jnp.int32(0), weights=variables['params'], batch_stats=variables['batch_stats'],
         opt_state=self._tx.init(variables['params'])), self._mesh)
     mask, drop_logits, key = parallel.put_replicated((mask, drop_logits, key), self._mesh)
-    batches = parallel.prefetch_to_mesh(data_lib.in_background(
-        data_lib.train_batch(self._dataset, config.data, config.seed, first_step + i,
-                             config.train.batch_size, jax.process_index(), jax.process_count())
-        for i in range(config.finetune.steps)), self._mesh)
+    batches = data_lib.train_batches(self._dataset, config.data, config.seed,
+                                     range(first_step, first_step + self.steps),
+                                     config.train.batch_size, self._mesh)
     losses = []
     for batch in batches:
       state, loss = self._step(state, mask, drop_logits, key, batch)
       losses.append(loss)
     losses = np.asarray(jax.device_get(losses))
-    if not np.all(np.isfinite(losses)):
-      raise NonFiniteLossError(
-          f'non-finite loss at fine-tuning step {int(np.flatnonzero(~np.isfinite(losses))[0]) + 1}'
-          f'; the trained super-network is untouched. Lower '
-          f'--config.finetune.learning_rate')
+    train.check_finite(losses, 1, 'non-finite loss at fine-tuning step {step}; the trained '
+                       'super-network is untouched. Lower --config.finetune.learning_rate')
     logging.info('fine-tuned %d steps: loss %.4f -> %.4f', len(losses), losses[0], losses[-1])
     return {'params': state.weights, 'batch_stats': state.batch_stats}
+
+  def tune(self, state: train.TrainState, mask: PyTree) -> dict:
+    """The super-network trained into ``state`` fine-tuned under ``mask``, continuing the
+    training run's batch sequence."""
+    return self(state.variables, mask, state.drop_logits, state.key('finetune'),
+                int(state.step))

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 PyTree = Any
 
 
-def group_sizes(template: PyTree) -> PyTree:
-  """Channels per searchable group, from a mask template (leaf shape ``(channels,)``)."""
-  return jax.tree.map(lambda m: int(m.shape[-1]), template)
+def channel_counts(template: PyTree) -> list:
+  """Channels per searchable group, leaves in flattening order, from a mask template (leaf
+  shape ``(channels,)``)."""
+  return [int(m.shape[-1]) for m in jax.tree.leaves(template)]
 
 
 def logit(p):
@@ -33,6 +34,12 @@ def drop_probabilities(drop_logits: PyTree) -> PyTree:
   return jax.tree.map(jax.nn.sigmoid, drop_logits)
 
 
+def mean_drop_probability(probabilities, channels) -> float:
+  """Expected share of searchable channels dropped: the groups' drop probabilities weighted
+  by their channel counts (two sequences in one order)."""
+  return sum(p * n for p, n in zip(probabilities, channels)) / sum(channels)
+
+
 def _per_leaf(key: jax.Array, drop_logits: PyTree, template: PyTree, draw) -> PyTree:
   """``draw(k, theta, channels)`` for every leaf, with ``k = fold_in(key, leaf_index)``.
 
@@ -41,10 +48,10 @@ def _per_leaf(key: jax.Array, drop_logits: PyTree, template: PyTree, draw) -> Py
   593) compiles a handful of random-number computations instead of one per group.
   """
   chex.assert_trees_all_equal_structs(drop_logits, template)
-  leaves, treedef = jax.tree.flatten(template)
+  treedef = jax.tree.structure(template)
   thetas = jax.tree.leaves(drop_logits)
-  sizes = [m.shape[-1] for m in leaves]
-  out = [None] * len(leaves)
+  sizes = channel_counts(template)
+  out = [None] * len(sizes)
   for size in sorted(set(sizes)):
     which = [i for i, s in enumerate(sizes) if s == size]
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.array(which))
@@ -87,7 +94,3 @@ def candidate_masks(search_key: jax.Array, indices: jax.Array, drop_logits: PyTr
   draw = lambda c: hard_mask(jax.random.fold_in(search_key, c), drop_logits, template)
   return jax.vmap(draw)(indices)
 
-
-def dropped_counts(mask: PyTree) -> PyTree:
-  """Number of dropped channels per group of one hard mask."""
-  return jax.tree.map(lambda m: jnp.sum(m == 0, axis=-1), mask)

@@ -8,7 +8,7 @@ with c_g = l2 (1 - p_g) (the weight prior; no factor 1/2, no 1/(1-p) rescale) or
 the entropy term. A super-network with auxiliary classifiers (SupNet-E/EI, as ENAS trains
 them) adds ``auxiliary_weight`` times their mean cross-entropy.
 """
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from pgnas_jax import layers
+from pgnas_jax import layers, precision
 
 PyTree = Any
 
@@ -66,13 +66,15 @@ def fixed_weight_decay(params: PyTree, template: PyTree, rate: float):
   return 0.5 * rate * total
 
 
-def negative_elbo(logits: jax.Array, labels: jax.Array, params: PyTree, drop_logits: PyTree,
-                  template: PyTree, objective: ml_collections.ConfigDict,
-                  learned: bool, auxiliary_logits: Sequence[jax.Array] = ()) -> tuple:
-  """Total loss and its ``LossParts``."""
+def negative_elbo(logits: jax.Array, labels: jax.Array, params: PyTree, template: PyTree,
+                  objective: ml_collections.ConfigDict, learned: bool,
+                  auxiliary_logits: Sequence[jax.Array] = ()) -> tuple:
+  """Total loss and its ``LossParts``; ``params`` holds the network's ``weights`` and the
+  ``drop_logits``, as the train state does."""
+  weights, drop_logits = params['weights'], params['drop_logits']
   nll = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-  prior, entropy = regulariser(params, drop_logits, template, objective, learned)
-  decay = fixed_weight_decay(params, template, objective.weight_decay)
+  prior, entropy = regulariser(weights, drop_logits, template, objective, learned)
+  decay = fixed_weight_decay(weights, template, objective.weight_decay)
   auxiliary = jnp.float32(0.0)
   if auxiliary_logits:
     auxiliary = objective.auxiliary_weight * sum(
@@ -81,3 +83,27 @@ def negative_elbo(logits: jax.Array, labels: jax.Array, params: PyTree, drop_log
   parts = LossParts(nll=nll, prior=prior, entropy=entropy, weight_decay=decay,
                     auxiliary=auxiliary)
   return nll + prior + entropy + decay + auxiliary, parts
+
+
+def make_masked_loss(model, template: PyTree, config: ml_collections.ConfigDict,
+                     learned: bool) -> Callable:
+  """``loss(params, batch_stats, masks, batch, shake_key, prior_weights=None) -> (loss,
+  (LossParts, logits, batch_stats))``: the negative ELBO of the super-network under
+  ``masks`` in training mode (BatchNorm on the batch's statistics, updating its running
+  ones; shake noise from ``shake_key``), for training (relaxed masks) and fine-tuning (one
+  hard mask). ``params`` holds ``weights`` and ``drop_logits``; the weight prior is over
+  ``prior_weights`` where given, else over the weights."""
+  def loss(params, batch_stats, masks, batch, shake_key, prior_weights=None):
+    logits, updates = precision.apply(
+        model, {'params': params['weights'], 'batch_stats': batch_stats, 'masks': masks},
+        batch['images'], config.model.compute_dtype, train=True, rngs={'shake': shake_key},
+        mutable=['batch_stats', layers.AUXILIARY_LOGITS])
+    auxiliary_logits = [a.astype(jnp.float32) for a in
+                        jax.tree.leaves(updates.get(layers.AUXILIARY_LOGITS, {}))]
+    if prior_weights is not None:
+      params = {**params, 'weights': prior_weights}
+    total, parts = negative_elbo(logits, batch['labels'], params, template, config.objective,
+                                 learned, auxiliary_logits)
+    return total, (parts, logits, updates['batch_stats'])
+
+  return loss

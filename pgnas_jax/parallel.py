@@ -9,9 +9,6 @@ Several processes (hosts of a TPU pod or GPU cluster, or processes on one machin
 through ``jax.distributed``. Every process runs the same program on the same global arrays;
 each one feeds its own rows of a global batch, and only process 0 writes files.
 """
-import collections
-from collections.abc import Iterable, Iterator
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -126,21 +123,6 @@ def put_split(tree, mesh: Mesh):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree.map(put, tree)
-
-
-def prefetch_to_mesh(batches: Iterable[dict], mesh: Mesh, ahead: int = 1,
-                     whole: bool = False) -> Iterator[dict]:
-  """Yields ``batches`` placed on the mesh (this process's rows, or ``whole`` batches on
-  every device), with the next ``ahead`` already placed: placement is asynchronous, so their
-  copies overlap the computation that uses the current one."""
-  place = put_replicated if whole else put_batch
-  placed = collections.deque()
-  for batch in batches:
-    placed.append(place(batch, mesh))
-    if len(placed) > ahead:
-      yield placed.popleft()
-  while placed:
-    yield placed.popleft()
 
 
 def put_replicated(tree, mesh: Mesh):

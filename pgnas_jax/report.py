@@ -1,12 +1,13 @@
 """What a run leaves for people: ``posterior.json``, ``report.md`` and ``plots/``."""
-import json
-import os
 import re
 
 import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
+
+from pgnas_jax import masks
+from pgnas_jax import workdir as workdir_lib
 
 
 def layer_order(name: str):
@@ -18,6 +19,12 @@ def posterior_table(names, sizes, probabilities) -> list:
   rows = [{'name': n, 'channels': int(c), 'p': float(p)}
           for n, c, p in zip(names, sizes, probabilities)]
   return sorted(rows, key=lambda r: layer_order(r['name']))
+
+
+def mean_drop_probability(posterior: list) -> float:
+  """Expected share of searchable channels dropped, from the rows of ``posterior_table``."""
+  return masks.mean_drop_probability([r['p'] for r in posterior],
+                                     [r['channels'] for r in posterior])
 
 
 def plot_posterior(rows: list, path: str) -> None:
@@ -73,7 +80,7 @@ def _fmt(x, digits=4):
 def write_markdown(path: str, arch: dict, timings: dict, num_candidates: int,
                    posterior: list) -> None:
   full = arch['supernet']
-  mean_p = sum(r['p'] * r['channels'] for r in posterior) / sum(r['channels'] for r in posterior)
+  mean_p = mean_drop_probability(posterior)
   lines = [
       '# PGNAS run report', '',
       '| | validation acc | test acc | params | FLOPs (MACs) |', '|---|---|---|---|---|',
@@ -90,17 +97,10 @@ def write_markdown(path: str, arch: dict, timings: dict, num_candidates: int,
       f"Mean learned drop probability: {mean_p:.4f}.", '',
       '| phase | seconds |', '|---|---|',
       *[f'| {k} | {v:.1f} |' for k, v in timings.items()], '',
-      '![drop probabilities](plots/drop_probabilities.png)', '',
-      '![candidate validation accuracy](plots/candidate_val_accuracy.png)', '',
-      '![training](plots/training.png)', '',
+      f'![drop probabilities]({workdir_lib.POSTERIOR_PLOT})', '',
+      f'![candidate validation accuracy]({workdir_lib.CANDIDATES_PLOT})', '',
+      f'![training]({workdir_lib.TRAINING_PLOT})', '',
   ]
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
 
-
-def write_json(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-    f.write('\n')
-  os.replace(tmp, path)

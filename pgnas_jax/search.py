@@ -8,17 +8,16 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pgnas_jax import data as data_lib
 from pgnas_jax.errors import CheckpointError, Preempted
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import parallel, precision
+from pgnas_jax import parallel, precision, train
 from pgnas_jax import space as space_lib
 
 PyTree = Any
@@ -87,69 +86,6 @@ def _free_memory_bytes(device) -> int | None:
   return None
 
 
-def auto_chunk_size(model, variables: dict, space: space_lib.SearchSpace, batch: dict,
-                    num_candidates: int, mesh, compute_dtype: str) -> int:
-  """The chunk size ``search.chunk_size='auto'`` means. Each device scores its share of the
-  chunk on the whole batch; it gets enough candidates for the platform's target images per
-  call (``IMAGES_PER_CALL``), fewer if their activations would take more than
-  ``MEMORY_SHARE`` of its free memory, never more than needed for ``num_candidates``. One
-  candidate's activation memory is the difference between the compiled scorer's
-  temporaries at 2 and at 1 candidates per device. The result is a multiple of the device
-  count, the same on every process (the smallest they find), and the same for a given
-  machine, network and batch size."""
-  n = mesh.devices.size
-  device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
-  target = IMAGES_PER_CALL.get(device.platform, ACCELERATOR_IMAGES_PER_CALL)
-  per_device = max(1, target // batch['images'].shape[0])
-  free = _free_memory_bytes(device)
-  scorer = make_chunk_scorer(model, mesh, compute_dtype)
-
-  def temporaries(k):
-    masks = parallel.put_split(
-        jax.tree.map(lambda m: np.ones((k,) + m.shape, np.float32), space.template), mesh)
-    analysis = scorer.lower(variables, masks, batch).compile().memory_analysis()
-    return None if analysis is None else analysis.temp_size_in_bytes
-
-  one, two = temporaries(n), temporaries(2 * n)
-  if free is not None and one is not None and two is not None:
-    per_device = min(per_device, max(1, int(MEMORY_SHARE * free) // max(two - one, 1)))
-  return n * min(parallel.min_over_processes(per_device), -(-num_candidates // n))
-
-
-class _Passes:
-  """Batches read again on every pass (``iter`` starts a new one)."""
-
-  def __init__(self, start: Callable):
-    self._start = start
-
-  def __iter__(self):
-    return self._start()
-
-
-def _placed(dataset, batches: Callable, mesh, whole: bool):
-  """Placed once and reused when the data set is held in memory; read again on every pass,
-  ahead in the background, when it is streamed (ImageNet)."""
-  if data_lib.in_memory(dataset):
-    place = parallel.put_replicated if whole else parallel.put_batch
-    return [place(b, mesh) for b in batches()]
-  return _Passes(lambda: parallel.prefetch_to_mesh(data_lib.in_background(batches()), mesh,
-                                                   whole=whole))
-
-
-def device_batches(split, dataset, batch_size: int, mesh):
-  """A split as padded batches, their rows split over the devices, each process reading its
-  own rows: for scoring one network."""
-  return _placed(dataset, lambda: data_lib.eval_batches(
-      split, dataset, batch_size, jax.process_index(), jax.process_count()), mesh, whole=False)
-
-
-def replicated_batches(split, dataset, batch_size: int, mesh):
-  """A split as padded batches, each whole on every device, every process reading whole
-  batches: for chunks of candidates split over the devices."""
-  return _placed(dataset, lambda: data_lib.eval_batches(split, dataset, batch_size), mesh,
-                 whole=True)
-
-
 def evaluate(scorer: Callable, args: tuple, batches: list) -> tuple:
   """(accuracy, mean loss) over all batches; arrays of shape [K] for a chunk scorer."""
   correct, loss, n = 0.0, 0.0, 0.0
@@ -158,6 +94,61 @@ def evaluate(scorer: Callable, args: tuple, batches: list) -> tuple:
     correct, loss = correct + np.asarray(c, np.float64), loss + np.asarray(l, np.float64)
     n += float(np.sum(batch['weights']))
   return correct / n, loss / n
+
+
+class Scorer(NamedTuple):
+  """Scores networks of the super-network ``model`` on ``mesh`` in ``compute_dtype`` over a
+  split's batches (``data.device_batches`` for one network, ``data.replicated_batches`` for
+  chunks of candidates), through the compiled functions that every scorer of the same three
+  shares."""
+  model: Any
+  mesh: jax.sharding.Mesh
+  compute_dtype: str
+
+  def network(self, variables: dict, batches) -> tuple:
+    """(accuracy, mean loss) of the full super-network, or of a masked one when
+    ``variables`` holds ``masks``."""
+    return evaluate(make_full_scorer(*self), (variables,), batches)
+
+  def architecture(self, variables: dict, mask: PyTree, batches) -> tuple:
+    """(accuracy, mean loss) of the architecture that the hard ``mask`` keeps."""
+    acc, loss = self.network({**variables, 'masks': mask}, batches)
+    return float(acc), float(loss)
+
+  def candidates(self, variables: dict, masks: PyTree, batches) -> tuple:
+    """(accuracy[K], mean loss[K]) of K candidates (host mask leaves with a leading K axis,
+    K a multiple of the device count)."""
+    return evaluate(make_chunk_scorer(*self), (variables, parallel.put_split(masks, self.mesh)),
+                    batches)
+
+  def auto_chunk_size(self, variables: dict, space: space_lib.SearchSpace, batch: dict,
+                      num_candidates: int) -> int:
+    """The chunk size ``search.chunk_size='auto'`` means. Each device scores its share of
+    the chunk on the whole batch; it gets enough candidates for the platform's target images
+    per call (``IMAGES_PER_CALL``), fewer if their activations would take more than
+    ``MEMORY_SHARE`` of its free memory, never more than needed for ``num_candidates``. One
+    candidate's activation memory is the difference between the compiled scorer's
+    temporaries at 2 and at 1 candidates per device. The result is a multiple of the device
+    count, the same on every process (the smallest they find), and the same for a given
+    machine, network and batch size."""
+    mesh = self.mesh
+    n = mesh.devices.size
+    device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    target = IMAGES_PER_CALL.get(device.platform, ACCELERATOR_IMAGES_PER_CALL)
+    per_device = max(1, target // batch['images'].shape[0])
+    free = _free_memory_bytes(device)
+    scorer = make_chunk_scorer(*self)
+
+    def temporaries(k):
+      masks = parallel.put_split(
+          jax.tree.map(lambda m: np.ones((k,) + m.shape, np.float32), space.template), mesh)
+      analysis = scorer.lower(variables, masks, batch).compile().memory_analysis()
+      return None if analysis is None else analysis.temp_size_in_bytes
+
+    one, two = temporaries(n), temporaries(2 * n)
+    if free is not None and one is not None and two is not None:
+      per_device = min(per_device, max(1, int(MEMORY_SHARE * free) // max(two - one, 1)))
+    return n * min(parallel.min_over_processes(per_device), -(-num_candidates // n))
 
 
 draw_candidates = jax.jit(masks_lib.candidate_masks)
@@ -198,20 +189,18 @@ def _append_durably(path: str, records: list) -> None:
     os.fsync(out.fileno())
 
 
-def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_lib.SearchSpace,
-                    search_key: jax.Array, validation: list, search_config, compute_dtype: str,
-                    out_path: str, mesh, guard) -> list:
-  """Scores candidates 0..C-1 on the validation split, continuing after those already in
-  ``out_path``; each chunk's lines are appended durably (flush + fsync) once scored, by
-  process 0. Every process scores every chunk (its validation rows on its devices) and gets
-  all the records. A candidate's mask is not kept: it follows from (search_key, index), see
-  ``candidate_mask``."""
+def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.SearchSpace,
+                    validation, search_config, out_path: str, guard) -> list:
+  """Scores candidates 0..C-1 of the posterior that training left in ``state`` on the
+  validation split, continuing after those already in ``out_path``; each chunk's lines are
+  appended durably (flush + fsync) once scored, by process 0. Every process scores every
+  chunk (its validation rows on its devices) and gets all the records. A candidate's mask is
+  not kept: it follows from (search key, index), see ``candidate_mask``."""
   num, chunk = search_config.num_candidates, search_config.chunk_size
   if chunk == 'auto':
-    chunk = auto_chunk_size(model, variables, space, next(iter(validation)), num, mesh,
-                            compute_dtype)
+    chunk = scorer.auto_chunk_size(state.variables, space, next(iter(validation)), num)
     logging.info('search: chunk size %d (auto)', chunk)
-  scorer = make_chunk_scorer(model, mesh, compute_dtype)
+  search_key = state.key('search')
   names = space_lib.group_names(space)
   records = read_recorded(out_path)
   parallel.barrier('candidates read')  # before process 0 appends to the file
@@ -221,8 +210,9 @@ def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_li
   for first in range(resumed, num, chunk):
     # the last chunk is padded with extra candidates (one compilation) and trimmed
     indices = jnp.arange(first, first + chunk)
-    masks = jax.device_get(draw_candidates(search_key, indices, drop_logits, space.template))
-    acc, loss = evaluate(scorer, (variables, parallel.put_split(masks, mesh)), validation)
+    masks = jax.device_get(draw_candidates(search_key, indices, state.drop_logits,
+                                           space.template))
+    acc, loss = scorer.candidates(state.variables, masks, validation)
     params, macs = space_lib.costs(space, masks)
     dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)
     new = [{'index': first + j, 'val_acc': float(acc[j]), 'val_loss': float(loss[j]),
@@ -252,11 +242,3 @@ def ranking_key(record: dict) -> tuple:
 def choose_winner(records: list) -> dict:
   """The first candidate of the ranking (``ranking_key``)."""
   return min(records, key=ranking_key)
-
-
-def evaluate_mask(model, variables: dict, mask: PyTree, batches: list, mesh,
-                  compute_dtype: str) -> tuple:
-  """(accuracy, loss) of one architecture over a split's batches."""
-  acc, loss = evaluate(make_full_scorer(model, mesh, compute_dtype),
-                       ({**variables, 'masks': mask},), batches)
-  return float(acc), float(loss)

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from pgnas_jax import layers
+from pgnas_jax import layers, masks
 
 PyTree = Any
 
@@ -29,7 +29,7 @@ class SearchSpace(NamedTuple):
 
   @property
   def num_channels(self) -> int:
-    return int(sum(m.shape[-1] for m in jax.tree.leaves(self.template)))
+    return sum(masks.channel_counts(self.template))
 
 
 def count_params(tree: PyTree) -> int:
@@ -40,23 +40,24 @@ def from_variables(variables: dict) -> SearchSpace:
   """Reads the search space off the collections returned by ``model.init``."""
   template = variables[layers.MASKS]
   costs = jax.device_get(variables[layers.CHANNEL_COSTS])
-  searchable = sum(int(m.shape[-1]) * int(c[0]) for m, c in
-                   zip(jax.tree.leaves(template), jax.tree.leaves(costs)))
+  searchable = sum(n * int(c[0]) for n, c in
+                   zip(masks.channel_counts(template), jax.tree.leaves(costs)))
   total = count_params(variables['params'])
   fixed_macs = int(sum(int(v) for v in jax.tree.leaves(jax.device_get(variables[layers.FIXED_MACS]))))
   return SearchSpace(template=template, channel_costs=costs, fixed_params=total - searchable,
                      fixed_macs=fixed_macs)
 
 
-def kept_counts(masks: PyTree) -> np.ndarray:
+def kept_counts(mask_tree: PyTree) -> np.ndarray:
   """[..., groups] kept channels per group, leaves in flattening order."""
-  return np.stack([np.asarray(m).sum(-1) for m in jax.tree.leaves(masks)], axis=-1).astype(np.int64)
+  return np.stack([np.asarray(m).sum(-1) for m in jax.tree.leaves(mask_tree)],
+                  axis=-1).astype(np.int64)
 
 
-def costs(space: SearchSpace, masks: PyTree) -> tuple:
-  """(params, MACs) of each architecture in ``masks`` (leading axes are kept)."""
+def costs(space: SearchSpace, mask_tree: PyTree) -> tuple:
+  """(params, MACs) of each architecture in ``mask_tree`` (leading axes are kept)."""
   per_channel = np.stack([np.asarray(c, np.int64) for c in jax.tree.leaves(space.channel_costs)])
-  kept = kept_counts(masks)
+  kept = kept_counts(mask_tree)
   return (space.fixed_params + kept @ per_channel[:, 0],
           space.fixed_macs + kept @ per_channel[:, 1])
 

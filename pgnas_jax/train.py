@@ -17,8 +17,9 @@ import optax
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import layers, objective, optim, parallel, precision
+from pgnas_jax import objective, optim, parallel
 from pgnas_jax import space as space_lib
+from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.errors import ConfigError, NonFiniteLossError, Preempted
 
 PyTree = Any
@@ -37,6 +38,18 @@ class TrainState:
   batch_stats: PyTree
   opt_state: PyTree
   root_key: jax.Array
+
+  @property
+  def variables(self) -> dict:
+    """The super-network's weights and BatchNorm statistics, as ``model.apply`` takes them."""
+    return {'params': self.params['weights'], 'batch_stats': self.batch_stats}
+
+  @property
+  def drop_logits(self) -> PyTree:
+    return self.params['drop_logits']
+
+  def key(self, purpose: str) -> jax.Array:
+    return purpose_key(self.root_key, purpose)
 
 
 def initialise(model, config: ml_collections.ConfigDict, image_shape: tuple,
@@ -57,34 +70,25 @@ def initialise(model, config: ml_collections.ConfigDict, image_shape: tuple,
 
 def make_loss_fn(model, space: space_lib.SearchSpace, config: ml_collections.ConfigDict):
   learned = config.drop.mode == 'learned'
+  masked_loss = objective.make_masked_loss(model, space.template, config, learned)
 
   def loss_fn(params, batch_stats, batch, key):
     drop_logits = params['drop_logits']
     if not learned:
       drop_logits = jax.lax.stop_gradient(drop_logits)
-    images = batch['images']
     masks = masks_lib.relaxed_masks(jax.random.fold_in(key, 0), drop_logits, space.template,
-                                    images.shape[0], config.drop.tau)
-    logits, updates = precision.apply(
-        model, {'params': params['weights'], 'batch_stats': batch_stats, 'masks': masks},
-        images, config.model.compute_dtype, train=True,
-        rngs={'shake': jax.random.fold_in(key, 1)},
-        mutable=['batch_stats', layers.AUXILIARY_LOGITS])
-    auxiliary_logits = [a.astype(jnp.float32) for a in
-                        jax.tree.leaves(updates.get(layers.AUXILIARY_LOGITS, {}))]
-    loss, parts = objective.negative_elbo(logits, batch['labels'], params['weights'],
-                                          drop_logits, space.template, config.objective,
-                                          learned, auxiliary_logits)
-    return loss, (parts, logits, updates['batch_stats'])
+                                    batch['images'].shape[0], config.drop.tau)
+    return masked_loss({'weights': params['weights'], 'drop_logits': drop_logits},
+                       batch_stats, masks, batch, jax.random.fold_in(key, 1))
 
   return loss_fn
 
 
 def mean_drop_probability(drop_logits: PyTree, template: PyTree) -> jax.Array:
   """Expected share of searchable channels dropped."""
-  p = jax.tree.leaves(masks_lib.drop_probabilities(drop_logits))
-  sizes = [m.shape[-1] for m in jax.tree.leaves(template)]
-  return sum(q * n for q, n in zip(p, sizes)) / sum(sizes)
+  return masks_lib.mean_drop_probability(
+      jax.tree.leaves(masks_lib.drop_probabilities(drop_logits)),
+      masks_lib.channel_counts(template))
 
 
 def make_train_step(model, space: space_lib.SearchSpace, config: ml_collections.ConfigDict,
@@ -95,7 +99,7 @@ def make_train_step(model, space: space_lib.SearchSpace, config: ml_collections.
   loss_fn = make_loss_fn(model, space, config)
 
   def train_step(state: TrainState, batch: dict):
-    key = jax.random.fold_in(purpose_key(state.root_key, 'train'), state.step)
+    key = jax.random.fold_in(state.key('train'), state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (parts, logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats,
                                                           batch, key)
@@ -105,7 +109,7 @@ def make_train_step(model, space: space_lib.SearchSpace, config: ml_collections.
         'loss': loss, **parts._asdict(), 'grad_norm': optax.tree.norm(grads),
         'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['labels']),
         'learning_rate': schedule(state.step),
-        'mean_p': mean_drop_probability(state.params['drop_logits'], space.template),
+        'mean_p': mean_drop_probability(state.drop_logits, space.template),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
@@ -127,25 +131,31 @@ def setup(config: ml_collections.ConfigDict, dataset: data_lib.Source) -> TrainS
   per_epoch = data_lib.steps_per_epoch(dataset, config.train.batch_size)
   if per_epoch == 0:
     raise ConfigError(f'--config.train.batch_size={config.train.batch_size} is larger than the '
-                     f'{data_lib.num_examples(dataset.train)} training images')
+                     f'{dataset.train.num_examples} training images')
   total = (config.train.num_steps if config.train.num_steps > 0
            else int(round(config.train.num_epochs * per_epoch)))
   schedule = optim.learning_rate_schedule(config.train, total, per_epoch)
   return TrainSetup(total, per_epoch, schedule, optim.make_optimizer(config, schedule))
 
 
+def check_finite(values: list, first_step: int, message: str) -> None:
+  """Raises ``NonFiniteLossError(message)`` on the first step whose values (one entry per
+  step, counted from ``first_step``: a scalar or a tuple of them) hold a NaN or Inf;
+  ``{step}`` in the message names it."""
+  values = np.asarray(jax.device_get(values))
+  bad = np.flatnonzero(~np.all(np.isfinite(values), axis=tuple(range(1, values.ndim))))
+  if bad.size:
+    raise NonFiniteLossError(message.format(step=first_step + int(bad[0])))
+
+
 def _check_finite(pending: list, first_step: int) -> None:
   """Raises on the first step among ``pending`` whose loss or gradient is not finite (steps
   counted from 1). The gradient is checked too: a NaN input can leave the loss finite (ReLU
   maps NaN to 0 on XLA:CPU) and still poison the update."""
-  values = np.asarray(jax.device_get([(m['loss'], m['grad_norm']) for m in pending]))
-  bad = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
-  if bad.size:
-    raise NonFiniteLossError(
-        f'non-finite loss or gradient at training step {first_step + int(bad[0])} (counting '
-        f'from 1); the '
-        f'checkpoints before it are intact. Lower --config.train.learning_rate or check the '
-        f'data, then rerun with --start_over')
+  check_finite([(m['loss'], m['grad_norm']) for m in pending], first_step,
+               'non-finite loss or gradient at training step {step} (counting from 1); the '
+               'checkpoints before it are intact. Lower --config.train.learning_rate or check '
+               'the data, then rerun with --start_over')
 
 
 def _metrics_log(workdir: str, resume_step: int):
@@ -154,7 +164,7 @@ def _metrics_log(workdir: str, resume_step: int):
   process 0 writes it; the others write to the null device."""
   if not parallel.is_main_process():
     return open(os.devnull, 'w')
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = workdir_lib.path(workdir, workdir_lib.METRICS)
   kept = []
   if os.path.exists(path):
     with open(path) as f:
@@ -164,9 +174,7 @@ def _metrics_log(workdir: str, resume_step: int):
             kept.append(line)
         except (ValueError, KeyError):  # a line cut short by a kill
           break
-  with open(path + '.tmp', 'w') as f:
-    f.writelines(kept)
-  os.replace(path + '.tmp', path)
+  workdir_lib.write_atomically(path, ''.join(kept))
   return open(path, 'a')
 
 
@@ -176,7 +184,7 @@ def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, wo
   """Trains to the end, resuming from the newest checkpoint in the workdir; writes
   ``metrics.jsonl`` and checkpoints. Returns (state, search space)."""
   run = setup(config, dataset)
-  state, space = initialise(model, config, data_lib.image_shape(dataset), run.tx, mesh)
+  state, space = initialise(model, config, dataset.image_shape, run.tx, mesh)
   restored = checkpointer.restore_latest(state)
   if restored is not None:
     state = restored
@@ -188,15 +196,12 @@ def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, wo
   batch_size = config.train.batch_size
   logging.info('training: %d steps (%.2f epochs of %d images), %d searchable groups, '
                '%d channels, %d devices in %d processes', run.total_steps,
-               run.total_steps / run.steps_per_epoch, data_lib.num_examples(dataset.train),
+               run.total_steps / run.steps_per_epoch, dataset.train.num_examples,
                space.num_groups, space.num_channels, mesh.devices.size, jax.process_count())
   pending, start, last = [], time.time(), time.time()
   with _metrics_log(workdir, first) as log:
-    # this process's rows of each step's batch, read ahead in the background, placed ahead
-    batches = parallel.prefetch_to_mesh(data_lib.in_background(
-        data_lib.train_batch(dataset, config.data, config.seed, step, batch_size,
-                             jax.process_index(), jax.process_count())
-        for step in range(first, run.total_steps)), mesh)
+    batches = data_lib.train_batches(dataset, config.data, config.seed,
+                                     range(first, run.total_steps), batch_size, mesh)
     for step, batch in zip(range(first, run.total_steps), batches):
       state, metrics = train_step(state, batch)
       pending.append(metrics)

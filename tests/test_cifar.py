@@ -92,14 +92,14 @@ def test_cutout_applies_to_training_batches_only():
                              np.full(3, 0.25, np.float32))
   c = config_lib.get_config().data
   c.pad_crop = 4
-  plain = data_lib.train_batch(dataset, c, 0, 3, 16)['images']
+  plain = dataset.train_batch(c, 0, 3, 16)['images']
   c.cutout = 16
-  cut = data_lib.train_batch(dataset, c, 0, 3, 16)['images']
+  cut = dataset.train_batch(c, 0, 3, 16)['images']
   changed = (cut != plain).any(-1)
   assert (cut[changed] == 0).all()
   per_image = changed.sum((1, 2))
   assert (per_image > 0).all() and (per_image <= 16 * 16).all()
-  evals = list(data_lib.eval_batches(dataset.validation, dataset, 16))
+  evals = list(dataset.eval_batches(dataset.validation, 16))
   np.testing.assert_array_equal(evals[0]['images'],
                                 data_lib.normalise(dataset.validation.images, dataset))
 

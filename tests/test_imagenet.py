@@ -33,9 +33,9 @@ def mock_imagenet():
 
 def test_splits_sizes_and_disjoint_validation(mock_imagenet):
   d = mock_imagenet
-  assert isinstance(d, stream.Streamed) and not data_lib.in_memory(d)
+  assert isinstance(d, stream.Streamed) and not d.in_memory
   assert (len(d.train), len(d.validation), len(d.test)) == (30, 10, 40)
-  assert d.num_classes == 1000 and data_lib.image_shape(d) == (16, 16, 3)
+  assert d.num_classes == 1000 and d.image_shape == (16, 16, 3)
   assert d.train.source is d.validation.source and d.test.source is not d.train.source
   assert not set(d.train.index) & set(d.validation.index)
   assert sorted(np.concatenate([d.train.index, d.validation.index])) == list(range(40))
@@ -44,11 +44,11 @@ def test_splits_sizes_and_disjoint_validation(mock_imagenet):
 
 def test_train_and_eval_batches_shapes_dtypes(mock_imagenet):
   d = mock_imagenet
-  batch = data_lib.train_batch(d, _data(), 0, 0, 8)
+  batch = d.train_batch(_data(), 0, 0, 8)
   assert batch['images'].shape == (8, 16, 16, 3) and batch['images'].dtype == np.float32
   assert batch['labels'].shape == (8,) and batch['labels'].dtype == np.int32
   assert 0 <= batch['labels'].min() and batch['labels'].max() < 1000
-  batches = list(data_lib.eval_batches(d.validation, d, 4))
+  batches = list(d.eval_batches(d.validation, 4))
   assert [b['images'].shape for b in batches] == [(4, 16, 16, 3)] * 3
   np.testing.assert_array_equal(np.concatenate([b['weights'] for b in batches]),
                                 [1.0] * 10 + [0.0] * 2)
@@ -62,9 +62,9 @@ def test_train_and_eval_batches_shapes_dtypes(mock_imagenet):
 
 def test_training_order_follows_the_seed(mock_imagenet):
   d = mock_imagenet
-  a = [data_lib.train_batch(d, _data(), 0, s, 8) for s in range(3)]
-  b = [data_lib.train_batch(d, _data(), 0, s, 8) for s in range(3)]
-  c = [data_lib.train_batch(d, _data(), 1, s, 8) for s in range(3)]
+  a = [d.train_batch(_data(), 0, s, 8) for s in range(3)]
+  b = [d.train_batch(_data(), 0, s, 8) for s in range(3)]
+  c = [d.train_batch(_data(), 1, s, 8) for s in range(3)]
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x['images'], y['images'])
     np.testing.assert_array_equal(x['labels'], y['labels'])
@@ -74,13 +74,13 @@ def test_training_order_follows_the_seed(mock_imagenet):
 @pytest.mark.parametrize('count', [2, 4])
 def test_process_rows_concatenate_to_the_one_process_batch(mock_imagenet, count):
   d = mock_imagenet
-  whole = data_lib.train_batch(d, _data(), 3, 5, 8)
-  parts = [data_lib.train_batch(d, _data(), 3, 5, 8, i, count) for i in range(count)]
+  whole = d.train_batch(_data(), 3, 5, 8)
+  parts = [d.train_batch(_data(), 3, 5, 8, i, count) for i in range(count)]
   assert all(p['images'].shape[0] == 8 // count for p in parts)
   for key in ('images', 'labels'):
     np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
-  whole_eval = list(data_lib.eval_batches(d.test, d, 8))
-  parts_eval = [list(data_lib.eval_batches(d.test, d, 8, i, count)) for i in range(count)]
+  whole_eval = list(d.eval_batches(d.test, 8))
+  parts_eval = [list(d.eval_batches(d.test, 8, i, count)) for i in range(count)]
   for j, batch in enumerate(whole_eval):
     for key in ('images', 'labels', 'weights'):
       np.testing.assert_array_equal(np.concatenate([p[j][key] for p in parts_eval]), batch[key])
@@ -88,7 +88,7 @@ def test_process_rows_concatenate_to_the_one_process_batch(mock_imagenet, count)
 
 def test_eval_preprocessing_is_deterministic(mock_imagenet):
   d = mock_imagenet
-  first, second = (list(data_lib.eval_batches(d.validation, d, 4)) for _ in range(2))
+  first, second = (list(d.eval_batches(d.validation, 4)) for _ in range(2))
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a['images'], b['images'])
 

@@ -66,7 +66,8 @@ def test_objective_equals_numpy_computation():
   labels = jnp.array([0, 1, 2, 2, 1, 0, 1])
   for cfg, learned in ((_objective(), True), (_objective('constant'), True),
                        (_objective(weight_decay=0.01), True), (_objective(), False)):
-    total, parts = objective.negative_elbo(out, labels, params, logits, template, cfg, learned)
+    params_and_logits = {'weights': params, 'drop_logits': logits}
+    total, parts = objective.negative_elbo(out, labels, params_and_logits, template, cfg, learned)
     ref_total, ref_nll, ref_prior, ref_entropy = _numpy_reference(params, logits, out, labels,
                                                                   cfg, learned)
     np.testing.assert_allclose(float(total), ref_total, rtol=1e-5)
@@ -78,7 +79,8 @@ def test_objective_equals_numpy_computation():
 def _masked_loss(params, logits, template, images, labels, cfg, key):
   m = masks.relaxed_masks(key, logits, template, images.shape[0], 0.2)
   out = TwoConvs().apply({'params': params, 'masks': m}, images)
-  return objective.negative_elbo(out, labels, params, logits, template, cfg, True)[0]
+  return objective.negative_elbo(out, labels, {'weights': params, 'drop_logits': logits},
+                                 template, cfg, True)[0]
 
 
 def test_logit_gradient_of_zeroed_group_is_entropy_pull_toward_half():

@@ -10,7 +10,7 @@ import pytest
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import errors, parallel
-from pgnas_jax.data import shards
+from pgnas_jax.data import placement, shards
 
 
 def _dataset(n=64):
@@ -44,7 +44,7 @@ def test_process_rows_are_disjoint_and_cover_the_batch():
 
 def test_training_order_follows_the_seed():
   d, c = _dataset(), _augmented()
-  a, b, other = ([data_lib.train_batch(d, c, seed, s, 16)['images'] for s in range(4)]
+  a, b, other = ([d.train_batch(c, seed, s, 16)['images'] for s in range(4)]
                  for seed in (0, 0, 1))
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
@@ -55,12 +55,12 @@ def test_training_order_follows_the_seed():
 def test_process_rows_concatenate_to_the_one_process_batch(count):
   d, c = _dataset(), _augmented()
   for step in (0, 7):  # 7: the second epoch
-    whole = data_lib.train_batch(d, c, 3, step, 16)
-    parts = [data_lib.train_batch(d, c, 3, step, 16, i, count) for i in range(count)]
+    whole = d.train_batch(c, 3, step, 16)
+    parts = [d.train_batch(c, 3, step, 16, i, count) for i in range(count)]
     for key in ('images', 'labels'):
       np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
-  whole = list(data_lib.eval_batches(d.test, d, 8))
-  parts = [list(data_lib.eval_batches(d.test, d, 8, i, count)) for i in range(count)]
+  whole = list(d.eval_batches(d.test, 8))
+  parts = [list(d.eval_batches(d.test, 8, i, count)) for i in range(count)]
   assert len(whole) == 3 and all(len(p) == 3 for p in parts)
   for j, batch in enumerate(whole):
     for key in ('images', 'labels', 'weights'):
@@ -104,6 +104,6 @@ def test_in_background_stops_its_producer_when_left():
 def test_prefetch_to_mesh_places_every_batch_in_order():
   mesh = parallel.make_mesh(jax.devices()[:4])
   batches = [{'images': np.full((8, 2), i, np.float32)} for i in range(5)]
-  placed = list(parallel.prefetch_to_mesh(iter(batches), mesh, ahead=2))
+  placed = list(placement.prefetch_to_mesh(iter(batches), mesh, ahead=2))
   assert [int(b['images'][0, 0]) for b in placed] == list(range(5))
   assert all(b['images'].sharding == parallel.batch_sharded(mesh) for b in placed)

@@ -80,7 +80,7 @@ def _train(dataset, compute_dtype, steps=120):
   step_fn = train.make_train_step(model, space, config, run.tx, run.schedule, mesh)
   nll = []
   for s in range(steps):
-    batch = data_lib.train_batch(dataset, config.data, config.seed, s, 64)
+    batch = dataset.train_batch(config.data, config.seed, s, 64)
     state, metrics = step_fn(state, parallel.put_batch(batch, mesh))
     nll.append(float(metrics['nll']))
   return model, state, space, mesh, np.array(nll)
@@ -102,7 +102,7 @@ def test_bfloat16_trains_and_ranks_like_float32(fashion_mnist):
   variables = {'params': state32.params['weights'], 'batch_stats': state32.batch_stats}
   logits = masks_lib.init_drop_logits(space.template, 0.3)
   chunk = search.draw_candidates(jax.random.key(3), jnp.arange(12), logits, space.template)
-  batches = search.device_batches(fashion_mnist.validation, fashion_mnist, 200, mesh)
+  batches = data_lib.device_batches(fashion_mnist.validation, fashion_mnist, 200, mesh)
   acc = {dtype: search.evaluate(search.make_chunk_scorer(model, mesh, dtype),
                                 (variables, jax.device_get(chunk)), batches)[0]
          for dtype in ('float32', 'bfloat16')}

@@ -197,13 +197,13 @@ def test_nan_at_a_given_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
   import jax
   from pgnas_jax import config as config_lib
   from pgnas_jax import data as data_lib
-  from pgnas_jax import errors, main, train
+  from pgnas_jax import errors, main
 
   config = config_lib.get_config()
   config.model.shake_shake.stem_width, config.model.shake_shake.widths = 4, (4, 8)
   config.train.num_steps, config.train.log_every_steps = 16, 5
   config.checkpoint.every_steps, config.data.validation_size = 4, 500
-  real_batch = data_lib.train_batch
+  real_batch = data_lib.Dataset.train_batch
 
   def poisoned(dataset, data, seed, step, *args):
     batch = real_batch(dataset, data, seed, step, *args)
@@ -211,7 +211,7 @@ def test_nan_at_a_given_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
       batch['images'] = np.full_like(batch['images'], np.nan)
     return batch
 
-  monkeypatch.setattr(train.data_lib, 'train_batch', poisoned)
+  monkeypatch.setattr(data_lib.Dataset, 'train_batch', poisoned)
   monkeypatch.setattr(jax, 'devices', lambda *a: jax.local_devices()[:1])
   with pytest.raises(errors.NonFiniteLossError, match='non-finite loss or gradient at training step 10 '):
     main.run(config, str(tmp_path))

@@ -139,8 +139,8 @@ def test_auto_chunk_size_aims_at_the_platform_target_within_free_memory(tiny_net
   for n in (1, 4):
     mesh = parallel.make_mesh(jax.devices()[:n])
     batch = parallel.put_replicated(_batch(16), mesh)
-    auto = lambda c: search.auto_chunk_size(tiny_net, variables, space, batch, c, mesh,
-                                            'float32')
+    auto = lambda c: search.Scorer(tiny_net, mesh, 'float32').auto_chunk_size(
+        variables, space, batch, c)
     assert auto(1000) == n * target == auto(1000)  # deterministic
     assert auto(5) == n * -(-5 // n)  # no more than the candidates need, a multiple of n
   # with room for about 3 candidates' activations, it takes 3
@@ -154,6 +154,8 @@ def test_auto_chunk_size_aims_at_the_platform_target_within_free_memory(tiny_net
         ).temp_size_in_bytes
   room = 3.5 * (temporaries[2] - temporaries[1]) / search.MEMORY_SHARE
   monkeypatch.setattr(search, '_free_memory_bytes', lambda device: int(room))
-  assert search.auto_chunk_size(tiny_net, variables, space, batch, 1000, mesh, 'float32') == 3
+  assert search.Scorer(tiny_net, mesh, 'float32').auto_chunk_size(variables, space, batch,
+                                                                  1000) == 3
   monkeypatch.setattr(search, '_free_memory_bytes', lambda device: 0)
-  assert search.auto_chunk_size(tiny_net, variables, space, batch, 1000, mesh, 'float32') == 1
+  assert search.Scorer(tiny_net, mesh, 'float32').auto_chunk_size(variables, space, batch,
+                                                                  1000) == 1

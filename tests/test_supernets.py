@@ -220,7 +220,7 @@ def test_auxiliary_loss_is_weighted_cross_entropy():
   labels = np.array([0, 2, 1, 1, 0])
   objective = config_lib.get_config().objective
   objective.auxiliary_weight = 0.7
-  args = ({}, {}, {}, objective, True)
+  args = ({'weights': {}, 'drop_logits': {}}, {}, objective, True)
   without, _ = objective_lib.negative_elbo(jnp.asarray(logits), labels, *args)
   total, parts = objective_lib.negative_elbo(jnp.asarray(logits), labels, *args,
                                              auxiliary_logits=[jnp.asarray(aux)])

@@ -35,7 +35,7 @@ def _run_steps(tiny_net, config, devices, steps=2):
   step_fn = train.make_train_step(tiny_net, space, config, run.tx, run.schedule, mesh)
   history = []
   for s in range(steps):
-    batch = data_lib.train_batch(dataset, config.data, config.seed, s, config.train.batch_size)
+    batch = dataset.train_batch(config.data, config.seed, s, config.train.batch_size)
     state, metrics = step_fn(state, parallel.put_batch(batch, mesh))
     history.append(jax.device_get(metrics))
   return jax.device_get(state.params), history, space, state
@@ -48,7 +48,7 @@ def test_gradients_on_four_devices_equal_one_device(tiny_net):
   run = train.setup(config, dataset)
   state, space = train.initialise(tiny_net, config, (8, 8, 2), run.tx, mesh1)
   loss_fn = train.make_loss_fn(tiny_net, space, config)
-  batch = data_lib.train_batch(dataset, config.data, 0, 0, 8)
+  batch = dataset.train_batch(config.data, 0, 0, 8)
   grads = {}
   for name, mesh in (('one', mesh1), ('four', mesh4)):
     grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, state.batch_stats, b, jax.random.key(7))[0]),

@@ -8,7 +8,8 @@ rows of every global batch (``process_index`` of ``process_count``), and the row
 processes together are the one-process batch.
 
 Small data sets (Fashion-MNIST, CIFAR) are held in memory as a ``Dataset``; ImageNet is read
-while it is used, as a ``stream.Streamed``.
+while it is used, as a ``stream.Streamed``. Both answer one interface (``Source``), and
+``placement`` puts their batches on the devices.
 """
 import os
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ import ml_collections
 import numpy as np
 
 from pgnas_jax.data import cifar, fashion_mnist, imagenet, pixels, shards, stream
+from pgnas_jax.data.placement import (device_batches, replicated_batches,  # noqa: F401
+                                      train_batches)  # (re-exported)
 from pgnas_jax.data.prefetch import in_background  # noqa: F401  (re-exported)
 from pgnas_jax.errors import ConfigError
 
@@ -29,17 +32,66 @@ class Split(NamedTuple):
   images: np.ndarray  # uint8 [n, h, w, c]
   labels: np.ndarray  # int32 [n]
 
+  @property
+  def num_examples(self) -> int:
+    return self.images.shape[0]
+
 
 class Dataset(NamedTuple):
+  """A data set held in memory; ``stream.Streamed`` answers the same interface."""
   train: Split
   validation: Split
   test: Split
   num_classes: int
   mean: np.ndarray  # per channel, of the training split, in [0, 1] units
   std: np.ndarray
+  # the evaluation splits are small enough to place on the devices once
+  in_memory = True
+
+  @property
+  def image_shape(self) -> tuple:
+    """(height, width, channels) of the network input."""
+    return self.train.images.shape[1:]
+
+  def train_batch(self, data: ml_collections.ConfigDict, seed: int, step: int,
+                  batch_size: int, process_index: int = 0, process_count: int = 1) -> dict:
+    """This process's rows of the global batch of training step ``step``: epochs are fresh
+    permutations from (seed, epoch). Pad-crop and flip act on the raw pixels, cutout after
+    normalisation (zero is the mean)."""
+    epoch, position, index = shards.global_batch(seed, step, self.train.num_examples,
+                                                 batch_size)
+    rows = shards.local_rows(batch_size, process_index, process_count)
+    _, h, w, _ = self.train.images.shape
+    draws = augmentation_draws(np.random.default_rng([seed, epoch, position]), batch_size, h,
+                               w, data)
+    draws = {k: v[rows] for k, v in draws.items()}
+    index = index[rows]
+    images = normalise(augment(self.train.images[index], draws, data), self)
+    if data.cutout > 0:
+      images = cutout(images, draws['centre'], data.cutout)
+    return {'images': images, 'labels': self.train.labels[index]}
+
+  def eval_batches(self, split: Split, batch_size: int, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict]:
+    """This process's rows of fixed-size global batches over a whole split; the last is
+    padded and ``weights`` marks real examples, so every batch has one shape (one
+    compilation)."""
+    rows = shards.local_rows(batch_size, process_index, process_count)
+    n = split.num_examples
+    for start in range(0, n, batch_size):
+      first, last = min(start + rows.start, n), min(start + rows.stop, n)
+      pad = rows.stop - rows.start - (last - first)
+      images = np.pad(split.images[first:last], ((0, pad), (0, 0), (0, 0), (0, 0)))
+      labels = np.pad(split.labels[first:last], (0, pad))
+      weights = np.pad(np.ones(last - first, np.float32), (0, pad))
+      yield {'images': normalise(images, self), 'labels': labels, 'weights': weights}
 
 
-Source = Dataset | stream.Streamed  # what ``load`` returns; the functions below take either
+# What ``load`` returns. Both types have the splits ``train``, ``validation`` and ``test``
+# (each with ``num_examples``), ``num_classes``, ``mean``, ``std``, ``image_shape``,
+# ``in_memory``, ``train_batch(data, seed, step, batch_size, process_index, process_count)``
+# and ``eval_batches(split, batch_size, process_index, process_count)``.
+Source = Dataset | stream.Streamed
 
 
 def _read(data: ml_collections.ConfigDict, split: str):
@@ -137,64 +189,5 @@ def cutout(images: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
   return np.where(window[..., None], np.zeros((), images.dtype), images)
 
 
-def num_examples(split: Split | stream.Records) -> int:
-  return len(split) if isinstance(split, stream.Records) else split.images.shape[0]
-
-
-def image_shape(dataset: Source) -> tuple:
-  """(height, width, channels) of the network input."""
-  if isinstance(dataset, stream.Streamed):
-    return (dataset.image_size, dataset.image_size, 3)
-  return dataset.train.images.shape[1:]
-
-
-def in_memory(dataset: Source) -> bool:
-  """Whether the evaluation splits are small enough to place on the devices once."""
-  return isinstance(dataset, Dataset)
-
-
 def steps_per_epoch(dataset: Source, batch_size: int) -> int:
-  return shards.steps_per_epoch(num_examples(dataset.train), batch_size)
-
-
-def train_batch(dataset: Source, data: ml_collections.ConfigDict, seed: int,
-                step: int, batch_size: int, process_index: int = 0,
-                process_count: int = 1) -> dict:
-  """This process's rows of the global batch of training step ``step``: epochs are fresh
-  permutations from (seed, epoch). Pad-crop and flip act on the raw pixels, cutout after
-  normalisation (zero is the mean); ImageNet: random-resized crop and flip."""
-  if isinstance(dataset, stream.Streamed):
-    return stream.train_batch(dataset, data, seed, step, batch_size, process_index,
-                              process_count)
-  epoch, position, index = shards.global_batch(seed, step, num_examples(dataset.train),
-                                               batch_size)
-  rows = shards.local_rows(batch_size, process_index, process_count)
-  _, h, w, _ = dataset.train.images.shape
-  draws = augmentation_draws(np.random.default_rng([seed, epoch, position]), batch_size, h, w,
-                             data)
-  draws = {k: v[rows] for k, v in draws.items()}
-  index = index[rows]
-  images = normalise(augment(dataset.train.images[index], draws, data), dataset)
-  if data.cutout > 0:
-    images = cutout(images, draws['centre'], data.cutout)
-  return {'images': images, 'labels': dataset.train.labels[index]}
-
-
-def eval_batches(split: Split | stream.Records, dataset: Source,
-                 batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
-  """This process's rows of fixed-size global batches over a whole split; the last is padded
-  and ``weights`` marks real examples, so every batch has one shape (one compilation).
-  ImageNet: resize and centre crop."""
-  if isinstance(dataset, stream.Streamed):
-    yield from stream.eval_batches(split, dataset, batch_size, process_index, process_count)
-    return
-  rows = shards.local_rows(batch_size, process_index, process_count)
-  n = split.images.shape[0]
-  for start in range(0, n, batch_size):
-    first, last = min(start + rows.start, n), min(start + rows.stop, n)
-    pad = rows.stop - rows.start - (last - first)
-    images = np.pad(split.images[first:last], ((0, pad), (0, 0), (0, 0), (0, 0)))
-    labels = np.pad(split.labels[first:last], (0, pad))
-    weights = np.pad(np.ones(last - first, np.float32), (0, pad))
-    yield {'images': normalise(images, dataset), 'labels': labels, 'weights': weights}
+  return shards.steps_per_epoch(dataset.train.num_examples, batch_size)

@@ -33,9 +33,11 @@ import numpy as np
 from absl import app, flags, logging
 
 from pgnas_jax import checkpoint as checkpoint_lib
+from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import errors, finetune, main, parallel, report, search, supernets, train
+from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.experiments import replication_report
 
 
@@ -142,17 +144,10 @@ class _Trained:
     finally:
       checkpointer.close()
     self.state = state
-    self.variables = {'params': state.params['weights'], 'batch_stats': state.batch_stats}
-    self.drop_logits = state.params['drop_logits']
-    self.search_key = train.purpose_key(state.root_key, 'search')
 
   def mask(self, index: int):
-    return search.candidate_mask(self.search_key, index, self.drop_logits, self.space.template)
-
-
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+    return search.candidate_mask(self.state.key('search'), index, self.state.drop_logits,
+                                 self.space.template)
 
 
 class Runner:
@@ -164,8 +159,8 @@ class Runner:
     config = base_config(study, 0, data_dir)
     self.dataset = data_lib.load(config.data)
     self._compute_dtype = config.model.compute_dtype
-    self._test = search.device_batches(self.dataset.test, self.dataset,
-                                       config.search.eval_batch_size, self.mesh)
+    self._test = data_lib.device_batches(self.dataset.test, self.dataset,
+                                         config.search.eval_batch_size, self.mesh)
     self._runs_total = len(study.seeds) * (len(arm_names(study)) + 1)  # + random
     self._runs_seen = 0
     self._start = time.time()
@@ -174,9 +169,8 @@ class Runner:
     return os.path.join(self.workdir, 'runs', arm, f'seed{seed}')
 
   def _test_accuracy(self, trained: _Trained, variables: dict, mask) -> float:
-    acc, _ = search.evaluate_mask(trained.model, variables, mask, self._test, self.mesh,
-                                  self._compute_dtype)
-    return acc
+    scorer = search.Scorer(trained.model, self.mesh, self._compute_dtype)
+    return scorer.architecture(variables, mask, self._test)[0]
 
   def _finetuner(self, config, trained: _Trained) -> Callable:
     """``tune(mask) -> test accuracy after the study's fine-tuning`` for one run: its seed's
@@ -184,11 +178,9 @@ class Runner:
     config = config.copy_and_resolve_references()
     config.finetune.steps = self.study.finetune_steps
     tuner = finetune.Finetuner(trained.model, config, self.dataset, trained.space, self.mesh)
-    key = train.purpose_key(trained.state.root_key, 'finetune')
 
     def tune(mask) -> float:
-      tuned = tuner(trained.variables, mask, trained.drop_logits, key, int(trained.state.step))
-      return self._test_accuracy(trained, tuned, mask)
+      return self._test_accuracy(trained, tuner.tune(trained.state, mask), mask)
 
     return tune
 
@@ -201,15 +193,15 @@ class Runner:
     cache = os.path.join(workdir, 'study.json')
     self._runs_seen += 1
     if os.path.exists(cache):
-      return _read_json(cache)
+      return workdir_lib.read_json(cache)
     start = time.time()
     config = arm_config(self.study, arm, seed, self.data_dir, random_p)
     logging.info('study: run %d of %d: %s, seed %d (%.0f min so far)', self._runs_seen,
                  self._runs_total, arm, seed, (start - self._start) / 60)
     arch = main.run(config, workdir)
-    records = search.read_recorded(os.path.join(workdir, 'search', 'candidates.jsonl'))
-    posterior = _read_json(os.path.join(workdir, 'posterior.json'))
-    timings = _read_json(os.path.join(workdir, 'timings.json'))
+    records = search.read_recorded(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
+    posterior = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.POSTERIOR))
+    timings = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.TIMINGS))
     winners = {C: search.choose_winner(records[:C]) for C in counts}
     needs_model = finetune_at is not None or any(w['index'] != arch['index']
                                                   for w in winners.values())
@@ -217,14 +209,13 @@ class Runner:
     tested = {arch['index']: arch['test_acc']}
     for w in winners.values():
       if w['index'] not in tested:
-        tested[w['index']] = self._test_accuracy(trained, trained.variables,
+        tested[w['index']] = self._test_accuracy(trained, trained.state.variables,
                                                  trained.mask(w['index']))
     result = {
         'arm': arm, 'seed': seed, 'config': config.to_dict(),
         'supernet': arch['supernet'],
         'fixed_params': None if trained is None else int(trained.space.fixed_params),
-        'mean_p': sum(r['p'] * r['channels'] for r in posterior)
-                  / sum(r['channels'] for r in posterior),
+        'mean_p': report.mean_drop_probability(posterior),
         'winners': {str(C): {'index': w['index'], 'val_acc': w['val_acc'], 'params': w['params'],
                              'test_acc': tested[w['index']]} for C, w in winners.items()},
         'val_accs': [r['val_acc'] for r in records],
@@ -238,7 +229,7 @@ class Runner:
                              'test_acc': self._finetuner(config, trained)(trained.mask(index))}
     result['wall_seconds'] = time.time() - start
     if parallel.is_main_process():
-      report.write_json(cache, result)
+      workdir_lib.write_json(cache, result)
     return result
 
   def fidelity(self, pgnas_seed0: dict) -> list:
@@ -253,7 +244,7 @@ class Runner:
         done = [json.loads(line) for line in f]
     seed = self.study.seeds[0]
     workdir = self.run_dir('pgnas', seed)
-    records = search.read_recorded(os.path.join(workdir, 'search', 'candidates.jsonl'))
+    records = search.read_recorded(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
     ranked = sorted(records, key=search.ranking_key)
     places = np.unique(np.round(np.linspace(0, len(ranked) - 1,
                                             self.study.fidelity_candidates)).astype(int))
@@ -268,7 +259,7 @@ class Runner:
       mask = trained.mask(record['index'])
       line = {'place': place + 1, 'index': record['index'], 'val_acc': record['val_acc'],
               'params': record['params'],
-              'test_acc': self._test_accuracy(trained, trained.variables, mask),
+              'test_acc': self._test_accuracy(trained, trained.state.variables, mask),
               'finetuned_test_acc': tune(mask)}
       line['wall_seconds'] = time.time() - start
       logging.info('study: fidelity %d/%d (place %d): val %.4f, fine-tuned test %.4f',
@@ -287,7 +278,7 @@ def _claim_workdir(study: Study, workdir: str) -> None:
   path = os.path.join(workdir, 'sizes.json')
   sizes = json.loads(json.dumps(dataclasses.asdict(study)))
   if os.path.exists(path):
-    before = _read_json(path)
+    before = workdir_lib.read_json(path)
     changed = sorted(k for k in set(before) | set(sizes) if before.get(k) != sizes.get(k))
     if changed:
       raise errors.IncompatibleWorkdirError(
@@ -296,7 +287,7 @@ def _claim_workdir(study: Study, workdir: str) -> None:
           f'or the flags that started it')
   elif parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
-    report.write_json(path, sizes)
+    workdir_lib.write_json(path, sizes)
 
 
 def run_study(study: Study, workdir: str, data_dir: str | None = None,
@@ -325,7 +316,7 @@ def run_study(study: Study, workdir: str, data_dir: str | None = None,
                       + sum(f['wall_seconds'] for f in fidelity),
   }
   if parallel.is_main_process():
-    report.write_json(os.path.join(workdir, 'results.json'), results)
+    workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
     replication_report.write(results, workdir)
   return results
 
@@ -340,16 +331,12 @@ def cli():
   flags.mark_flag_as_required('workdir')
 
   def run(argv):
-    logging.get_absl_handler().addFilter(main.quiet_libraries)
+    logging.get_absl_handler().addFilter(cli_lib.quiet_libraries)
     if len(argv) > 1:
-      main.fail(f'unexpected arguments {argv[1:]}')
-    try:
-      run_study(QUICK if quick.value else FULL, workdir.value, data_dir.value,
-                ' '.join(['python -m pgnas_jax.experiments.replicate'] + sys.argv[1:]))
-    except errors.Preempted as e:
-      main.fail(main.one_line(e), status=143)
-    except errors.UserFacingError as e:
-      main.fail(main.one_line(e))
+      cli_lib.fail(f'unexpected arguments {argv[1:]}')
+    cli_lib.exit_on_user_errors(
+        run_study, QUICK if quick.value else FULL, workdir.value, data_dir.value,
+        ' '.join(['python -m pgnas_jax.experiments.replicate'] + sys.argv[1:]))
 
   app.run(run)
 
