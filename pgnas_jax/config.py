@@ -108,6 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.finetune = ml_collections.ConfigDict()  # of the winner, after the choice (SPEC section 3)
   c.finetune.steps = 0  # 0: off (the paper's headline protocol)
   c.finetune.learning_rate = 0.01  # peak, cosine to 0 over the steps
+
+  c.log = ml_collections.ConfigDict()  # what a run shows besides its results
+  c.log.tensorboard = True  # event files in WORKDIR/tensorboard/ when tensorboardX is installed
+  c.log.profile_steps = ()  # training steps (from 1) traced with jax.profiler to WORKDIR/profile/
   return c
 
 
@@ -199,6 +203,9 @@ RANGES = {
     'search.eval_batch_size': (lambda v: v > 0, '> 0'),
     'finetune.steps': (lambda v: v >= 0, '>= 0 (0: no fine-tuning)'),
     'finetune.learning_rate': (lambda v: v > 0.0, '> 0'),
+    'log.tensorboard': (lambda v: type(v) is bool, 'True or False'),
+    'log.profile_steps': (lambda v: all(type(s) is int and s >= 1 for s in v),
+                          'a tuple of training steps, each a whole number >= 1, e.g. (11, 12)'),
 }
 
 

@@ -21,15 +21,18 @@ from ml_collections import config_flags
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, export, finetune, parallel, report, search, supernets, train
+from pgnas_jax import errors, export, finetune, metric_writers, observe, parallel, report, search
+from pgnas_jax import supernets, train
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import space as space_lib
 
 
 OUTPUTS = ('config.json', 'metrics.jsonl', 'posterior.json', 'timings.json', 'report.md',
-           'search', 'plots', checkpoint_lib.DIRNAME, checkpoint_lib.UNREADABLE_DIRNAME)
+           'search', 'plots', checkpoint_lib.DIRNAME, checkpoint_lib.UNREADABLE_DIRNAME,
+           metric_writers.TENSORBOARD_DIR, 'profile')
 # Fields that may change between a run and its resumption: they do not change any result.
-RESUMABLE_CHANGES = ('train.log_every_steps', 'checkpoint.every_steps', 'checkpoint.max_to_keep')
+RESUMABLE_CHANGES = ('train.log_every_steps', 'checkpoint.every_steps', 'checkpoint.max_to_keep',
+                     'log.tensorboard', 'log.profile_steps')
 
 
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -111,10 +114,11 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
   validation = search.replicated_batches(dataset.validation, dataset, eval_batch, mesh)
   full_val, _ = search.evaluate(full_scorer, (variables,), validation)
   search_key = train.purpose_key(state.root_key, 'search')
-  records = search.rank_candidates(model, variables, drop_logits, space, search_key, validation,
-                                   config.search, config.model.compute_dtype,
-                                   os.path.join(workdir, 'search', 'candidates.jsonl'), mesh,
-                                   guard)
+  with metric_writers.for_search(workdir, config.log) as search_writer:
+    records = search.rank_candidates(model, variables, drop_logits, space, search_key,
+                                     validation, config.search, config.model.compute_dtype,
+                                     os.path.join(workdir, 'search', 'candidates.jsonl'), mesh,
+                                     guard, search_writer)
   winner = search.choose_winner(records)
   winner_mask = search.candidate_mask(search_key, winner['index'], drop_logits, space.template)
   timings['search'] = time.time() - t
@@ -194,7 +198,10 @@ def one_line(e: Exception) -> str:
 
 
 def quiet_libraries(record) -> bool:
-  """Keeps orbax's many INFO lines about its threads out of the progress log."""
+  """Keeps orbax's many INFO lines about its threads, and JAX's about a missing TPU
+  library on CPU and GPU, out of the progress log."""
+  if observe.is_missing_tpu_notice(record):
+    return False
   return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
 
 

@@ -18,7 +18,7 @@ import optax
 from pgnas_jax import data as data_lib
 from pgnas_jax.errors import CheckpointError, Preempted
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import parallel, precision
+from pgnas_jax import metric_writers, parallel, precision
 from pgnas_jax import space as space_lib
 
 PyTree = Any
@@ -200,12 +200,14 @@ def _append_durably(path: str, records: list) -> None:
 
 def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_lib.SearchSpace,
                     search_key: jax.Array, validation: list, search_config, compute_dtype: str,
-                    out_path: str, mesh, guard) -> list:
+                    out_path: str, mesh, guard,
+                    writer: metric_writers.MetricWriter = metric_writers.MultiWriter()) -> list:
   """Scores candidates 0..C-1 on the validation split, continuing after those already in
   ``out_path``; each chunk's lines are appended durably (flush + fsync) once scored, by
   process 0. Every process scores every chunk (its validation rows on its devices) and gets
   all the records. A candidate's mask is not kept: it follows from (search_key, index), see
-  ``candidate_mask``."""
+  ``candidate_mask``. ``writer`` gets the best validation accuracy so far against the
+  number of candidates scored, after each chunk."""
   num, chunk = search_config.num_candidates, search_config.chunk_size
   if chunk == 'auto':
     chunk = auto_chunk_size(model, variables, space, next(iter(validation)), num, mesh,
@@ -235,6 +237,7 @@ def rank_candidates(model, variables: dict, drop_logits: PyTree, space: space_li
     done = first + len(new)
     rate = (done - resumed) / (time.time() - start)
     best = max(records, key=lambda r: r['val_acc'])
+    writer.write_scalars(done, {'best_val_acc': best['val_acc']})
     logging.info('search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
                  done, num, best['val_acc'], best['index'], rate, (num - done) / rate)
     if parallel.any_process(guard.requested) and done < num:
