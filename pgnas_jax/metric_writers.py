@@ -8,6 +8,7 @@ Only process 0 writes; the writers of the other processes write nothing.
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
@@ -70,7 +71,11 @@ class TensorBoardWriter:
 
   def __init__(self, directory: str, purge_step: int | None = None):
     import tensorboardX  # the optional extra; see tensorboard_available()
-    self._writer = tensorboardX.SummaryWriter(directory, purge_step=purge_step)
+    # File names hold the second the file was opened and are opened for writing, not
+    # appending: the nanoseconds keep a run resumed within the second from overwriting the
+    # earlier file, and keep the files in order for TensorBoard, which reads them by name.
+    self._writer = tensorboardX.SummaryWriter(directory, purge_step=purge_step,
+                                              filename_suffix=f'.{time.time_ns()}')
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     for name, value in scalars.items():

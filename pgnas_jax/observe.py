@@ -1,7 +1,6 @@
 """What a run shows about itself besides its results: the mean drop probability per stage,
 the parameter overview logged at start, ``jax.profiler`` traces of chosen training steps,
 and the start-up log line that is only noise on CPU and GPU, hidden."""
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -72,21 +71,27 @@ class StepProfiler:
   """``jax.profiler`` traces of chosen training steps (counted from 1, as metrics.jsonl's
   ``step``). Each run of consecutive chosen steps is one trace in its own folder,
   ``DIRECTORY/steps_A-B/`` (TensorBoard's profile plugin reads it; its ``trace.json.gz``
-  opens in Perfetto). The device work before the first traced step is waited for, and so is
-  the last traced step's, so a trace holds exactly its steps. With no steps chosen it only
-  calls the step."""
+  opens in Perfetto); a run resumed inside such a run traces the rest of it. The device work
+  before the first traced step is waited for, and so is the last traced step's, so a trace
+  holds exactly its steps. With no steps chosen it only calls the step."""
 
-  def __init__(self, directory: str, steps: Sequence[int], enabled: bool = True):
+  def __init__(self, directory: str, steps: Sequence[int], total_steps: int,
+               enabled: bool = True):
     self._directory = directory
-    self._runs = {first: last for first, last in _consecutive_runs(steps)} if enabled else {}
+    runs = _consecutive_runs(steps) if enabled else []
+    self._last_of = {s: last for first, last in runs for s in range(first, last + 1)}
     self._last = None  # the last step of the trace in progress
     self._trace_dir = None
+    late = [s for s in sorted(set(steps)) if s > total_steps]
+    if enabled and late:
+      logging.warning('log.profile_steps %s come after the last training step, %d: not '
+                      'traced', late, total_steps)
 
   def call(self, step: int, step_fn: Callable, state, *args):
     """``step_fn(state, *args)``, the training step ``step``, traced when chosen."""
-    if step in self._runs:
+    if self._last is None and step in self._last_of:
       jax.block_until_ready(state)
-      self._last = self._runs[step]
+      self._last = self._last_of[step]
       self._trace_dir = os.path.join(self._directory, f'steps_{step}-{self._last}')
       jax.profiler.start_trace(self._trace_dir)
     if self._last is None:

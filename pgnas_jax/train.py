@@ -171,7 +171,7 @@ def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, wo
                space.num_groups, space.num_channels, mesh.devices.size, jax.process_count())
   pending, start, last = [], time.time(), time.time()
   profiler = observe.StepProfiler(os.path.join(workdir, 'profile'), config.log.profile_steps,
-                                  enabled=parallel.is_main_process())
+                                  run.total_steps, enabled=parallel.is_main_process())
   with metric_writers.for_training(workdir, first, config.log) as writer, profiler:
     # this process's rows of each step's batch, read ahead in the background, placed ahead
     batches = parallel.prefetch_to_mesh(data_lib.in_background(
