@@ -8,7 +8,7 @@ from collections.abc import Callable
 from absl import flags
 from ml_collections import config_flags
 
-from pgnas_jax import errors
+from pgnas_jax import errors, observe
 
 FIELDS_HELP = 'fields are listed in README.md, "Config fields"'
 
@@ -27,7 +27,10 @@ def one_line(e: Exception) -> str:
 
 
 def quiet_libraries(record) -> bool:
-  """Keeps orbax's many INFO lines about its threads out of the progress log."""
+  """Keeps orbax's many INFO lines about its threads, and JAX's about a missing TPU
+  library on CPU and GPU, out of the progress log."""
+  if observe.is_missing_tpu_notice(record):
+    return False
   return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
 
 

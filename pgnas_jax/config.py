@@ -214,6 +214,18 @@ FIELDS = (
     Field('finetune.learning_rate', 0.01,
           'peak learning rate of the fine-tuning, cosine to 0; SGD with `train.momentum` and '
           '`train.nesterov`', check=POSITIVE),
+    # what a run shows besides its results (docs/observability.md)
+    Field('log.tensorboard', True,
+          'write TensorBoard event files to `WORKDIR/tensorboard/` when `tensorboardX` is '
+          'installed (the `tensorboard` extra); without it the run is unchanged and the log '
+          'says how to get them; False: never',
+          check=Check(lambda v: type(v) is bool, 'True or False')),
+    Field('log.profile_steps', (),
+          "training steps (counted from 1, as `metrics.jsonl`'s `step`) to trace with "
+          "`jax.profiler` into `WORKDIR/profile/`, e.g. `--config.log.profile_steps='(101,102)'`"
+          '; empty: no tracing',
+          check=Check(lambda v: all(type(s) is int and s >= 1 for s in v),
+                      'a tuple of training steps, each a whole number >= 1, e.g. (11, 12)')),
 )
 
 # the allowed values of each field that has few, by name

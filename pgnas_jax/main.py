@@ -19,13 +19,15 @@ from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, export, finetune, parallel, report, search, supernets, train
+from pgnas_jax import errors, export, finetune, metric_writers, parallel, report, search
+from pgnas_jax import supernets, train
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 
 # Fields that may change between a run and its resumption: they do not change any result.
-RESUMABLE_CHANGES = ('train.log_every_steps', 'checkpoint.every_steps', 'checkpoint.max_to_keep')
+RESUMABLE_CHANGES = ('train.log_every_steps', 'checkpoint.every_steps', 'checkpoint.max_to_keep',
+                     'log.tensorboard', 'log.profile_steps')
 
 
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -105,8 +107,9 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
   scorer = search.Scorer(model, mesh, config.model.compute_dtype)
   validation = data_lib.replicated_batches(dataset.validation, dataset, eval_batch, mesh)
   full_val, _ = scorer.network(state.variables, validation)
-  records = search.rank_candidates(scorer, state, space, validation, config.search,
-                                   out(workdir_lib.CANDIDATES), guard)
+  with metric_writers.for_search(workdir, config.log) as search_writer:
+    records = search.rank_candidates(scorer, state, space, validation, config.search,
+                                     out(workdir_lib.CANDIDATES), guard, search_writer)
   winner = search.choose_winner(records)
   winner_mask = search.candidate_mask(state.key('search'), winner['index'], state.drop_logits,
                                       space.template)

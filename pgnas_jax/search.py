@@ -17,7 +17,7 @@ import optax
 
 from pgnas_jax.errors import CheckpointError, Preempted
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import parallel, precision, train
+from pgnas_jax import metric_writers, parallel, precision, train
 from pgnas_jax import space as space_lib
 
 PyTree = Any
@@ -190,12 +190,15 @@ def _append_durably(path: str, records: list) -> None:
 
 
 def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.SearchSpace,
-                    validation, search_config, out_path: str, guard) -> list:
+                    validation, search_config, out_path: str, guard,
+                    writer: metric_writers.MetricWriter = metric_writers.MultiWriter()) -> list:
   """Scores candidates 0..C-1 of the posterior that training left in ``state`` on the
   validation split, continuing after those already in ``out_path``; each chunk's lines are
   appended durably (flush + fsync) once scored, by process 0. Every process scores every
   chunk (its validation rows on its devices) and gets all the records. A candidate's mask is
-  not kept: it follows from (search key, index), see ``candidate_mask``."""
+  not kept: it follows from (search key, index), see ``candidate_mask``. ``writer`` gets the
+  best validation accuracy so far against the number of candidates scored, after each
+  chunk."""
   num, chunk = search_config.num_candidates, search_config.chunk_size
   if chunk == 'auto':
     chunk = scorer.auto_chunk_size(state.variables, space, next(iter(validation)), num)
@@ -225,6 +228,7 @@ def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.Se
     done = first + len(new)
     rate = (done - resumed) / (time.time() - start)
     best = max(records, key=lambda r: r['val_acc'])
+    writer.write_scalars(done, {'best_val_acc': best['val_acc']})
     logging.info('search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
                  done, num, best['val_acc'], best['index'], rate, (num - done) / rate)
     if parallel.any_process(guard.requested) and done < num:

@@ -1,6 +1,5 @@
 """Training the super-network: the train state, the jitted data-parallel ``train_step``
 (weights and drop logits by one optimiser, Alg. 1 lines 1-6) and the training loop."""
-import json
 import logging
 import os
 import time
@@ -17,7 +16,7 @@ import optax
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import objective, optim, parallel
+from pgnas_jax import metric_writers, objective, observe, optim, parallel
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.errors import ConfigError, NonFiniteLossError, Preempted
@@ -158,33 +157,15 @@ def _check_finite(pending: list, first_step: int) -> None:
                'the data, then rerun with --start_over')
 
 
-def _metrics_log(workdir: str, resume_step: int):
-  """``metrics.jsonl`` opened for appending, without lines past the resumed step (a run
-  that died after logging but before its next checkpoint logs those steps again). Only
-  process 0 writes it; the others write to the null device."""
-  if not parallel.is_main_process():
-    return open(os.devnull, 'w')
-  path = workdir_lib.path(workdir, workdir_lib.METRICS)
-  kept = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          if json.loads(line)['step'] <= resume_step:
-            kept.append(line)
-        except (ValueError, KeyError):  # a line cut short by a kill
-          break
-  workdir_lib.write_atomically(path, ''.join(kept))
-  return open(path, 'a')
-
-
 def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, workdir: str,
           mesh, checkpointer: checkpoint_lib.Checkpointer,
           guard: checkpoint_lib.PreemptionGuard) -> tuple:
   """Trains to the end, resuming from the newest checkpoint in the workdir; writes
-  ``metrics.jsonl`` and checkpoints. Returns (state, search space)."""
+  ``metrics.jsonl`` (and TensorBoard's ``tensorboard/train/``, profiler traces on request)
+  and checkpoints. Returns (state, search space)."""
   run = setup(config, dataset)
   state, space = initialise(model, config, dataset.image_shape, run.tx, mesh)
+  logging.info('%s', observe.parameter_overview(state.params['weights'], space.template))
   restored = checkpointer.restore_latest(state)
   if restored is not None:
     state = restored
@@ -199,11 +180,14 @@ def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, wo
                run.total_steps / run.steps_per_epoch, dataset.train.num_examples,
                space.num_groups, space.num_channels, mesh.devices.size, jax.process_count())
   pending, start, last = [], time.time(), time.time()
-  with _metrics_log(workdir, first) as log:
+  profiler = observe.StepProfiler(workdir_lib.path(workdir, workdir_lib.PROFILE),
+                                  config.log.profile_steps, run.total_steps,
+                                  enabled=parallel.is_main_process())
+  with metric_writers.for_training(workdir, first, config.log) as writer, profiler:
     batches = data_lib.train_batches(dataset, config.data, config.seed,
                                      range(first, run.total_steps), batch_size, mesh)
     for step, batch in zip(range(first, run.total_steps), batches):
-      state, metrics = train_step(state, batch)
+      state, metrics = profiler.call(step + 1, train_step, state, batch)
       pending.append(metrics)
       done = step + 1
       log_now = done % config.train.log_every_steps == 0 or done == run.total_steps
@@ -217,9 +201,9 @@ def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, wo
         checkpointer.save(done, state)
       if log_now:
         host = jax.device_get(pending)
-        summary = {'step': done, **{k: float(np.mean([m[k] for m in host])) for k in host[0]}}
-        log.write(json.dumps(summary) + '\n')
-        log.flush()
+        summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        writer.write_scalars(done, {**summary, **observe.stage_mean_p(state.params['drop_logits'],
+                                                                      space.template)})
         now = time.time()
         rate = len(pending) * batch_size / (now - last)
         logging.info('train step %d/%d  loss %.4f  nll %.4f  acc %.3f  mean p %.3f  '

@@ -20,9 +20,11 @@ CANDIDATES_PLOT = f'{PLOTS}/candidate_val_accuracy.png'
 TRAINING_PLOT = f'{PLOTS}/training.png'
 CHECKPOINTS = 'checkpoints'
 UNREADABLE_CHECKPOINTS = 'checkpoints_unreadable'
+TENSORBOARD = 'tensorboard'  # event files, when tensorboardX is installed
+PROFILE = 'profile'  # jax.profiler traces of log.profile_steps
 # Everything above, the top-level names: what --start_over deletes.
 OUTPUTS = (CONFIG, METRICS, POSTERIOR, TIMINGS, REPORT, SEARCH, PLOTS, CHECKPOINTS,
-           UNREADABLE_CHECKPOINTS)
+           UNREADABLE_CHECKPOINTS, TENSORBOARD, PROFILE)
 
 
 def path(workdir: str, name: str) -> str:

@@ -67,6 +67,14 @@ def test_main_job_writes_the_workdir_contract(tmp_path):
   for plot in ('drop_probabilities.png', 'candidate_val_accuracy.png'):
     assert (tmp_path / 'plots' / plot).read_bytes()[:4] == b'\x89PNG'
 
+  # docs/observability.md: the overview at start, TensorBoard's tags (their steps and values
+  # are checked in tests/test_observe.py)
+  assert 'super-network parameters:' in result.stderr
+  for run, tags in (('train', (b'loss', b'mean_p/stage0', b'mean_p/stage1')),
+                    ('search', (b'best_val_acc',))):
+    events = b''.join(p.read_bytes() for p in (tmp_path / 'tensorboard' / run).iterdir())
+    assert all(tag in events for tag in tags), run
+
 
 def test_a_workdir_holding_a_run_is_left_alone(tmp_path):
   (tmp_path / 'config.json').write_text('{"seed": 0}')
