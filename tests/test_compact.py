@@ -124,3 +124,41 @@ def test_densenet_channel_kept_by_some_readers_only():
   assert net.plan['block1_layer1'] is not None and net.plan['block1_layer2'] is None
   # the final BatchNorm still reads every channel: none was dropped by every reader
   assert net.weights['final_bn']['scale'].shape == (width + 3 * growth,)
+
+
+CHILD = '''
+import sys
+import jax, numpy as np
+f = jax.export.deserialize(open(sys.argv[1] + '.stablehlo', 'rb').read())
+images = np.load(sys.argv[2])
+out = np.concatenate([f.call(dict(np.load(sys.argv[1] + '.npz')), images[:n])
+                      for n in (1, len(images))])  # two batch sizes, one file
+assert 'pgnas_jax' not in sys.modules, 'the child imported pgnas_jax'
+np.save(sys.argv[3], out)
+'''
+
+
+@pytest.mark.parametrize('family', sorted(REMOVED_CONV))
+def test_exported_files_run_without_pgnas_jax(family, tmp_path):
+  import subprocess
+  import sys
+
+  from pgnas_jax.compact import files
+  model, _, variables, space, images = _setup(family)
+  mask = _mask(space)
+  _remove(mask, REMOVED_CONV[family])
+  masked = np.asarray(_apply(model, {**variables, 'masks': mask}, images))
+  net = compact.build(model, variables, mask, images.shape[1:])
+  written = files.save(net, str(tmp_path), 'winner_compact')
+  assert sorted(written.values()) == ['winner_compact.npz', 'winner_compact.stablehlo']
+  with np.load(tmp_path / 'winner_compact.npz') as stored:
+    assert sum(a.size for a in stored.values()) == compact.num_params(net)
+  np.save(tmp_path / 'images.npy', images)
+  # a fresh interpreter started away from the repository, so pgnas_jax cannot be imported
+  # by accident from the working directory
+  subprocess.run([sys.executable, '-c', CHILD, str(tmp_path / 'winner_compact'),
+                  str(tmp_path / 'images.npy'), str(tmp_path / 'out.npy')],
+                 check=True, cwd=tmp_path, env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin'})
+  out = np.load(tmp_path / 'out.npy')
+  np.testing.assert_allclose(out[1:], masked, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out[:1], masked[:1], rtol=1e-5, atol=1e-5)
