@@ -24,6 +24,7 @@ from pgnas_jax import data as data_lib
 from pgnas_jax import errors, export, finetune, parallel, report, search, supernets, train
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import space as space_lib
+from pgnas_jax.compact import candidate
 
 
 OUTPUTS = ('config.json', 'metrics.jsonl', 'posterior.json', 'timings.json', 'report.md',
@@ -133,6 +134,10 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
           'val_acc': winner['val_acc'], 'test_acc': test_acc,
           'supernet': {'val_acc': float(full_val), 'test_acc': float(full_test),
                        'params': int(full_params), 'flops': int(full_flops)}}
+  if writer:  # the network to deploy: search/winner_compact.*, its counts and latency
+    arch.update(input_slice_params=arch['params'], input_slice_flops=arch['flops'],
+                **candidate.deploy(model, variables, winner_mask, data_lib.image_shape(dataset),
+                                   os.path.join(workdir, 'search'), 'winner_compact'))
   timings['test and export'] = time.time() - t
   if config.finetune.steps > 0:
     t = time.time()

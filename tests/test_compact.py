@@ -162,3 +162,62 @@ def test_exported_files_run_without_pgnas_jax(family, tmp_path):
   out = np.load(tmp_path / 'out.npy')
   np.testing.assert_allclose(out[1:], masked, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out[:1], masked[:1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """A tiny main job run to the end (about a minute)."""
+  from pgnas_jax import config as config_lib
+  from pgnas_jax import main
+  config = config_lib.get_config()
+  config.model.shake_shake.update(stem_width=4, widths=(4, 8))
+  config.train.update(num_steps=6, log_every_steps=3)
+  config.data.validation_size = 500
+  config.search.update(num_candidates=5, chunk_size=4, eval_batch_size=500)
+  workdir = tmp_path_factory.mktemp('run')
+  return str(workdir), main.run(config, str(workdir))
+
+
+def test_main_job_writes_the_compact_winner(finished_run):
+  import json
+  import os
+  workdir, arch = finished_run
+  assert arch == json.load(open(os.path.join(workdir, 'search', 'arch.json')))
+  assert (arch['input_slice_params'], arch['input_slice_flops']) == (arch['params'],
+                                                                     arch['flops'])
+  assert arch['compact_flops'] <= arch['flops']
+  for name in arch['compact_files'].values():
+    assert os.path.exists(os.path.join(workdir, 'search', name))
+  assert os.path.exists(os.path.join(workdir, 'search', 'winner_weights.msgpack'))  # kept
+  for network in ('compact', 'masked_supernet', 'supernet'):
+    assert set(arch['latency_ms'][network]) == {'1', '128'}
+    assert all(v > 0 for v in arch['latency_ms'][network].values())
+  report = open(os.path.join(workdir, 'report.md')).read()
+  assert '## The compact winner' in report and 'masked supernet' in report
+
+
+def test_export_cli_redraws_a_candidate_from_its_index(finished_run, capsys):
+  import json
+  import os
+
+  from pgnas_jax import export
+  workdir, arch = finished_run
+  # the winner again, as a candidate: the same mask, so the same arrays
+  export.main(['--workdir', workdir, '--candidate', str(arch['index']), '--no-latency'])
+  printed = json.loads(capsys.readouterr().out)
+  assert printed['compact_params'] == arch['compact_params']
+  folder = os.path.join(workdir, 'search')
+  with np.load(os.path.join(folder, f"candidate{arch['index']}_compact.npz")) as again, \
+       np.load(os.path.join(folder, 'winner_compact.npz')) as winner:
+    assert sorted(again) == sorted(winner)
+    for k in winner:
+      np.testing.assert_array_equal(again[k], winner[k])
+  for argv, message in (
+      (['--workdir', workdir, '--candidate', '5'], '--candidate=5 is not in'),
+      (['--workdir', os.path.join(workdir, 'search')], 'holds no finished run'),
+      (['--workdir', os.path.join(workdir, 'absent')], 'does not exist')):
+    with pytest.raises(SystemExit) as stopped:
+      export.main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('pgnas_jax: ') and message in err and err.count('\n') == 1
