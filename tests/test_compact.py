@@ -182,7 +182,8 @@ def test_main_job_writes_the_compact_winner(finished_run):
   import json
   import os
   workdir, arch = finished_run
-  assert arch == json.load(open(os.path.join(workdir, 'search', 'arch.json')))
+  with open(os.path.join(workdir, 'search', 'arch.json')) as f:
+    assert arch == json.load(f)
   assert (arch['input_slice_params'], arch['input_slice_flops']) == (arch['params'],
                                                                      arch['flops'])
   assert arch['compact_flops'] <= arch['flops']
@@ -192,7 +193,8 @@ def test_main_job_writes_the_compact_winner(finished_run):
   for network in ('compact', 'masked_supernet', 'supernet'):
     assert set(arch['latency_ms'][network]) == {'1', '128'}
     assert all(v > 0 for v in arch['latency_ms'][network].values())
-  report = open(os.path.join(workdir, 'report.md')).read()
+  with open(os.path.join(workdir, 'report.md')) as f:
+    report = f.read()
   assert '## The compact winner' in report and 'masked supernet' in report
 
 

@@ -71,12 +71,16 @@ def dense(x, layer: dict):
 
 def take(x, index):
   """Channels ``index`` (static) of ``x``; None: all. A run of consecutive channels is a
-  slice, anything else a gather with constant indices."""
+  slice, anything else a product with a constant 0/1 matrix: exact for finite values, and
+  on XLA:CPU it costs next to nothing before a conv, where a gather added a third to a
+  3x3 conv's time (benchmarks/export_speed.py, docs/export.md)."""
   if index is None:
     return x
   if len(index) and list(index) == list(range(index[0], index[0] + len(index))):
     return x[..., index[0]:index[0] + len(index)]
-  return jnp.take(x, np.asarray(index, np.int32), axis=-1)
+  select = np.zeros((x.shape[-1], len(index)), np.float32)
+  select[np.asarray(index), np.arange(len(index))] = 1.0
+  return x @ select.astype(x.dtype)
 
 
 def shift_pair(x, strides: int):
