@@ -11,7 +11,6 @@ import time
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pgnas_jax import config as config_lib

@@ -28,3 +28,7 @@ class IncompatibleWorkdirError(UserFacingError):
 
 class Preempted(UserFacingError):
   """SIGTERM arrived; the run saved its state and stopped. Running it again resumes."""
+
+
+class ExportError(UserFacingError):
+  """A workdir or candidate that cannot be exported; the message says which and why."""

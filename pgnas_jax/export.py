@@ -67,3 +67,29 @@ def load_weights(path: str) -> dict:
   """The pruned network's variables, ready for ``model.apply(variables, images)``."""
   with open(path, 'rb') as f:
     return flax.serialization.msgpack_restore(f.read())
+
+
+def main(argv=None) -> None:
+  """``python -m pgnas_jax.export --workdir=DIR [--candidate=N]``: the compact network of
+  any candidate of a finished run (default: the winner), without training or ranking again
+  (``compact/candidate.py``)."""
+  import argparse
+  import json
+
+  from pgnas_jax import cli as cli_lib
+  from pgnas_jax.compact import candidate
+
+  parser = argparse.ArgumentParser(prog='python -m pgnas_jax.export', description=main.__doc__)
+  parser.add_argument('--workdir', required=True, help='folder of a finished run')
+  parser.add_argument('--candidate', type=int, default=None,
+                      help='index in search/candidates.jsonl (default: the winner)')
+  parser.add_argument('--latency', action=argparse.BooleanOptionalAction, default=True,
+                      help='measure the latency of the compact, masked and full networks')
+  args = parser.parse_args(argv)
+  described = cli_lib.exit_on_user_errors(candidate.from_workdir, args.workdir, args.candidate,
+                                         args.latency)
+  print(json.dumps({k: v for k, v in described.items() if k != 'latency_ms'}))
+
+
+if __name__ == '__main__':
+  main()

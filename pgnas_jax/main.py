@@ -24,6 +24,7 @@ from pgnas_jax import supernets, train
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
+from pgnas_jax.compact import candidate
 
 # Fields that may change between a run and its resumption: they do not change any result.
 RESUMABLE_CHANGES = ('train.log_every_steps', 'checkpoint.every_steps', 'checkpoint.max_to_keep',
@@ -128,6 +129,10 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
           'val_acc': winner['val_acc'], 'test_acc': test_acc,
           'supernet': {'val_acc': float(full_val), 'test_acc': float(full_test),
                        'params': int(full_params), 'flops': int(full_flops)}}
+  if writer:  # the network to deploy: search/winner_compact.*, its counts and latency
+    arch.update(input_slice_params=arch['params'], input_slice_flops=arch['flops'],
+                **candidate.deploy(model, state.variables, winner_mask, dataset.image_shape,
+                                   out(workdir_lib.SEARCH), 'winner_compact'))
   timings['test and export'] = time.time() - t
   if config.finetune.steps > 0:
     t = time.time()

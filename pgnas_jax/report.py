@@ -95,6 +95,7 @@ def write_markdown(path: str, arch: dict, timings: dict, num_candidates: int,
       f"Dropped channels: {arch['dropped_channel_share']:.1%}; removed convolutions: "
       f"{len(arch['removed_convs'])} ({arch['removed_conv_share']:.1%}). "
       f"Mean learned drop probability: {mean_p:.4f}.", '',
+      *_compact_lines(arch),
       '| phase | seconds |', '|---|---|',
       *[f'| {k} | {v:.1f} |' for k, v in timings.items()], '',
       f'![drop probabilities]({workdir_lib.POSTERIOR_PLOT})', '',
@@ -103,4 +104,28 @@ def write_markdown(path: str, arch: dict, timings: dict, num_candidates: int,
   ]
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
+
+
+def _compact_lines(arch: dict) -> list:
+  """The deployable winner (search/winner_compact.*): its counts beside the input-slice
+  counts the search ranks by, and the latency table."""
+  if 'compact_params' not in arch:
+    return []
+  lines = ['## The compact winner', '',
+           '| | params | FLOPs (MACs) |', '|---|---|---|',
+           f"| input slices (what the search ranks by) | {_fmt(arch['input_slice_params'])} | "
+           f"{_fmt(arch['input_slice_flops'])} |",
+           f"| compact network (`search/{arch['compact_files']['stablehlo']}`) | "
+           f"{_fmt(arch['compact_params'])} | {_fmt(arch['compact_flops'])} |", '']
+  latency = arch.get('latency_ms')
+  if latency:
+    sizes = list(latency['compact'])
+    lines += [f"Latency in ms, {latency['statistic']}, on {latency['device']}:", '',
+              '| network | ' + ' | '.join(f'batch {b}' for b in sizes) + ' |',
+              '|---|' + '---|' * len(sizes)]
+    for name in ('compact', 'masked_supernet', 'supernet'):
+      cells = ' | '.join(f'{latency[name][b]:.2f}' for b in sizes)
+      lines.append(f"| {name.replace('_', ' ')} | {cells} |")
+    lines.append('')
+  return lines
 

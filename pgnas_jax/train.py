@@ -1,7 +1,6 @@
 """Training the super-network: the train state, the jitted data-parallel ``train_step``
 (weights and drop logits by one optimiser, Alg. 1 lines 1-6) and the training loop."""
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple

@@ -1,0 +1,61 @@
+"""Inference latency of a candidate on this machine: the compact network, the masked
+super-network (what the search scores) and the full super-network, at a few batch sizes.
+
+Each is jitted and compiled first, called ``WARMUP`` times, then timed ``REPEATS`` times one
+call at a time, blocking on the logits; the median is reported (robust to a busy machine).
+"""
+import functools
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from pgnas_jax import compact
+
+BATCH_SIZES = (1, 128)
+WARMUP = 3
+REPEATS = 20
+
+
+def median_ms(fn, *args, repeats: int = REPEATS) -> float:
+  compiled = jax.jit(fn).lower(*args).compile()
+  for _ in range(WARMUP):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return 1000 * statistics.median(times)
+
+
+def networks(model, variables: dict, mask, net: compact.CompactNet) -> dict:
+  """name -> (function of (weights, images), its weights)."""
+  supernet = functools.partial(model.apply, train=False)
+  weights = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  return {'compact': (compact.inference_fn(net), net.weights),
+          'masked_supernet': (supernet, {**weights, 'masks': mask}),
+          'supernet': (supernet, weights)}
+
+
+def measure(model, variables: dict, mask, net: compact.CompactNet,
+            batch_sizes=BATCH_SIZES, repeats: int = REPEATS) -> dict:
+  """arch.json's ``latency_ms``: per network and batch size, the median milliseconds per
+  call, and where they were measured."""
+  rng = np.random.default_rng(0)
+  out = {'device': describe_device(),
+         'statistic': f'median of {repeats} calls after {WARMUP} warm-up calls'}
+  for name, (fn, weights) in networks(model, variables, mask, net).items():
+    weights = jax.device_put(jax.device_get(weights), jax.devices()[0])  # one device
+    out[name] = {}
+    for b in batch_sizes:
+      images = rng.standard_normal((b,) + net.image_shape).astype(np.float32)
+      out[name][str(b)] = median_ms(fn, weights, images, repeats=repeats)
+  return out
+
+
+def describe_device() -> str:
+  d = jax.devices()[0]
+  return f'{d.device_kind} ({d.platform}, {os.cpu_count()} cores), jax {jax.__version__}'

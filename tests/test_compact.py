@@ -1,0 +1,225 @@
+"""The compact network (issue 15): every family's compact logits equal the masked
+super-network's, with convs removed, and its counts are those of the arrays it stores.
+
+Tolerance: float32 logits agree within rtol 1e-5, atol 1e-5. The compact network adds fewer
+terms (dropped channels are gone, not zero) in another order, and its BatchNorms are folded
+into the convs in float64 and rounded once: about 1e-7 relative per layer, 1e-6 over these
+networks (measured up to 1.1e-5 on logits of 41). A wrong channel moves the logits by their
+own size (the unmasked super-network differs by more than 1e-4, checked below).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_supernets import (  # tiny families
+  REMOVED_CONV,
+  _apply,
+  _tiny,
+  _trained_looking,
+)
+
+from pgnas_jax import compact, masks
+from pgnas_jax import space as space_lib
+
+# More removals per family, each a different case: a whole branch or layer, the first conv
+# of a pair (what follows becomes an image-independent map), the second (a constant).
+ALSO_REMOVED = {
+    'shake_shake': [('stage0_block0', 'branch0', 'conv0')],
+    'enas': [('cell0', 'node2_op0', 'sep1')],
+    'resnet': [('stage0_block0', 'multi_kernel', f'branch{i}') for i in range(4)],
+    'densenet': [('block0_layer0', 'conv3x3')],
+}
+
+
+def _mask(space, p=0.4, seed=4):
+  logits = masks.init_drop_logits(space.template, p)
+  drawn = masks.candidate_masks(jax.random.key(seed), jnp.arange(1), logits, space.template)
+  return jax.tree.map(lambda m: np.array(m[0]), drawn)
+
+
+def _remove(mask, path):
+  node = mask
+  for name in path:
+    node = node[name]
+  for group in node:
+    node[group] = np.zeros_like(node[group])
+
+
+def _setup(family):
+  model, init_variables, image_shape = _tiny(family)
+  variables = _trained_looking(init_variables)
+  images = np.asarray(jax.random.normal(jax.random.key(5), (3,) + image_shape))
+  return model, init_variables, variables, space_lib.from_variables(init_variables), images
+
+
+def _check_equal(model, variables, mask, image_shape, images):
+  masked = _apply(model, {**variables, 'masks': mask}, images)
+  net = compact.build(model, variables, mask, image_shape)
+  out = jax.jit(compact.inference_fn(net))(net.weights, images)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(masked), rtol=1e-5, atol=1e-5)
+  return net, masked
+
+
+@pytest.mark.parametrize('family', sorted(REMOVED_CONV))
+def test_compact_logits_equal_masked_supernet_with_convs_removed(family):
+  model, _, variables, space, images = _setup(family)
+  mask = _mask(space)
+  for path in [REMOVED_CONV[family]] + ALSO_REMOVED[family]:
+    _remove(mask, path)
+  net, masked = _check_equal(model, variables, mask, images.shape[1:], images)
+  full = _apply(model, variables, images)
+  assert not np.allclose(np.asarray(full), np.asarray(masked), atol=1e-4)
+  # what the compact network stores is what it counts, and less than the input slices
+  sizes = sum(np.size(a) for a in jax.tree.leaves(net.weights))
+  assert compact.num_params(net) == sizes
+  assert compact.macs(net) < space_lib.costs(space, mask)[1]
+  # every removed conv's weights are gone: a removed first conv of a pair takes the pair
+  flat = jax.tree_util.tree_flatten_with_path(net.weights)[0]
+  names = {'/'.join(str(k.key) for k in path) for path, _ in flat}
+  for path in [REMOVED_CONV[family]] + ALSO_REMOVED[family]:
+    assert not any(n.startswith('/'.join(path) + '/') for n in names), path
+
+
+@pytest.mark.parametrize('family', sorted(REMOVED_CONV))
+def test_full_mask_is_the_supernet_and_counts_its_macs(family):
+  model, init_variables, variables, space, images = _setup(family)
+  net, _ = _check_equal(model, variables, space.template, images.shape[1:], images)
+  training_only = sum(int(v) for v in jax.tree.leaves(
+      init_variables['fixed_macs'].get('auxiliary_head', {})))
+  assert compact.macs(net) == int(space_lib.costs(space, space.template)[1]) - training_only
+
+
+def test_shake_shake_compact_params_by_hand():
+  model, _, variables, space, images = _setup('shake_shake')
+  mask = _mask(space)
+  _remove(mask, REMOVED_CONV['shake_shake'])  # stage1_block0/branch1: a constant of 8
+  net, _ = _check_equal(model, variables, mask, images.shape[1:], images)
+  n = lambda path: int(np.sum(mask[path[0]][path[1]][path[2]]['group0']))
+  expected = 3 * 3 * 3 * 4 + 4 + 8 * 3 + 3  # stem (folded BN: a bias), classifier
+  for block, width, channels in (('stage0_block0', 4, 4), ('stage1_block0', 8, 4)):
+    for branch in ('branch0', 'branch1'):
+      k0, k1 = n((block, branch, 'conv0')), n((block, branch, 'conv1'))
+      if k1 == 0:
+        expected += width  # the branch is its BatchNorm's constant
+      else:  # conv0: kept inputs x conv1's kept inputs, + bias; conv1: k1 x width, + bias
+        expected += 9 * k0 * k1 + k1 + 9 * k1 * width + width
+  expected += 2 * (4 * 4 + 4)  # stage 1's shortcut: two 1x1 paths 4 -> 4 with biases
+  assert compact.num_params(net) == expected
+
+
+def test_densenet_channel_kept_by_some_readers_only():
+  model, _, variables, space, images = _setup('densenet')
+  mask = jax.tree.map(np.ones_like, _mask(space))
+  # block 1's input channel 3: dropped by its layer 1, kept by layers 0 and 2; channel 5
+  # dropped by layers 0 and 1; layer 0's chunk channel 1 dropped by layer 1 only
+  mask['block1_layer1']['conv1x1']['group0'][3] = 0
+  for layer in (0, 1):
+    mask[f'block1_layer{layer}']['conv1x1']['group0'][5] = 0
+  mask['block1_layer1']['conv1x1']['group1'][1] = 0
+  net, _ = _check_equal(model, variables, mask, images.shape[1:], images)
+  width = variables['params']['transition0']['conv']['kernel'].shape[-1]
+  growth = model.growth_rate
+  rows = [net.weights[f'block1_layer{i}']['conv1x1']['kernel'].shape[2] for i in range(3)]
+  assert rows == [width - 1, width - 2 + growth - 1, width + 2 * growth]
+  assert net.plan['block1_layer1'] is not None and net.plan['block1_layer2'] is None
+  # the final BatchNorm still reads every channel: none was dropped by every reader
+  assert net.weights['final_bn']['scale'].shape == (width + 3 * growth,)
+
+
+CHILD = '''
+import sys
+import jax, numpy as np
+f = jax.export.deserialize(open(sys.argv[1] + '.stablehlo', 'rb').read())
+images = np.load(sys.argv[2])
+out = np.concatenate([f.call(dict(np.load(sys.argv[1] + '.npz')), images[:n])
+                      for n in (1, len(images))])  # two batch sizes, one file
+assert 'pgnas_jax' not in sys.modules, 'the child imported pgnas_jax'
+np.save(sys.argv[3], out)
+'''
+
+
+@pytest.mark.parametrize('family', sorted(REMOVED_CONV))
+def test_exported_files_run_without_pgnas_jax(family, tmp_path):
+  import subprocess
+  import sys
+
+  from pgnas_jax.compact import files
+  model, _, variables, space, images = _setup(family)
+  mask = _mask(space)
+  _remove(mask, REMOVED_CONV[family])
+  masked = np.asarray(_apply(model, {**variables, 'masks': mask}, images))
+  net = compact.build(model, variables, mask, images.shape[1:])
+  written = files.save(net, str(tmp_path), 'winner_compact')
+  assert sorted(written.values()) == ['winner_compact.npz', 'winner_compact.stablehlo']
+  with np.load(tmp_path / 'winner_compact.npz') as stored:
+    assert sum(a.size for a in stored.values()) == compact.num_params(net)
+  np.save(tmp_path / 'images.npy', images)
+  # a fresh interpreter started away from the repository, so pgnas_jax cannot be imported
+  # by accident from the working directory
+  subprocess.run([sys.executable, '-c', CHILD, str(tmp_path / 'winner_compact'),
+                  str(tmp_path / 'images.npy'), str(tmp_path / 'out.npy')],
+                 check=True, cwd=tmp_path, env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin'})
+  out = np.load(tmp_path / 'out.npy')
+  np.testing.assert_allclose(out[1:], masked, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out[:1], masked[:1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """A tiny main job run to the end (about a minute)."""
+  from pgnas_jax import config as config_lib
+  from pgnas_jax import main
+  config = config_lib.get_config()
+  config.model.shake_shake.update(stem_width=4, widths=(4, 8))
+  config.train.update(num_steps=6, log_every_steps=3)
+  config.data.validation_size = 500
+  config.search.update(num_candidates=5, chunk_size=4, eval_batch_size=500)
+  workdir = tmp_path_factory.mktemp('run')
+  return str(workdir), main.run(config, str(workdir))
+
+
+def test_main_job_writes_the_compact_winner(finished_run):
+  import json
+  import os
+  workdir, arch = finished_run
+  with open(os.path.join(workdir, 'search', 'arch.json')) as f:
+    assert arch == json.load(f)
+  assert (arch['input_slice_params'], arch['input_slice_flops']) == (arch['params'],
+                                                                     arch['flops'])
+  assert arch['compact_flops'] <= arch['flops']
+  for name in arch['compact_files'].values():
+    assert os.path.exists(os.path.join(workdir, 'search', name))
+  assert os.path.exists(os.path.join(workdir, 'search', 'winner_weights.msgpack'))  # kept
+  for network in ('compact', 'masked_supernet', 'supernet'):
+    assert set(arch['latency_ms'][network]) == {'1', '128'}
+    assert all(v > 0 for v in arch['latency_ms'][network].values())
+  with open(os.path.join(workdir, 'report.md')) as f:
+    report = f.read()
+  assert '## The compact winner' in report and 'masked supernet' in report
+
+
+def test_export_cli_redraws_a_candidate_from_its_index(finished_run, capsys):
+  import json
+  import os
+
+  from pgnas_jax import export
+  workdir, arch = finished_run
+  # the winner again, as a candidate: the same mask, so the same arrays
+  export.main(['--workdir', workdir, '--candidate', str(arch['index']), '--no-latency'])
+  printed = json.loads(capsys.readouterr().out)
+  assert printed['compact_params'] == arch['compact_params']
+  folder = os.path.join(workdir, 'search')
+  with np.load(os.path.join(folder, f"candidate{arch['index']}_compact.npz")) as again, \
+       np.load(os.path.join(folder, 'winner_compact.npz')) as winner:
+    assert sorted(again) == sorted(winner)
+    for k in winner:
+      np.testing.assert_array_equal(again[k], winner[k])
+  for argv, message in (
+      (['--workdir', workdir, '--candidate', '5'], '--candidate=5 is not in'),
+      (['--workdir', os.path.join(workdir, 'search')], 'holds no finished run'),
+      (['--workdir', os.path.join(workdir, 'absent')], 'does not exist')):
+    with pytest.raises(SystemExit) as stopped:
+      export.main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('pgnas_jax: ') and message in err and err.count('\n') == 1
