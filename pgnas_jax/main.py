@@ -70,6 +70,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
       logging.info('%s holds a finished run (%s); nothing to do', workdir, workdir_lib.REPORT)
       return workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.ARCH))
   dataset = data_lib.load(config.data)  # before touching the workdir: it may be missing
+  data_lib.check_fits(dataset, config.train)
   # With several processes the workdir is shared: every process has read it above before
   # process 0 changes it, and none goes on before it is ready.
   parallel.barrier('workdir checked')
