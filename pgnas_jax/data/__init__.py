@@ -148,11 +148,11 @@ def load(data: ml_collections.ConfigDict) -> Source:
   test = Split(*checks.checked_split(test_raw, num_classes, images.shape[1:]))
   val, train = _carve(images.shape[0], data.validation_size)
   train_split = Split(images[train], labels[train])
+  checks.check_spread(train_split.images, train_raw.origin)
   pixels = train_split.images.reshape(-1, train_split.images.shape[-1]) / 255.0
-  std = pixels.std(0).astype(np.float32)
-  checks.check_spread(std, train_raw.origin)
   return Dataset(train=train_split, validation=Split(images[val], labels[val]), test=test,
-                 num_classes=num_classes, mean=pixels.mean(0).astype(np.float32), std=std)
+                 num_classes=num_classes, mean=pixels.mean(0).astype(np.float32),
+                 std=pixels.std(0).astype(np.float32))
 
 
 def normalise(images: np.ndarray, dataset: Source) -> np.ndarray:

@@ -93,13 +93,14 @@ def _check_finite(images: np.ndarray, origin: Origin) -> None:
                     f'first in image {first}): replace them by finite values; {origin.fix}')
 
 
-def check_spread(std: np.ndarray, origin: Origin) -> None:
+def check_spread(images: np.ndarray, origin: Origin) -> None:
   """The training pixels vary in every channel: normalising divides by their deviation."""
-  flat = np.flatnonzero(~(std > 0))
-  if flat.size:
-    raise DataError(f'{origin.images}: channel {flat[0]} of the training images is the same '
-                    f'value everywhere (standard deviation 0), so they cannot be normalised: '
-                    f'use images whose pixels vary; {origin.fix}')
+  flat = images.reshape(-1, images.shape[-1])
+  constant = np.flatnonzero(flat.min(0) == flat.max(0))
+  if constant.size:
+    raise DataError(f'{origin.images}: channel {constant[0]} of the training images is the '
+                    f'same value everywhere (standard deviation 0), so they cannot be '
+                    f'normalised: use images whose pixels vary; {origin.fix}')
 
 
 def check_info_classes(info, num_classes: int, origin: Origin) -> None:
