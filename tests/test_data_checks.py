@@ -15,7 +15,7 @@ from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import errors, main
-from pgnas_jax.data import checks, npz, stream
+from pgnas_jax.data import checks, npz, stream, tfds_source
 
 FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 
@@ -294,6 +294,25 @@ def test_a_missing_tfds_data_set_says_how_to_prepare_it(tmp_path, capsys):
   err = _refused(_tfds_config('tfds:mnist', str(tmp_path / 'tfds')), tmp_path / 'w', capsys)
   assert 'tfds build mnist --file_format=array_record' in err
   assert f'--config.data.data_dir={tmp_path / "tfds"}' in err
+
+
+class _Broken:
+  """A tfds source whose record 3 is damaged."""
+
+  def __len__(self):
+    return 5
+
+  def __getitem__(self, i):
+    if i == 3:
+      raise ValueError('checksum mismatch\nmore detail')
+    return {'image': np.zeros((4, 4, 1), np.uint8), 'label': 0}
+
+
+def test_an_unreadable_tfds_record_is_named():
+  with pytest.raises(errors.DataError, match=(
+      r"tfds data set 'mnist', split 'train', feature 'image': record 3 cannot be read "
+      r'\(checksum mismatch\); prepare it again: `tfds build mnist --file_format=array_record`')):
+    tfds_source.read_whole(_Broken(), tfds_source.origin('mnist', 'train'))
 
 
 # streamed data sets (ImageNet): classes from the info, labels as each batch is read

@@ -46,15 +46,18 @@ def origin(name: str, split: str, image_key: str = 'image',
                        rebuild(name))
 
 
-def read_whole(source, where: checks.Origin, image_key: str = 'image',
+def read_whole(source, named: checks.Origin, image_key: str = 'image',
                label_key: str = 'label') -> checks.Raw:
   """Every record of ``source`` in memory, as the data set holds them. A record that cannot
   be read (damaged files) raises DataError naming it."""
-  try:
-    records = [source[i] for i in range(len(source))]
-  except Exception as e:  # array_record and the decoders raise several types
-    raise DataError(f'{where.images}: a record cannot be read ({str(e).splitlines()[0]}); '
-                    f'{where.fix}') from e
+  records = []
+  for i in range(len(source)):
+    try:
+      records.append(source[i])
+    except Exception as e:  # array_record and the decoders raise several types
+      reason = (str(e).splitlines() or [type(e).__name__])[0]
+      raise DataError(f'{named.images}: record {i} cannot be read ({reason}); '
+                      f'{named.fix}') from e
   images = np.stack([np.asarray(r[image_key]) for r in records]) if records else np.zeros(0)
   labels = np.array([r[label_key] for r in records])
-  return checks.Raw(images, labels, where)
+  return checks.Raw(images, labels, named)
