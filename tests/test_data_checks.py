@@ -79,25 +79,25 @@ BAD_NPZ = [
     ('missing key', lambda a: a.pop('y_test'),
      "has no key 'y_test' (it holds x_train, y_train, x_test): write it with numpy.savez("),
     ('lengths', lambda a: a.update(y_train=a['y_train'][:59]),
-     "key 'y_train' holds 59 labels but {path}, key 'x_train' holds 60 images: give every "
-     'image one label'),
+     ("key 'y_train' holds 59 labels but {path}, key 'x_train' holds 60 images: give every "
+      'image one label')),
     ('test label too large', lambda a: _label(a, 'test', 5, 7),
-     "{path}, key 'y_test': label 7 of example 5 is outside [0, 3) (1 such labels); fix the "
-     'arrays and save'),
+     ("{path}, key 'y_test': label 7 of example 5 is outside [0, 3) (1 such labels); fix the "
+      'arrays and save')),
     ('negative training label', lambda a: _label(a, 'train', 2, -1),
      "{path}, key 'y_train': label -1 of example 2 is outside [0, 3)"),
     ('non-finite pixels', _nan,
-     "{path}, key 'x_train': 1 pixels are NaN or infinite (the first in image 4): replace "
-     'them by finite values'),
+     ("{path}, key 'x_train': 1 pixels are NaN or infinite (the first in image 4): replace "
+      'them by finite values')),
     ('test shape', lambda a: a.update(x_test=np.zeros((20, 9, 8), np.uint8)),
-     "{path}, key 'x_test' holds images of 9x8x1 but the training images are 8x8x1: every "
-     "split needs the training images' shape"),
+     ("{path}, key 'x_test' holds images of 9x8x1 but the training images are 8x8x1: every "
+      "split needs the training images' shape")),
     ('flat images', lambda a: a.update(x_train=a['x_train'].reshape(60, 64)),
-     "{path}, key 'x_train' holds an array of shape (60, 64): images must be [n, height, "
-     'width] or [n, height, width, channels]'),
+     ("{path}, key 'x_train' holds an array of shape (60, 64): images must be [n, height, "
+      'width] or [n, height, width, channels]')),
     ('float labels', lambda a: a.update(y_train=a['y_train'].astype(np.float32)),
-     "{path}, key 'y_train' holds float32 values of shape (60,): labels must be one whole "
-     'number per image'),
+     ("{path}, key 'y_train' holds float32 values of shape (60,): labels must be one whole "
+      'number per image')),
     ('int64 images', lambda a: a.update(x_train=a['x_train'].astype(np.int64)),
      "{path}, key 'x_train' holds int64 values: images must be uint8 (0 to 255) or float"),
     ('constant images', lambda a: a.update(x_train=np.full((60, 8, 8), 7, np.uint8)),
@@ -117,7 +117,7 @@ def test_bad_npz_values_are_refused_naming_the_file_and_key(tmp_path, capsys, ca
 
 def _damaged(tmp_path, how) -> str:
   path = _save(tmp_path / 'mine.npz', _arrays())
-  body = open(path, 'rb').read()
+  body = (tmp_path / 'mine.npz').read_bytes()
   if how == 'truncated':
     body = body[:len(body) // 2]
   elif how == 'not a zip':
@@ -232,18 +232,18 @@ def _gz(f):
 
 SPOILED = [
     ('cut gzip', 'train-images-idx3-ubyte.gz', lambda body: body[:len(body) // 2],
-     'Fashion-MNIST file {dir}/train-images-idx3-ubyte.gz cannot be read (Compressed file '
-     'ended before the end-of-stream marker was reached); reinstall it'),
+     ('Fashion-MNIST file {dir}/train-images-idx3-ubyte.gz cannot be read (Compressed file '
+      'ended before the end-of-stream marker was reached); reinstall it')),
     ('not gzip', 't10k-labels-idx1-ubyte.gz', lambda body: b'hello' + body,
      'Fashion-MNIST file {dir}/t10k-labels-idx1-ubyte.gz cannot be read (Not a gzipped file'),
     ('cut IDX', 'train-labels-idx1-ubyte.gz', _gz(lambda raw: raw[:-3]),
-     'Fashion-MNIST file {dir}/train-labels-idx1-ubyte.gz is truncated: expected 40 values, '
-     'found 37; reinstall it (`apt-get install --reinstall dataset-fashion-mnist`)'),
+     ('Fashion-MNIST file {dir}/train-labels-idx1-ubyte.gz is truncated: expected 40 values, '
+      'found 37; reinstall it (`apt-get install --reinstall dataset-fashion-mnist`)')),
     ('not IDX', 't10k-images-idx3-ubyte.gz', _gz(lambda raw: b'\x00\x00\x0d' + raw[3:]),
      'Fashion-MNIST file {dir}/t10k-images-idx3-ubyte.gz is not an IDX file of unsigned bytes'),
     ('bad label', 't10k-labels-idx1-ubyte.gz', _gz(lambda raw: raw[:8 + 3] + b'\x0c' + raw[12:]),
-     'Fashion-MNIST file {dir}/t10k-labels-idx1-ubyte.gz: label 12 of example 3 is outside '
-     '[0, 10) (1 such labels); reinstall it'),
+     ('Fashion-MNIST file {dir}/t10k-labels-idx1-ubyte.gz: label 12 of example 3 is outside '
+      '[0, 10) (1 such labels); reinstall it')),
 ]
 
 
@@ -351,7 +351,7 @@ def _main(workdir, *args):
   os.makedirs(workdir, exist_ok=True)
   (workdir / 'notes.txt').write_text('mine')
   result = subprocess.run([sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}',
-                           *args], capture_output=True, text=True, timeout=300)
+                           *args], capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 2
   assert result.stderr.startswith('pgnas_jax: ') and result.stderr.count('\n') == 1
   assert [p.name for p in workdir.iterdir()] == ['notes.txt']

@@ -7,9 +7,10 @@ test split is touched once, for the winner's final report. Training batches depe
 rows of every global batch (``process_index`` of ``process_count``), and the rows of all
 processes together are the one-process batch.
 
-Small data sets (Fashion-MNIST, CIFAR, any tfds data set by name, .npz files) are held in memory as a ``Dataset``; ImageNet is read
-while it is used, as a ``stream.Streamed``. Both answer one interface (``Source``), and
-``placement`` puts their batches on the devices. ``checks`` checks their values at start.
+Small data sets (Fashion-MNIST, CIFAR, any tfds data set by name, .npz files) are held in
+memory as a ``Dataset``; ImageNet is read while it is used, as a ``stream.Streamed``. Both
+answer one interface (``Source``), and ``placement`` puts their batches on the devices.
+``checks`` checks their values at start.
 """
 import os
 from collections.abc import Iterator

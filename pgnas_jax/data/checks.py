@@ -105,7 +105,8 @@ def check_spread(images: np.ndarray, origin: Origin) -> None:
 
 def check_info_classes(info, num_classes: int, origin: Origin) -> None:
   """A streamed data set's labels, as far as its info says without reading every record."""
-  label = info.features['label'] if 'label' in info.features else None
+  features = info.features  # a FeaturesDict: `in` and [], no .get
+  label = features['label'] if 'label' in features else None  # noqa: SIM401
   if getattr(label, 'num_classes', None) != num_classes:
     raise DataError(f'{origin.labels} has {getattr(label, "num_classes", "no")} classes in its '
                     f'info, not {num_classes}; {origin.fix}')

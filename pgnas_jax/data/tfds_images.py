@@ -21,9 +21,9 @@ def _features(name: str, info) -> tuple:
   keys = info.supervised_keys
   image_key, label_key = (keys if isinstance(keys, tuple) and len(keys) == 2
                           and all(isinstance(k, str) for k in keys) else ('image', 'label'))
-  features = info.features
-  image = features[image_key] if image_key in features else None
-  label = features[label_key] if label_key in features else None
+  features = info.features  # a FeaturesDict: `in` and [], no .get
+  image = features[image_key] if image_key in features else None  # noqa: SIM401
+  label = features[label_key] if label_key in features else None  # noqa: SIM401
   if getattr(image, 'shape', None) is None or getattr(label, 'num_classes', None) is None:
     raise DataError(f'tfds data set {name!r} is not an image-classification data set (its '
                     f'features: {", ".join(features.keys())}): data.name=\'tfds:NAME\' needs '
