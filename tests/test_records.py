@@ -1,6 +1,7 @@
 """The workdir's records: search/candidates.jsonl lines that this run did not write are found
 and cut back, metrics.jsonl reports a damaged middle line, JSON never holds NaN, and a
 validation split too small to rank is named."""
+import functools
 import json
 import logging
 import math
@@ -148,22 +149,26 @@ def test_a_validation_split_too_small_to_rank_is_named_with_the_smallest_useful_
 
 
 @pytest.fixture
-def one_device(monkeypatch):
+def one_device_quick_latency(monkeypatch):
+  """One device; the compact winner's latency timed once at batch 1 (it is not compared)."""
+  from pgnas_jax.compact import candidate
   monkeypatch.setattr(jax, 'devices', lambda *a: jax.local_devices()[:1])
+  monkeypatch.setattr(candidate.latency, 'measure', functools.partial(
+      candidate.latency.measure, batch_sizes=(1,), repeats=1))
 
 
 def _tiny_config():
   from pgnas_jax import config as config_lib
   config = config_lib.get_config()
   config.model.shake_shake.stem_width, config.model.shake_shake.widths = 4, (4, 8)
-  config.train.num_steps, config.train.log_every_steps = 4, 2
+  config.train.num_steps, config.train.log_every_steps = 2, 1
   config.data.validation_size, config.search.eval_batch_size = 500, 250
   config.search.num_candidates, config.search.chunk_size = 8, 2
   return config
 
 
 def test_a_damaged_candidates_file_is_cut_back_and_the_run_ends_as_an_uninterrupted_one(
-    tmp_path, caplog, one_device):
+    tmp_path, caplog, one_device_quick_latency):
   from pgnas_jax import main
   config = _tiny_config()
   whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
@@ -187,3 +192,6 @@ def test_a_damaged_candidates_file_is_cut_back_and_the_run_ends_as_an_uninterrup
   # every line carries this run's id and a checksum
   written = [_strict(line) for line in lines]
   assert len({r['run'] for r in written}) == 1 and all(len(r['check']) == 16 for r in written)
+  # the run warns exactly when its candidates cannot be ranked
+  unresolved = records.unresolved_ranking(written, config.data.validation_size)
+  assert (unresolved in caplog.text) if unresolved else ('too small to rank' not in caplog.text)
