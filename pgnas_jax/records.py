@@ -136,7 +136,8 @@ def resume(path: str, run: str) -> list:
   keep = parallel.min_over_processes(len(found.records))
   parallel.barrier('candidates read')  # before process 0 changes the file
   if found.problem or keep < len(found.records):
-    problem = found.problem or f'line {keep + 1}: another process read it otherwise'
+    problem = (found.problem if keep == len(found.records) else
+               f'line {keep + 1} is not valid on another process')
     if parallel.is_main_process():
       logging.warning('%s: %s; cut back to the %d valid lines before it, the search scores '
                       'again from candidate %d', path, problem, keep, keep)

@@ -101,6 +101,17 @@ def test_a_candidates_file_of_another_run_is_cut_back_whole(tmp_path, caplog):
   assert [r['index'] for r in records.read(str(path))] == [0, 1, 2, 3]
 
 
+def test_processes_keep_the_prefix_valid_on_all_of_them(tmp_path, caplog, monkeypatch):
+  from pgnas_jax import parallel
+  path = tmp_path / 'candidates.jsonl'
+  lines = _lines(4)
+  path.write_text(''.join(lines))
+  monkeypatch.setattr(parallel, 'min_over_processes', lambda n: min(n, 1))  # another's view
+  assert [r['index'] for r in records.resume(str(path), RUN)] == [0]
+  assert path.read_text() == lines[0]
+  assert 'line 2 is not valid on another process; cut back to the 1 valid lines' in caplog.text
+
+
 def test_run_id_follows_the_weights_the_drop_logits_and_the_search_key():
   key = jax.random.key(3)
   logits = {'a': np.float32(0.5), 'b': np.float32(-1.0)}
