@@ -32,3 +32,7 @@ class Preempted(UserFacingError):
 
 class ExportError(UserFacingError):
   """A workdir or candidate that cannot be exported; the message says which and why."""
+
+
+class WorkdirBusyError(UserFacingError):
+  """Another job holds the workdir's lock; the message names it."""

@@ -1,0 +1,108 @@
+"""One run per workdir: an exclusive lock held for the whole job.
+
+The lock is ``flock`` on ``WORKDIR/.lock``. The kernel releases it when its holder dies, however
+it dies, so a lock left by a killed run never blocks a rerun; the file itself only names the
+holder (host, pid, start time, command) for the message a second job gets. With several
+processes one run holds it, taken by process 0 (every process learns whether it got it).
+On filesystems without locks (some FUSE mounts) the run warns and goes on unlocked.
+"""
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+
+from pgnas_jax import parallel
+from pgnas_jax.errors import WorkdirBusyError
+
+FILENAME = '.lock'
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def _holder_text(path: str) -> str:
+  try:
+    with open(path) as f:
+      holder = json.load(f)
+    return (f'pid {holder["pid"]} on {holder["host"]}, started {holder["started"]}: '
+            f'{holder["command"]}')
+  except (OSError, ValueError, KeyError, TypeError):
+    return 'a process that has not written its name yet'
+
+
+class WorkdirLock:
+  """Held from ``acquire`` to ``release``; ``release`` also removes the lock file (and the
+  workdir when acquiring created it and nothing else was written there)."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, FILENAME)
+    self._fd = None
+    self._created_workdir = False
+
+  def acquire(self) -> None:
+    """Takes the lock (process 0) and agrees the outcome with every process, raising
+    WorkdirBusyError on all of them when another job holds it."""
+    message = self._take() if parallel.is_main_process() else ''
+    if parallel.any_process(bool(message)):
+      raise WorkdirBusyError(message or f'--workdir={self.workdir} is in use by another run '
+                             f'(process 0 of this run could not lock it)')
+
+  def _take(self) -> str:
+    """Returns '' once the lock is held, or the refusal's message."""
+    if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+      return ''  # the caller's own checks name a workdir that is a file
+    self._created_workdir = not os.path.exists(self.workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        return (f'--workdir={self.workdir} is in use by another run ({_holder_text(self.path)});'
+                f' wait for it to finish or stop it, or choose another --workdir')
+      except OSError as e:
+        if e.errno not in _NO_LOCKS:
+          os.close(fd)
+          raise
+        logging.warning('the filesystem of %s has no file locks (%s): two runs started on it '
+                        'would not be stopped from writing together', self.workdir, e.strerror)
+      # A releasing holder unlinks the file while holding the lock: the file we locked may be
+      # that unlinked one, so lock again until the path and our file are the same.
+      if os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
+        break
+      os.close(fd)
+    self._fd = fd
+    holder = {'pid': os.getpid(), 'host': socket.gethostname(),
+              'started': datetime.datetime.now(datetime.timezone.utc).strftime(
+                  '%Y-%m-%d %H:%M:%S UTC'),
+              'command': ' '.join(sys.argv)}
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(holder).encode() + b'\n')
+    return ''
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    try:
+      os.remove(self.path)  # while still locked: a waiting job then locks a fresh file
+    except FileNotFoundError:
+      pass
+    os.close(self._fd)
+    self._fd = None
+    if self._created_workdir:
+      try:
+        os.rmdir(self.workdir)  # only when empty: the run wrote nothing
+      except OSError:
+        pass
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+    return False
