@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from pgnas_jax.errors import ConfigError
 from pgnas_jax.supernets import enas
@@ -29,7 +30,9 @@ class Check:
 
 POSITIVE = Check(lambda v: v > 0, '> 0')
 NON_NEGATIVE = Check(lambda v: v >= 0, '>= 0')
-PROBABILITY = Check(lambda v: 0.0 < v < 1.0, 'in (0, 1)')
+# in float32, where the drop logits live: 1e-46 is 0 there, 1 - 1e-9 is 1
+PROBABILITY = Check(lambda v: 0.0 < np.float32(v) < 1.0 and 0.0 < v < 1.0,
+                    'in (0, 1), and neither 0 nor 1 in float32 (about 1.4e-45 .. 1 - 6e-8)')
 EACH_POSITIVE = Check(lambda v: len(v) > 0 and all(x > 0 for x in v), 'non-empty, each > 0')
 EACH_ODD = Check(lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
                  'non-empty, each an odd number > 0')
@@ -50,7 +53,8 @@ class Field:
 
 
 FIELDS = (
-    Field('seed', 0, 'root of every key: init, training masks and shake-shake, search'),
+    Field('seed', 0, 'root of every key: init, training masks and shake-shake, search',
+          check=Check(lambda v: 0 <= v < 2**63, 'a whole number in [0, 2**63)')),
     # data
     Field('data.name', 'fashion_mnist',
           'data set; the last three need the `tfds` extra (see [data sets](data.md))',

@@ -27,12 +27,14 @@ class IncompatibleWorkdirError(UserFacingError):
 
 
 class Preempted(UserFacingError):
-  """SIGTERM arrived; the run saved its state and stopped. Running it again resumes."""
+  """SIGTERM or Ctrl-C arrived; the run saved its state and stopped. Running it again
+  resumes."""
 
 
 class ExportError(UserFacingError):
   """A workdir or candidate that cannot be exported; the message says which and why."""
 
 
-class WorkdirBusyError(UserFacingError):
-  """Another job holds the workdir's lock; the message names it."""
+class WorkdirError(UserFacingError):
+  """The workdir cannot hold this run (another job holds it, it is a file, not writable,
+  full, or left in a state the run cannot continue from); the message says what to do."""

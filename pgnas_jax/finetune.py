@@ -23,6 +23,7 @@ import optax
 from pgnas_jax import data as data_lib
 from pgnas_jax import layers, objective, parallel, train
 from pgnas_jax import space as space_lib
+from pgnas_jax.errors import Preempted
 
 PyTree = Any
 
@@ -72,7 +73,9 @@ class Finetuner:
                          out_shardings=(replicated, replicated), donate_argnums=0)
 
   def __call__(self, variables: dict, mask: PyTree, drop_logits: PyTree, key: jax.Array,
-               first_step: int) -> dict:
+               first_step: int, guard=None) -> dict:
+    """With a ``checkpoint.PreemptionGuard``, a SIGTERM or Ctrl-C stops it within one step
+    (raising Preempted: fine-tuning keeps no checkpoint, the next run starts it again)."""
     config = self._config
     state = parallel.put_replicated(FinetuneState(
         step=jnp.int32(0), weights=variables['params'], batch_stats=variables['batch_stats'],
@@ -85,14 +88,18 @@ class Finetuner:
     for batch in batches:
       state, loss = self._step(state, mask, drop_logits, key, batch)
       losses.append(loss)
+      if guard is not None and parallel.any_process(guard.requested):
+        raise Preempted(f'stopped by {guard.signal_name} at fine-tuning step {len(losses)} of '
+                        f'{self.steps}; training and the search are saved. Run the same command '
+                        f'again to resume (fine-tuning starts again)')
     losses = np.asarray(jax.device_get(losses))
     train.check_finite(losses, 1, 'non-finite loss at fine-tuning step {step}; the trained '
                        'super-network is untouched. Lower --config.finetune.learning_rate')
     logging.info('fine-tuned %d steps: loss %.4f -> %.4f', len(losses), losses[0], losses[-1])
     return {'params': state.weights, 'batch_stats': state.batch_stats}
 
-  def tune(self, state: train.TrainState, mask: PyTree) -> dict:
+  def tune(self, state: train.TrainState, mask: PyTree, guard=None) -> dict:
     """The super-network trained into ``state`` fine-tuned under ``mask``, continuing the
     training run's batch sequence."""
     return self(state.variables, mask, state.drop_logits, state.key('finetune'),
-                int(state.step))
+                int(state.step), guard)

@@ -16,7 +16,7 @@ import socket
 import sys
 
 from pgnas_jax import parallel
-from pgnas_jax.errors import WorkdirBusyError
+from pgnas_jax.errors import WorkdirError
 
 FILENAME = '.lock'
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -44,20 +44,30 @@ class WorkdirLock:
 
   def acquire(self) -> None:
     """Takes the lock (process 0) and agrees the outcome with every process, raising
-    WorkdirBusyError on all of them when another job holds it."""
-    message = self._take() if parallel.is_main_process() else ''
+    WorkdirError on all of them when another job holds it or the workdir cannot be used."""
+    message = ''
+    if parallel.is_main_process():
+      try:
+        message = self._take()
+      except WorkdirError as e:
+        message = str(e)
     if parallel.any_process(bool(message)):
-      raise WorkdirBusyError(message or f'--workdir={self.workdir} is in use by another run '
-                             f'(process 0 of this run could not lock it)')
+      raise WorkdirError(message or f'--workdir={self.workdir} cannot be locked by process 0 '
+                         f'of this run (its log says why)')
 
   def _take(self) -> str:
     """Returns '' once the lock is held, or the refusal's message."""
     if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
-      return ''  # the caller's own checks name a workdir that is a file
+      raise WorkdirError(f'--workdir={self.workdir} is a file, not a folder: give a folder '
+                         f'(it is created if missing)')
     self._created_workdir = not os.path.exists(self.workdir)
-    os.makedirs(self.workdir, exist_ok=True)
-    while True:
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise WorkdirError(f'--workdir={self.workdir} cannot be written ({e.strerror}): give a '
+                         f'folder this user can write to, or fix its permissions') from None
+    while True:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
@@ -75,6 +85,7 @@ class WorkdirLock:
       if os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
         break
       os.close(fd)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     self._fd = fd
     holder = {'pid': os.getpid(), 'host': socket.gethostname(),
               'started': datetime.datetime.now(datetime.timezone.utc).strftime(

@@ -5,12 +5,14 @@ the learned posterior -> export the winner -> report.
 
 Without --config it runs the embedded default (``pgnas_jax/config.py``).
 """
+import errno
 import json
 import os
 import shutil
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 from flax import traverse_util
@@ -21,6 +23,7 @@ from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import errors, export, finetune, metric_writers, parallel, report, search
 from pgnas_jax import supernets, train
+from pgnas_jax import lock as lock_lib
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
@@ -31,10 +34,27 @@ RESUMABLE_CHANGES = ('train.log_every_steps', 'checkpoint.every_steps', 'checkpo
                      'log.tensorboard', 'log.profile_steps')
 
 
+def _saved_config(workdir: str) -> dict:
+  """The config.json of the run in ``workdir``; a damaged one is refused in one line."""
+  path = workdir_lib.path(workdir, workdir_lib.CONFIG)
+  try:
+    saved = workdir_lib.read_json(path)
+  except ValueError as e:
+    raise errors.WorkdirError(
+        f'{path} is empty or damaged ({type(e).__name__}: {cli_lib.one_line(e)}), so the run '
+        f'in --workdir={workdir} cannot be checked against this config; restore it, or add '
+        f"--start_over to delete the run's outputs and start again") from None
+  if not isinstance(saved, dict):
+    raise errors.WorkdirError(
+        f'{path} holds no config (a JSON {type(saved).__name__}), so the run in '
+        f'--workdir={workdir} cannot be checked against this config; restore it, or add '
+        f"--start_over to delete the run's outputs and start again")
+  return saved
+
+
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   """A workdir holding a run may only be resumed with the config that started it."""
-  before = traverse_util.flatten_dict(
-      workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.CONFIG)), sep='.')
+  before = traverse_util.flatten_dict(_saved_config(workdir), sep='.')
   as_saved = json.loads(json.dumps(config.to_dict()))  # tuples become lists, as in the file
   now = traverse_util.flatten_dict(as_saved, sep='.')
   changed = [k for k in sorted(set(before) | set(now))
@@ -49,7 +69,9 @@ def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def _start_over(workdir: str) -> None:
-  for name in workdir_lib.OUTPUTS:
+  """Deletes an earlier run's outputs, config.json last: a kill part way never leaves
+  checkpoints or candidates without the config that made them."""
+  for name in sorted(workdir_lib.OUTPUTS, key=lambda name: name == workdir_lib.CONFIG):
     path = workdir_lib.path(workdir, name)
     if os.path.isdir(path):
       shutil.rmtree(path)
@@ -57,36 +79,109 @@ def _start_over(workdir: str) -> None:
       os.remove(path)
 
 
+def _plan(workdir: str, config: ml_collections.ConfigDict, start_over: bool) -> str:
+  """What to do with the workdir: 'finished' (nothing to do), 'resume', or 'fresh' (after
+  deleting an earlier run's outputs when ``start_over``). Refuses, touching nothing, a
+  workdir whose state the run cannot continue from, naming what to remove."""
+  if not os.path.exists(workdir_lib.path(workdir, workdir_lib.CONFIG)):
+    left = [name for name in workdir_lib.OUTPUTS
+            if name != workdir_lib.METRICS and os.path.exists(workdir_lib.path(workdir, name))]
+    if left and not start_over:
+      raise errors.WorkdirError(
+          f'--workdir={workdir} holds outputs of a run ({", ".join(left)}) but no '
+          f'{workdir_lib.CONFIG}, so the config that made them is unknown; remove '
+          f'{workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)} to train again with this '
+          f'config (the other outputs are made again), or add --start_over')
+    return 'fresh'
+  finished = os.path.exists(workdir_lib.path(workdir, workdir_lib.REPORT))
+  if start_over:
+    # a --start_over run that was stopped resumes when the same command runs again
+    began_it = os.path.exists(workdir_lib.path(workdir, workdir_lib.STARTED_OVER))
+    if finished or not began_it or not _resumable_with(workdir, config):
+      return 'fresh'
+  _check_resumable(workdir, config)
+  if not finished:
+    return 'resume'
+  missing = [name for name in workdir_lib.FINISHED_OUTPUTS
+             if not os.path.exists(workdir_lib.path(workdir, name))]
+  if not missing:
+    return 'finished'
+  logging.warning('%s holds a finished run without %s: finishing it again from its '
+                  'checkpoints', workdir, ', '.join(missing))
+  return 'resume'
+
+
+def _resumable_with(workdir: str, config: ml_collections.ConfigDict) -> bool:
+  try:
+    _check_resumable(workdir, config)
+  except errors.UserFacingError:
+    return False
+  return True
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> dict:
   """Runs the whole job, or resumes it where it stopped when the workdir holds it; returns
-  the winner's description (also in search/arch.json)."""
+  the winner's description (also in search/arch.json). The job holds the workdir's lock
+  (``lock.py``) from before it reads the workdir to the end."""
   config_lib.validate(config)
   mesh = parallel.make_mesh()
   config_lib.validate_for_devices(config, mesh.devices.size)
-  resuming = os.path.exists(workdir_lib.path(workdir, workdir_lib.CONFIG)) and not start_over
-  if resuming:
-    _check_resumable(workdir, config)
-    if os.path.exists(workdir_lib.path(workdir, workdir_lib.REPORT)):
-      logging.info('%s holds a finished run (%s); nothing to do', workdir, workdir_lib.REPORT)
-      return workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.ARCH))
+  with lock_lib.WorkdirLock(workdir):
+    return _run_locked(config, workdir, mesh, start_over)
+
+
+def _run_locked(config, workdir: str, mesh, start_over: bool) -> dict:
+  plan = _plan(workdir, config, start_over)
+  if plan == 'finished':
+    logging.info('%s holds a finished run (%s); nothing to do', workdir, workdir_lib.REPORT)
+    return workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.ARCH))
+  if plan == 'resume' and start_over:
+    logging.info('resuming the run that --start_over began in %s', workdir)
   dataset = data_lib.load(config.data)  # before touching the workdir: it may be missing
+  train.setup(config, dataset)  # refuses a batch or a length that gives no training step
   # With several processes the workdir is shared: every process has read it above before
   # process 0 changes it, and none goes on before it is ready.
   parallel.barrier('workdir checked')
-  if parallel.is_main_process():
-    if start_over:
-      _start_over(workdir)
-    os.makedirs(workdir_lib.path(workdir, workdir_lib.SEARCH), exist_ok=True)
-    os.makedirs(workdir_lib.path(workdir, workdir_lib.PLOTS), exist_ok=True)
-    workdir_lib.write_json(workdir_lib.path(workdir, workdir_lib.CONFIG), config.to_dict())
-  parallel.barrier('workdir ready')
   model = supernets.build(config.model, dataset.num_classes)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   try:
-    with checkpoint_lib.PreemptionGuard() as guard:
-      return _train_search_report(config, workdir, mesh, dataset, model, checkpointer, guard)
-  finally:
-    checkpointer.close()
+    if parallel.is_main_process():
+      _prepare(workdir, config, fresh_start=plan == 'fresh' and start_over)
+    parallel.barrier('workdir ready')
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+    try:
+      with checkpoint_lib.PreemptionGuard() as guard:
+        return _train_search_report(config, workdir, mesh, dataset, model, checkpointer, guard)
+    finally:
+      checkpointer.close()
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    raise errors.WorkdirError(
+        f'no space left on the device of --workdir={workdir}: this run needs about '
+        f'{_space_needed(model, config, dataset) / 2**20:.0f} MB there '
+        f'({shutil.disk_usage(workdir).free / 2**20:.0f} MB free now); free some and run the '
+        f'same command again to resume') from None
+
+
+def _prepare(workdir: str, config, fresh_start: bool) -> None:
+  if fresh_start:
+    _start_over(workdir)
+  os.makedirs(workdir_lib.path(workdir, workdir_lib.SEARCH), exist_ok=True)
+  os.makedirs(workdir_lib.path(workdir, workdir_lib.PLOTS), exist_ok=True)
+  workdir_lib.write_json(workdir_lib.path(workdir, workdir_lib.CONFIG), config.to_dict())
+  if fresh_start:  # marks the run as --start_over's, see _plan
+    workdir_lib.write_atomically(workdir_lib.path(workdir, workdir_lib.STARTED_OVER), '')
+
+
+def _space_needed(model, config, dataset) -> int:
+  """Bytes a run's outputs take at most: the kept checkpoints (and the one being written) of
+  the train state, the winner's weights (input-sliced, fine-tuned, compact) and a margin for
+  the logs, plots and StableHLO."""
+  shapes = jax.eval_shape(lambda: model.init(
+      {'params': jax.random.key(0)}, jnp.zeros((1,) + tuple(dataset.image_shape)), train=False))
+  weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes['params']))
+  state = 2 * weights  # weights + SGD momentum; BatchNorm statistics and logits are small
+  return (config.checkpoint.max_to_keep + 1) * state + 3 * weights + 16 * 2**20
 
 
 def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, guard) -> dict:
@@ -138,7 +233,7 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
     t = time.time()
     tuner = finetune.Finetuner(model, config, dataset, space, mesh)
     arch['finetuned'] = _finetune_winner(tuner, scorer, state, winner_mask, (validation, test),
-                                         out(workdir_lib.WINNER_FINETUNED_WEIGHTS))
+                                         out(workdir_lib.WINNER_FINETUNED_WEIGHTS), guard)
     timings['fine-tune'] = time.time() - t
   if writer:
     workdir_lib.write_json(out(workdir_lib.ARCH), arch)
@@ -161,10 +256,10 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
 
 
 def _finetune_winner(tuner: finetune.Finetuner, scorer: search.Scorer, state: train.TrainState,
-                     mask, splits: tuple, weights_path: str) -> dict:
+                     mask, splits: tuple, weights_path: str, guard) -> dict:
   """Fine-tunes the winner (``finetune.steps`` > 0), saves its pruned weights beside the
   un-tuned ones and returns its accuracies on the (validation, test) ``splits``."""
-  tuned = tuner.tune(state, mask)
+  tuned = tuner.tune(state, mask, guard)
   val_acc, test_acc = (scorer.architecture(tuned, mask, batches)[0] for batches in splits)
   if parallel.is_main_process():
     export.save_weights(weights_path, export.pruned_variables(tuned, tuner.space, mask))

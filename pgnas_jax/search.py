@@ -232,7 +232,7 @@ def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.Se
     logging.info('search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
                  done, num, best['val_acc'], best['index'], rate, (num - done) / rate)
     if parallel.any_process(guard.requested) and done < num:
-      raise Preempted(f'stopped by SIGTERM after {done} scored candidates, all recorded in '
+      raise Preempted(f'stopped by {guard.signal_name} after {done} scored candidates, all recorded in '
                       f'{out_path}. Run the same command again to resume')
   return records
 

@@ -132,6 +132,11 @@ def setup(config: ml_collections.ConfigDict, dataset: data_lib.Source) -> TrainS
                      f'{dataset.train.num_examples} training images')
   total = (config.train.num_steps if config.train.num_steps > 0
            else int(round(config.train.num_epochs * per_epoch)))
+  if total < 1:  # a run must train to finish: the search ranks a trained posterior
+    raise ConfigError(
+        f'--config.train.num_epochs={config.train.num_epochs} gives no training step ('
+        f'{per_epoch} steps per epoch of batch {config.train.batch_size}): use at least '
+        f'{0.5 / per_epoch:.2g} epochs, or --config.train.num_steps')
   schedule = optim.learning_rate_schedule(config.train, total, per_epoch)
   return TrainSetup(total, per_epoch, schedule, optim.make_optimizer(config, schedule))
 
@@ -213,7 +218,7 @@ def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, wo
         pending, last = [], now
       if stop:
         checkpointer.wait()
-        raise Preempted(f'stopped by SIGTERM after training step {done}; the checkpoint is '
+        raise Preempted(f'stopped by {guard.signal_name} after training step {done}; the checkpoint is '
                         f'saved. Run the same command again to resume')
   checkpointer.wait()
   logging.info('training done in %.0fs', time.time() - start)

@@ -22,9 +22,13 @@ CHECKPOINTS = 'checkpoints'
 UNREADABLE_CHECKPOINTS = 'checkpoints_unreadable'
 TENSORBOARD = 'tensorboard'  # event files, when tensorboardX is installed
 PROFILE = 'profile'  # jax.profiler traces of log.profile_steps
+STARTED_OVER = '.started_over'  # the run was begun by --start_over: its rerun resumes it
 # Everything above, the top-level names: what --start_over deletes.
 OUTPUTS = (CONFIG, METRICS, POSTERIOR, TIMINGS, REPORT, SEARCH, PLOTS, CHECKPOINTS,
-           UNREADABLE_CHECKPOINTS, TENSORBOARD, PROFILE)
+           UNREADABLE_CHECKPOINTS, TENSORBOARD, PROFILE, STARTED_OVER)
+# What a finished run holds beside report.md; one missing is made again by the rerun.
+FINISHED_OUTPUTS = (CONFIG, METRICS, POSTERIOR, TIMINGS, CANDIDATES, ARCH, WINNER_WEIGHTS,
+                    POSTERIOR_PLOT, CANDIDATES_PLOT, TRAINING_PLOT)
 
 
 def path(workdir: str, name: str) -> str:
