@@ -3,6 +3,7 @@ step, corrupt and truncated checkpoints, and a workdir made with another config.
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,11 +65,11 @@ def _leaves(tree, prefix=''):
     yield prefix, tree
 
 
-def _run_until(workdir, marker, extra_delay, sig=signal.SIGKILL):
-  """Starts the job, waits for ``marker`` in its log (None: no wait), then after
-  ``extra_delay`` seconds sends ``sig``. Returns (returncode, log)."""
-  proc = subprocess.Popen(_command(workdir), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                          text=True, env=ENV)
+def _run_until(workdir, marker, extra_delay, sig=signal.SIGKILL, *extra):
+  """Starts the job (with ``extra`` flags), waits for ``marker`` in its log (None: no wait),
+  then after ``extra_delay`` seconds sends ``sig``. Returns (returncode, log)."""
+  proc = subprocess.Popen(_command(workdir, *extra), stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True, env=ENV)
   log = []
   try:
     if marker is not None:
@@ -219,3 +220,36 @@ def test_nan_at_a_given_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
   state = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '8' / 'default')
   assert int(state['step']) == 8
   assert all(np.all(np.isfinite(np.asarray(x))) for _, x in _leaves(state['params']))
+
+
+def test_ctrl_c_during_a_start_over_run_saves_and_the_same_command_resumes_it(tmp_path,
+                                                                              reference):
+  """Ctrl-C saves and stops like SIGTERM (status 143, one line); the same --start_over
+  command then resumes the run it began instead of deleting the checkpoint it saved."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text('{"an": "earlier run"}')  # what --start_over replaces
+  returncode, log = _run_until(workdir, 'train step 6/16', 0.0, signal.SIGINT, '--start_over')
+  assert returncode == 143, log[-2000:]
+  last = log.strip().splitlines()[-1]
+  assert last.startswith('pgnas_jax: stopped by Ctrl-C (SIGINT) after training step'), last
+  step = int(last.split('after training step ')[1].split(';')[0])
+  assert str(step) in os.listdir(workdir / 'checkpoints')
+  assert os.path.exists(workdir / '.started_over')
+  result = _run(workdir, '--start_over')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'resuming the run that --start_over began' in result.stderr
+  assert f'resuming from the checkpoint at step {step}' in result.stderr
+  _assert_same_results(reference, workdir)
+
+
+def test_a_finished_run_missing_an_output_is_finished_again(tmp_path, reference):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  os.remove(workdir / 'posterior.json')
+  os.remove(workdir / 'search' / 'arch.json')
+  result = _run(workdir)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'holds a finished run without posterior.json, search/arch.json' in result.stderr
+  _assert_same_results(reference, workdir)
+  assert (workdir / 'report.md').exists()

@@ -1,12 +1,15 @@
 """The data-parallel train step: the same gradients and updates on 1 and 4 devices; the
 'random' ablation never moves the logits; schedules."""
+import types
+
 import jax
 import numpy as np
 import pytest
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import export, finetune, layers, optim, parallel, train
+from pgnas_jax import errors, export, finetune, layers, masks, optim, parallel, train
+from pgnas_jax import space as space_lib
 
 
 def _config(**drop):
@@ -149,3 +152,16 @@ def test_finetuning_trains_kept_weights_only_exports_exactly_and_shards(tiny_net
   _, four, _, _ = _finetuned(tiny_net, jax.devices()[:4])
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(four)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_a_stop_request_ends_fine_tuning_within_one_step(tiny_net, tiny_variables):
+  config = _config()
+  config.finetune.steps = 50
+  space = space_lib.from_variables(tiny_variables)
+  variables = {k: tiny_variables[k] for k in ('params', 'batch_stats')}
+  tuner = finetune.Finetuner(tiny_net, config, _dataset(), space,
+                             parallel.make_mesh(jax.devices()[:1]))
+  guard = types.SimpleNamespace(requested=True, signal_name='SIGTERM')  # arrived at once
+  with pytest.raises(errors.Preempted, match='stopped by SIGTERM at fine-tuning step 1 of 50'):
+    tuner(variables, space.template, masks.init_drop_logits(space.template, 0.1),
+          jax.random.key(5), 2, guard)
