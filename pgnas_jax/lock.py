@@ -23,24 +23,40 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 def _holder_text(path: str) -> str:
+  """The holder as its lock file names it; a job still starting up has not named itself yet
+  (the file may still name an earlier, dead holder)."""
   try:
     with open(path) as f:
       holder = json.load(f)
+    if holder['host'] == socket.gethostname() and not _alive(holder['pid']):
+      raise ValueError('an earlier holder')
     return (f'pid {holder["pid"]} on {holder["host"]}, started {holder["started"]}: '
             f'{holder["command"]}')
   except (OSError, ValueError, KeyError, TypeError):
-    return 'a process that has not written its name yet'
+    return 'a job starting up, not yet named in its .lock'
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 class WorkdirLock:
-  """Held from ``acquire`` to ``release``; ``release`` also removes the lock file (and the
-  workdir when acquiring created it and nothing else was written there)."""
+  """Held from ``acquire`` to ``release``; ``release`` also removes the lock file when this
+  job made or claimed it (and the workdir when acquiring created it and nothing else was
+  written there)."""
 
   def __init__(self, workdir: str):
     self.workdir = workdir
     self.path = os.path.join(workdir, FILENAME)
     self._fd = None
     self._created_workdir = False
+    self._remove_file = False  # on release: only a file this job made or claimed
 
   def acquire(self) -> None:
     """Takes the lock (process 0) and agrees the outcome with every process, raising
@@ -61,6 +77,7 @@ class WorkdirLock:
       raise WorkdirError(f'--workdir={self.workdir} is a file, not a folder: give a folder '
                          f'(it is created if missing)')
     self._created_workdir = not os.path.exists(self.workdir)
+    self._remove_file = not os.path.exists(self.path)
     try:
       os.makedirs(self.workdir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -87,21 +104,27 @@ class WorkdirLock:
       os.close(fd)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     self._fd = fd
+    return ''
+
+  def claim(self) -> None:
+    """Names this job as the holder, once it starts writing the workdir (process 0). Until
+    then a refused job leaves the workdir as it found it, a dead job's lock file included."""
     holder = {'pid': os.getpid(), 'host': socket.gethostname(),
               'started': datetime.datetime.now(datetime.timezone.utc).strftime(
                   '%Y-%m-%d %H:%M:%S UTC'),
               'command': ' '.join(sys.argv)}
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps(holder).encode() + b'\n')
-    return ''
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, json.dumps(holder).encode() + b'\n', 0)
+    self._remove_file = True
 
   def release(self) -> None:
     if self._fd is None:
       return
-    try:
-      os.remove(self.path)  # while still locked: a waiting job then locks a fresh file
-    except FileNotFoundError:
-      pass
+    if self._remove_file:
+      try:
+        os.remove(self.path)  # while still locked: a waiting job then locks a fresh file
+      except FileNotFoundError:
+        pass
     os.close(self._fd)
     self._fd = None
     if self._created_workdir:

@@ -126,11 +126,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
   config_lib.validate(config)
   mesh = parallel.make_mesh()
   config_lib.validate_for_devices(config, mesh.devices.size)
-  with lock_lib.WorkdirLock(workdir):
-    return _run_locked(config, workdir, mesh, start_over)
+  with lock_lib.WorkdirLock(workdir) as held:
+    return _run_locked(config, workdir, mesh, start_over, held)
 
 
-def _run_locked(config, workdir: str, mesh, start_over: bool) -> dict:
+def _run_locked(config, workdir: str, mesh, start_over: bool, held: lock_lib.WorkdirLock) -> dict:
   plan = _plan(workdir, config, start_over)
   if plan == 'finished':
     logging.info('%s holds a finished run (%s); nothing to do', workdir, workdir_lib.REPORT)
@@ -145,6 +145,7 @@ def _run_locked(config, workdir: str, mesh, start_over: bool) -> dict:
   model = supernets.build(config.model, dataset.num_classes)
   try:
     if parallel.is_main_process():
+      held.claim()
       _prepare(workdir, config, fresh_start=plan == 'fresh' and start_over)
     parallel.barrier('workdir ready')
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)

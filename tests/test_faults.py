@@ -20,7 +20,9 @@ from pgnas_jax import workdir as workdir_lib
 
 HOLD = ('import sys, time\n'
         'from pgnas_jax import lock\n'
-        'lock.WorkdirLock(sys.argv[1]).acquire()\n'
+        'held = lock.WorkdirLock(sys.argv[1])\n'
+        'held.acquire()\n'
+        'held.claim()\n'
         'print("held", flush=True)\n'
         'time.sleep(600)\n')
 
@@ -72,10 +74,10 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
   holder.wait()
   assert (workdir / '.lock').exists()  # left behind, its holder dead
   with lock.WorkdirLock(str(workdir)) as held:
+    held.claim()
     assert json.loads((workdir / '.lock').read_text())['pid'] == os.getpid()
     with pytest.raises(errors.WorkdirError, match=f'pid {os.getpid()} on '):
       lock.WorkdirLock(str(workdir)).acquire()
-  del held
   assert sorted(p.name for p in workdir.iterdir()) == ['notes.txt']
 
 
