@@ -218,6 +218,13 @@ FIELDS = (
     Field('finetune.learning_rate', 0.01,
           'peak learning rate of the fine-tuning, cosine to 0; SGD with `train.momentum` and '
           '`train.nesterov`', check=POSITIVE),
+    # the deployable winner (docs/export.md)
+    Field('export.latency', True,
+          "measure the compact winner's, the masked and the full super-network's latency at "
+          'batch 1 and 128 (median of 20 after warm-up) into `arch.json` `latency_ms` and '
+          '`report.md`; False: skip it (a timing, not a result: the only field of the workdir '
+          'that differs between two runs of one config)',
+          check=Check(lambda v: type(v) is bool, 'True or False')),
     # what a run shows besides its results (docs/observability.md)
     Field('log.tensorboard', True,
           'write TensorBoard event files to `WORKDIR/tensorboard/` when `tensorboardX` is '

@@ -31,7 +31,7 @@ from pgnas_jax.compact import candidate
 
 # Fields that may change between a run and its resumption: they do not change any result.
 RESUMABLE_CHANGES = ('train.log_every_steps', 'checkpoint.every_steps', 'checkpoint.max_to_keep',
-                     'log.tensorboard', 'log.profile_steps')
+                     'log.tensorboard', 'log.profile_steps', 'export.latency')
 
 
 def _saved_config(workdir: str) -> dict:
@@ -228,7 +228,8 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
   if writer:  # the network to deploy: search/winner_compact.*, its counts and latency
     arch.update(input_slice_params=arch['params'], input_slice_flops=arch['flops'],
                 **candidate.deploy(model, state.variables, winner_mask, dataset.image_shape,
-                                   out(workdir_lib.SEARCH), 'winner_compact'))
+                                   out(workdir_lib.SEARCH), 'winner_compact',
+                                   measure=config.export.latency))
   timings['test and export'] = time.time() - t
   if config.finetune.steps > 0:
     t = time.time()
