@@ -37,6 +37,11 @@ EACH_POSITIVE = Check(lambda v: len(v) > 0 and all(x > 0 for x in v), 'non-empty
 EACH_ODD = Check(lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
                  'non-empty, each an odd number > 0')
 ENAS_ARC = Check(enas.is_valid_arc, enas.ARC_RULE)
+DATA_NAME = Check(
+    lambda v: v in ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012', 'npz') or (
+        isinstance(v, str) and v.startswith('tfds:') and len(v) > len('tfds:')),
+    "one of 'fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012', 'npz', or 'tfds:NAME' "
+    "(NAME a tensorflow-datasets image-classification data set)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +62,21 @@ FIELDS = (
           check=Check(lambda v: 0 <= v < 2**63, 'a whole number in [0, 2**63)')),
     # data
     Field('data.name', 'fashion_mnist',
-          'data set; the last three need the `tfds` extra (see [data sets](data.md))',
-          choices=('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012')),
+          'data set (see [data sets](data.md)): `npz` reads your own arrays from `data.path`; '
+          "`tfds:NAME` any tensorflow-datasets image-classification data set (e.g. "
+          "`'tfds:mnist'`), read whole into memory; `cifar10`, `cifar100`, `imagenet2012` and "
+          '`tfds:NAME` need the `tfds` extra', check=DATA_NAME),
     Field('data.data_dir', '/usr/share/datasets/fashion-mnist',
-          'Fashion-MNIST: folder of the IDX files; CIFAR and ImageNet: tfds `data_dir` holding '
-          "`cifar10/`, `cifar100/` or `imagenet2012/`, `''` (the CIFAR and ImageNet configs' "
-          "value) for tfds' default, `$TFDS_DATA_DIR` or else `~/tensorflow_datasets`"),
+          'Fashion-MNIST: folder of the IDX files; CIFAR, ImageNet and `tfds:NAME`: tfds '
+          "`data_dir` holding `cifar10/`, `cifar100/`, `imagenet2012/` or `NAME/`, `''` (the "
+          "CIFAR and ImageNet configs' value) for tfds' default, `$TFDS_DATA_DIR` or else "
+          '`~/tensorflow_datasets`'),
+    Field('data.path', '',
+          '`npz` only: the `.npz` file holding `x_train`, `y_train`, `x_test`, `y_test`'),
+    Field('data.num_classes', 0,
+          '`npz` only: the number of classes (labels are 0 .. num_classes - 1); 0: one more '
+          'than the largest training label. The other data sets know theirs',
+          check=NON_NEGATIVE),
     Field('data.validation_size', 5000,
           'images carved from the training split (a fixed permutation, the same for every '
           'seed) for ranking; never trained on (ImageNet configs: 50000)',
@@ -248,6 +262,11 @@ CONSTRAINTS = (
      lambda name, pad_crop, cutout: name != 'imagenet2012' or pad_crop == cutout == 0,
      ('imagenet2012 is augmented by random-resized crop and flip only: set pad_crop and '
       'cutout to 0')),
+    (('data.name', 'data.path'), lambda name, path: (name == 'npz') == bool(path),
+     "data.name='npz' reads the file data.path, which must be set then and only then"),
+    (('data.name', 'data.num_classes'), lambda name, classes: name == 'npz' or classes == 0,
+     ("data.num_classes is for data.name='npz' only (the other data sets know theirs): "
+      'leave it 0')),
     (('model.resnet.kernel_sizes', 'model.resnet.dilations'),
      lambda k, d: len(k) == len(d), 'one dilation per kernel size'),
     (('model.resnet.widths', 'model.resnet.blocks_per_stage'),

@@ -14,6 +14,11 @@ class MissingDataError(UserFacingError, FileNotFoundError):
   """A data set is not where the config says; the message says how to get it."""
 
 
+class DataError(UserFacingError, ValueError):
+  """A data set's files or values cannot be used (unreadable, truncated, labels out of range,
+  shapes that disagree, non-finite pixels); the message names the file or split and the fix."""
+
+
 class NonFiniteLossError(UserFacingError, FloatingPointError):
   """Training produced a NaN or Inf loss; the message names the step."""
 

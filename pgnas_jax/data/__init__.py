@@ -7,9 +7,10 @@ test split is touched once, for the winner's final report. Training batches depe
 rows of every global batch (``process_index`` of ``process_count``), and the rows of all
 processes together are the one-process batch.
 
-Small data sets (Fashion-MNIST, CIFAR) are held in memory as a ``Dataset``; ImageNet is read
-while it is used, as a ``stream.Streamed``. Both answer one interface (``Source``), and
-``placement`` puts their batches on the devices.
+Small data sets (Fashion-MNIST, CIFAR, any tfds data set by name, .npz files) are held in
+memory as a ``Dataset``; ImageNet is read while it is used, as a ``stream.Streamed``. Both
+answer one interface (``Source``), and ``placement`` puts their batches on the devices.
+``checks`` checks their values at start.
 """
 import os
 from collections.abc import Iterator
@@ -19,7 +20,9 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
-from pgnas_jax.data import cifar, fashion_mnist, imagenet, pixels, shards, stream
+from pgnas_jax.data import (checks, cifar, fashion_mnist, imagenet, npz, pixels, shards, stream,
+                            tfds_images, tfds_source)
+from pgnas_jax.data.checks import check_fits  # noqa: F401  (re-exported)
 from pgnas_jax.data.placement import (device_batches, replicated_batches,  # noqa: F401
                                       train_batches)  # (re-exported)
 from pgnas_jax.data.prefetch import in_background  # noqa: F401  (re-exported)
@@ -29,7 +32,7 @@ SPLIT_SEED = 20200207  # fixes the validation carve-out for every run
 
 
 class Split(NamedTuple):
-  images: np.ndarray  # uint8 [n, h, w, c]
+  images: np.ndarray  # uint8 [n, h, w, c], or float32 (an .npz of float images)
   labels: np.ndarray  # int32 [n]
 
   @property
@@ -94,11 +97,19 @@ class Dataset(NamedTuple):
 Source = Dataset | stream.Streamed
 
 
-def _read(data: ml_collections.ConfigDict, split: str):
+def _read(data: ml_collections.ConfigDict) -> tuple:
+  """(train ``checks.Raw``, test ``checks.Raw``, number of classes, image shape or None)
+  as the source holds them."""
   if data.name == 'fashion_mnist':
-    return fashion_mnist.load(data.data_dir, split)
+    return (fashion_mnist.read(data.data_dir, 'train'), fashion_mnist.read(data.data_dir, 'test'),
+            fashion_mnist.NUM_CLASSES, None)
   if data.name in cifar.NUM_CLASSES:
-    return cifar.load(data.name, data.data_dir, split)
+    return (cifar.read(data.name, data.data_dir, 'train'),
+            cifar.read(data.name, data.data_dir, 'test'), cifar.NUM_CLASSES[data.name], None)
+  if data.name == 'npz':
+    return (*npz.read(data.path, data.num_classes), None)
+  if data.name.startswith(tfds_images.PREFIX):
+    return tfds_images.read(data.name, data.data_dir)
   raise ConfigError(f'unknown data.name {data.name!r}')
 
 
@@ -115,28 +126,34 @@ def _stream(data: ml_collections.ConfigDict) -> stream.Streamed:
   """ImageNet: the official validation set is the test split."""
   train_source = imagenet.open_split(data.data_dir, 'train')
   test_source = imagenet.open_split(data.data_dir, 'validation')
+  origins = {split: tfds_source.origin(imagenet.NAME, split) for split in ('train', 'validation')}
+  for split, source in (('train', train_source), ('validation', test_source)):
+    checks.check_info_classes(source.dataset_info, imagenet.NUM_CLASSES, origins[split])
   val, train = _carve(len(train_source), data.validation_size)
   # sorted: nearby records are read together (the epoch permutations shuffle anyway)
   return stream.Streamed(
-      train=stream.Records(train_source, np.sort(train)),
-      validation=stream.Records(train_source, np.sort(val)),
-      test=stream.Records(test_source, np.arange(len(test_source))),
+      train=stream.Records(train_source, np.sort(train), origins['train']),
+      validation=stream.Records(train_source, np.sort(val), origins['train']),
+      test=stream.Records(test_source, np.arange(len(test_source)), origins['validation']),
       num_classes=imagenet.NUM_CLASSES, mean=np.array(imagenet.MEAN, np.float32),
       std=np.array(imagenet.STD, np.float32), image_size=data.image_size,
       pool=ThreadPoolExecutor(os.cpu_count(), thread_name_prefix='pgnas_jax-read'))
 
 
 def load(data: ml_collections.ConfigDict) -> Source:
+  """The data set ``data`` names, its values checked (``checks``): faults raise DataError."""
   if data.name == imagenet.NAME:
     return _stream(data)
-  images, labels = _read(data, 'train')
+  train_raw, test_raw, num_classes, shape = _read(data)
+  images, labels = checks.checked_split(train_raw, num_classes, shape)
+  test = Split(*checks.checked_split(test_raw, num_classes, images.shape[1:]))
   val, train = _carve(images.shape[0], data.validation_size)
-  test = Split(*_read(data, 'test'))
   train_split = Split(images[train], labels[train])
+  checks.check_spread(train_split.images, train_raw.origin)
   pixels = train_split.images.reshape(-1, train_split.images.shape[-1]) / 255.0
   return Dataset(train=train_split, validation=Split(images[val], labels[val]), test=test,
-                 num_classes=cifar.NUM_CLASSES.get(data.name, fashion_mnist.NUM_CLASSES),
-                 mean=pixels.mean(0).astype(np.float32), std=pixels.std(0).astype(np.float32))
+                 num_classes=num_classes, mean=pixels.mean(0).astype(np.float32),
+                 std=pixels.std(0).astype(np.float32))
 
 
 def normalise(images: np.ndarray, dataset: Source) -> np.ndarray:

@@ -2,7 +2,7 @@
 into memory (50,000 + 10,000 images of 32x32x3)."""
 import numpy as np
 
-from pgnas_jax.data import tfds_source
+from pgnas_jax.data import checks, tfds_source
 
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 
@@ -18,8 +18,11 @@ def _how_to_get(name: str, data_dir: str) -> str:
 def load(name: str, data_dir: str, split: str):
   """(images uint8 [n, 32, 32, 3], labels int32 [n]) of 'train' or 'test'; ``data_dir`` ''
   means tfds' default."""
+  raw = read(name, data_dir, split)
+  return raw.images.astype(np.uint8), raw.labels.astype(np.int32)
+
+
+def read(name: str, data_dir: str, split: str) -> checks.Raw:
+  """``split`` as the data set holds it, for ``checks.checked_split``."""
   source = tfds_source.open_split(name, data_dir, split, _how_to_get(name, data_dir))
-  records = [source[i] for i in range(len(source))]
-  images = np.stack([r['image'] for r in records]).astype(np.uint8)
-  labels = np.array([r['label'] for r in records], np.int32)
-  return images, labels
+  return tfds_source.read_whole(source, tfds_source.origin(name, split))

@@ -9,14 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 import ml_collections
 import numpy as np
 
-from pgnas_jax.data import crops, pixels, shards
+from pgnas_jax.data import checks, crops, pixels, shards
 
 
 class Records:
-  """A split: example ``i`` is record ``index[i]`` of ``source`` (read on access)."""
+  """A split: example ``i`` is record ``index[i]`` of ``source`` (read on access);
+  ``origin`` names it in messages about its values."""
 
-  def __init__(self, source, index: np.ndarray):
-    self.source, self.index = source, index
+  def __init__(self, source, index: np.ndarray, origin: checks.Origin | None = None):
+    self.source, self.index, self.origin = source, index, origin
 
   def __len__(self) -> int:
     return len(self.index)
@@ -69,7 +70,13 @@ class Streamed:
       labels[r - rows.start] = label
 
     list(self.pool.map(example, range(rows.start, rows.stop)))  # list: raises their errors
+    self._check_labels(labels, self.train)
     return {'images': images, 'labels': labels}
+
+  def _check_labels(self, labels: np.ndarray, split: Records) -> None:
+    """Labels are checked as they are read: too many records to read them all at start."""
+    if split.origin is not None:
+      checks.check_labels(labels, self.num_classes, split.origin)
 
   def _empty_batch(self, rows: slice) -> tuple:
     size = self.image_size
@@ -94,5 +101,6 @@ class Streamed:
         labels[i - first] = label
 
       list(self.pool.map(example, real))  # list: raises their errors
+      self._check_labels(labels, split)
       weights = (np.arange(rows.stop - rows.start) < len(real)).astype(np.float32)
       yield {'images': images, 'labels': labels, 'weights': weights}
