@@ -139,7 +139,7 @@ def _run_locked(config, workdir: str, mesh, start_over: bool, held: lock_lib.Wor
     logging.info('resuming the run that --start_over began in %s', workdir)
   dataset = data_lib.load(config.data)  # before touching the workdir: it may be missing
   data_lib.check_fits(dataset, config.train)
-  train.setup(config, dataset)  # refuses a batch or a length that gives no training step
+  train.setup(config, dataset)  # refuses a length that gives no training step
   # With several processes the workdir is shared: every process has read it above before
   # process 0 changes it, and none goes on before it is ready.
   parallel.barrier('workdir checked')
