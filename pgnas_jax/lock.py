@@ -47,16 +47,15 @@ def _alive(pid: int) -> bool:
 
 
 class WorkdirLock:
-  """Held from ``acquire`` to ``release``; ``release`` also removes the lock file when this
-  job made or claimed it (and the workdir when acquiring created it and nothing else was
-  written there)."""
+  """Held from ``acquire`` to ``release``; ``release`` also removes the lock file (and the
+  workdir when acquiring created it and nothing else was written there)."""
 
   def __init__(self, workdir: str):
     self.workdir = workdir
     self.path = os.path.join(workdir, FILENAME)
     self._fd = None
     self._created_workdir = False
-    self._remove_file = False  # on release: only a file this job made or claimed
+    self._found = None  # the lock file as this job found it (a killed job's), or None
 
   def acquire(self) -> None:
     """Takes the lock (process 0) and agrees the outcome with every process, raising
@@ -77,7 +76,7 @@ class WorkdirLock:
       raise WorkdirError(f'--workdir={self.workdir} is a file, not a folder: give a folder '
                          f'(it is created if missing)')
     self._created_workdir = not os.path.exists(self.workdir)
-    self._remove_file = not os.path.exists(self.path)
+    found = os.path.exists(self.path)
     try:
       os.makedirs(self.workdir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -104,23 +103,29 @@ class WorkdirLock:
       os.close(fd)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     self._fd = fd
+    self._found = os.pread(fd, os.fstat(fd).st_size, 0) if found else None
     return ''
 
   def claim(self) -> None:
-    """Names this job as the holder, once it starts writing the workdir (process 0). Until
-    then a refused job leaves the workdir as it found it, a dead job's lock file included."""
+    """Names this job as the holder, once it starts writing the workdir (process 0)."""
     holder = {'pid': os.getpid(), 'host': socket.gethostname(),
               'started': datetime.datetime.now(datetime.timezone.utc).strftime(
                   '%Y-%m-%d %H:%M:%S UTC'),
               'command': ' '.join(sys.argv)}
-    os.ftruncate(self._fd, 0)
-    os.pwrite(self._fd, json.dumps(holder).encode() + b'\n', 0)
-    self._remove_file = True
+    self._write(json.dumps(holder).encode() + b'\n')
 
-  def release(self) -> None:
+  def _write(self, data: bytes) -> None:
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, data, 0)
+
+  def release(self, failed: bool = False) -> None:
+    """Unlocks. The lock file goes, unless the job failed and found one (a killed job's):
+    that is put back as it was, so a failed job leaves the workdir as it found it."""
     if self._fd is None:
       return
-    if self._remove_file:
+    if failed and self._found is not None:
+      self._write(self._found)
+    else:
       try:
         os.remove(self.path)  # while still locked: a waiting job then locks a fresh file
       except FileNotFoundError:
@@ -137,6 +142,6 @@ class WorkdirLock:
     self.acquire()
     return self
 
-  def __exit__(self, *exc):
-    self.release()
+  def __exit__(self, exc_type, *exc):
+    self.release(failed=exc_type is not None)
     return False
