@@ -25,6 +25,7 @@ from pgnas_jax import errors, export, finetune, metric_writers, parallel, report
 from pgnas_jax import supernets, train
 from pgnas_jax import lock as lock_lib
 from pgnas_jax import masks as masks_lib
+from pgnas_jax import records as records_lib
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.compact import candidate
@@ -55,7 +56,7 @@ def _saved_config(workdir: str) -> dict:
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   """A workdir holding a run may only be resumed with the config that started it."""
   before = traverse_util.flatten_dict(_saved_config(workdir), sep='.')
-  as_saved = json.loads(json.dumps(config.to_dict()))  # tuples become lists, as in the file
+  as_saved = json.loads(workdir_lib.to_json(config.to_dict()))  # as in the file: lists, nulls
   now = traverse_util.flatten_dict(as_saved, sep='.')
   changed = [k for k in sorted(set(before) | set(now))
              if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
@@ -208,6 +209,9 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
   with metric_writers.for_search(workdir, config.log) as search_writer:
     records = search.rank_candidates(scorer, state, space, validation, config.search,
                                      out(workdir_lib.CANDIDATES), guard, search_writer)
+  unresolved = records_lib.unresolved_ranking(records, config.data.validation_size)
+  if unresolved and writer:
+    logging.warning('%s', unresolved)
   winner = search.choose_winner(records)
   winner_mask = search.candidate_mask(state.key('search'), winner['index'], state.drop_logits,
                                       space.template)

@@ -32,6 +32,33 @@ def flat_name(name: str) -> bool:
   return '/' not in name
 
 
+def _step(line: str) -> int | None:
+  """The step of a complete metrics line, None for a line that is not one."""
+  try:
+    record = json.loads(line)
+    return record['step'] if line.endswith('\n') and isinstance(record['step'], int) else None
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def lines_up_to(path: str, resume_step: int) -> list:
+  """The lines of ``path`` up to ``resume_step``. A last line cut short by a kill is dropped
+  quietly; any other line that is not a record (blank, cut, damaged) is dropped with a
+  warning naming it, and the lines after it are kept."""
+  with open(path, errors='replace') as f:
+    lines = f.readlines()
+  kept = []
+  for number, line in enumerate(lines, 1):
+    step = _step(line)
+    cut_by_a_kill = number == len(lines) and not line.endswith('\n')
+    if step is None and not cut_by_a_kill:
+      logging.warning('%s: line %d is not a JSON record with a step (cut or damaged); '
+                      'dropped, the lines after it are kept', path, number)
+    elif step is not None and step <= resume_step:
+      kept.append(line)
+  return kept
+
+
 class JsonlWriter:
   """One JSON line per step, ``{"step": N, **scalars}``, flushed as written. Opened for
   appending without the lines past ``resume_step``: a run that died after logging but
@@ -39,21 +66,13 @@ class JsonlWriter:
 
   def __init__(self, path: str, resume_step: int, keep: Callable[[str], bool] = flat_name):
     self._keep = keep
-    kept = []
-    if os.path.exists(path):
-      with open(path) as f:
-        for line in f:
-          try:
-            if json.loads(line)['step'] <= resume_step:
-              kept.append(line)
-          except (ValueError, KeyError):  # a line cut short by a kill
-            break
+    kept = lines_up_to(path, resume_step) if os.path.exists(path) else []
     workdir_lib.write_atomically(path, ''.join(kept))
     self._file = open(path, 'a')
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     line = {'step': step, **{k: v for k, v in scalars.items() if self._keep(k)}}
-    self._file.write(json.dumps(line) + '\n')
+    self._file.write(workdir_lib.to_json(line) + '\n')
     self._file.flush()
 
   def close(self) -> None:

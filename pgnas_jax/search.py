@@ -3,7 +3,6 @@ drop probabilities, score chunks of them at once on the held-out validation spli
 (``jax.vmap`` over masks, every candidate of a chunk seeing the same batches), rank, and
 pick the winner (best validation accuracy; ties: fewer parameters)."""
 import functools
-import json
 import logging
 import os
 import time
@@ -15,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pgnas_jax.errors import CheckpointError, Preempted
+from pgnas_jax.errors import Preempted
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import metric_writers, parallel, precision, train
+from pgnas_jax import records as records_lib
 from pgnas_jax import space as space_lib
 
 PyTree = Any
@@ -161,41 +161,14 @@ def candidate_mask(search_key: jax.Array, index: int, drop_logits: PyTree,
   return jax.tree.map(lambda m: np.asarray(m[0]), masks)
 
 
-def read_recorded(path: str) -> list:
-  """Candidates already scored by an earlier, interrupted search. A last line cut short by a
-  kill is dropped from the file (by process 0; every process ignores it); the rest must be
-  candidates 0..n-1 in order."""
-  if not os.path.exists(path):
-    return []
-  with open(path, 'rb') as f:
-    text = f.read()
-  complete = text[:text.rfind(b'\n') + 1]
-  if len(complete) != len(text) and parallel.is_main_process():
-    logging.warning('dropping a partly written last line of %s', path)
-    with open(path, 'r+b') as f:
-      f.truncate(len(complete))
-      os.fsync(f.fileno())
-  records = [json.loads(line) for line in complete.decode().splitlines()]
-  if [r['index'] for r in records] != list(range(len(records))):
-    raise CheckpointError(f'{path} does not hold candidates 0..{len(records) - 1} in order; '
-                          f'rerun with --start_over')
-  return records
-
-
-def _append_durably(path: str, records: list) -> None:
-  with open(path, 'a') as out:
-    out.write(''.join(json.dumps(r) + '\n' for r in records))
-    out.flush()
-    os.fsync(out.fileno())
-
-
 def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.SearchSpace,
                     validation, search_config, out_path: str, guard,
                     writer: metric_writers.MetricWriter = metric_writers.MultiWriter()) -> list:
   """Scores candidates 0..C-1 of the posterior that training left in ``state`` on the
-  validation split, continuing after those already in ``out_path``; each chunk's lines are
-  appended durably (flush + fsync) once scored, by process 0. Every process scores every
-  chunk (its validation rows on its devices) and gets all the records. A candidate's mask is
+  validation split, continuing after the valid lines of this run already in ``out_path``
+  (``records.resume``); each chunk's lines are appended durably (flush + fsync) once
+  scored, by process 0. Every process scores every chunk (its validation rows on its
+  devices) and gets all the records. A candidate's mask is
   not kept: it follows from (search key, index), see ``candidate_mask``. ``writer`` gets the
   best validation accuracy so far against the number of candidates scored, after each
   chunk."""
@@ -205,8 +178,8 @@ def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.Se
     logging.info('search: chunk size %d (auto)', chunk)
   search_key = state.key('search')
   names = space_lib.group_names(space)
-  records = read_recorded(out_path)
-  parallel.barrier('candidates read')  # before process 0 appends to the file
+  run = records_lib.run_id(search_key, state.drop_logits, state.variables)
+  records = records_lib.resume(out_path, run)
   if records:
     logging.info('search: resuming after %d recorded candidates', len(records))
   resumed, start = len(records), time.time()
@@ -218,12 +191,11 @@ def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.Se
     acc, loss = scorer.candidates(state.variables, masks, validation)
     params, macs = space_lib.costs(space, masks)
     dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)
-    new = [{'index': first + j, 'val_acc': float(acc[j]), 'val_loss': float(loss[j]),
-            'params': int(params[j]), 'flops': int(macs[j]),
-            'dropped': dict(zip(names, dropped[j].tolist()))}
+    new = [records_lib.make(run, first + j, float(acc[j]), float(loss[j]), int(params[j]),
+                            int(macs[j]), dict(zip(names, dropped[j].tolist())))
            for j in range(min(chunk, num - first))]
     if parallel.is_main_process():
-      _append_durably(out_path, new)
+      records_lib.append(out_path, new)
     records += new
     done = first + len(new)
     rate = (done - resumed) / (time.time() - start)

@@ -2,6 +2,7 @@
 workdir, and the atomic write that keeps a kill from leaving half a file. README.md, "What a
 run writes", says what each one holds."""
 import json
+import math
 import os
 
 CONFIG = 'config.json'
@@ -43,8 +44,25 @@ def write_atomically(path: str, data: str | bytes) -> None:
   os.replace(path + '.tmp', path)
 
 
+def finite(obj):
+  """``obj`` with every non-finite float replaced by None: JSON has no NaN or Infinity (the
+  ``NaN`` Python writes by default is not JSON, and other readers refuse it)."""
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  if isinstance(obj, dict):
+    return {k: finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [finite(v) for v in obj]
+  return obj
+
+
+def to_json(obj, **kwargs) -> str:
+  """The one way the workdir's JSON is written: non-finite floats as null."""
+  return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
 def write_json(path: str, obj) -> None:
-  write_atomically(path, json.dumps(obj, indent=1) + '\n')
+  write_atomically(path, to_json(obj, indent=1) + '\n')
 
 
 def read_json(path: str):

@@ -2,9 +2,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from pgnas_jax import errors, export, layers, masks, parallel, search
+from pgnas_jax import export, layers, masks, parallel, records, search
 from pgnas_jax import space as space_lib
 
 
@@ -118,17 +117,20 @@ def test_group_sq_norms_follow_group_order():
   np.testing.assert_allclose(norms['c']['group10'], np.sum(k[:, :, 13:14]**2), rtol=1e-6)
 
 
-def test_recorded_candidates_drop_a_partly_written_last_line(tmp_path):
+def test_recorded_candidates_drop_a_partly_written_last_line(tmp_path, caplog):
   path = tmp_path / 'candidates.jsonl'
-  lines = [f'{{"index": {i}, "val_acc": 0.5}}\n' for i in range(3)]
+  lines = [records.to_line(records.make('run', i, 0.5, 1.0, 10, 20, {'g': 0}))
+           for i in range(3)]
   path.write_text(''.join(lines) + '{"index": 3, "val_a')
-  records = search.read_recorded(str(path))
-  assert [r['index'] for r in records] == [0, 1, 2]
+  recorded = records.resume(str(path), 'run')
+  assert [r['index'] for r in recorded] == [0, 1, 2]
   assert path.read_text() == ''.join(lines)  # the fragment is gone from the file too
+  # out of order: no longer an error that sends the user to --start_over, but cut back
   path.write_text(lines[0] + lines[2])
-  with pytest.raises(errors.CheckpointError, match='does not hold candidates 0..1 in order'):
-    search.read_recorded(str(path))
-  assert search.read_recorded(str(tmp_path / 'absent.jsonl')) == []
+  assert [r['index'] for r in records.resume(str(path), 'run')] == [0]
+  assert 'line 2 holds candidate 2 where 1 belongs' in caplog.text
+  assert path.read_text() == lines[0]
+  assert records.resume(str(tmp_path / 'absent.jsonl'), 'run') == []
 
 
 def test_auto_chunk_size_aims_at_the_platform_target_within_free_memory(tiny_net, tiny_variables,

@@ -37,6 +37,7 @@ from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import errors, finetune, main, parallel, report, search, supernets, train
+from pgnas_jax import records as records_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.experiments import replication_report
 
@@ -199,7 +200,7 @@ class Runner:
     logging.info('study: run %d of %d: %s, seed %d (%.0f min so far)', self._runs_seen,
                  self._runs_total, arm, seed, (start - self._start) / 60)
     arch = main.run(config, workdir)
-    records = search.read_recorded(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
+    records = records_lib.read(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
     posterior = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.POSTERIOR))
     timings = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.TIMINGS))
     winners = {C: search.choose_winner(records[:C]) for C in counts}
@@ -244,7 +245,7 @@ class Runner:
         done = [json.loads(line) for line in f]
     seed = self.study.seeds[0]
     workdir = self.run_dir('pgnas', seed)
-    records = search.read_recorded(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
+    records = records_lib.read(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
     ranked = sorted(records, key=search.ranking_key)
     places = np.unique(np.round(np.linspace(0, len(ranked) - 1,
                                             self.study.fidelity_candidates)).astype(int))
@@ -267,7 +268,7 @@ class Runner:
                    line['finetuned_test_acc'])
       if parallel.is_main_process():
         with open(path, 'a') as f:
-          f.write(json.dumps(line) + '\n')
+          f.write(workdir_lib.to_json(line) + '\n')
       done.append(line)
     return done
 
