@@ -32,3 +32,8 @@ class Preempted(UserFacingError):
 
 class ExportError(UserFacingError):
   """A workdir or candidate that cannot be exported; the message says which and why."""
+
+
+class BudgetError(UserFacingError):
+  """No scored candidate fits search.max_params / search.max_flops; the message says how
+  many were scored, the smallest found and what to change."""
