@@ -53,14 +53,21 @@ def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
         f'--start_over to delete its outputs and start again')
 
 
-def _rechoose_if_budget_changed(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """A finished run resumed with another budget chooses again: its report (the finished
-  mark) is removed, so the run goes on from its checkpoint and recorded candidates."""
+def _finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether the workdir holds a finished run of this config. A finished run resumed with
+  another budget is not: it chooses again among its scored candidates, so its report (the
+  finished mark) is removed and the run goes on from its checkpoint and recorded
+  candidates."""
+  report_path = workdir_lib.path(workdir, workdir_lib.REPORT)
+  finished = os.path.exists(report_path)
+  parallel.barrier('report seen')  # by every process, before process 0 may remove it
   before = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.CONFIG))['search']
-  if (any(before.get(k, 0) != config.search[k] for k in budget_lib.FIELDS)
-      and parallel.is_main_process()):
+  if finished and any(before.get(k, 0) != config.search[k] for k in budget_lib.FIELDS):
     logging.info('the budget changed: choosing the winner again among the scored candidates')
-    os.remove(workdir_lib.path(workdir, workdir_lib.REPORT))
+    if parallel.is_main_process():
+      os.remove(report_path)
+    return False
+  return finished
 
 
 def _start_over(workdir: str) -> None:
@@ -81,10 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
   resuming = os.path.exists(workdir_lib.path(workdir, workdir_lib.CONFIG)) and not start_over
   if resuming:
     _check_resumable(workdir, config)
-    if os.path.exists(workdir_lib.path(workdir, workdir_lib.REPORT)):
-      _rechoose_if_budget_changed(workdir, config)
-      parallel.barrier('budget checked')
-    if os.path.exists(workdir_lib.path(workdir, workdir_lib.REPORT)):
+    if _finished(workdir, config):
       logging.info('%s holds a finished run (%s); nothing to do', workdir, workdir_lib.REPORT)
       return workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.ARCH))
   dataset = data_lib.load(config.data)  # before touching the workdir: it may be missing

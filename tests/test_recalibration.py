@@ -49,7 +49,7 @@ def test_recalibrated_scores_equal_an_independent_computation(tiny_net, tiny_var
   acc, loss = scorer.candidates(variables, cands, [parallel.put_replicated(batch, mesh)],
                                 parallel.put_replicated(calibration, mesh))
   for c in (0, 5):
-    mask = jax.tree.map(lambda m: m[c], cands)
+    mask = jax.tree.map(lambda m, c=c: m[c], cands)
     stats = _independent_statistics(variables, mask, calibration)
     out = tiny_net.apply({**variables, 'batch_stats': stats, 'masks': mask}, batch['images'],
                          train=False)
@@ -74,8 +74,9 @@ def test_recalibrated_scores_do_not_depend_on_the_chunking(tiny_net, tiny_variab
     scorer = search.Scorer(tiny_net, mesh, 'float32')
     placed, calib = parallel.put_replicated(batch, mesh), parallel.put_replicated(calibration,
                                                                                    mesh)
-    parts = [scorer.candidates(variables, jax.tree.map(lambda m: m[i:i + chunk], cands),
-                               [placed], calib) for i in range(0, 8, chunk)]
+    parts = [scorer.candidates(variables, jax.tree.map(lambda m, s=slice(i, i + chunk): m[s],
+                                                        cands), [placed], calib)
+             for i in range(0, 8, chunk)]
     results.append([np.concatenate([p[k] for p in parts]) for k in (0, 1)])
   for acc, loss in results[1:]:
     np.testing.assert_array_equal(acc, results[0][0])
