@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from pgnas_jax import budget
 from pgnas_jax.errors import ConfigError
 from pgnas_jax.supernets import enas
 
@@ -220,6 +221,23 @@ FIELDS = (
                       "'auto' or a whole number >= 1"), any_type=True),
     Field('search.eval_batch_size', 100,
           'validation and test batch (a multiple of the device count)', check=POSITIVE),
+    Field('search.max_params', 0,
+          'parameter budget: the winner is the best candidate with at most this many params; '
+          "0: none; a whole number (e.g. `100000`, `1e5`), or a share of the full "
+          "super-network's params: a float in (0, 1] (e.g. `0.5`) or a string such as "
+          "`'50%'`. Every candidate is still scored and recorded (`fits` in "
+          '`search/candidates.jsonl`); a rerun with another budget reuses them',
+          check=Check(budget.is_valid, budget.RULE), any_type=True),
+    Field('search.max_flops', 0,
+          'FLOPs (MACs) budget, in the forms of `max_params`; with both, a candidate must '
+          'fit both', check=Check(budget.is_valid, budget.RULE), any_type=True),
+    Field('search.bn_recalibration_batches', 0,
+          'before a candidate is scored, re-estimate its BatchNorm statistics on this many '
+          'training batches of `eval_batch_size` un-augmented images (the first of the '
+          'training split, the same for every candidate): the mean of the per-batch means and '
+          'variances, each layer normalising with its batch statistics as in training; 0: '
+          "off, the trained super-network's running statistics (SPEC section 3)",
+          check=Check(lambda v: type(v) is int and v >= 0, 'a whole number >= 0')),
     # fine-tuning of the winner, after the choice (SPEC section 3)
     Field('finetune.steps', 0,
           'after the choice, fine-tune the winner this many steps and report it beside the '

@@ -43,3 +43,8 @@ class ExportError(UserFacingError):
 class WorkdirError(UserFacingError):
   """The workdir cannot hold this run (another job holds it, it is a file, not writable,
   full, or left in a state the run cannot continue from); the message says what to do."""
+
+
+class BudgetError(UserFacingError):
+  """No scored candidate fits search.max_params / search.max_flops; the message says how
+  many were scored, the smallest found and what to change."""

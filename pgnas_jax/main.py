@@ -21,8 +21,9 @@ from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, export, finetune, metric_writers, parallel, report, search
+from pgnas_jax import errors, export, finetune, metric_writers, parallel, pareto, report, search
 from pgnas_jax import supernets, train
+from pgnas_jax import budget as budget_lib
 from pgnas_jax import lock as lock_lib
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import records as records_lib
@@ -30,9 +31,13 @@ from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.compact import candidate
 
-# Fields that may change between a run and its resumption: they do not change any result.
+# Fields that change only the choice among the scored candidates: a run (finished or not)
+# resumed with other values reuses its training and scored candidates and chooses again.
+RECHOOSING_CHANGES = tuple(f'search.{name}' for name in budget_lib.FIELDS)
+# Fields that may change between a run and its resumption: they do not change any result but
+# the choice (RECHOOSING_CHANGES).
 RESUMABLE_CHANGES = ('train.log_every_steps', 'checkpoint.every_steps', 'checkpoint.max_to_keep',
-                     'log.tensorboard', 'log.profile_steps', 'export.latency')
+                     'log.tensorboard', 'log.profile_steps', 'export.latency') + RECHOOSING_CHANGES
 
 
 def _saved_config(workdir: str) -> dict:
@@ -69,6 +74,13 @@ def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
         f'--start_over to delete its outputs and start again')
 
 
+def _budget_changed(workdir: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether a run is resumed with another budget: it then chooses again among its scored
+  candidates (RECHOOSING_CHANGES)."""
+  before = _saved_config(workdir)['search']
+  return any(before.get(k, 0) != config.search[k] for k in budget_lib.FIELDS)
+
+
 def _start_over(workdir: str) -> None:
   """Deletes an earlier run's outputs, config.json last: a kill part way never leaves
   checkpoints or candidates without the config that made them."""
@@ -102,6 +114,14 @@ def _plan(workdir: str, config: ml_collections.ConfigDict, start_over: bool) -> 
       return 'fresh'
   _check_resumable(workdir, config)
   if not finished:
+    return 'resume'
+  if _budget_changed(workdir, config):
+    # a finished run resumed with another budget is not finished: its report (the finished
+    # mark) goes, and the run chooses again from its checkpoint and recorded candidates
+    logging.info('the budget changed: choosing the winner again among the scored candidates')
+    parallel.barrier('report seen')  # by every process, before process 0 removes it
+    if parallel.is_main_process():
+      os.remove(workdir_lib.path(workdir, workdir_lib.REPORT))
     return 'resume'
   missing = [name for name in workdir_lib.FINISHED_OUTPUTS
              if not os.path.exists(workdir_lib.path(workdir, name))]
@@ -206,33 +226,47 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
   scorer = search.Scorer(model, mesh, config.model.compute_dtype)
   validation = data_lib.replicated_batches(dataset.validation, dataset, eval_batch, mesh)
   full_val, _ = scorer.network(state.variables, validation)
+  full_params, full_flops = space_lib.costs(space, space.template)
+  budget = budget_lib.Budget.from_config(config.search, full_params, full_flops)
+  recalibration = search.recalibration_images(
+      dataset, config.search.bn_recalibration_batches, eval_batch, mesh)
   with metric_writers.for_search(workdir, config.log) as search_writer:
     records = search.rank_candidates(scorer, state, space, validation, config.search,
-                                     out(workdir_lib.CANDIDATES), guard, search_writer)
+                                     out(workdir_lib.CANDIDATES), guard, search_writer, budget,
+                                     recalibration)
+  records = _mark_fits(records, budget, out(workdir_lib.CANDIDATES))
   unresolved = records_lib.unresolved_ranking(records, config.data.validation_size)
   if unresolved and writer:
     logging.warning('%s', unresolved)
-  winner = search.choose_winner(records)
+  supernet = {'val_acc': float(full_val), 'params': int(full_params), 'flops': int(full_flops)}
+  try:
+    winner = search.choose_winner(records, budget)
+  except errors.BudgetError:
+    if writer:  # the fronts show what a budget can buy
+      _write_pareto(records, supernet, None, budget, out)
+    raise
   winner_mask = search.candidate_mask(state.key('search'), winner['index'], state.drop_logits,
                                       space.template)
+  # the winner as it was scored: with its re-estimated BatchNorm statistics when they are on
+  winner_variables = scorer.recalibrated(state.variables, winner_mask, recalibration)
   timings['search'] = time.time() - t
 
   t = time.time()
   # The test split is touched here, once the choice is made.
   test = data_lib.device_batches(dataset.test, dataset, eval_batch, mesh)
-  test_acc, _ = scorer.architecture(state.variables, winner_mask, test)
+  test_acc, _ = scorer.architecture(winner_variables, winner_mask, test)
   full_test, _ = scorer.network(state.variables, test)
-  pruned = export.pruned_variables(state.variables, space, winner_mask)
+  pruned = export.pruned_variables(winner_variables, space, winner_mask)
   if writer:
     export.save_weights(out(workdir_lib.WINNER_WEIGHTS), pruned)
-  full_params, full_flops = space_lib.costs(space, space.template)
   arch = {'index': winner['index'], **export.describe(space, winner_mask, pruned),
           'val_acc': winner['val_acc'], 'test_acc': test_acc,
           'supernet': {'val_acc': float(full_val), 'test_acc': float(full_test),
-                       'params': int(full_params), 'flops': int(full_flops)}}
+                       'params': int(full_params), 'flops': int(full_flops)},
+          'budget': budget.as_dict()}
   if writer:  # the network to deploy: search/winner_compact.*, its counts and latency
     arch.update(input_slice_params=arch['params'], input_slice_flops=arch['flops'],
-                **candidate.deploy(model, state.variables, winner_mask, dataset.image_shape,
+                **candidate.deploy(model, winner_variables, winner_mask, dataset.image_shape,
                                    out(workdir_lib.SEARCH), 'winner_compact',
                                    measure=config.export.latency))
   timings['test and export'] = time.time() - t
@@ -252,14 +286,32 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
     report.plot_candidates([r['val_acc'] for r in records], float(full_val), winner['val_acc'],
                            out(workdir_lib.CANDIDATES_PLOT))
     report.plot_training(metrics, out(workdir_lib.TRAINING_PLOT))
+    front = _write_pareto(records, supernet, winner['index'], budget, out)
     workdir_lib.write_json(out(workdir_lib.TIMINGS), timings)
     # written last: its presence marks the run finished
     report.write_markdown(out(workdir_lib.REPORT), arch, timings,
-                          config.search.num_candidates, posterior)
+                          config.search.num_candidates, posterior, front)
   logging.info('winner #%d: val acc %.4f, test acc %.4f, %d params (full super-network: '
                'val %.4f, test %.4f, %d params)', arch['index'], arch['val_acc'], test_acc,
                arch['params'], full_val, full_test, full_params)
   return arch
+
+
+def _mark_fits(records: list, budget: budget_lib.Budget, path: str) -> list:
+  """``records`` with ``fits`` for this budget; candidates recorded under another budget (a
+  resumed run) get theirs rewritten in the candidates file."""
+  marked = budget_lib.mark(records, budget)
+  if marked != records and parallel.is_main_process():
+    workdir_lib.write_atomically(path, ''.join(records_lib.to_line(r) for r in marked))
+  return marked
+
+
+def _write_pareto(records: list, supernet: dict, winner_index, budget: budget_lib.Budget,
+                  out) -> dict:
+  front = pareto.summary(records, supernet, winner_index, budget.as_dict())
+  workdir_lib.write_json(out(workdir_lib.PARETO), front)
+  pareto.plot(records, front, out(workdir_lib.PARETO_PLOT))
+  return front
 
 
 def _finetune_winner(tuner: finetune.Finetuner, scorer: search.Scorer, state: train.TrainState,

@@ -52,6 +52,13 @@ def make(run: str, index: int, val_acc: float, val_loss: float, params: int, flo
   return {**record, 'check': _checksum(record)}
 
 
+def amend(record: dict, **fields) -> dict:
+  """``record`` with ``fields`` set (what follows from its scores, such as whether it fits a
+  budget) and its checksum made again."""
+  record = {k: v for k, v in {**record, **fields}.items() if k != 'check'}
+  return {**record, 'check': _checksum(record)}
+
+
 def to_line(record: dict) -> str:
   return workdir_lib.to_json(record) + '\n'
 

@@ -6,7 +6,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
-from pgnas_jax import masks
+from pgnas_jax import masks, pareto
 from pgnas_jax import workdir as workdir_lib
 
 
@@ -78,7 +78,8 @@ def _fmt(x, digits=4):
 
 
 def write_markdown(path: str, arch: dict, timings: dict, num_candidates: int,
-                   posterior: list) -> None:
+                   posterior: list, front: dict | None = None) -> None:
+  """``front``: ``pareto.summary``'s fronts, listed after the plots."""
   full = arch['supernet']
   mean_p = mean_drop_probability(posterior)
   lines = [
@@ -101,6 +102,8 @@ def write_markdown(path: str, arch: dict, timings: dict, num_candidates: int,
       f'![drop probabilities]({workdir_lib.POSTERIOR_PLOT})', '',
       f'![candidate validation accuracy]({workdir_lib.CANDIDATES_PLOT})', '',
       f'![training]({workdir_lib.TRAINING_PLOT})', '',
+      *([f'![Pareto fronts]({workdir_lib.PARETO_PLOT})', '', *pareto.markdown(front)]
+        if front else []),
   ]
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
