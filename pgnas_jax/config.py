@@ -9,6 +9,7 @@ Config files in ``configs/`` start from ``get_config()`` and override fields.
 """
 import dataclasses
 import importlib.util
+import json
 import os
 import types
 from collections.abc import Callable
@@ -34,6 +35,13 @@ EACH_POSITIVE = Check(lambda v: len(v) > 0 and all(x > 0 for x in v), 'non-empty
 EACH_ODD = Check(lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
                  'non-empty, each an odd number > 0')
 ENAS_ARC = Check(enas.is_valid_arc, enas.ARC_RULE)
+
+
+def _is_json_object(text) -> bool:
+  try:
+    return isinstance(json.loads(text), dict)
+  except (TypeError, ValueError):
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +88,9 @@ FIELDS = (
     # model
     Field('model.family', 'shake_shake',
           'super-network family (see [super-networks](supernets.md)); its fields are in '
-          '`model.<family>`', choices=('shake_shake', 'enas', 'resnet', 'densenet')),
+          '`model.<family>`; `custom`: your own module (`model.custom`, see '
+          '[library](library.md))',
+          choices=('shake_shake', 'enas', 'resnet', 'densenet', 'custom')),
     Field('model.compute_dtype', 'float32',
           '`bfloat16`: mixed precision for training and ranking; convolutions and activations '
           'in bf16, parameters, optimiser state, BatchNorm statistics, drop logits, masks and '
@@ -133,6 +143,15 @@ FIELDS = (
           "output channels of a dense layer's 1x1 conv", check=POSITIVE),
     Field('model.densenet.compression', 0.5, 'share of channels a transition keeps',
           check=Check(lambda v: 0.0 < v <= 1.0, 'in (0, 1]')),
+    Field('model.custom.module', '',
+          "`model.family='custom'`: the Flax linen module class to search, "
+          "`'package.module:ClassName'`, importable from the working directory; it is built as "
+          '`ClassName(**kwargs)`, plus `num_classes` (the data set\'s) when the class declares '
+          'that field and `kwargs` does not set it ([library](library.md))'),
+    Field('model.custom.kwargs', '{}',
+          "`model.family='custom'`: the class's keyword arguments as a JSON object, e.g. "
+          '`--config.model.custom.kwargs=\'{"widths": [16, 32]}\'` (JSON lists become tuples)',
+          check=Check(_is_json_object, 'a JSON object, e.g. \'{"widths": [16, 32]}\'')),
     # drop probabilities
     Field('drop.mode', 'learned',
           '`learned`: PGNAS; `random`: every drop logit frozen at `random_p`, no entropy term, '
@@ -237,6 +256,10 @@ CONSTRAINTS = (
      lambda name, pad_crop, cutout: name != 'imagenet2012' or pad_crop == cutout == 0,
      ('imagenet2012 is augmented by random-resized crop and flip only: set pad_crop and '
       'cutout to 0')),
+    (('model.family', 'model.custom.module'),
+     lambda family, module: family != 'custom' or bool(module),
+     ("model.family='custom' needs its class: set --config.model.custom.module="
+      "'package.module:ClassName'")),
     (('model.resnet.kernel_sizes', 'model.resnet.dilations'),
      lambda k, d: len(k) == len(d), 'one dilation per kernel size'),
     (('model.resnet.widths', 'model.resnet.blocks_per_stage'),

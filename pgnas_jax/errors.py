@@ -14,6 +14,10 @@ class MissingDataError(UserFacingError, FileNotFoundError):
   """A data set is not where the config says; the message says how to get it."""
 
 
+class DataError(UserFacingError, ValueError):
+  """Data given in Python that cannot be used; the message says what is wrong and the fix."""
+
+
 class NonFiniteLossError(UserFacingError, FloatingPointError):
   """Training produced a NaN or Inf loss; the message names the step."""
 

@@ -5,6 +5,7 @@ the learned posterior -> export the winner -> report.
 
 Without --config it runs the embedded default (``pgnas_jax/config.py``).
 """
+import copy
 import json
 import os
 import shutil
@@ -19,12 +20,13 @@ from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, export, finetune, metric_writers, parallel, report, search
-from pgnas_jax import supernets, train
+from pgnas_jax import compact, errors, export, finetune, metric_writers, parallel, report
+from pgnas_jax import search, supernets, train
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.compact import candidate
+from pgnas_jax.supernets import custom
 
 # Fields that may change between a run and its resumption: they do not change any result.
 RESUMABLE_CHANGES = ('train.log_every_steps', 'checkpoint.every_steps', 'checkpoint.max_to_keep',
@@ -57,9 +59,11 @@ def _start_over(workdir: str) -> None:
       os.remove(path)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False,
+        model=None, dataset: data_lib.Source | None = None) -> dict:
   """Runs the whole job, or resumes it where it stopped when the workdir holds it; returns
-  the winner's description (also in search/arch.json)."""
+  the winner's description (also in search/arch.json). ``model`` and ``dataset`` replace
+  those the config names (``search_network``)."""
   config_lib.validate(config)
   mesh = parallel.make_mesh()
   config_lib.validate_for_devices(config, mesh.devices.size)
@@ -69,7 +73,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
     if os.path.exists(workdir_lib.path(workdir, workdir_lib.REPORT)):
       logging.info('%s holds a finished run (%s); nothing to do', workdir, workdir_lib.REPORT)
       return workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.ARCH))
-  dataset = data_lib.load(config.data)  # before touching the workdir: it may be missing
+  if dataset is None:
+    dataset = data_lib.load(config.data)  # before touching the workdir: it may be missing
+  if model is None:
+    model = supernets.build(config.model, dataset.num_classes)
+  if config.model.family == 'custom':  # a user's module is checked before the workdir too
+    custom.check(model, dataset.image_shape, dataset.num_classes)
   # With several processes the workdir is shared: every process has read it above before
   # process 0 changes it, and none goes on before it is ready.
   parallel.barrier('workdir checked')
@@ -80,7 +89,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
     os.makedirs(workdir_lib.path(workdir, workdir_lib.PLOTS), exist_ok=True)
     workdir_lib.write_json(workdir_lib.path(workdir, workdir_lib.CONFIG), config.to_dict())
   parallel.barrier('workdir ready')
-  model = supernets.build(config.model, dataset.num_classes)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   try:
     with checkpoint_lib.PreemptionGuard() as guard:
@@ -129,7 +137,10 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
           'val_acc': winner['val_acc'], 'test_acc': test_acc,
           'supernet': {'val_acc': float(full_val), 'test_acc': float(full_test),
                        'params': int(full_params), 'flops': int(full_flops)}}
-  if writer:  # the network to deploy: search/winner_compact.*, its counts and latency
+  if writer and not compact.supports(model):
+    logging.info('no compact network for a custom module: search/winner_weights.msgpack holds '
+                 "the winner's input-sliced pruned weights (docs/library.md)")
+  elif writer:  # the network to deploy: search/winner_compact.*, its counts and latency
     arch.update(input_slice_params=arch['params'], input_slice_flops=arch['flops'],
                 **candidate.deploy(model, state.variables, winner_mask, dataset.image_shape,
                                    out(workdir_lib.SEARCH), 'winner_compact'))
@@ -158,6 +169,28 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
                'val %.4f, test %.4f, %d params)', arch['index'], arch['val_acc'], test_acc,
                arch['params'], full_val, full_test, full_params)
   return arch
+
+
+def search_network(module, data: data_lib.Source | None, config: ml_collections.ConfigDict,
+                   workdir: str, start_over: bool = False) -> dict:
+  """The main job from Python on your own ``module`` (a flax.linen module with
+  ``SearchableConv`` layers; None: the one the config names) and ``data`` (a data source such
+  as ``pgnas_jax.data.from_arrays(...)``; None: the config's ``data``), into ``workdir`` as the
+  command line writes it. ``config`` is not changed: the run's config.json records the module
+  as ``model.family='custom'`` with its class and the fields that differ from their defaults,
+  so that the run resumes, and ``python -m pgnas_jax.export`` rebuilds the module."""
+  config = copy.deepcopy(config)
+  if module is not None:
+    config_lib.validate(config)  # before the data is read
+    if data is None:
+      data = data_lib.load(config.data)
+    named = config.model.family == 'custom' and custom.build(config.model.custom,
+                                                             data.num_classes) == module
+    if not named:
+      config.model.family = 'custom'
+      config.model.custom.module, config.model.custom.kwargs = custom.describe(
+          module, data.num_classes)
+  return run(config, workdir, start_over, model=module, dataset=data)
 
 
 def _finetune_winner(tuner: finetune.Finetuner, scorer: search.Scorer, state: train.TrainState,
