@@ -10,12 +10,15 @@ Run it from the repository root, so that config.json's ``examples.tiny_cnn:Small
 imports. Smaller sizes (``--train_images``, ``--steps``, ...) make the CI run.
 """
 import argparse
+import json
 import os
 
 import numpy as np
+from absl import app, flags, logging
 
 import pgnas_jax
 from examples import tiny_cnn
+from pgnas_jax import cli
 from pgnas_jax import config as config_lib
 from pgnas_jax.data import fashion_mnist
 
@@ -76,7 +79,15 @@ def main(argv=None) -> dict:
   return pgnas_jax.search_network(model, data, config, args.workdir)
 
 
+def _cli(argv):
+  logging.get_absl_handler().addFilter(cli.quiet_libraries)  # the main job's progress log
+  print(json.dumps(main(argv[1:])))
+
+
+def _absl_defaults(argv):
+  flags.FLAGS(argv[:1])  # absl's own flags at their defaults; ours are argparse's, above
+  return argv
+
+
 if __name__ == '__main__':
-  from absl import logging
-  logging.set_verbosity(logging.INFO)
-  print(main())
+  app.run(_cli, flags_parser=_absl_defaults)
