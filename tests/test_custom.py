@@ -151,6 +151,8 @@ def test_a_module_the_pipeline_cannot_use_is_refused(tmp_path, module, message):
      "examples.tiny_cnn has no flax.linen.Module class 'Missing'"),
     ({'model.custom.module': MODULE, 'model.custom.kwargs': '{"depth": 3}'},
      "--config.model.custom.kwargs='{\"depth\": 3}' is refused by examples.tiny_cnn:SmallVGG"),
+    ({'model.custom.module': MODULE, 'model.custom.kwargs': '{"widths": "wide"}'},
+     'SmallVGG fails at init on images of shape (2, 28, 28, 1): TypeError'),
     ({'model.custom.module': MODULE, 'model.custom.kwargs': '[4, 8]'},
      "--config.model.custom.kwargs='[4, 8]' is out of range: it must be a JSON object"),
     ({}, "model.family='custom' needs its class"),

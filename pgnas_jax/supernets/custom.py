@@ -117,7 +117,8 @@ def _run(name: str, what: str, fn, *args):
     raise
   except Exception as e:  # noqa: BLE001  (the user's code: any error is answered in one line)
     text = ' '.join(str(e).split())[:300]
-    raise ConfigError(f'{name} fails {what}: {type(e).__name__}: {text}') from None
+    raise ConfigError(f'{name} fails {what}: {type(e).__name__}: {text}; fix the module or '
+                      f'the values it was given ({KWARGS_FIELD})') from None
 
 
 def _uncounted_kernels(variables: dict) -> list:
