@@ -1,6 +1,6 @@
 """pgnas_jax's public surface (docs/library.md): make a Flax linen module's convs searchable
 with ``SearchableConv`` and search it on your data with ``search_network``."""
-from pgnas_jax.data import from_arrays
+from pgnas_jax.data.arrays import from_arrays
 from pgnas_jax.layers import Conv, Dense, SearchableConv, batch_norm
 
 __all__ = ['Conv', 'Dense', 'SearchableConv', 'batch_norm', 'from_arrays', 'search_network']

@@ -256,10 +256,6 @@ CONSTRAINTS = (
      lambda name, pad_crop, cutout: name != 'imagenet2012' or pad_crop == cutout == 0,
      ('imagenet2012 is augmented by random-resized crop and flip only: set pad_crop and '
       'cutout to 0')),
-    (('model.family', 'model.custom.module'),
-     lambda family, module: family != 'custom' or bool(module),
-     ("model.family='custom' needs its class: set --config.model.custom.module="
-      "'package.module:ClassName'")),
     (('model.resnet.kernel_sizes', 'model.resnet.dilations'),
      lambda k, d: len(k) == len(d), 'one dilation per kernel size'),
     (('model.resnet.widths', 'model.resnet.blocks_per_stage'),
@@ -267,6 +263,10 @@ CONSTRAINTS = (
     (('model.resnet.widths', 'model.resnet.kernel_sizes'),
      lambda w, k: all(x % len(k) == 0 for x in w),
      'every width a multiple of the number of branches (each gets an equal share)'),
+    (('model.family', 'model.custom.module'),
+     lambda family, module: family != 'custom' or bool(module),
+     ("model.family='custom' needs its class: set --config.model.custom.module="
+      "'package.module:ClassName'")),
 )
 
 

@@ -15,7 +15,8 @@ class MissingDataError(UserFacingError, FileNotFoundError):
 
 
 class DataError(UserFacingError, ValueError):
-  """Data given in Python that cannot be used; the message says what is wrong and the fix."""
+  """A data set's files or values cannot be used (unreadable, truncated, labels out of range,
+  shapes that disagree, non-finite pixels); the message names the file or split and the fix."""
 
 
 class NonFiniteLossError(UserFacingError, FloatingPointError):

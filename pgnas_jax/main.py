@@ -175,7 +175,7 @@ def search_network(module, data: data_lib.Source | None, config: ml_collections.
                    workdir: str, start_over: bool = False) -> dict:
   """The main job from Python on your own ``module`` (a flax.linen module with
   ``SearchableConv`` layers; None: the one the config names) and ``data`` (a data source such
-  as ``pgnas_jax.data.from_arrays(...)``; None: the config's ``data``), into ``workdir`` as the
+  as ``pgnas_jax.from_arrays(...)``; None: the config's ``data``), into ``workdir`` as the
   command line writes it. ``config`` is not changed: the run's config.json records the module
   as ``model.family='custom'`` with its class and the fields that differ from their defaults,
   so that the run resumes, and ``python -m pgnas_jax.export`` rebuilds the module."""

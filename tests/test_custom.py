@@ -38,7 +38,7 @@ def _config(overrides: dict):
 
 def _small_data(num_classes=10):
   rng = np.random.default_rng(0)
-  return data_lib.from_arrays(
+  return pgnas_jax.from_arrays(
       rng.integers(0, 256, (300, 12, 12), np.uint8), rng.integers(0, num_classes, 300),
       rng.integers(0, 256, (50, 12, 12), np.uint8), rng.integers(0, num_classes, 50),
       num_classes=num_classes, validation_size=100)
@@ -191,7 +191,7 @@ def test_from_arrays_refuses_bad_arrays(change, message):
             'test_images': rng.integers(0, 256, (50, 12, 12), np.uint8),
             'test_labels': np.zeros(50, np.int64), **change}
   with pytest.raises(errors.DataError) as e:
-    data_lib.from_arrays(**arrays, num_classes=10, validation_size=100)
+    pgnas_jax.from_arrays(**arrays, num_classes=10, validation_size=100)
   assert message in str(e.value)
 
 
@@ -205,8 +205,8 @@ def test_from_arrays_carves_and_normalises_as_load_does():
   order = np.random.default_rng(data_lib.SPLIT_SEED).permutation(train[0].shape[0])
   images, labels = np.empty_like(train[0]), np.empty_like(train[1])
   images[order], labels[order] = train
-  again = data_lib.from_arrays(images[..., 0], labels, loaded.test.images, loaded.test.labels,
-                               num_classes=10, validation_size=config.data.validation_size)
+  again = pgnas_jax.from_arrays(images[..., 0], labels, loaded.test.images, loaded.test.labels,
+                                num_classes=10, validation_size=config.data.validation_size)
   np.testing.assert_array_equal(again.validation.images, loaded.validation.images)
   np.testing.assert_array_equal(again.train.labels, loaded.train.labels)
   np.testing.assert_allclose(again.mean, loaded.mean)

@@ -23,7 +23,7 @@ from pgnas_jax.data import cifar, fashion_mnist, imagenet, pixels, shards, strea
 from pgnas_jax.data.placement import (device_batches, replicated_batches,  # noqa: F401
                                       train_batches)  # (re-exported)
 from pgnas_jax.data.prefetch import in_background  # noqa: F401  (re-exported)
-from pgnas_jax.errors import ConfigError, DataError
+from pgnas_jax.errors import ConfigError
 
 SPLIT_SEED = 20200207  # fixes the validation carve-out for every run
 
@@ -129,41 +129,14 @@ def _stream(data: ml_collections.ConfigDict) -> stream.Streamed:
 def load(data: ml_collections.ConfigDict) -> Source:
   if data.name == imagenet.NAME:
     return _stream(data)
-  return from_arrays(*_read(data, 'train'), *_read(data, 'test'),
-                     num_classes=cifar.NUM_CLASSES.get(data.name, fashion_mnist.NUM_CLASSES),
-                     validation_size=data.validation_size)
-
-
-def _check_arrays(images: np.ndarray, labels: np.ndarray, split: str, num_classes: int) -> None:
-  if images.dtype != np.uint8 or images.ndim != 4:
-    raise DataError(f'{split} images are {images.dtype} {images.shape}: give uint8 pixels of '
-                    f'shape [n, height, width, channels] (or [n, height, width])')
-  if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-    raise DataError(f'{split} labels are {labels.dtype} {labels.shape}: give one integer label '
-                    f'per image, shape [{images.shape[0]}]')
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise DataError(f'{split} labels span [{labels.min()}, {labels.max()}]: they must lie in '
-                    f'[0, {num_classes}); give the right num_classes or relabel')
-
-
-def from_arrays(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
-                test_labels: np.ndarray, num_classes: int, validation_size: int) -> Dataset:
-  """An in-memory data set from uint8 images ([n, h, w, c] or [n, h, w]) and integer labels:
-  ``validation_size`` images carved from the training part as for every data set, pixels
-  normalised with the training part's statistics. A data source for
-  ``pgnas_jax.search_network``."""
-  images, test_images = (x[..., None] if x.ndim == 3 else x
-                         for x in (np.asarray(train_images), np.asarray(test_images)))
-  _check_arrays(images, np.asarray(train_labels), 'training', num_classes)
-  _check_arrays(test_images, np.asarray(test_labels), 'test', num_classes)
-  labels = np.asarray(train_labels, np.int32)
-  val, train = _carve(images.shape[0], validation_size)
-  test = Split(test_images, np.asarray(test_labels, np.int32))
+  images, labels = _read(data, 'train')
+  val, train = _carve(images.shape[0], data.validation_size)
+  test = Split(*_read(data, 'test'))
   train_split = Split(images[train], labels[train])
   pixels = train_split.images.reshape(-1, train_split.images.shape[-1]) / 255.0
   return Dataset(train=train_split, validation=Split(images[val], labels[val]), test=test,
-                 num_classes=num_classes, mean=pixels.mean(0).astype(np.float32),
-                 std=pixels.std(0).astype(np.float32))
+                 num_classes=cifar.NUM_CLASSES.get(data.name, fashion_mnist.NUM_CLASSES),
+                 mean=pixels.mean(0).astype(np.float32), std=pixels.std(0).astype(np.float32))
 
 
 def normalise(images: np.ndarray, dataset: Source) -> np.ndarray:
