@@ -9,6 +9,7 @@ Config files in ``configs/`` start from ``get_config()`` and override fields.
 """
 import dataclasses
 import importlib.util
+import json
 import os
 import types
 from collections.abc import Callable
@@ -43,6 +44,13 @@ DATA_NAME = Check(
         isinstance(v, str) and v.startswith('tfds:') and len(v) > len('tfds:')),
     "one of 'fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012', 'npz', or 'tfds:NAME' "
     "(NAME a tensorflow-datasets image-classification data set)")
+
+
+def _is_json_object(text) -> bool:
+  try:
+    return isinstance(json.loads(text), dict)
+  except (TypeError, ValueError):
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +107,9 @@ FIELDS = (
     # model
     Field('model.family', 'shake_shake',
           'super-network family (see [super-networks](supernets.md)); its fields are in '
-          '`model.<family>`', choices=('shake_shake', 'enas', 'resnet', 'densenet')),
+          '`model.<family>`; `custom`: your own module (`model.custom`, see '
+          '[library](library.md))',
+          choices=('shake_shake', 'enas', 'resnet', 'densenet', 'custom')),
     Field('model.compute_dtype', 'float32',
           '`bfloat16`: mixed precision for training and ranking; convolutions and activations '
           'in bf16, parameters, optimiser state, BatchNorm statistics, drop logits, masks and '
@@ -152,6 +162,15 @@ FIELDS = (
           "output channels of a dense layer's 1x1 conv", check=POSITIVE),
     Field('model.densenet.compression', 0.5, 'share of channels a transition keeps',
           check=Check(lambda v: 0.0 < v <= 1.0, 'in (0, 1]')),
+    Field('model.custom.module', '',
+          "`model.family='custom'`: the Flax linen module class to search, "
+          "`'package.module:ClassName'`, importable from the working directory; it is built as "
+          '`ClassName(**kwargs)`, plus `num_classes` (the data set\'s) when the class declares '
+          'that field and `kwargs` does not set it ([library](library.md))'),
+    Field('model.custom.kwargs', '{}',
+          "`model.family='custom'`: the class's keyword arguments as a JSON object, e.g. "
+          '`--config.model.custom.kwargs=\'{"widths": [16, 32]}\'` (JSON lists become tuples)',
+          check=Check(_is_json_object, 'a JSON object, e.g. \'{"widths": [16, 32]}\'')),
     # drop probabilities
     Field('drop.mode', 'learned',
           '`learned`: PGNAS; `random`: every drop logit frozen at `random_p`, no entropy term, '
@@ -292,6 +311,10 @@ CONSTRAINTS = (
     (('model.resnet.widths', 'model.resnet.kernel_sizes'),
      lambda w, k: all(x % len(k) == 0 for x in w),
      'every width a multiple of the number of branches (each gets an equal share)'),
+    (('model.family', 'model.custom.module'),
+     lambda family, module: family != 'custom' or bool(module),
+     ("model.family='custom' needs its class: set --config.model.custom.module="
+      "'package.module:ClassName'")),
 )
 
 

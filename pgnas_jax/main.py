@@ -5,6 +5,7 @@ the learned posterior -> export the winner -> report.
 
 Without --config it runs the embedded default (``pgnas_jax/config.py``).
 """
+import copy
 import errno
 import json
 import os
@@ -21,8 +22,8 @@ from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, export, finetune, metric_writers, parallel, pareto, report, search
-from pgnas_jax import supernets, train
+from pgnas_jax import compact, errors, export, finetune, metric_writers, parallel, pareto
+from pgnas_jax import report, search, supernets, train
 from pgnas_jax import budget as budget_lib
 from pgnas_jax import lock as lock_lib
 from pgnas_jax import masks as masks_lib
@@ -30,6 +31,7 @@ from pgnas_jax import records as records_lib
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.compact import candidate
+from pgnas_jax.supernets import custom
 
 # Fields that change only the choice among the scored candidates: a run (finished or not)
 # resumed with other values reuses its training and scored candidates and chooses again.
@@ -140,31 +142,38 @@ def _resumable_with(workdir: str, config: ml_collections.ConfigDict) -> bool:
   return True
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False,
+        model=None, dataset: data_lib.Source | None = None) -> dict:
   """Runs the whole job, or resumes it where it stopped when the workdir holds it; returns
-  the winner's description (also in search/arch.json). The job holds the workdir's lock
+  the winner's description (also in search/arch.json). ``model`` and ``dataset`` replace
+  those the config names (``search_network``). The job holds the workdir's lock
   (``lock.py``) from before it reads the workdir to the end."""
   config_lib.validate(config)
   mesh = parallel.make_mesh()
   config_lib.validate_for_devices(config, mesh.devices.size)
   with lock_lib.WorkdirLock(workdir) as held:
-    return _run_locked(config, workdir, mesh, start_over, held)
+    return _run_locked(config, workdir, mesh, start_over, held, model, dataset)
 
 
-def _run_locked(config, workdir: str, mesh, start_over: bool, held: lock_lib.WorkdirLock) -> dict:
+def _run_locked(config, workdir: str, mesh, start_over: bool, held: lock_lib.WorkdirLock,
+                model, dataset) -> dict:
   plan = _plan(workdir, config, start_over)
   if plan == 'finished':
     logging.info('%s holds a finished run (%s); nothing to do', workdir, workdir_lib.REPORT)
     return workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.ARCH))
   if plan == 'resume' and start_over:
     logging.info('resuming the run that --start_over began in %s', workdir)
-  dataset = data_lib.load(config.data)  # before touching the workdir: it may be missing
+  if dataset is None:
+    dataset = data_lib.load(config.data)  # before touching the workdir: it may be missing
   data_lib.check_fits(dataset, config.train)
   train.setup(config, dataset)  # refuses a length that gives no training step
+  if model is None:
+    model = supernets.build(config.model, dataset.num_classes)
+  if config.model.family == 'custom':  # a user's module is checked before the workdir too
+    custom.check(model, dataset.image_shape, dataset.num_classes)
   # With several processes the workdir is shared: every process has read it above before
   # process 0 changes it, and none goes on before it is ready.
   parallel.barrier('workdir checked')
-  model = supernets.build(config.model, dataset.num_classes)
   try:
     if parallel.is_main_process():
       held.claim()
@@ -264,7 +273,10 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
           'supernet': {'val_acc': float(full_val), 'test_acc': float(full_test),
                        'params': int(full_params), 'flops': int(full_flops)},
           'budget': budget.as_dict()}
-  if writer:  # the network to deploy: search/winner_compact.*, its counts and latency
+  if writer and not compact.supports(model):
+    logging.info('no compact network for a custom module: search/winner_weights.msgpack holds '
+                 "the winner's input-sliced pruned weights (docs/library.md)")
+  elif writer:  # the network to deploy: search/winner_compact.*, its counts and latency
     arch.update(input_slice_params=arch['params'], input_slice_flops=arch['flops'],
                 **candidate.deploy(model, winner_variables, winner_mask, dataset.image_shape,
                                    out(workdir_lib.SEARCH), 'winner_compact',
@@ -312,6 +324,28 @@ def _write_pareto(records: list, supernet: dict, winner_index, budget: budget_li
   workdir_lib.write_json(out(workdir_lib.PARETO), front)
   pareto.plot(records, front, out(workdir_lib.PARETO_PLOT))
   return front
+
+
+def search_network(module, data: data_lib.Source | None, config: ml_collections.ConfigDict,
+                   workdir: str, start_over: bool = False) -> dict:
+  """The main job from Python on your own ``module`` (a flax.linen module with
+  ``SearchableConv`` layers; None: the one the config names) and ``data`` (a data source such
+  as ``pgnas_jax.from_arrays(...)``; None: the config's ``data``), into ``workdir`` as the
+  command line writes it. ``config`` is not changed: the run's config.json records the module
+  as ``model.family='custom'`` with its class and the fields that differ from their defaults,
+  so that the run resumes, and ``python -m pgnas_jax.export`` rebuilds the module."""
+  config = copy.deepcopy(config)
+  if module is not None:
+    config_lib.validate(config)  # before the data is read
+    if data is None:
+      data = data_lib.load(config.data)
+    named = config.model.family == 'custom' and custom.build(config.model.custom,
+                                                             data.num_classes) == module
+    if not named:
+      config.model.family = 'custom'
+      config.model.custom.module, config.model.custom.kwargs = custom.describe(
+          module, data.num_classes)
+  return run(config, workdir, start_over, model=module, dataset=data)
 
 
 def _finetune_winner(tuner: finetune.Finetuner, scorer: search.Scorer, state: train.TrainState,

@@ -104,6 +104,6 @@ def make_masked_loss(model, template: PyTree, config: ml_collections.ConfigDict,
       params = {**params, 'weights': prior_weights}
     total, parts = negative_elbo(logits, batch['labels'], params, template, config.objective,
                                  learned, auxiliary_logits)
-    return total, (parts, logits, updates['batch_stats'])
+    return total, (parts, logits, updates.get('batch_stats', {}))  # none without BatchNorm
 
   return loss

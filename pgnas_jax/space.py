@@ -43,7 +43,8 @@ def from_variables(variables: dict) -> SearchSpace:
   searchable = sum(n * int(c[0]) for n, c in
                    zip(masks.channel_counts(template), jax.tree.leaves(costs)))
   total = count_params(variables['params'])
-  fixed_macs = int(sum(int(v) for v in jax.tree.leaves(jax.device_get(variables[layers.FIXED_MACS]))))
+  fixed = jax.device_get(variables.get(layers.FIXED_MACS, {}))  # none: searchable convs only
+  fixed_macs = int(sum(int(v) for v in jax.tree.leaves(fixed)))
   return SearchSpace(template=template, channel_costs=costs, fixed_params=total - searchable,
                      fixed_macs=fixed_macs)
 

@@ -61,7 +61,8 @@ def initialise(model, config: ml_collections.ConfigDict, image_shape: tuple,
   p0 = config.drop.random_p if config.drop.mode == 'random' else config.drop.init_p
   params = {'weights': variables['params'],
             'drop_logits': masks_lib.init_drop_logits(space.template, p0)}
-  state = TrainState(step=jnp.int32(0), params=params, batch_stats=variables['batch_stats'],
+  state = TrainState(step=jnp.int32(0), params=params,
+                     batch_stats=variables.get('batch_stats', {}),  # none without BatchNorm
                      opt_state=tx.init(params), root_key=root_key)
   return parallel.put_replicated(state, mesh), space
 

@@ -48,6 +48,11 @@ class CompactNet(NamedTuple):
   image_shape: tuple  # one image, (H, W, C)
 
 
+def supports(model) -> bool:
+  """Whether ``model`` is of a family with a compact network (not a custom module)."""
+  return isinstance(model, tuple(_FAMILIES))
+
+
 def _family(model):
   for cls, (name, module) in _FAMILIES.items():
     if isinstance(model, cls):

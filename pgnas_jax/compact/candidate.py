@@ -90,6 +90,11 @@ def from_workdir(workdir: str, index=None, measure: bool = True) -> dict:
   config = _finished(workdir)
   record = _candidate(workdir, index)
   model, variables, drop_logits, search_key, template, image_shape = restore(workdir, config)
+  if not compact.supports(model):
+    raise errors.ExportError(
+        f'{workdir} searched a custom module ({config.model.custom.module}): there is no '
+        f'compact network for it; its winner\'s input-sliced pruned weights are in '
+        f'search/winner_weights.msgpack')
   mask = search.candidate_mask(search_key, record['index'], drop_logits, template)
   name = f"candidate{record['index']}_compact"
   folder = workdir_lib.path(workdir, workdir_lib.SEARCH)

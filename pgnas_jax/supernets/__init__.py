@@ -1,8 +1,10 @@
 """Super-networks by family. Each is a flax.linen module ``model.apply(variables, images,
 train=...)`` whose searchable convs read masks from the ``masks`` collection; its fields come
-from the config's ``model.<family>`` sub-config."""
+from the config's ``model.<family>`` sub-config; ``custom`` is the user's own module
+(``supernets/custom.py``)."""
 import ml_collections
 
+from pgnas_jax.supernets import custom
 from pgnas_jax.supernets.densenet import SearchableDenseNet
 from pgnas_jax.supernets.enas import EnasNet
 from pgnas_jax.supernets.resnet import MultiKernelResNet
@@ -24,6 +26,7 @@ _BUILDERS = {
         num_classes=n, stem_width=c.stem_width, blocks=tuple(c.blocks),
         growth_rate=c.growth_rate, bottleneck_width=c.bottleneck_width,
         compression=c.compression),
+    'custom': custom.build,
 }
 FAMILIES = tuple(_BUILDERS)
 
