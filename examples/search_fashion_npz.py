@@ -9,6 +9,7 @@ with ``pgnas_jax.search_network``: the workdir is the command line's (docs/workd
 Run it from the repository root, so that config.json's ``examples.tiny_cnn:SmallVGG``
 imports. Smaller sizes (``--train_images``, ``--steps``, ...) make the CI run.
 """
+
 import argparse
 import json
 import os
@@ -25,10 +26,10 @@ from pgnas_jax.data import fashion_mnist
 
 def write_npz(path: str, data_dir: str) -> None:
   """Fashion-MNIST's IDX files as one .npz, images without a channel axis."""
-  (x_train, y_train), (x_test, y_test) = (fashion_mnist.load(data_dir, split)
-                                          for split in ('train', 'test'))
-  np.savez(path, x_train=x_train[..., 0], y_train=y_train, x_test=x_test[..., 0],
-           y_test=y_test)
+  (x_train, y_train), (x_test, y_test) = (
+    fashion_mnist.load(data_dir, split) for split in ('train', 'test')
+  )
+  np.savez(path, x_train=x_train[..., 0], y_train=y_train, x_test=x_test[..., 0], y_test=y_test)
 
 
 def read_npz(path: str, train_images: int, test_images: int, validation_size: int):
@@ -36,9 +37,14 @@ def read_npz(path: str, train_images: int, test_images: int, validation_size: in
   with np.load(path) as f:
     x_train, y_train = f['x_train'][:train_images], f['y_train'][:train_images]
     x_test, y_test = f['x_test'][:test_images], f['y_test'][:test_images]
-  return pgnas_jax.from_arrays(x_train, y_train, x_test, y_test,
-                               num_classes=int(y_train.max()) + 1,
-                               validation_size=validation_size)
+  return pgnas_jax.from_arrays(
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    num_classes=int(y_train.max()) + 1,
+    validation_size=validation_size,
+  )
 
 
 def make_config(args: argparse.Namespace, num_train: int):
@@ -55,8 +61,9 @@ def make_config(args: argparse.Namespace, num_train: int):
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(prog='python -m examples.search_fashion_npz',
-                                   description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(
+    prog='python -m examples.search_fashion_npz', description=__doc__.split('\n')[0]
+  )
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--npz', default='/tmp/fashion_mnist.npz')
   parser.add_argument('--data_dir', default='/usr/share/datasets/fashion-mnist')
@@ -73,8 +80,9 @@ def main(argv=None) -> dict:
   if not os.path.exists(args.npz):
     write_npz(args.npz, args.data_dir)
   data = read_npz(args.npz, args.train_images, args.test_images, args.validation_images)
-  model = tiny_cnn.SmallVGG(num_classes=data.num_classes,
-                            widths=tuple(int(w) for w in args.widths.split(',')))
+  model = tiny_cnn.SmallVGG(
+    num_classes=data.num_classes, widths=tuple(int(w) for w in args.widths.split(','))
+  )
   config = make_config(args, data.train.num_examples)
   return pgnas_jax.search_network(model, data, config, args.workdir)
 

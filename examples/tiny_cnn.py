@@ -5,6 +5,7 @@ the search decides which of their input channels to keep. The stem conv reads th
 channels, which should all stay, so it is a plain ``pgnas_jax.Conv``; the classifier is a
 ``pgnas_jax.Dense``; both record their cost. BatchNorm follows the ``train`` flag.
 """
+
 from collections.abc import Sequence
 
 import flax.linen as nn

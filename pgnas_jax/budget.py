@@ -2,6 +2,7 @@
 what a config value means, whether a candidate fits, and the one-line answer when none
 does. Every candidate is scored and recorded whatever the budget; the budget only narrows
 the choice, so a run may be resumed with another one (its scored candidates are reused)."""
+
 import re
 from typing import NamedTuple
 
@@ -25,8 +26,10 @@ def is_valid(value) -> bool:
   return False
 
 
-RULE = ("0 (no budget), a whole number (e.g. 100000 or 1e5), a share of the full "
-        "super-network in (0, 1] (e.g. 0.5) or a percentage string (e.g. '50%')")
+RULE = (
+  '0 (no budget), a whole number (e.g. 100000 or 1e5), a share of the full '
+  "super-network in (0, 1] (e.g. 0.5) or a percentage string (e.g. '50%')"
+)
 
 
 def resolve(value, full: int) -> int | None:
@@ -41,21 +44,27 @@ def resolve(value, full: int) -> int | None:
 
 class Budget(NamedTuple):
   """Largest params and FLOPs a candidate may have; None: no limit."""
+
   max_params: int | None = None
   max_flops: int | None = None
 
   @classmethod
   def from_config(cls, search_config, full_params: int, full_flops: int) -> 'Budget':
-    return cls(resolve(search_config.max_params, full_params),
-               resolve(search_config.max_flops, full_flops))
+    return cls(
+      resolve(search_config.max_params, full_params), resolve(search_config.max_flops, full_flops)
+    )
 
   def fits(self, record: dict) -> bool:
-    return ((self.max_params is None or record['params'] <= self.max_params)
-            and (self.max_flops is None or record['flops'] <= self.max_flops))
+    return (self.max_params is None or record['params'] <= self.max_params) and (
+      self.max_flops is None or record['flops'] <= self.max_flops
+    )
 
   def describe(self) -> str:
-    limits = [f'{name} <= {v:,}' for name, v in (('params', self.max_params),
-                                                  ('FLOPs', self.max_flops)) if v is not None]
+    limits = [
+      f'{name} <= {v:,}'
+      for name, v in (('params', self.max_params), ('FLOPs', self.max_flops))
+      if v is not None
+    ]
     return ' and '.join(limits) or 'no budget'
 
   def as_dict(self) -> dict:
@@ -81,9 +90,11 @@ def fitting(records: list, budget: Budget) -> list:
 def none_fits_message(records: list, budget: Budget) -> str:
   smallest_params = min(r['params'] for r in records)
   smallest_flops = min(r['flops'] for r in records)
-  return (f'none of the {len(records)} scored candidates fits the budget ({budget.describe()}):'
-          f' the smallest has {smallest_params:,} params, the cheapest {smallest_flops:,} '
-          f'FLOPs. Rerun with a larger search.max_params / search.max_flops (the scored '
-          f'candidates in search/candidates.jsonl are reused), or start over (--start_over) '
-          f'with more candidates (search.num_candidates) or a larger '
-          f'objective.weight_prior_l2 so that more channels drop')
+  return (
+    f'none of the {len(records)} scored candidates fits the budget ({budget.describe()}):'
+    f' the smallest has {smallest_params:,} params, the cheapest {smallest_flops:,} '
+    f'FLOPs. Rerun with a larger search.max_params / search.max_flops (the scored '
+    f'candidates in search/candidates.jsonl are reused), or start over (--start_over) '
+    f'with more candidates (search.num_candidates) or a larger '
+    f'objective.weight_prior_l2 so that more channels drop'
+  )

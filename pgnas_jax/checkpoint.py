@@ -8,6 +8,7 @@ was cut short is never restored, and an unreadable checkpoint is named and skipp
 one before it. With several processes every one of them saves and restores (orbax writes
 each array once, from one process holding it, into the shared workdir).
 """
+
 import logging
 import os
 import signal
@@ -36,8 +37,11 @@ class Checkpointer:
     self.directory = workdir_lib.path(os.path.abspath(workdir), workdir_lib.CHECKPOINTS)
     self.every_steps = config.every_steps
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.max_to_keep, enable_async_checkpointing=True))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=config.max_to_keep, enable_async_checkpointing=True
+      ),
+    )
 
   def steps(self) -> list:
     return sorted(self._manager.all_steps())
@@ -75,9 +79,10 @@ class Checkpointer:
       return _from_saveable(restored)
     if failures:
       raise CheckpointError(
-          f'no readable checkpoint in {self.directory}: {"; ".join(failures)}. Remove '
-          f'{self.directory} to train again from scratch keeping the rest of the workdir, or '
-          f'add --start_over to start the whole run again')
+        f'no readable checkpoint in {self.directory}: {"; ".join(failures)}. Remove '
+        f'{self.directory} to train again from scratch keeping the rest of the workdir, or '
+        f'add --start_over to start the whole run again'
+      )
     return None
 
   def _set_aside(self, step: int) -> None:
@@ -129,8 +134,10 @@ class PreemptionGuard:
     if not self.requested:
       self.signal_name = self.SIGNALS[signum]
       if signum == signal.SIGINT:
-        logging.warning('Ctrl-C: stopping at the next safe point, saving first (press it '
-                        'again to stop at once, losing the work since the last save)')
+        logging.warning(
+          'Ctrl-C: stopping at the next safe point, saving first (press it '
+          'again to stop at once, losing the work since the last save)'
+        )
     self.requested = True
 
   def __exit__(self, *exc):

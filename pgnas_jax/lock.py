@@ -6,6 +6,7 @@ holder (host, pid, start time, command) for the message a second job gets. With 
 processes one run holds it, taken by process 0 (every process learns whether it got it).
 On filesystems without locks (some FUSE mounts) the run warns and goes on unlocked.
 """
+
 import datetime
 import errno
 import fcntl
@@ -30,8 +31,9 @@ def _holder_text(path: str) -> str:
       holder = json.load(f)
     if holder['host'] == socket.gethostname() and not _alive(holder['pid']):
       raise ValueError('an earlier holder')
-    return (f'pid {holder["pid"]} on {holder["host"]}, started {holder["started"]}: '
-            f'{holder["command"]}')
+    return (
+      f'pid {holder["pid"]} on {holder["host"]}, started {holder["started"]}: {holder["command"]}'
+    )
   except (OSError, ValueError, KeyError, TypeError):
     return 'a job starting up, not yet named in its .lock'
 
@@ -67,35 +69,47 @@ class WorkdirLock:
       except WorkdirError as e:
         message = str(e)
     if parallel.any_process(bool(message)):
-      raise WorkdirError(message or f'--workdir={self.workdir} cannot be locked by process 0 '
-                         f'of this run (its log says why)')
+      raise WorkdirError(
+        message
+        or f'--workdir={self.workdir} cannot be locked by process 0 of this run (its log says why)'
+      )
 
   def _take(self) -> str:
     """Returns '' once the lock is held, or the refusal's message."""
     if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
-      raise WorkdirError(f'--workdir={self.workdir} is a file, not a folder: give a folder '
-                         f'(it is created if missing)')
+      raise WorkdirError(
+        f'--workdir={self.workdir} is a file, not a folder: give a folder '
+        f'(it is created if missing)'
+      )
     self._created_workdir = not os.path.exists(self.workdir)
     found = os.path.exists(self.path)
     try:
       os.makedirs(self.workdir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-      raise WorkdirError(f'--workdir={self.workdir} cannot be written ({e.strerror}): give a '
-                         f'folder this user can write to, or fix its permissions') from None
+      raise WorkdirError(
+        f'--workdir={self.workdir} cannot be written ({e.strerror}): give a '
+        f'folder this user can write to, or fix its permissions'
+      ) from None
     while True:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
         os.close(fd)
-        return (f'--workdir={self.workdir} is in use by another run ({_holder_text(self.path)});'
-                f' wait for it to finish or stop it, or choose another --workdir')
+        return (
+          f'--workdir={self.workdir} is in use by another run ({_holder_text(self.path)});'
+          f' wait for it to finish or stop it, or choose another --workdir'
+        )
       except OSError as e:
         if e.errno not in _NO_LOCKS:
           os.close(fd)
           raise
-        logging.warning('the filesystem of %s has no file locks (%s): two runs started on it '
-                        'would not be stopped from writing together', self.workdir, e.strerror)
+        logging.warning(
+          'the filesystem of %s has no file locks (%s): two runs started on it '
+          'would not be stopped from writing together',
+          self.workdir,
+          e.strerror,
+        )
       # A releasing holder unlinks the file while holding the lock: the file we locked may be
       # that unlinked one, so lock again until the path and our file are the same.
       if os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
@@ -108,10 +122,12 @@ class WorkdirLock:
 
   def claim(self) -> None:
     """Names this job as the holder, once it starts writing the workdir (process 0)."""
-    holder = {'pid': os.getpid(), 'host': socket.gethostname(),
-              'started': datetime.datetime.now(datetime.timezone.utc).strftime(
-                  '%Y-%m-%d %H:%M:%S UTC'),
-              'command': ' '.join(sys.argv)}
+    holder = {
+      'pid': os.getpid(),
+      'host': socket.gethostname(),
+      'started': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC'),
+      'command': ' '.join(sys.argv),
+    }
     self._write(json.dumps(holder).encode() + b'\n')
 
   def _write(self, data: bytes) -> None:

@@ -5,6 +5,7 @@ A candidate is on a front when no other candidate is at least as accurate (valid
 most as costly, and strictly better in one of the two. Candidates with equal accuracy and
 cost are the same point: all of them are on the front, or none.
 """
+
 import itertools
 
 import matplotlib
@@ -34,9 +35,14 @@ def summary(records: list, supernet: dict, winner_index: int | None, budget: dic
   """What ``search/pareto.json`` holds: both fronts (each candidate's index, validation
   accuracy, params, FLOPs and whether it fits the budget), the full super-network, the
   winner's index and the budget."""
-  return {'supernet': supernet, 'winner': winner_index, 'budget': budget,
-          **{cost: [{k: r[k] for k in _FIELDS if k in r} for r in front(records, cost)]
-             for cost in COSTS}}
+  return {
+    'supernet': supernet,
+    'winner': winner_index,
+    'budget': budget,
+    **{
+      cost: [{k: r[k] for k in _FIELDS if k in r} for r in front(records, cost)] for cost in COSTS
+    },
+  }
 
 
 def plot(records: list, pareto: dict, path: str) -> None:
@@ -44,19 +50,47 @@ def plot(records: list, pareto: dict, path: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   labels = {'params': 'parameters', 'flops': 'FLOPs (MACs)'}
   for ax, cost in zip(axes, COSTS):
-    ax.scatter([r[cost] for r in records], [r['val_acc'] for r in records], s=8,
-               color='tab:gray', alpha=0.5, label=f'{len(records)} candidates')
+    ax.scatter(
+      [r[cost] for r in records],
+      [r['val_acc'] for r in records],
+      s=8,
+      color='tab:gray',
+      alpha=0.5,
+      label=f'{len(records)} candidates',
+    )
     points = pareto[cost]
-    ax.step([r[cost] for r in points], [r['val_acc'] for r in points], where='post',
-            color='tab:blue', marker='o', markersize=4, label=f'Pareto front ({len(points)})')
+    ax.step(
+      [r[cost] for r in points],
+      [r['val_acc'] for r in points],
+      where='post',
+      color='tab:blue',
+      marker='o',
+      markersize=4,
+      label=f'Pareto front ({len(points)})',
+    )
     full = pareto['supernet']
-    ax.scatter([full[cost]], [full['val_acc']], marker='*', s=150, color='tab:red',
-               label='full super-network', zorder=3)
+    ax.scatter(
+      [full[cost]],
+      [full['val_acc']],
+      marker='*',
+      s=150,
+      color='tab:red',
+      label='full super-network',
+      zorder=3,
+    )
     winner = [r for r in records if r['index'] == pareto['winner']]
     if winner:
-      ax.scatter([winner[0][cost]], [winner[0]['val_acc']], marker='D', s=50,
-                 facecolors='none', edgecolors='tab:green', linewidths=2,
-                 label=f"winner #{pareto['winner']}", zorder=4)
+      ax.scatter(
+        [winner[0][cost]],
+        [winner[0]['val_acc']],
+        marker='D',
+        s=50,
+        facecolors='none',
+        edgecolors='tab:green',
+        linewidths=2,
+        label=f'winner #{pareto["winner"]}',
+        zorder=4,
+      )
     limit = pareto['budget'].get(f'max_{cost}')
     if limit is not None:
       ax.axvline(limit, color='tab:orange', linestyle='--', label='budget')
@@ -73,13 +107,17 @@ def markdown(pareto: dict) -> list:
   """report.md's lines listing both fronts."""
   lines = ['## Pareto fronts', '']
   for cost, title in (('params', 'accuracy against params'), ('flops', 'accuracy against FLOPs')):
-    lines += [f'Candidates on the {title} front (cheapest first; * the winner):', '',
-              '| candidate | validation acc | params | FLOPs (MACs) | fits the budget |',
-              '|---|---|---|---|---|']
+    lines += [
+      f'Candidates on the {title} front (cheapest first; * the winner):',
+      '',
+      '| candidate | validation acc | params | FLOPs (MACs) | fits the budget |',
+      '|---|---|---|---|---|',
+    ]
     for r in pareto[cost]:
       mark = ' *' if r['index'] == pareto['winner'] else ''
       fits = {True: 'yes', False: 'no'}.get(r.get('fits'), '')
-      lines.append(f"| #{r['index']}{mark} | {r['val_acc']:.4f} | {r['params']:,} | "
-                   f"{r['flops']:,} | {fits} |")
+      lines.append(
+        f'| #{r["index"]}{mark} | {r["val_acc"]:.4f} | {r["params"]:,} | {r["flops"]:,} | {fits} |'
+      )
     lines.append('')
   return lines

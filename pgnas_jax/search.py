@@ -2,6 +2,7 @@
 drop probabilities, score chunks of them at once on the held-out validation split
 (``jax.vmap`` over masks, every candidate of a chunk seeing the same batches), rank, and
 pick the winner (best validation accuracy; ties: fewer parameters)."""
+
 import functools
 import itertools
 import logging
@@ -39,25 +40,34 @@ def _batch_norm_in_train_mode(next_fun, args, kwargs, context):
   in training, and stores them (momentum 0) as its running statistics; every other layer
   keeps the mode the model was called in (evaluation: no shake-shake noise, hard masks)."""
   module = context.module
-  if not (isinstance(module, nn.BatchNorm) and context.method_name == '__call__'
-          and module.use_running_average is not False):  # not the train-mode copy below
+  if not (
+    isinstance(module, nn.BatchNorm)
+    and context.method_name == '__call__'
+    and module.use_running_average is not False
+  ):  # not the train-mode copy below
     return next_fun(*args, **kwargs)
   in_train_mode = module.clone(parent=None, use_running_average=False, momentum=0.0)
-  variables = {c: module.variables[c] for c in ('params', 'batch_stats')
-               if c in module.variables}
+  variables = {c: module.variables[c] for c in ('params', 'batch_stats') if c in module.variables}
   y, updates = in_train_mode.apply(variables, *args, mutable=['batch_stats'], **kwargs)
   for name, value in updates['batch_stats'].items():
     module.put_variable('batch_stats', name, value)
   return y
 
 
-def batch_statistics(model, variables: dict, mask: PyTree, images: jax.Array,
-                     compute_dtype: str) -> PyTree:
+def batch_statistics(
+  model, variables: dict, mask: PyTree, images: jax.Array, compute_dtype: str
+) -> PyTree:
   """The BatchNorm statistics of the architecture ``mask`` on one batch: every layer's mean
   and variance over ``images``, each normalising with its own batch statistics."""
   with nn.intercept_methods(_batch_norm_in_train_mode):
-    _, updates = precision.apply(model, {**variables, 'masks': mask}, images, compute_dtype,
-                                 train=False, mutable=['batch_stats'])
+    _, updates = precision.apply(
+      model,
+      {**variables, 'masks': mask},
+      images,
+      compute_dtype,
+      train=False,
+      mutable=['batch_stats'],
+    )
   return updates['batch_stats']
 
 
@@ -68,9 +78,11 @@ def make_chunk_recalibrator(model, mesh, compute_dtype: str) -> Callable:
   calibration batches ``images`` [R, batch, ...] (the same for every candidate), the mean
   over the R batches of each layer's batch means and variances (as OFA's
   ``set_running_statistics``); leaves with a leading K axis, split as the masks are."""
+
   def recalibrate_one(variables, mask, images):
     per_batch = jax.lax.map(
-        lambda x: batch_statistics(model, variables, mask, x, compute_dtype), images)
+      lambda x: batch_statistics(model, variables, mask, x, compute_dtype), images
+    )
     return jax.tree.map(lambda s: jnp.mean(s, axis=0), per_batch)
 
   def recalibrate(variables, masks, images):
@@ -89,10 +101,11 @@ def recalibration_images(dataset, num_batches: int, batch_size: int, mesh) -> ja
   batches = list(itertools.islice(dataset.eval_batches(dataset.train, batch_size), num_batches))
   if len(batches) < num_batches or not all(b['weights'].all() for b in batches):
     raise ConfigError(
-        f'--config.search.bn_recalibration_batches={num_batches} batches of '
-        f'{batch_size} images need {num_batches * batch_size} training images, the training '
-        f'split has {dataset.train.num_examples}: use fewer batches or a smaller '
-        f'search.eval_batch_size')
+      f'--config.search.bn_recalibration_batches={num_batches} batches of '
+      f'{batch_size} images need {num_batches * batch_size} training images, the training '
+      f'split has {dataset.train.num_examples}: use fewer batches or a smaller '
+      f'search.eval_batch_size'
+    )
   return parallel.put_replicated(np.stack([b['images'] for b in batches]), mesh)
 
 
@@ -107,20 +120,25 @@ def make_chunk_scorer(model, mesh, compute_dtype: str, with_batch_stats: bool = 
   (docs/scaling.md). Every process gets all K results. One jitted function per (model, mesh,
   dtype) (a model is a hashable description of its module): searches of equal
   super-networks in one process share its compilations."""
+
   def score_one(variables, mask, batch):
     if with_batch_stats:
       mask, stats = mask
       variables = {**variables, 'batch_stats': stats}
-    logits = precision.apply(model, {**variables, 'masks': mask}, batch['images'],
-                             compute_dtype, train=False)
+    logits = precision.apply(
+      model, {**variables, 'masks': mask}, batch['images'], compute_dtype, train=False
+    )
     return _batch_scores(logits, batch)
 
   def score(variables, masks, batch):
     return jax.vmap(score_one, in_axes=(None, 0, None))(variables, masks, batch)
 
   replicated = parallel.replicated(mesh)
-  return jax.jit(score, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
-                 out_shardings=replicated)
+  return jax.jit(
+    score,
+    in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+    out_shardings=replicated,
+  )
 
 
 @functools.cache
@@ -129,6 +147,7 @@ def make_full_scorer(model, mesh, compute_dtype: str) -> Callable:
   ``masks``. The batch stays where it was placed (rows split or whole on every device). One
   jitted function per (model, mesh, dtype): the full super-network, the winner and its
   fine-tuned weights are scored by one compilation per batch shape."""
+
   def score(variables, batch):
     logits = precision.apply(model, variables, batch['images'], compute_dtype, train=False)
     return _batch_scores(logits, batch)
@@ -160,8 +179,9 @@ def evaluate(scorer: Callable, args: tuple, batches: list) -> tuple:
   """(accuracy, mean loss) over all batches; arrays of shape [K] for a chunk scorer."""
   correct, loss, n = 0.0, 0.0, 0.0
   for batch in batches:
-    c, l = scorer(*args, batch)
-    correct, loss = correct + np.asarray(c, np.float64), loss + np.asarray(l, np.float64)
+    batch_correct, batch_loss = scorer(*args, batch)
+    correct = correct + np.asarray(batch_correct, np.float64)
+    loss = loss + np.asarray(batch_loss, np.float64)
     n += float(np.sum(batch['weights']))
   return correct / n, loss / n
 
@@ -171,6 +191,7 @@ class Scorer(NamedTuple):
   split's batches (``data.device_batches`` for one network, ``data.replicated_batches`` for
   chunks of candidates), through the compiled functions that every scorer of the same three
   shares."""
+
   model: Any
   mesh: jax.sharding.Mesh
   compute_dtype: str
@@ -185,8 +206,9 @@ class Scorer(NamedTuple):
     acc, loss = self.network({**variables, 'masks': mask}, batches)
     return float(acc), float(loss)
 
-  def candidates(self, variables: dict, masks: PyTree, batches,
-                 recalibration: jax.Array | None = None) -> tuple:
+  def candidates(
+    self, variables: dict, masks: PyTree, batches, recalibration: jax.Array | None = None
+  ) -> tuple:
     """(accuracy[K], mean loss[K]) of K candidates (host mask leaves with a leading K axis,
     K a multiple of the device count); with ``recalibration`` (``recalibration_images``),
     each with its BatchNorm statistics re-estimated on those images first."""
@@ -194,8 +216,9 @@ class Scorer(NamedTuple):
     if recalibration is None:
       return evaluate(make_chunk_scorer(*self), (variables, masks), batches)
     stats = make_chunk_recalibrator(*self)(variables, masks, recalibration)
-    return evaluate(make_chunk_scorer(*self, with_batch_stats=True), (variables, (masks, stats)),
-                    batches)
+    return evaluate(
+      make_chunk_scorer(*self, with_batch_stats=True), (variables, (masks, stats)), batches
+    )
 
   def recalibrated(self, variables: dict, mask: PyTree, recalibration: jax.Array | None) -> dict:
     """``variables`` with the BatchNorm statistics that candidate ``mask`` (host leaves, no
@@ -206,11 +229,14 @@ class Scorer(NamedTuple):
     n = self.mesh.devices.size  # the chunk is split over the devices: one copy on each
     masks = parallel.put_split(jax.tree.map(lambda m: np.repeat(m[None], n, 0), mask), self.mesh)
     stats = make_chunk_recalibrator(*self)(variables, masks, recalibration)
-    return {**variables, 'batch_stats': jax.tree.map(lambda s: np.asarray(s[0]),
-                                                     jax.device_get(stats))}
+    return {
+      **variables,
+      'batch_stats': jax.tree.map(lambda s: np.asarray(s[0]), jax.device_get(stats)),
+    }
 
-  def auto_chunk_size(self, variables: dict, space: space_lib.SearchSpace, batch: dict,
-                      num_candidates: int) -> int:
+  def auto_chunk_size(
+    self, variables: dict, space: space_lib.SearchSpace, batch: dict, num_candidates: int
+  ) -> int:
     """The chunk size ``search.chunk_size='auto'`` means. Each device scores its share of
     the chunk on the whole batch; it gets enough candidates for the platform's target images
     per call (``IMAGES_PER_CALL``), fewer if their activations would take more than
@@ -229,7 +255,8 @@ class Scorer(NamedTuple):
 
     def temporaries(k):
       masks = parallel.put_split(
-          jax.tree.map(lambda m: np.ones((k,) + m.shape, np.float32), space.template), mesh)
+        jax.tree.map(lambda m: np.ones((k,) + m.shape, np.float32), space.template), mesh
+      )
       analysis = scorer.lower(variables, masks, batch).compile().memory_analysis()
       return None if analysis is None else analysis.temp_size_in_bytes
 
@@ -242,18 +269,26 @@ class Scorer(NamedTuple):
 draw_candidates = jax.jit(masks_lib.candidate_masks)
 
 
-def candidate_mask(search_key: jax.Array, index: int, drop_logits: PyTree,
-                   template: PyTree) -> PyTree:
+def candidate_mask(
+  search_key: jax.Array, index: int, drop_logits: PyTree, template: PyTree
+) -> PyTree:
   """The hard mask of candidate ``index`` alone, as drawn during ranking."""
   masks = draw_candidates(search_key, jnp.array([index]), drop_logits, template)
   return jax.tree.map(lambda m: np.asarray(m[0]), masks)
 
 
-def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.SearchSpace,
-                    validation, search_config, out_path: str, guard,
-                    writer: metric_writers.MetricWriter = metric_writers.MultiWriter(),
-                    budget: budget_lib.Budget = budget_lib.UNLIMITED,
-                    recalibration: jax.Array | None = None) -> list:
+def rank_candidates(
+  scorer: Scorer,
+  state: train.TrainState,
+  space: space_lib.SearchSpace,
+  validation,
+  search_config,
+  out_path: str,
+  guard,
+  writer: metric_writers.MetricWriter = metric_writers.NO_WRITER,
+  budget: budget_lib.Budget = budget_lib.UNLIMITED,
+  recalibration: jax.Array | None = None,
+) -> list:
   """Scores candidates 0..C-1 of the posterior that training left in ``state`` on the
   validation split, continuing after the valid lines of this run already in ``out_path``
   (``records.resume``); each chunk's lines are appended durably (flush + fsync) once
@@ -278,14 +313,22 @@ def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.Se
   for first in range(resumed, num, chunk):
     # the last chunk is padded with extra candidates (one compilation) and trimmed
     indices = jnp.arange(first, first + chunk)
-    masks = jax.device_get(draw_candidates(search_key, indices, state.drop_logits,
-                                           space.template))
+    masks = jax.device_get(draw_candidates(search_key, indices, state.drop_logits, space.template))
     acc, loss = scorer.candidates(state.variables, masks, validation, recalibration)
     params, macs = space_lib.costs(space, masks)
     dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)
-    new = [records_lib.make(run, first + j, float(acc[j]), float(loss[j]), int(params[j]),
-                            int(macs[j]), dict(zip(names, dropped[j].tolist())))
-           for j in range(min(chunk, num - first))]
+    new = [
+      records_lib.make(
+        run,
+        first + j,
+        float(acc[j]),
+        float(loss[j]),
+        int(params[j]),
+        int(macs[j]),
+        dict(zip(names, dropped[j].tolist())),
+      )
+      for j in range(min(chunk, num - first))
+    ]
     new = budget_lib.mark(new, budget)
     if parallel.is_main_process():
       records_lib.append(out_path, new)
@@ -294,11 +337,20 @@ def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.Se
     rate = (done - resumed) / (time.time() - start)
     best = max(records, key=lambda r: r['val_acc'])
     writer.write_scalars(done, {'best_val_acc': best['val_acc']})
-    logging.info('search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
-                 done, num, best['val_acc'], best['index'], rate, (num - done) / rate)
+    logging.info(
+      'search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
+      done,
+      num,
+      best['val_acc'],
+      best['index'],
+      rate,
+      (num - done) / rate,
+    )
     if parallel.any_process(guard.requested) and done < num:
-      raise Preempted(f'stopped by {guard.signal_name} after {done} scored candidates, all recorded in '
-                      f'{out_path}. Run the same command again to resume')
+      raise Preempted(
+        f'stopped by {guard.signal_name} after {done} scored candidates, all recorded in '
+        f'{out_path}. Run the same command again to resume'
+      )
   return records
 
 

@@ -1,6 +1,7 @@
 """The workdir of a run: the name of everything the run writes there, relative to the
 workdir, and the atomic write that keeps a kill from leaving half a file. README.md, "What a
 run writes", says what each one holds."""
+
 import json
 import math
 import os
@@ -27,11 +28,33 @@ TENSORBOARD = 'tensorboard'  # event files, when tensorboardX is installed
 PROFILE = 'profile'  # jax.profiler traces of log.profile_steps
 STARTED_OVER = '.started_over'  # the run was begun by --start_over: its rerun resumes it
 # Everything above, the top-level names: what --start_over deletes.
-OUTPUTS = (CONFIG, METRICS, POSTERIOR, TIMINGS, REPORT, SEARCH, PLOTS, CHECKPOINTS,
-           UNREADABLE_CHECKPOINTS, TENSORBOARD, PROFILE, STARTED_OVER)
+OUTPUTS = (
+  CONFIG,
+  METRICS,
+  POSTERIOR,
+  TIMINGS,
+  REPORT,
+  SEARCH,
+  PLOTS,
+  CHECKPOINTS,
+  UNREADABLE_CHECKPOINTS,
+  TENSORBOARD,
+  PROFILE,
+  STARTED_OVER,
+)
 # What a finished run holds beside report.md; one missing is made again by the rerun.
-FINISHED_OUTPUTS = (CONFIG, METRICS, POSTERIOR, TIMINGS, CANDIDATES, ARCH, WINNER_WEIGHTS,
-                    POSTERIOR_PLOT, CANDIDATES_PLOT, TRAINING_PLOT)
+FINISHED_OUTPUTS = (
+  CONFIG,
+  METRICS,
+  POSTERIOR,
+  TIMINGS,
+  CANDIDATES,
+  ARCH,
+  WINNER_WEIGHTS,
+  POSTERIOR_PLOT,
+  CANDIDATES_PLOT,
+  TRAINING_PLOT,
+)
 
 
 def path(workdir: str, name: str) -> str:

@@ -1,4 +1,5 @@
 """Budgets (search.max_params, search.max_flops) and the Pareto fronts of the candidates."""
+
 import json
 import subprocess
 import sys
@@ -13,9 +14,19 @@ def _record(index, val_acc, params, flops=0):
   return {'index': index, 'val_acc': val_acc, 'params': params, 'flops': flops}
 
 
-@pytest.mark.parametrize('value, full, expected', [
-    (0, 1000, None), (400, 1000, 400), (4e2, 1000, 400), (0.5, 1000, 500), (1.0, 1000, 1000),
-    ('50%', 1000, 500), ('12.5%', 1000, 125), ('100%', 1000, 1000)])
+@pytest.mark.parametrize(
+  'value, full, expected',
+  [
+    (0, 1000, None),
+    (400, 1000, 400),
+    (4e2, 1000, 400),
+    (0.5, 1000, 500),
+    (1.0, 1000, 1000),
+    ('50%', 1000, 500),
+    ('12.5%', 1000, 125),
+    ('100%', 1000, 1000),
+  ],
+)
 def test_budget_forms_resolve_to_counts(value, full, expected):
   assert budget_lib.is_valid(value)
   assert budget_lib.resolve(value, full) == expected
@@ -27,8 +38,13 @@ def test_budget_forms_that_are_refused(value):
 
 
 def test_winner_is_the_best_candidate_that_fits():
-  records = [_record(0, 0.95, 900, 90), _record(1, 0.93, 500, 60), _record(2, 0.93, 450, 80),
-             _record(3, 0.91, 300, 30), _record(4, 0.94, 700, 40)]
+  records = [
+    _record(0, 0.95, 900, 90),
+    _record(1, 0.93, 500, 60),
+    _record(2, 0.93, 450, 80),
+    _record(3, 0.91, 300, 30),
+    _record(4, 0.94, 700, 40),
+  ]
   assert search.choose_winner(records)['index'] == 0
   assert search.choose_winner(records, budget_lib.Budget(max_params=800))['index'] == 4
   # equal accuracy among those that fit: fewer parameters
@@ -55,21 +71,26 @@ def test_a_budget_nothing_fits_says_what_to_change():
 
 def test_pareto_front_of_hand_made_records():
   records = [
-      _record(0, 0.90, 100), _record(1, 0.92, 150),
-      _record(2, 0.92, 200),  # as accurate as #1, larger: dominated
-      _record(3, 0.89, 120),  # larger and less accurate than #0: dominated
-      _record(4, 0.95, 300), _record(5, 0.95, 300),  # duplicates: both on the front
-      _record(6, 0.93, 150),  # as large as #1, more accurate: #1 is dominated
-      _record(7, 0.85, 100),  # as large as #0, less accurate: dominated
-      _record(8, 0.80, 50),  # the smallest: on the front whatever its accuracy
-      _record(9, 0.95, 400),  # as accurate as #4 and #5, larger: dominated
+    _record(0, 0.90, 100),
+    _record(1, 0.92, 150),
+    _record(2, 0.92, 200),  # as accurate as #1, larger: dominated
+    _record(3, 0.89, 120),  # larger and less accurate than #0: dominated
+    _record(4, 0.95, 300),
+    _record(5, 0.95, 300),  # duplicates: both on the front
+    _record(6, 0.93, 150),  # as large as #1, more accurate: #1 is dominated
+    _record(7, 0.85, 100),  # as large as #0, less accurate: dominated
+    _record(8, 0.80, 50),  # the smallest: on the front whatever its accuracy
+    _record(9, 0.95, 400),  # as accurate as #4 and #5, larger: dominated
   ]
   assert [r['index'] for r in pareto.front(records, 'params')] == [8, 0, 6, 4, 5]
   # every point off the front is dominated, none on it is
   on = {r['index'] for r in pareto.front(records, 'params')}
-  dominated = lambda r: any(s['val_acc'] >= r['val_acc'] and s['params'] <= r['params']
-                            and (s['val_acc'], s['params']) != (r['val_acc'], r['params'])
-                            for s in records)
+  dominated = lambda r: any(
+    s['val_acc'] >= r['val_acc']
+    and s['params'] <= r['params']
+    and (s['val_acc'], s['params']) != (r['val_acc'], r['params'])
+    for s in records
+  )
   assert on == {r['index'] for r in records if not dominated(r)}
   # the FLOPs front is computed on FLOPs: here the most accurate is also the cheapest
   flops = [dict(r, flops=1000 - r['params']) for r in records]
@@ -77,16 +98,27 @@ def test_pareto_front_of_hand_made_records():
   assert pareto.front([], 'params') == []
 
 
-TINY = ['--config.model.shake_shake.stem_width=4', '--config.model.shake_shake.widths=(4,8)',
-        '--config.train.num_steps=4', '--config.train.log_every_steps=2',
-        '--config.data.validation_size=500', '--config.search.num_candidates=6',
-        '--config.search.chunk_size=4', '--config.search.eval_batch_size=500',
-        '--config.search.bn_recalibration_batches=1', '--config.log.tensorboard=False']
+TINY = [
+  '--config.model.shake_shake.stem_width=4',
+  '--config.model.shake_shake.widths=(4,8)',
+  '--config.train.num_steps=4',
+  '--config.train.log_every_steps=2',
+  '--config.data.validation_size=500',
+  '--config.search.num_candidates=6',
+  '--config.search.chunk_size=4',
+  '--config.search.eval_batch_size=500',
+  '--config.search.bn_recalibration_batches=1',
+  '--config.log.tensorboard=False',
+]
 
 
 def _main(workdir, *args):
-  return subprocess.run([sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}', *args],
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}', *args],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def _lines(path):
@@ -97,8 +129,7 @@ def test_a_budget_nothing_fits_stops_and_a_larger_one_reuses_the_candidates(tmp_
   result = _main(tmp_path, *TINY, '--config.search.max_params=1')
   assert result.returncode == 2, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith('pgnas_jax: none of the 6 scored candidates fits the budget '
-                         '(params <= 1)')
+  assert last.startswith('pgnas_jax: none of the 6 scored candidates fits the budget (params <= 1)')
   candidates = _lines(tmp_path / 'search' / 'candidates.jsonl')
   assert len(candidates) == 6 and not any(c['fits'] for c in candidates)
   smallest = min(c['params'] for c in candidates)
@@ -116,8 +147,9 @@ def test_a_budget_nothing_fits_stops_and_a_larger_one_reuses_the_candidates(tmp_
   rescored = _lines(tmp_path / 'search' / 'candidates.jsonl')
   assert [c['fits'] for c in rescored] == [c['params'] <= limit for c in candidates]
   # the same records but for fits (and the checksum that covers it)
-  assert ([{**c, 'fits': None, 'check': None} for c in rescored]
-          == [{**c, 'fits': None, 'check': None} for c in candidates])
+  assert [{**c, 'fits': None, 'check': None} for c in rescored] == [
+    {**c, 'fits': None, 'check': None} for c in candidates
+  ]
   arch = json.loads((tmp_path / 'search' / 'arch.json').read_text())
   fitting = [c for c in rescored if c['fits']]
   assert arch['index'] == min(fitting, key=search.ranking_key)['index']
@@ -125,10 +157,11 @@ def test_a_budget_nothing_fits_stops_and_a_larger_one_reuses_the_candidates(tmp_
   front = json.loads((tmp_path / 'search' / 'pareto.json').read_text())
   assert front['winner'] == arch['index']
   assert [r['index'] for r in front['params']] == [
-      r['index'] for r in pareto.front(rescored, 'params')]
+    r['index'] for r in pareto.front(rescored, 'params')
+  ]
   report = (tmp_path / 'report.md').read_text()
   assert '## Pareto fronts' in report
-  assert all(f"| #{r['index']}" in report for r in front['params'] + front['flops'])
+  assert all(f'| #{r["index"]}' in report for r in front['params'] + front['flops'])
   assert (tmp_path / 'plots' / 'pareto.png').read_bytes()[:4] == b'\x89PNG'
 
   # a finished run given another budget chooses again, without training or scoring again

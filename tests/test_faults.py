@@ -2,6 +2,7 @@
 cannot continue from, configs that cannot finish, config files that raise, a full disk,
 signals. Each asserts the message and what is left in the workdir; runs that need training
 are in test_resume.py."""
+
 import errno
 import json
 import os
@@ -18,13 +19,15 @@ from pgnas_jax import cli, errors, lock, main
 from pgnas_jax import config as config_lib
 from pgnas_jax import workdir as workdir_lib
 
-HOLD = ('import sys, time\n'
-        'from pgnas_jax import lock\n'
-        'held = lock.WorkdirLock(sys.argv[1])\n'
-        'held.acquire()\n'
-        'held.claim()\n'
-        'print("held", flush=True)\n'
-        'time.sleep(600)\n')
+HOLD = (
+  'import sys, time\n'
+  'from pgnas_jax import lock\n'
+  'held = lock.WorkdirLock(sys.argv[1])\n'
+  'held.acquire()\n'
+  'held.claim()\n'
+  'print("held", flush=True)\n'
+  'time.sleep(600)\n'
+)
 
 
 def _tiny():
@@ -43,8 +46,9 @@ def _users_workdir(tmp_path):
 
 
 def _holder(workdir):
-  proc = subprocess.Popen([sys.executable, '-c', HOLD, str(workdir)], stdout=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    [sys.executable, '-c', HOLD, str(workdir)], stdout=subprocess.PIPE, text=True
+  )
   assert proc.stdout.readline().strip() == 'held'
   return proc
 
@@ -53,15 +57,20 @@ def test_a_second_job_on_a_held_workdir_is_refused_naming_the_holder(tmp_path):
   workdir = _users_workdir(tmp_path)
   holder = _holder(workdir)
   try:
-    result = subprocess.run([sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}'],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+      [sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}'],
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
   finally:
     holder.kill()
     holder.wait()
   assert result.returncode == 2
   assert result.stderr.count('\n') == 1, result.stderr
-  assert result.stderr.startswith(f'pgnas_jax: --workdir={workdir} is in use by another run '
-                                  f'(pid {holder.pid} on ')
+  assert result.stderr.startswith(
+    f'pgnas_jax: --workdir={workdir} is in use by another run (pid {holder.pid} on '
+  )
   assert 'wait for it to finish or stop it, or choose another --workdir' in result.stderr
   # the holder's lock file, the user's file, nothing else
   assert sorted(p.name for p in workdir.iterdir()) == ['.lock', 'notes.txt']
@@ -87,10 +96,13 @@ def test_the_lock_removes_a_workdir_it_created_when_nothing_was_written(tmp_path
   assert not (tmp_path / 'new').exists()
 
 
-@pytest.mark.parametrize('make, message', [
+@pytest.mark.parametrize(
+  'make, message',
+  [
     (lambda p: p.write_text('x'), 'is a file, not a folder'),
     (lambda p: (p.parent / 'file').write_text('x'), 'cannot be written (Not a directory)'),
-])
+  ],
+)
 def test_a_workdir_that_cannot_hold_a_run_is_refused(tmp_path, make, message):
   workdir = tmp_path / 'run'
   make(workdir)
@@ -105,17 +117,21 @@ def test_a_config_that_gives_no_training_step_is_refused_before_the_workdir(tmp_
   c = _tiny()
   c.train.num_steps, c.train.num_epochs = -1, 0.000001
   per_epoch = (60000 - 500) // 128  # Fashion-MNIST's training split less validation
-  with pytest.raises(errors.ConfigError,
-                     match=rf'num_epochs=1e-06 gives no training step \({per_epoch} steps per '):
+  with pytest.raises(
+    errors.ConfigError, match=rf'num_epochs=1e-06 gives no training step \({per_epoch} steps per '
+  ):
     main.run(c, str(workdir))
   assert sorted(p.name for p in workdir.iterdir()) == ['notes.txt']
 
 
-@pytest.mark.parametrize('field, value, message', [
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
     ('seed', -1, '--config.seed=-1 is out of range: it must be a whole number in [0, 2**63)'),
     ('drop.init_p', 1e-46, 'neither 0 nor 1 in float32'),
     ('drop.random_p', 1 - 1e-9, 'neither 0 nor 1 in float32'),
-])
+  ],
+)
 def test_values_that_cannot_run_are_refused(field, value, message):
   c = config_lib.get_config()
   section, _, name = field.rpartition('.')
@@ -124,30 +140,44 @@ def test_values_that_cannot_run_are_refused(field, value, message):
     config_lib.validate(c)
 
 
-@pytest.mark.parametrize('text, message', [
+@pytest.mark.parametrize(
+  'text, message',
+  [
     ("raise ValueError('boom')\n", 'ValueError at line 1: boom'),
     ('x = 1\n', 'it defines no get_config()'),
     ('def get_config():\n  return 1 / 0\n', 'ZeroDivisionError at line 2: division by zero'),
-])
-def test_a_config_file_that_raises_or_has_no_get_config_is_one_line(tmp_path, capsys, text,
-                                                                      message):
+  ],
+)
+def test_a_config_file_that_raises_or_has_no_get_config_is_one_line(
+  tmp_path, capsys, text, message
+):
   path = tmp_path / 'mine.py'
   path.write_text(text)
   with pytest.raises(SystemExit) as exit_:
     cli.check_config_file(['prog', f'--config={path}'])
   assert exit_.value.code == 2
   err = capsys.readouterr().err
-  assert err == f'pgnas_jax: cannot load the config {path}: {message}' + (
-      '' if 'get_config()' not in message else
-      '; a config file defines get_config() returning an ml_collections.ConfigDict '
-      '(see configs/)') + '\n'
+  assert (
+    err
+    == f'pgnas_jax: cannot load the config {path}: {message}'
+    + (
+      ''
+      if 'get_config()' not in message
+      else '; a config file defines get_config() returning an ml_collections.ConfigDict '
+      '(see configs/)'
+    )
+    + '\n'
+  )
 
 
-@pytest.mark.parametrize('content, message', [
+@pytest.mark.parametrize(
+  'content, message',
+  [
     ('', 'is empty or damaged (JSONDecodeError: Expecting value'),
     ('{"seed": 0', 'is empty or damaged (JSONDecodeError'),
     ('[1, 2]', 'holds no config (a JSON list)'),
-])
+  ],
+)
 def test_a_damaged_config_json_is_refused_in_one_line(tmp_path, content, message):
   workdir = _users_workdir(tmp_path)
   (workdir / 'config.json').write_text(content)
@@ -160,8 +190,9 @@ def test_a_damaged_config_json_is_refused_in_one_line(tmp_path, content, message
 def test_checkpoints_without_their_config_are_refused_naming_what_to_remove(tmp_path):
   workdir = _users_workdir(tmp_path)
   (workdir / 'checkpoints' / '4').mkdir(parents=True)
-  with pytest.raises(errors.WorkdirError,
-                     match=f'no config.json.*remove {workdir}/checkpoints to train again'):
+  with pytest.raises(
+    errors.WorkdirError, match=f'no config.json.*remove {workdir}/checkpoints to train again'
+  ):
     main.run(_tiny(), str(workdir))
   assert sorted(p.name for p in workdir.iterdir()) == ['checkpoints', 'notes.txt']
 
@@ -185,10 +216,12 @@ def test_a_full_disk_is_one_line_saying_how_much_the_run_needs(tmp_path, monkeyp
     raise OSError(errno.ENOSPC, 'No space left on device', path)
 
   monkeypatch.setattr(workdir_lib, 'write_json', full)
-  with pytest.raises(errors.WorkdirError,
-                     match=r'no space left on the device of --workdir=.*: this run needs about '
-                           r'\d+ MB there \(\d+ MB free now\); free some and run the same '
-                           r'command again to resume'):
+  with pytest.raises(
+    errors.WorkdirError,
+    match=r'no space left on the device of --workdir=.*: this run needs about '
+    r'\d+ MB there \(\d+ MB free now\); free some and run the same '
+    r'command again to resume',
+  ):
     main.run(_tiny(), str(workdir))
   assert (workdir / 'notes.txt').read_text() == 'mine'
 
@@ -211,5 +244,6 @@ def test_ctrl_c_before_the_run_can_save_is_one_line(capsys):
   with pytest.raises(SystemExit) as exit_:
     cli.exit_on_user_errors(job)
   assert exit_.value.code == 143
-  assert capsys.readouterr().err == ('pgnas_jax: stopped by Ctrl-C; what was saved is kept: '
-                                     'run the same command again to resume\n')
+  assert capsys.readouterr().err == (
+    'pgnas_jax: stopped by Ctrl-C; what was saved is kept: run the same command again to resume\n'
+  )

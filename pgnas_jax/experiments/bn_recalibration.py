@@ -12,6 +12,7 @@ candidate (one candidate per call, as ``chunk_size='auto'`` scores on CPU; compi
 excluded). Writes ``DIR/bn_recalibration.json`` and ``DIR/bn_recalibration.md``; the run
 and the fine-tuning are cached as in the replication study.
 """
+
 import dataclasses
 import json
 import os
@@ -32,10 +33,22 @@ RECALIBRATION_BATCHES = (0, 1, 4)  # 0: the trained running statistics (the pape
 # at about 20 images/s of training for the 8/16/32 network there): a tiny network, a short
 # training and few fidelity candidates; Kendall tau over 6 candidates is a coarse measure.
 SMALL = replicate.Study(
-    seeds=(0,), stem_width=4, widths=(4, 8, 16), train_epochs=1.0, train_steps=150,
-    batch_size=64, validation_size=500, candidates=16, sweep_candidates=16,
-    candidate_counts=(16,), l2_values=(50.0,), taus=(0.2,), finetune_steps=10,
-    fidelity_candidates=6, full_p=0.001)
+  seeds=(0,),
+  stem_width=4,
+  widths=(4, 8, 16),
+  train_epochs=1.0,
+  train_steps=150,
+  batch_size=64,
+  validation_size=500,
+  candidates=16,
+  sweep_candidates=16,
+  candidate_counts=(16,),
+  l2_values=(50.0,),
+  taus=(0.2,),
+  finetune_steps=10,
+  fidelity_candidates=6,
+  full_p=0.001,
+)
 QUICK = dataclasses.replace(replicate.QUICK, candidate_counts=(6,))
 
 
@@ -44,8 +57,7 @@ def _timed_scores(scorer, variables, masks: list, validation, recalibration) -> 
   first call, which compiles, is not timed)."""
   scorer.candidates(variables, masks[0], validation, recalibration)
   start = time.time()
-  accs = [float(scorer.candidates(variables, m, validation, recalibration)[0][0])
-          for m in masks]
+  accs = [float(scorer.candidates(variables, m, validation, recalibration)[0][0]) for m in masks]
   return accs, (time.time() - start) / len(masks)
 
 
@@ -54,31 +66,46 @@ def measure(study: replicate.Study, workdir: str, data_dir: str | None = None) -
   run = runner.arm('pgnas', study.seeds[0], study.candidate_counts, None)
   fidelity = runner.fidelity(run)
   config = replicate.arm_config(study, 'pgnas', study.seeds[0], data_dir)
-  trained = replicate._Trained(config, runner.run_dir('pgnas', study.seeds[0]), runner.dataset,
-                               runner.mesh)  # pylint: disable=protected-access
+  trained = replicate._Trained(
+    config, runner.run_dir('pgnas', study.seeds[0]), runner.dataset, runner.mesh
+  )  # pylint: disable=protected-access
   scorer = search.Scorer(trained.model, runner.mesh, config.model.compute_dtype)
   batch_size = config.search.eval_batch_size
-  validation = data_lib.replicated_batches(runner.dataset.validation, runner.dataset,
-                                           batch_size, runner.mesh)
+  validation = data_lib.replicated_batches(
+    runner.dataset.validation, runner.dataset, batch_size, runner.mesh
+  )
   masks = [jax.tree.map(lambda m: m[None], trained.mask(f['index'])) for f in fidelity]
   finetuned = [f['finetuned_test_acc'] for f in fidelity]
   rows = []
   for r in RECALIBRATION_BATCHES:
     recalibration = search.recalibration_images(runner.dataset, r, batch_size, runner.mesh)
-    accs, seconds = _timed_scores(scorer, trained.state.variables, masks, validation,
-                                  recalibration)
+    accs, seconds = _timed_scores(scorer, trained.state.variables, masks, validation, recalibration)
     if r == 0:  # the search's own scores, recomputed
       np.testing.assert_allclose(accs, [f['val_acc'] for f in fidelity], atol=1e-9)
-    rows.append({'batches': r, 'images': r * batch_size, 'val_accs': accs,
-                 'kendall_tau': replication_report.kendall_tau(accs, finetuned),
-                 'seconds_per_candidate': seconds})
-    logging.info('recalibration on %d batches: Kendall tau %.3f, %.3f s per candidate', r,
-                 rows[-1]['kendall_tau'], seconds)
-  results = {'study': dataclasses.asdict(study), 'machine': f'{jax.devices()[0].platform}, '
-             f'{os.cpu_count()} cores', 'eval_batch_size': batch_size,
-             'validation_images': runner.dataset.validation.num_examples,
-             'candidates': [f['index'] for f in fidelity], 'finetuned_test_accs': finetuned,
-             'rows': rows}
+    rows.append(
+      {
+        'batches': r,
+        'images': r * batch_size,
+        'val_accs': accs,
+        'kendall_tau': replication_report.kendall_tau(accs, finetuned),
+        'seconds_per_candidate': seconds,
+      }
+    )
+    logging.info(
+      'recalibration on %d batches: Kendall tau %.3f, %.3f s per candidate',
+      r,
+      rows[-1]['kendall_tau'],
+      seconds,
+    )
+  results = {
+    'study': dataclasses.asdict(study),
+    'machine': f'{jax.devices()[0].platform}, {os.cpu_count()} cores',
+    'eval_batch_size': batch_size,
+    'validation_images': runner.dataset.validation.num_examples,
+    'candidates': [f['index'] for f in fidelity],
+    'finetuned_test_accs': finetuned,
+    'rows': rows,
+  }
   with open(os.path.join(workdir, 'bn_recalibration.json'), 'w') as f:
     json.dump(results, f, indent=1)
   with open(os.path.join(workdir, 'bn_recalibration.md'), 'w') as f:
@@ -88,15 +115,24 @@ def measure(study: replicate.Study, workdir: str, data_dir: str | None = None) -
 
 def markdown(results: dict) -> list:
   n = len(results['candidates'])
-  lines = [(f"Kendall tau between validation accuracy ({results['validation_images']} images) "
-            f'and test accuracy after {results["study"]["finetune_steps"]} fine-tuning steps, '
-            f'over {n} candidates; seconds per candidate scored one at a time '
-            f"({results['machine']}):"), '',
-           '| BatchNorm statistics | Kendall tau | s per candidate |', '|---|---|---|']
+  lines = [
+    (
+      f'Kendall tau between validation accuracy ({results["validation_images"]} images) '
+      f'and test accuracy after {results["study"]["finetune_steps"]} fine-tuning steps, '
+      f'over {n} candidates; seconds per candidate scored one at a time '
+      f'({results["machine"]}):'
+    ),
+    '',
+    '| BatchNorm statistics | Kendall tau | s per candidate |',
+    '|---|---|---|',
+  ]
   for row in results['rows']:
-    what = ('trained running statistics' if row['batches'] == 0 else
-            f"re-estimated on {row['batches']} x {results['eval_batch_size']} training images")
-    lines.append(f"| {what} | {row['kendall_tau']:.3f} | {row['seconds_per_candidate']:.3f} |")
+    what = (
+      'trained running statistics'
+      if row['batches'] == 0
+      else f're-estimated on {row["batches"]} x {results["eval_batch_size"]} training images'
+    )
+    lines.append(f'| {what} | {row["kendall_tau"]:.3f} | {row["seconds_per_candidate"]:.3f} |')
   return lines
 
 
@@ -109,8 +145,7 @@ def cli():
     logging.get_absl_handler().addFilter(cli_lib.quiet_libraries)
     if len(argv) > 1:
       cli_lib.fail(f'unexpected arguments {argv[1:]}')
-    results = cli_lib.exit_on_user_errors(measure, QUICK if quick.value else SMALL,
-                                          workdir.value)
+    results = cli_lib.exit_on_user_errors(measure, QUICK if quick.value else SMALL, workdir.value)
     print('\n'.join(markdown(results)))
 
   app.run(run)

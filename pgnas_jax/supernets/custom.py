@@ -14,6 +14,7 @@ what a module must satisfy):
     record the MACs the cost model adds up (BatchNorm, pooling and activations are not
     counted, as for the four families).
 """
+
 import dataclasses
 import importlib
 import inspect
@@ -49,12 +50,16 @@ def load_class(spec: str) -> type:
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:
-    raise ConfigError(f'{MODULE_FIELD}={spec!r} cannot be imported ({e}): run from the folder '
-                      f'holding {module_name.split(".")[0]} or install it') from None
+    raise ConfigError(
+      f'{MODULE_FIELD}={spec!r} cannot be imported ({e}): run from the folder '
+      f'holding {module_name.split(".")[0]} or install it'
+    ) from None
   cls = getattr(module, class_name, None)
   if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-    raise ConfigError(f'{MODULE_FIELD}={spec!r}: {module_name} has no flax.linen.Module class '
-                      f'{class_name!r}; name the class that defines your network')
+    raise ConfigError(
+      f'{MODULE_FIELD}={spec!r}: {module_name} has no flax.linen.Module class '
+      f'{class_name!r}; name the class that defines your network'
+    )
   return cls
 
 
@@ -72,8 +77,10 @@ def build(custom: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   try:
     return cls(**kwargs)
   except TypeError as e:
-    raise ConfigError(f'{KWARGS_FIELD}={custom.kwargs!r} is refused by {custom.module}: {e}; '
-                      f'give only fields the class declares') from None
+    raise ConfigError(
+      f'{KWARGS_FIELD}={custom.kwargs!r} is refused by {custom.module}: {e}; '
+      f'give only fields the class declares'
+    ) from None
 
 
 def describe(model: nn.Module, num_classes: int) -> tuple:
@@ -94,8 +101,10 @@ def describe(model: nn.Module, num_classes: int) -> tuple:
   try:
     text = json.dumps(kwargs)
   except TypeError as e:
-    raise ConfigError(f'{cls.__name__} cannot be written to config.json ({e}): give its '
-                      f'fields plain values (numbers, strings, tuples, dicts)') from None
+    raise ConfigError(
+      f'{cls.__name__} cannot be written to config.json ({e}): give its '
+      f'fields plain values (numbers, strings, tuples, dicts)'
+    ) from None
   return f'{cls.__module__}:{cls.__qualname__}', text
 
 
@@ -104,8 +113,10 @@ def _check_signature(model: nn.Module, name: str) -> None:
   try:
     signature.bind(model, 'images', train=False)
   except TypeError:
-    raise ConfigError(f'{name}.__call__{signature} must take (self, images, train: bool): the '
-                      f'pipeline calls model.apply(variables, images, train=...)') from None
+    raise ConfigError(
+      f'{name}.__call__{signature} must take (self, images, train: bool): the '
+      f'pipeline calls model.apply(variables, images, train=...)'
+    ) from None
 
 
 def _run(name: str, what: str, fn, *args):
@@ -117,8 +128,10 @@ def _run(name: str, what: str, fn, *args):
     raise
   except Exception as e:  # noqa: BLE001  (the user's code: any error is answered in one line)
     text = ' '.join(str(e).split())[:300]
-    raise ConfigError(f'{name} fails {what}: {type(e).__name__}: {text}; fix the module or '
-                      f'the values it was given ({KWARGS_FIELD})') from None
+    raise ConfigError(
+      f'{name} fails {what}: {type(e).__name__}: {text}; fix the module or '
+      f'the values it was given ({KWARGS_FIELD})'
+    ) from None
 
 
 def _uncounted_kernels(variables: dict) -> list:
@@ -139,24 +152,44 @@ def check(model: nn.Module, image_shape: tuple, num_classes: int) -> None:
   name = type(model).__name__
   _check_signature(model, name)
   images = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
-  variables = _run(name, f'at init on images of shape {images.shape}',
-                   lambda k: model.init({'params': k}, images, train=False), jax.random.key(0))
+  variables = _run(
+    name,
+    f'at init on images of shape {images.shape}',
+    lambda k: model.init({'params': k}, images, train=False),
+    jax.random.key(0),
+  )
   if not variables.get(layers.MASKS):
-    raise ConfigError(f'{name} has no pgnas_jax.SearchableConv: nothing to search; make the '
-                      f'convs whose input channels should be searched SearchableConv')
+    raise ConfigError(
+      f'{name} has no pgnas_jax.SearchableConv: nothing to search; make the '
+      f'convs whose input channels should be searched SearchableConv'
+    )
   uncounted = _uncounted_kernels(variables)
   if uncounted:
-    raise ConfigError(f'{name}: layer {uncounted[0]!r} holds a kernel the cost model does not '
-                      f'count (a flax.linen Conv or Dense?); use pgnas_jax.Conv or '
-                      f'pgnas_jax.Dense, which record their MACs')
+    raise ConfigError(
+      f'{name}: layer {uncounted[0]!r} holds a kernel the cost model does not '
+      f'count (a flax.linen Conv or Dense?); use pgnas_jax.Conv or '
+      f'pgnas_jax.Dense, which record their MACs'
+    )
   trained = {k: v for k, v in variables.items() if k in ('params', 'batch_stats', layers.MASKS)}
-  logits = _run(name, 'with train=False (BatchNorm must then use its running statistics: '
-                'use_running_average=not train)',
-                lambda v: model.apply(v, images, train=False), trained)
+  logits = _run(
+    name,
+    'with train=False (BatchNorm must then use its running statistics: '
+    'use_running_average=not train)',
+    lambda v: model.apply(v, images, train=False),
+    trained,
+  )
   if getattr(logits, 'shape', None) != (2, num_classes):
-    raise ConfigError(f'{name} returns {getattr(logits, "shape", type(logits).__name__)} for '
-                      f'{images.shape[0]} images; it must return logits of shape [batch, '
-                      f'{num_classes}] (the data set has {num_classes} classes)')
-  _run(name, 'with train=True', lambda v, k: model.apply(
-      v, images, train=True, rngs={'shake': k},
-      mutable=['batch_stats', layers.AUXILIARY_LOGITS]), trained, jax.random.key(0))
+    raise ConfigError(
+      f'{name} returns {getattr(logits, "shape", type(logits).__name__)} for '
+      f'{images.shape[0]} images; it must return logits of shape [batch, '
+      f'{num_classes}] (the data set has {num_classes} classes)'
+    )
+  _run(
+    name,
+    'with train=True',
+    lambda v, k: model.apply(
+      v, images, train=True, rngs={'shake': k}, mutable=['batch_stats', layers.AUXILIARY_LOGITS]
+    ),
+    trained,
+    jax.random.key(0),
+  )
