@@ -10,6 +10,7 @@ relative difference from XLA's weight gradient is in the table (float32 rounding
 The last rows time the whole train step of the default network against a plain forward and
 backward pass of the same network without masks or ELBO terms.
 """
+
 import argparse
 import os
 import sys
@@ -26,13 +27,19 @@ from pgnas_jax import parallel  # noqa: E402
 
 # (height = width, input channels, output channels, kernel, stride) of the default network's
 # searchable convs: stage 0 at 28x28, the strided first convs of stages 1 and 2, the rest
-SHAPES = ((28, 16, 16, 3, 1), (28, 16, 32, 3, 2), (14, 32, 32, 3, 1), (14, 32, 64, 3, 2),
-          (7, 64, 64, 3, 1))
+SHAPES = (
+  (28, 16, 16, 3, 1),
+  (28, 16, 32, 3, 2),
+  (14, 32, 32, 3, 1),
+  (14, 32, 64, 3, 2),
+  (7, 64, 64, 3, 1),
+)
 
 
 def conv(x, w, stride):
-  return jax.lax.conv_general_dilated(x, w, (stride, stride), 'SAME',
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return jax.lax.conv_general_dilated(
+    x, w, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
 
 
 def weight_gradient_by_windows(x, g, kernel, stride):
@@ -40,11 +47,17 @@ def weight_gradient_by_windows(x, g, kernel, stride):
   _, h, w, c = x.shape
   _, ho, wo, f = g.shape
   pad_h, pad_w = max((ho - 1) * stride + kernel - h, 0), max((wo - 1) * stride + kernel - w, 0)
-  padded = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
-                       (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-  windows = jnp.stack([padded[:, i:i + stride * (ho - 1) + 1:stride,
-                              j:j + stride * (wo - 1) + 1:stride, :]
-                       for i in range(kernel) for j in range(kernel)], axis=3)
+  padded = jnp.pad(
+    x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+  )
+  windows = jnp.stack(
+    [
+      padded[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
+      for i in range(kernel)
+      for j in range(kernel)
+    ],
+    axis=3,
+  )
   return jnp.einsum('nhwkc,nhwf->kcf', windows, g).reshape(kernel, kernel, c, f)
 
 
@@ -62,10 +75,14 @@ def conv_rows(batch, repeats):
     reference = weight_grad(x, w, g)
     error = float(jnp.max(jnp.abs(by_windows(x, g) - reference)) / jnp.max(jnp.abs(reference)))
     ms = lambda fn, *a: 1e3 * harness.timed(lambda: fn(*a), repeats)
-    row = {'conv': f'{batch}x{size}x{size}x{c} -> {f}, {k}x{k}/{s}',
-           'forward_ms': ms(forward, x, w), 'input_grad_ms': ms(input_grad, x, w, g),
-           'weight_grad_ms': ms(weight_grad, x, w, g), 'windows_weight_grad_ms': ms(by_windows, x, g),
-           'windows_rel_diff': error}
+    row = {
+      'conv': f'{batch}x{size}x{size}x{c} -> {f}, {k}x{k}/{s}',
+      'forward_ms': ms(forward, x, w),
+      'input_grad_ms': ms(input_grad, x, w, g),
+      'weight_grad_ms': ms(weight_grad, x, w, g),
+      'windows_weight_grad_ms': ms(by_windows, x, g),
+      'windows_rel_diff': error,
+    }
     row['weight_grad_over_forward'] = row['weight_grad_ms'] / row['forward_ms']
     rows.append(row)
   return rows
@@ -80,8 +97,13 @@ def step_rows(batch, repeats):
   weights, stats = jax.tree.map(jnp.copy, (state.params['weights'], state.batch_stats))
 
   def logits(w, x):
-    return model.apply({'params': w, 'batch_stats': stats}, x, train=True,
-                       rngs={'shake': jax.random.key(0)}, mutable=['batch_stats'])[0]
+    return model.apply(
+      {'params': w, 'batch_stats': stats},
+      x,
+      train=True,
+      rngs={'shake': jax.random.key(0)},
+      mutable=['batch_stats'],
+    )[0]
 
   def nll(w, x, y):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits(w, x), y))
@@ -95,10 +117,14 @@ def step_rows(batch, repeats):
     return metrics['loss']
 
   ms = lambda fn: 1e3 * harness.timed(fn, repeats)
-  return [{'what': 'train_step (relaxed masks, ELBO, SGD update)', 'ms': ms(one_step)},
-          {'what': 'forward + backward, no masks, cross-entropy only',
-           'ms': ms(lambda: backward(weights, placed['images'], placed['labels']))},
-          {'what': 'forward only (training mode)', 'ms': ms(lambda: forward(weights, placed['images']))}]
+  return [
+    {'what': 'train_step (relaxed masks, ELBO, SGD update)', 'ms': ms(one_step)},
+    {
+      'what': 'forward + backward, no masks, cross-entropy only',
+      'ms': ms(lambda: backward(weights, placed['images'], placed['labels'])),
+    },
+    {'what': 'forward only (training mode)', 'ms': ms(lambda: forward(weights, placed['images']))},
+  ]
 
 
 def main():
@@ -109,8 +135,12 @@ def main():
   rows = conv_rows(args.batch, args.repeats)
   harness.write_table('conv_gradients', 'Convolution gradients on XLA:CPU', list(rows[0]), rows)
   steps = step_rows(args.batch, args.repeats)
-  harness.write_table('train_step_parts', 'The default train step against a plain forward '
-                      'and backward', list(steps[0]), steps)
+  harness.write_table(
+    'train_step_parts',
+    'The default train step against a plain forward and backward',
+    list(steps[0]),
+    steps,
+  )
 
 
 if __name__ == '__main__':

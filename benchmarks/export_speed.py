@@ -10,6 +10,7 @@ the best window's median (the machine is shared: the best window is the least di
 The default family is the embedded default network on Fashion-MNIST's shape; the others
 are small members of their family on 32x32x3 (full sizes do not fit a CPU benchmark).
 """
+
 import argparse
 import os
 import statistics
@@ -28,12 +29,20 @@ from pgnas_jax import config as config_lib  # noqa: E402
 from pgnas_jax import space as space_lib  # noqa: E402
 
 FAMILIES = {  # name -> (model fields, image shape, classes)
-    'shake_shake (default)': ('shake_shake', {}, (28, 28, 1), 10),
-    'resnet': ('resnet', dict(stem_width=16, widths=(16, 32), blocks_per_stage=(1, 1)),
-               (32, 32, 3), 10),
-    'densenet': ('densenet', dict(stem_width=16, blocks=(3, 3), growth_rate=12,
-                                  bottleneck_width=48), (32, 32, 3), 10),
-    'enas': ('enas', dict(filters=8, normal_cells_per_stage=1), (32, 32, 3), 10),
+  'shake_shake (default)': ('shake_shake', {}, (28, 28, 1), 10),
+  'resnet': (
+    'resnet',
+    dict(stem_width=16, widths=(16, 32), blocks_per_stage=(1, 1)),
+    (32, 32, 3),
+    10,
+  ),
+  'densenet': (
+    'densenet',
+    dict(stem_width=16, blocks=(3, 3), growth_rate=12, bottleneck_width=48),
+    (32, 32, 3),
+    10,
+  ),
+  'enas': ('enas', dict(filters=8, normal_cells_per_stage=1), (32, 32, 3), 10),
 }
 
 
@@ -53,6 +62,7 @@ def share_mask(template, share: float, seed: int = 0):
     keep = np.ones(n, np.float32)
     keep[rng.choice(n, int(round(share * n)), replace=False)] = 0
     return keep
+
   return jax.tree.map(leaf, template)
 
 
@@ -75,24 +85,36 @@ def measure(args) -> list:
   rows = []
   for name, (family, fields, shape, classes) in FAMILIES.items():
     model = _model(family, fields, classes)
-    variables = jax.jit(lambda k, m=model, s=shape: m.init(
-        {'params': k}, jnp.zeros((1,) + s), train=False))(jax.random.key(0))
+    variables = jax.jit(
+      lambda k, m=model, s=shape: m.init({'params': k}, jnp.zeros((1,) + s), train=False)
+    )(jax.random.key(0))
     space = space_lib.from_variables(variables)
     weights = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
     images = np.random.default_rng(1).standard_normal((args.batch,) + shape).astype(np.float32)
-    full_ms = best_median_ms(lambda w, x, m=model: m.apply(w, x, train=False),
-                             (weights, images), args.windows, args.calls)
+    full_ms = best_median_ms(
+      lambda w, x, m=model: m.apply(w, x, train=False), (weights, images), args.windows, args.calls
+    )
     full_macs = int(space_lib.costs(space, space.template)[1])
     for share in args.shares:
       mask = share_mask(space.template, share)
       net = compact.build(model, weights, mask, shape)
-      ms = best_median_ms(compact.inference_fn(net), (net.weights, images), args.windows,
-                          args.calls)
+      ms = best_median_ms(
+        compact.inference_fn(net), (net.weights, images), args.windows, args.calls
+      )
       flops_ratio = full_macs / compact.macs(net)
-      rows.append({'family': name, 'dropped': f'{share:.0%}', 'full MACs': full_macs,
-                   'compact MACs': compact.macs(net), 'FLOPs ratio': flops_ratio,
-                   'full ms': full_ms, 'compact ms': ms, 'speed-up': full_ms / ms,
-                   'speed-up / FLOPs ratio': full_ms / ms / flops_ratio})
+      rows.append(
+        {
+          'family': name,
+          'dropped': f'{share:.0%}',
+          'full MACs': full_macs,
+          'compact MACs': compact.macs(net),
+          'FLOPs ratio': flops_ratio,
+          'full ms': full_ms,
+          'compact ms': ms,
+          'speed-up': full_ms / ms,
+          'speed-up / FLOPs ratio': full_ms / ms / flops_ratio,
+        }
+      )
       print(rows[-1], flush=True)
   return rows
 
@@ -107,12 +129,15 @@ def main():
   args.shares = [float(s) for s in args.shares.split(',')]
   rows = measure(args)
   harness.write_table(
-      'export_speed', f'Compact network against the full super-network, batch {args.batch}',
-      list(rows[0]), rows,
-      notes=f'Best of {args.windows} windows of {args.calls} calls (median per window), '
-            f'after 3 warm-up calls. MACs per image (the ENAS full count includes its '
-            f'training-only auxiliary head). Measured on a shared 2-core machine: other '
-            f'jobs ran at the same time, so the times are noisy (best window taken).')
+    'export_speed',
+    f'Compact network against the full super-network, batch {args.batch}',
+    list(rows[0]),
+    rows,
+    notes=f'Best of {args.windows} windows of {args.calls} calls (median per window), '
+    f'after 3 warm-up calls. MACs per image (the ENAS full count includes its '
+    f'training-only auxiliary head). Measured on a shared 2-core machine: other '
+    f'jobs ran at the same time, so the times are noisy (best window taken).',
+  )
 
 
 if __name__ == '__main__':

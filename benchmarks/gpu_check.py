@@ -15,6 +15,7 @@ achieved FLOP/s over the chip's dense peak: bf16 989 TFLOP/s, and for float32 th
 494.5 TFLOP/s, since XLA runs float32 convolutions on TF32 tensor cores by default on Hopper
 (H100/H200 SXM datasheet figures). ``--smoke`` runs the same code at toy sizes (CPU check).
 """
+
 import argparse
 import json
 import os
@@ -53,16 +54,21 @@ def train_row(log, name, dtype, batch_size, steps, smoke):
   config, model, shape, classes, _ = harness.network(name, dtype)
   if smoke:
     shape = (32, 32, 3) if name == 'd121' else shape
-  t = harness.time_train_step(config, model, shape, classes, batch_size, steps,
-                              harness.mesh_of(1))
+  t = harness.time_train_step(config, model, shape, classes, batch_size, steps, harness.mesh_of(1))
   achieved = t.train_flops / t.step_s
-  row = {'check': 'train_step', 'network': name, 'dtype': dtype, 'batch': batch_size,
-         'compile_s': round(t.compile_s, 1), 'step_ms': round(1e3 * t.step_s, 2),
-         'images_per_s': round(batch_size / t.step_s, 1),
-         'achieved_TFLOP_per_s': round(achieved / 1e12, 2),
-         'MFU': round(achieved / PEAK_FLOPS[dtype], 4),
-         'temp_GiB': round(t.temp_bytes / 2**30, 2),
-         'peak_GiB': round((t.peak_bytes or 0) / 2**30, 2)}
+  row = {
+    'check': 'train_step',
+    'network': name,
+    'dtype': dtype,
+    'batch': batch_size,
+    'compile_s': round(t.compile_s, 1),
+    'step_ms': round(1e3 * t.step_s, 2),
+    'images_per_s': round(batch_size / t.step_s, 1),
+    'achieved_TFLOP_per_s': round(achieved / 1e12, 2),
+    'MFU': round(achieved / PEAK_FLOPS[dtype], 4),
+    'temp_GiB': round(t.temp_bytes / 2**30, 2),
+    'peak_GiB': round((t.peak_bytes or 0) / 2**30, 2),
+  }
   log(row)
   return row
 
@@ -83,34 +89,60 @@ def ranking_rows(log, smoke):
   name = 'default' if smoke else 'mi'
   config, model, shape, classes, _ = harness.network(name, 'bfloat16')
   mesh = harness.mesh_of(1)
-  variables = jax.jit(lambda k: model.init({'params': k}, jnp.zeros((1,) + shape),
-                                           train=False))(jax.random.key(0))
+  variables = jax.jit(lambda k: model.init({'params': k}, jnp.zeros((1,) + shape), train=False))(
+    jax.random.key(0)
+  )
   space = space_lib.from_variables(variables)
   weights = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
   logits = masks_lib.init_drop_logits(space.template, 0.1)
   num_images, eval_batch, candidates = (200, 50, 4) if smoke else (5000, 500, 16)
   flops = harness.forward_flops(space)
   for dtype in ('bfloat16', 'float32'):
-    batches = [parallel.put_replicated(harness.synthetic_batch(eval_batch, shape, classes, i),
-                                       mesh) for i in range(num_images // eval_batch)]
+    batches = [
+      parallel.put_replicated(harness.synthetic_batch(eval_batch, shape, classes, i), mesh)
+      for i in range(num_images // eval_batch)
+    ]
     plain = search.make_full_scorer(model, mesh, dtype)
     seconds = harness.timed(lambda: search.evaluate(plain, (weights,), batches), 2)
     floor = num_images / seconds
-    log({'check': 'ranking', 'network': name, 'dtype': dtype, 'way': 'plain forward',
-         'chunk': 0, 'eval_batch': eval_batch, 'images_per_s': round(floor, 1),
-         'MFU': round(floor * flops / PEAK_FLOPS[dtype], 4)})
+    log(
+      {
+        'check': 'ranking',
+        'network': name,
+        'dtype': dtype,
+        'way': 'plain forward',
+        'chunk': 0,
+        'eval_batch': eval_batch,
+        'images_per_s': round(floor, 1),
+        'MFU': round(floor * flops / PEAK_FLOPS[dtype], 4),
+      }
+    )
     scorer = search.make_chunk_scorer(model, mesh, dtype)
-    for chunk in ((1, 2) if smoke else (1, 4, 16)):
-      masks = [jax.device_get(search.draw_candidates(
-          jax.random.key(1), jnp.arange(s, s + chunk), logits, space.template))
-          for s in range(0, candidates, chunk)]
+    for chunk in (1, 2) if smoke else (1, 4, 16):
+      masks = [
+        jax.device_get(
+          search.draw_candidates(
+            jax.random.key(1), jnp.arange(s, s + chunk), logits, space.template
+          )
+        )
+        for s in range(0, candidates, chunk)
+      ]
       seconds = harness.timed(
-          lambda: [search.evaluate(scorer, (weights, m), batches) for m in masks], 1)
-      log({'check': 'ranking', 'network': name, 'dtype': dtype,
-           'way': 'one at a time' if chunk == 1 else 'vmapped chunk', 'chunk': chunk,
-           'eval_batch': eval_batch, 'candidates_per_s': round(candidates / seconds, 2),
-           'images_per_s': round(candidates * num_images / seconds, 1),
-           'ratio_to_plain': round(candidates * num_images / seconds / floor, 3)})
+        lambda: [search.evaluate(scorer, (weights, m), batches) for m in masks], 1
+      )
+      log(
+        {
+          'check': 'ranking',
+          'network': name,
+          'dtype': dtype,
+          'way': 'one at a time' if chunk == 1 else 'vmapped chunk',
+          'chunk': chunk,
+          'eval_batch': eval_batch,
+          'candidates_per_s': round(candidates / seconds, 2),
+          'images_per_s': round(candidates * num_images / seconds, 1),
+          'ratio_to_plain': round(candidates * num_images / seconds / floor, 3),
+        }
+      )
 
 
 def main():
@@ -123,14 +155,17 @@ def main():
   log({'check': 'device', 'device': harness.device_description()})
   steps = 3 if args.smoke else 20
   for dtype in ('bfloat16', 'float32'):
-    train_row(log, 'default' if args.smoke else 'mi', dtype, 16 if args.smoke else 128, steps,
-              args.smoke)
+    train_row(
+      log, 'default' if args.smoke else 'mi', dtype, 16 if args.smoke else 128, steps, args.smoke
+    )
   ranking_rows(log, args.smoke)
   for dtype in ('bfloat16', 'float32'):
-    first = train_row(log, 'd121', dtype, 4 if args.smoke else 128, 3 if args.smoke else 10,
-                      args.smoke)
-    train_row(log, 'd121', dtype, largest_batch(first, args.smoke), 3 if args.smoke else 5,
-              args.smoke)
+    first = train_row(
+      log, 'd121', dtype, 4 if args.smoke else 128, 3 if args.smoke else 10, args.smoke
+    )
+    train_row(
+      log, 'd121', dtype, largest_batch(first, args.smoke), 3 if args.smoke else 5, args.smoke
+    )
   log({'check': 'done'})
 
 

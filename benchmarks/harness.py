@@ -5,6 +5,7 @@ Every number comes from the project's own code paths (``train.make_train_step``,
 ``search.make_chunk_scorer``), on synthetic images of the network's input shape: speed does
 not depend on pixel values. Timings block on the result of every call.
 """
+
 import json
 import os
 import time
@@ -39,13 +40,25 @@ def _d121():
 
 # name -> (config with the model, input shape of one image, classes, description)
 NETWORKS = {
-    'default': (config_lib.get_config, (28, 28, 1), 10,
-                'the embedded default (SupNet-M family, 16/32/64, 1 block per stage), 28x28x1'),
-    'm32': (_m32, (32, 32, 3), 10, 'SupNet-M shape at width 32 (32/64/128), 2 blocks per stage, '
-            '32x32x3'),
-    'mi': (lambda: _config_file('cifar10_mi'), (32, 32, 3), 10,
-           'SupNet-MI (shake-shake 26 2x160d), 32x32x3'),
-    'd121': (_d121, (224, 224, 3), 1000, 'SupNet-D-121, 224x224x3'),
+  'default': (
+    config_lib.get_config,
+    (28, 28, 1),
+    10,
+    'the embedded default (SupNet-M family, 16/32/64, 1 block per stage), 28x28x1',
+  ),
+  'm32': (
+    _m32,
+    (32, 32, 3),
+    10,
+    'SupNet-M shape at width 32 (32/64/128), 2 blocks per stage, 32x32x3',
+  ),
+  'mi': (
+    lambda: _config_file('cifar10_mi'),
+    (32, 32, 3),
+    10,
+    'SupNet-MI (shake-shake 26 2x160d), 32x32x3',
+  ),
+  'd121': (_d121, (224, 224, 3), 1000, 'SupNet-D-121, 224x224x3'),
 }
 
 
@@ -59,9 +72,11 @@ def network(name: str, compute_dtype: str = 'float32'):
 
 def synthetic_batch(batch_size: int, shape: tuple, classes: int, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
-  return {'images': rng.standard_normal((batch_size,) + tuple(shape), np.float32),
-          'labels': rng.integers(0, classes, batch_size).astype(np.int32),
-          'weights': np.ones(batch_size, np.float32)}
+  return {
+    'images': rng.standard_normal((batch_size,) + tuple(shape), np.float32),
+    'labels': rng.integers(0, classes, batch_size).astype(np.int32),
+    'weights': np.ones(batch_size, np.float32),
+  }
 
 
 def train_state(config, model, shape, mesh):
@@ -81,8 +96,9 @@ class StepTiming(NamedTuple):
   peak_bytes: int | None  # see peak_memory_bytes
 
 
-def time_train_step(config, model, shape: tuple, classes: int, batch_size: int, steps: int,
-                    mesh) -> StepTiming:
+def time_train_step(
+  config, model, shape: tuple, classes: int, batch_size: int, steps: int, mesh
+) -> StepTiming:
   """Compiles the project's ``train_step`` for a synthetic batch and times ``steps`` steps
   after one warm-up."""
   state, space, step = train_state(config, model, shape, mesh)
@@ -98,9 +114,13 @@ def time_train_step(config, model, shape: tuple, classes: int, batch_size: int, 
     return metrics['loss']
 
   seconds = timed(one_step, steps)
-  return StepTiming(compile_s, seconds, 3 * forward_flops(space) * batch_size,
-                    int(compiled.memory_analysis().temp_size_in_bytes),
-                    peak_memory_bytes(compiled))
+  return StepTiming(
+    compile_s,
+    seconds,
+    3 * forward_flops(space) * batch_size,
+    int(compiled.memory_analysis().temp_size_in_bytes),
+    peak_memory_bytes(compiled),
+  )
 
 
 def forward_flops(space: space_lib.SearchSpace) -> int:
@@ -141,10 +161,19 @@ def write_table(name: str, title: str, columns: list, rows: list, notes: str = '
   """Prints a markdown table and writes it as ``results/<name>.md`` and ``.json``;
   returns the markdown."""
   os.makedirs(RESULTS, exist_ok=True)
-  fmt = lambda v: f'{v:,.3g}' if isinstance(v, float) and abs(v) < 100 else (
-      f'{v:,.0f}' if isinstance(v, (int, float)) else str(v))
-  lines = [f'### {title}', '', f'Device: {device_description()}.', '',
-           '| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  fmt = lambda v: (
+    f'{v:,.3g}'
+    if isinstance(v, float) and abs(v) < 100
+    else (f'{v:,.0f}' if isinstance(v, (int, float)) else str(v))
+  )
+  lines = [
+    f'### {title}',
+    '',
+    f'Device: {device_description()}.',
+    '',
+    '| ' + ' | '.join(columns) + ' |',
+    '|' + '---|' * len(columns),
+  ]
   lines += ['| ' + ' | '.join(fmt(r[c]) for c in columns) + ' |' for r in rows]
   if notes:
     lines += ['', notes]
@@ -159,4 +188,3 @@ def write_table(name: str, title: str, columns: list, rows: list, notes: str = '
 
 def mesh_of(num_devices: int):
   return parallel.make_mesh(jax.devices()[:num_devices])
-

@@ -21,6 +21,7 @@ machine only slows a window down. Prints a table and writes
 The images are synthetic (smooth random pictures with noise, saved as JPEG quality 90 or
 PNG): decoding speed depends on their size and entropy, not on what they show.
 """
+
 import argparse
 import io
 import json
@@ -70,6 +71,7 @@ class _DecodingSource:
 
   def __init__(self, path):
     import tensorflow_datasets as tfds
+
     self.records = array_record_data_source.ArrayRecordDataSource(path)
     self.feature = tfds.features.Image(shape=(None, None, 3))
 
@@ -103,24 +105,39 @@ def cifar_rows(tmp, quick):
   seconds = 1.0 if quick else 5.0
   rng = np.random.default_rng(0)
   n = 50000
-  split = lambda m: data_lib.Split(rng.integers(0, 256, (m, 32, 32, 3), dtype=np.uint8),
-                                   rng.integers(0, 10, m).astype(np.int32))
-  dataset = data_lib.Dataset(split(n), split(100), split(100), 10,
-                             np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32))
+  split = lambda m: data_lib.Split(
+    rng.integers(0, 256, (m, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, m).astype(np.int32)
+  )
+  dataset = data_lib.Dataset(
+    split(n), split(100), split(100), 10, np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+  )
   c = config_lib.get_config().data
   c.pad_crop, c.random_flip, c.cutout = 4, True, 16
   rate = _rate(lambda s: dataset.train_batch(c, 0, s, 128), 128, seconds)
-  rows.append(('CIFAR 32x32, in memory', 'train batch: pad 4 + crop, flip, normalise, '
-               'cutout 16 (batch 128)', 1, rate))
+  rows.append(
+    (
+      'CIFAR 32x32, in memory',
+      'train batch: pad 4 + crop, flip, normalise, cutout 16 (batch 128)',
+      1,
+      rate,
+    )
+  )
 
   path = os.path.join(tmp, 'cifar.array_record')
   count = 2000 if quick else 5000
   png_bytes = _write_records(path, count, 32, 32, 'PNG', rng)
   source = _DecodingSource(path)
   rate = _rate(lambda i: source[i % count], 1, seconds)
-  rows.append(('CIFAR 32x32, tfds data_source', f'read + PNG decode of one record '
-               f'({png_bytes / 1024:.1f} KB each), as the CIFAR reader does for every image: '
-               f'CIFAR-10 (60,000) loads in {60000 / rate:.0f} s', 1, rate))
+  rows.append(
+    (
+      'CIFAR 32x32, tfds data_source',
+      f'read + PNG decode of one record '
+      f'({png_bytes / 1024:.1f} KB each), as the CIFAR reader does for every image: '
+      f'CIFAR-10 (60,000) loads in {60000 / rate:.0f} s',
+      1,
+      rate,
+    )
+  )
   return rows
 
 
@@ -136,23 +153,40 @@ def imagenet_rows(tmp, quick):
   cores = os.cpu_count()
 
   rate = _rate(lambda i: source[i % count], 1, seconds)
-  rows.append(('ImageNet 400x350 JPEG', f'read + decode only ({jpeg_bytes / 1024:.0f} KB '
-               f'each)', 1, rate))
+  rows.append(
+    ('ImageNet 400x350 JPEG', f'read + decode only ({jpeg_bytes / 1024:.0f} KB each)', 1, rate)
+  )
   c = config_lib.get_config().data
   for threads in sorted({1, cores}):
     dataset = stream.Streamed(
-        train=stream.Records(source, order), validation=stream.Records(source, order[:64]),
-        test=stream.Records(source, order[:64]), num_classes=imagenet.NUM_CLASSES,
-        mean=np.array(imagenet.MEAN, np.float32), std=np.array(imagenet.STD, np.float32),
-        image_size=224, pool=ThreadPoolExecutor(threads))
+      train=stream.Records(source, order),
+      validation=stream.Records(source, order[:64]),
+      test=stream.Records(source, order[:64]),
+      num_classes=imagenet.NUM_CLASSES,
+      mean=np.array(imagenet.MEAN, np.float32),
+      std=np.array(imagenet.STD, np.float32),
+      image_size=224,
+      pool=ThreadPoolExecutor(threads),
+    )
     batch = 32
     rate = _rate(lambda s: dataset.train_batch(c, 0, s, batch), batch, seconds)
-    rows.append(('ImageNet 400x350 JPEG, streamed', f'train batch: read, decode, '
-                 f'random-resized crop 224, flip, normalise (batch {batch})', threads, rate))
-    rate = _rate(lambda s: list(dataset.eval_batches(dataset.validation, batch)),
-                 64, seconds)
-    rows.append(('ImageNet 400x350 JPEG, streamed', f'eval batch: read, decode, resize 256, '
-                 f'centre crop 224, normalise (batch {batch})', threads, rate))
+    rows.append(
+      (
+        'ImageNet 400x350 JPEG, streamed',
+        f'train batch: read, decode, random-resized crop 224, flip, normalise (batch {batch})',
+        threads,
+        rate,
+      )
+    )
+    rate = _rate(lambda s: list(dataset.eval_batches(dataset.validation, batch)), 64, seconds)
+    rows.append(
+      (
+        'ImageNet 400x350 JPEG, streamed',
+        f'eval batch: read, decode, resize 256, centre crop 224, normalise (batch {batch})',
+        threads,
+        rate,
+      )
+    )
     dataset.pool.shutdown()
   return rows
 
@@ -174,9 +208,16 @@ def train_step_rows(quick):
   mesh = parallel.make_mesh(jax.devices()[:1])
   rows = []
   for name, make, shape, classes, batch_size, steps in (
-      ('SupNet-M shape (shake-shake 32/64/128, 2 blocks per stage), 32x32', _m_shape,
-       (32, 32, 3), 10, 32, 2 if quick else 5),
-      ('SupNet-D-121, 224x224', _d121, (224, 224, 3), 1000, 4, 1 if quick else 3)):
+    (
+      'SupNet-M shape (shake-shake 32/64/128, 2 blocks per stage), 32x32',
+      _m_shape,
+      (32, 32, 3),
+      10,
+      32,
+      2 if quick else 5,
+    ),
+    ('SupNet-D-121, 224x224', _d121, (224, 224, 3), 1000, 4, 1 if quick else 3),
+  ):
     config = make()
     model = supernets.build(config.model, classes)
     schedule = optim.learning_rate_schedule(config.train, 100, 10)
@@ -184,9 +225,13 @@ def train_step_rows(quick):
     state, space = train.initialise(model, config, shape, tx, mesh)
     step = train.make_train_step(model, space, config, tx, schedule, mesh)
     rng = np.random.default_rng(0)
-    batch = parallel.put_batch({
+    batch = parallel.put_batch(
+      {
         'images': rng.normal(size=(batch_size,) + shape).astype(np.float32),
-        'labels': rng.integers(0, classes, batch_size).astype(np.int32)}, mesh)
+        'labels': rng.integers(0, classes, batch_size).astype(np.int32),
+      },
+      mesh,
+    )
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -198,8 +243,9 @@ def train_step_rows(quick):
       jax.block_until_ready(metrics)
       fastest = min(fastest, time.perf_counter() - start)
     rate = batch_size / fastest
-    rows.append((name, f'train step, batch {batch_size}, first call (compile) '
-                 f'{compile_s:.0f} s', rate))
+    rows.append(
+      (name, f'train step, batch {batch_size}, first call (compile) {compile_s:.0f} s', rate)
+    )
   return rows
 
 
@@ -211,10 +257,13 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     inputs = cifar_rows(tmp, args.quick) + imagenet_rows(tmp, args.quick)
   steps = train_step_rows(args.quick)
-  machine = (f'{os.cpu_count()} CPU cores, {jax.devices()[0].platform}, jax {jax.__version__}')
-  lines = [f'Measured with `python -m benchmarks.input_pipeline` on {machine}.', '',
-           '| input | work | threads | images/s | images/s per thread |',
-           '|---|---|---|---|---|']
+  machine = f'{os.cpu_count()} CPU cores, {jax.devices()[0].platform}, jax {jax.__version__}'
+  lines = [
+    f'Measured with `python -m benchmarks.input_pipeline` on {machine}.',
+    '',
+    '| input | work | threads | images/s | images/s per thread |',
+    '|---|---|---|---|---|',
+  ]
   lines += [f'| {a} | {b} | {t} | {r:,.0f} | {r / t:,.0f} |' for a, b, t, r in inputs]
   lines += ['', '| network | work | images/s |', '|---|---|---|']
   lines += [f'| {a} | {b} | {r:,.1f} |' for a, b, r in steps]
@@ -222,11 +271,15 @@ def main():
   print(table)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'input_pipeline.json'), 'w') as f:
-    json.dump({'machine': machine,
-               'input': [dict(zip(('input', 'work', 'threads', 'images_per_s'), r))
-                         for r in inputs],
-               'train_step': [dict(zip(('network', 'work', 'images_per_s'), r))
-                              for r in steps]}, f, indent=1)
+    json.dump(
+      {
+        'machine': machine,
+        'input': [dict(zip(('input', 'work', 'threads', 'images_per_s'), r)) for r in inputs],
+        'train_step': [dict(zip(('network', 'work', 'images_per_s'), r)) for r in steps],
+      },
+      f,
+      indent=1,
+    )
   with open(os.path.join(args.out, 'input_pipeline.md'), 'w') as f:
     f.write(table + '\n')
 

@@ -18,6 +18,7 @@ forward measured at any batch size, and to one at a time; and the chunk size tha
 ``search.chunk_size='auto'`` picks there. Simulated CPU devices share the same cores: the
 multi-device rows show that the sharded path works, they are not a speed claim.
 """
+
 import argparse
 import os
 import sys
@@ -45,41 +46,64 @@ def measure(args, num_devices, eval_batch, chunks):
   from pgnas_jax import masks as masks_lib
   from pgnas_jax import parallel, search
   from pgnas_jax import space as space_lib
+
   config, model, shape, classes, _ = harness.network(args.network, args.dtype)
   mesh = harness.mesh_of(num_devices)
-  variables = jax.jit(lambda k: model.init({'params': k}, jnp.zeros((1,) + shape),
-                                           train=False))(jax.random.key(0))
+  variables = jax.jit(lambda k: model.init({'params': k}, jnp.zeros((1,) + shape), train=False))(
+    jax.random.key(0)
+  )
   space = space_lib.from_variables(variables)
   weights = parallel.put_replicated(
-      {'params': variables['params'], 'batch_stats': variables['batch_stats']}, mesh)
+    {'params': variables['params'], 'batch_stats': variables['batch_stats']}, mesh
+  )
   logits = masks_lib.init_drop_logits(space.template, config.drop.init_p)
-  batches = [parallel.put_replicated(harness.synthetic_batch(eval_batch, shape, classes, i),
-                                     mesh) for i in range(args.images // eval_batch)]
+  batches = [
+    parallel.put_replicated(harness.synthetic_batch(eval_batch, shape, classes, i), mesh)
+    for i in range(args.images // eval_batch)
+  ]
   total = args.candidates * args.images
   scorer = search.make_chunk_scorer(model, mesh, args.dtype)
   plain = search.make_full_scorer(model, mesh, args.dtype)
   rows = []
   for chunk in [c for c in chunks if c % num_devices == 0]:
-    masks = [parallel.put_split(jax.device_get(search.draw_candidates(
-        jax.random.key(1), jnp.arange(s, s + chunk), logits, space.template)), mesh)
-             for s in range(0, args.candidates, chunk)]
+    masks = [
+      parallel.put_split(
+        jax.device_get(
+          search.draw_candidates(
+            jax.random.key(1), jnp.arange(s, s + chunk), logits, space.template
+          )
+        ),
+        mesh,
+      )
+      for s in range(0, args.candidates, chunk)
+    ]
     # search.evaluate, as ranking runs it: it reads each batch's scores before the next
-    seconds = harness.timed(lambda: [search.evaluate(scorer, (weights, m), batches)
-                                     for m in masks], 1)
-    plain_batches = [parallel.put_batch(harness.synthetic_batch(chunk * eval_batch, shape,
-                                                                classes, i), mesh)
-                     for i in range(total // (chunk * eval_batch))]
+    seconds = harness.timed(
+      lambda: [search.evaluate(scorer, (weights, m), batches) for m in masks], 1
+    )
+    plain_batches = [
+      parallel.put_batch(harness.synthetic_batch(chunk * eval_batch, shape, classes, i), mesh)
+      for i in range(total // (chunk * eval_batch))
+    ]
     plain_seconds = harness.timed(lambda: search.evaluate(plain, (weights,), plain_batches), 1)
-    rows.append({'devices': num_devices, 'eval_batch': eval_batch, 'chunk': chunk,
-                 'images_per_call': chunk * eval_batch,
-                 'candidates_per_s': args.candidates / seconds, 'images_per_s': total / seconds,
-                 'plain_forward_images_per_s': total / plain_seconds,
-                 'ratio_to_plain_same_size': plain_seconds / seconds})
+    rows.append(
+      {
+        'devices': num_devices,
+        'eval_batch': eval_batch,
+        'chunk': chunk,
+        'images_per_call': chunk * eval_batch,
+        'candidates_per_s': args.candidates / seconds,
+        'images_per_s': total / seconds,
+        'plain_forward_images_per_s': total / plain_seconds,
+        'ratio_to_plain_same_size': plain_seconds / seconds,
+      }
+    )
   one = rows[0]  # one candidate per device at a time
   for r in rows:
     r['ratio_to_one_at_a_time'] = r['images_per_s'] / one['images_per_s']
-  auto = search.Scorer(model, mesh, args.dtype).auto_chunk_size(weights, space, batches[0],
-                                                                args.candidates)
+  auto = search.Scorer(model, mesh, args.dtype).auto_chunk_size(
+    weights, space, batches[0], args.candidates
+  )
   return rows, auto
 
 
@@ -89,6 +113,7 @@ def main():
   flag = f'--xla_force_host_platform_device_count={max(devices)}'
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
   from benchmarks import harness
+
   chunks = [int(c) for c in args.chunks.split(',')]
   rows, summary = [], []
   for k in devices:
@@ -97,17 +122,30 @@ def main():
       rows += measured
       best = max(measured, key=lambda r: r['images_per_s'])
       floor = max(r['plain_forward_images_per_s'] for r in measured)
-      summary.append({'devices': k, 'eval_batch': b, 'best_chunk': best['chunk'],
-                      'best_images_per_s': best['images_per_s'],
-                      'best_plain_forward_images_per_s': floor,
-                      'ratio_to_best_plain': best['images_per_s'] / floor,
-                      'ratio_to_one_at_a_time': best['ratio_to_one_at_a_time'],
-                      'auto_chunk': auto})
+      summary.append(
+        {
+          'devices': k,
+          'eval_batch': b,
+          'best_chunk': best['chunk'],
+          'best_images_per_s': best['images_per_s'],
+          'best_plain_forward_images_per_s': floor,
+          'ratio_to_best_plain': best['images_per_s'] / floor,
+          'ratio_to_one_at_a_time': best['ratio_to_one_at_a_time'],
+          'auto_chunk': auto,
+        }
+      )
   network = f'{args.network} ({harness.NETWORKS[args.network][3]}), {args.dtype}'
-  notes = (f'Network: {network}; {args.candidates} candidates x {args.images} validation '
-           f'images per measurement.')
-  harness.write_table(args.name, 'Ranking: vmapped chunks against a plain forward and one '
-                      'candidate at a time', list(rows[0]), rows, notes)
+  notes = (
+    f'Network: {network}; {args.candidates} candidates x {args.images} validation '
+    f'images per measurement.'
+  )
+  harness.write_table(
+    args.name,
+    'Ranking: vmapped chunks against a plain forward and one candidate at a time',
+    list(rows[0]),
+    rows,
+    notes,
+  )
   harness.write_table(args.name + '_summary', 'Ranking summary', list(summary[0]), summary, notes)
 
 

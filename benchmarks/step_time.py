@@ -8,6 +8,7 @@ not the input pipeline. Prints one JSON line (process 0).
     # D-121 at 224: --config.model.family=densenet --image=224,224,3 --classes=1000
     # several processes: add --coordinator_address, --num_processes, --process_id
 """
+
 import json
 import os
 import statistics
@@ -22,7 +23,8 @@ from pgnas_jax import optim, parallel, supernets, train
 from pgnas_jax import space as space_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(train.__file__), 'config.py'), 'Config file.')
+  'config', os.path.join(os.path.dirname(train.__file__), 'config.py'), 'Config file.'
+)
 _BATCH = flags.DEFINE_integer('batch', 128, 'Global batch.')
 _IMAGE = flags.DEFINE_list('image', ['28', '28', '1'], 'Image height, width, channels.')
 _CLASSES = flags.DEFINE_integer('classes', 10, 'Classes.')
@@ -34,8 +36,9 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'As pgnas_jax.main.')
 
 def main(argv):
   del argv
-  parallel.initialize_distributed(False, _COORDINATOR.value, _NUM_PROCESSES.value,
-                                  _PROCESS_ID.value)
+  parallel.initialize_distributed(
+    False, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+  )
   config = _CONFIG.value
   image = tuple(int(x) for x in _IMAGE.value)
   batch_size = _BATCH.value
@@ -48,8 +51,12 @@ def main(argv):
   step_fn = train.make_train_step(model, space, config, tx, schedule, mesh)
   rng = np.random.default_rng(0)
   batch = parallel.put_batch(
-      {'images': rng.standard_normal((batch_size,) + image, dtype=np.float32),
-       'labels': rng.integers(0, _CLASSES.value, batch_size).astype(np.int32)}, mesh)
+    {
+      'images': rng.standard_normal((batch_size,) + image, dtype=np.float32),
+      'labels': rng.integers(0, _CLASSES.value, batch_size).astype(np.int32),
+    },
+    mesh,
+  )
 
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
@@ -66,14 +73,22 @@ def main(argv):
   params, macs = space_lib.costs(space, space.template)
   gradient = sum(int(np.size(x)) * x.dtype.itemsize for x in jax.tree.leaves(state.params))
   result = {
-      'device': jax.devices()[0].device_kind, 'devices': mesh.devices.size,
-      'processes': jax.process_count(), 'family': config.model.family, 'image': image,
-      'batch': batch_size, 'compile_s': round(compile_s, 2),
-      'step_s_median': statistics.median(times), 'step_s_mean': statistics.mean(times),
-      'step_s_min': min(times), 'images_per_s': batch_size / statistics.median(times),
-      'params': int(params), 'macs_per_image': int(macs),
-      'xla_flops_per_step': float(cost.get('flops', -1.0)) if cost else None,
-      'gradient_bytes': gradient, 'loss': float(metrics['loss']),
+    'device': jax.devices()[0].device_kind,
+    'devices': mesh.devices.size,
+    'processes': jax.process_count(),
+    'family': config.model.family,
+    'image': image,
+    'batch': batch_size,
+    'compile_s': round(compile_s, 2),
+    'step_s_median': statistics.median(times),
+    'step_s_mean': statistics.mean(times),
+    'step_s_min': min(times),
+    'images_per_s': batch_size / statistics.median(times),
+    'params': int(params),
+    'macs_per_image': int(macs),
+    'xla_flops_per_step': float(cost.get('flops', -1.0)) if cost else None,
+    'gradient_bytes': gradient,
+    'loss': float(metrics['loss']),
   }
   if parallel.is_main_process():
     print(json.dumps(result), flush=True)

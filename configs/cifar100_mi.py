@@ -7,6 +7,7 @@ Needs the `tfds` extra and CIFAR-100 prepared as array_record in tfds' default d
 (docs/data.md). Paper (Table 2, PGNAS-MI, 5000 candidates, no fine-tuning): 14.28% test
 error, 46.4M params, 11 GPU-days on a single NVIDIA P40.
 """
+
 from pgnas_jax import config as config_lib
 
 

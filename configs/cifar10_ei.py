@@ -7,6 +7,7 @@ Needs the `tfds` extra and CIFAR-10 prepared as array_record in tfds' default da
 (docs/data.md). Paper (Table 3, PGNAS on SupNet-EI, no fine-tuning): 2.56% test error,
 10.8M params; GPU-days not reported for this network; trained on a single NVIDIA P40.
 """
+
 from pgnas_jax import config as config_lib
 
 

@@ -8,6 +8,7 @@ Needs the `tfds` extra and CIFAR-10 prepared as array_record in tfds' default da
 error, 33.4M params, 6.5 GPU-days on a single NVIDIA P40 (1.98% and 32.8M with 10000
 candidates, `--config.search.num_candidates=10000`, 11.1 GPU-days).
 """
+
 from pgnas_jax import config as config_lib
 
 

@@ -2,6 +2,7 @@
 SPEC.md section 6). Not a config itself (it has no ``get_config``): a config file builds on it
 with ``config_lib.read_sibling(__file__, 'common')``, since configs/ is not a package.
 """
+
 from pgnas_jax import config as config_lib
 
 

@@ -6,4 +6,5 @@
 Same as running without --config. Expected on a 2-core CPU: about 10 minutes, winner's test
 accuracy (no fine-tuning) about 0.9 (see README.md for the measured run).
 """
+
 from pgnas_jax.config import get_config  # noqa: F401  (the file's entry point)

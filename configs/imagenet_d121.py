@@ -8,6 +8,7 @@ default data_dir (docs/data.md); 50,000 training images are held out for ranking
 the official validation set is the test split. Paper (Table 8, PGNAS-D-121, no fine-tuning):
 24.8% top-1 / 7.5% top-5 error, 6.6M params, 26 GPU-days, on 4 NVIDIA M40 GPUs.
 """
+
 from pgnas_jax import config as config_lib
 
 common = config_lib.read_sibling(__file__, 'common')

@@ -8,6 +8,7 @@ default data_dir (docs/data.md); 50,000 training images are held out for ranking
 the official validation set is the test split. Paper (Table 9, PGNAS-R-50, no fine-tuning):
 22.73% top-1 error, 26.0M params; GPU-days not reported; trained on 4 NVIDIA M40 GPUs.
 """
+
 from pgnas_jax import config as config_lib
 
 common = config_lib.read_sibling(__file__, 'common')

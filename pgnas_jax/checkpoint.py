@@ -8,6 +8,7 @@ was cut short is never restored, and an unreadable checkpoint is named and skipp
 one before it. With several processes every one of them saves and restores (orbax writes
 each array once, from one process holding it, into the shared workdir).
 """
+
 import logging
 import os
 import signal
@@ -36,8 +37,11 @@ class Checkpointer:
     self.directory = workdir_lib.path(os.path.abspath(workdir), workdir_lib.CHECKPOINTS)
     self.every_steps = config.every_steps
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.max_to_keep, enable_async_checkpointing=True))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=config.max_to_keep, enable_async_checkpointing=True
+      ),
+    )
 
   def steps(self) -> list:
     return sorted(self._manager.all_steps())
@@ -75,8 +79,10 @@ class Checkpointer:
       return _from_saveable(restored)
     if failures:
       raise CheckpointError(
-          f'no readable checkpoint in {self.directory}: {"; ".join(failures)}. Rerun with '
-          f'--start_over to train from scratch')
+        f'no readable checkpoint in {self.directory}: {"; ".join(failures)}. Remove '
+        f'{self.directory} to train again from scratch keeping the rest of the workdir, or '
+        f'add --start_over to start the whole run again'
+      )
     return None
 
   def _set_aside(self, step: int) -> None:
@@ -105,20 +111,36 @@ class Checkpointer:
 
 
 class PreemptionGuard:
-  """Turns SIGTERM into a request that the loops honour at their next safe point (after a
-  training step or a search chunk), so the run saves and exits instead of dying mid-write."""
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a request that the loops honour at their next
+  safe point (after a training or fine-tuning step, or a search chunk), so the run saves and
+  exits instead of dying mid-write. A second Ctrl-C stops at once, as Python does."""
+
+  SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C (SIGINT)'}
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name = 'SIGTERM'  # of the first request; what messages say stopped the run
+    self._previous = {}
 
   def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    for signum in self.SIGNALS:
+      self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt
+    if not self.requested:
+      self.signal_name = self.SIGNALS[signum]
+      if signum == signal.SIGINT:
+        logging.warning(
+          'Ctrl-C: stopping at the next safe point, saving first (press it '
+          'again to stop at once, losing the work since the last save)'
+        )
     self.requested = True
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
     return False

@@ -1,13 +1,17 @@
 """What the command-line entry points share: flag parsing and loading the config with
 one-line answers to bad input, and ending the process with one line instead of a
 traceback."""
+
 import logging as py_logging
+import os
 import sys
+import traceback
 from collections.abc import Callable
 
 from absl import flags
 from ml_collections import config_flags
 
+from pgnas_jax import config as config_lib
 from pgnas_jax import errors, observe
 
 FIELDS_HELP = 'fields are listed in README.md, "Config fields"'
@@ -35,10 +39,40 @@ def quiet_libraries(record) -> bool:
 
 
 def parse_flags(argv):
+  check_config_file(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(f'{one_line(e)}; {FIELDS_HELP}')
+
+
+def check_config_file(argv) -> None:
+  """Loads the ``--config`` file once before ml_collections does, so that one that raises, or
+  has no ``get_config``, is answered in one line naming the file and the line, not with the
+  traceback ml_collections would print. A missing file is left to ml_collections' message."""
+  values = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  values += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == '--config']
+  if not values:
+    return
+  path, _, arg = values[-1].partition(':')  # ml_collections' --config=FILE:ARGUMENT
+  if not os.path.isfile(path):
+    return
+  try:
+    get_config = getattr(config_lib.read_config_file(path), 'get_config', None)
+    if not callable(get_config):
+      fail(
+        f'cannot load the config {path}: it defines no get_config(); a config file '
+        f'defines get_config() returning an ml_collections.ConfigDict (see configs/)'
+      )
+    get_config(arg) if arg else get_config()
+  except Exception as e:  # noqa: BLE001 - the user's code may raise anything
+    lines = [
+      f.lineno
+      for f in traceback.extract_tb(e.__traceback__)
+      if os.path.abspath(f.filename) == os.path.abspath(path)
+    ]
+    where = f' at line {lines[-1]}' if lines else ''
+    fail(f'cannot load the config {path}: {type(e).__name__}{where}: {one_line(e)}')
 
 
 def define_config_flag(default_path: str):
@@ -46,9 +80,12 @@ def define_config_flag(default_path: str):
   flag is defined, so an unknown field surfaces here, not in flag parsing."""
   try:
     return config_flags.DEFINE_config_file(
-        'config', default_path,
-        'Config file (a Python file with get_config()); fields can be overridden with '
-        '--config.FIELD=VALUE.', lock_config=True)
+      'config',
+      default_path,
+      'Config file (a Python file with get_config()); fields can be overridden with '
+      '--config.FIELD=VALUE.',
+      lock_config=True,
+    )
   except (AttributeError, KeyError) as e:
     fail(f'unknown config field on the command line: {one_line(e)}; {FIELDS_HELP}')
 
@@ -69,5 +106,9 @@ def exit_on_user_errors(job: Callable, *args):
     return job(*args)
   except errors.Preempted as e:
     fail(one_line(e), status=143)
+  except KeyboardInterrupt:  # Ctrl-C before the run could save (or twice): like SIGTERM's
+    fail(
+      'stopped by Ctrl-C; what was saved is kept: run the same command again to resume', status=143
+    )
   except errors.UserFacingError as e:
     fail(one_line(e))

@@ -7,15 +7,19 @@ package), ``validate`` (run once at start) and the table in ``docs/config.md``
 (``pgnas_jax.config_doc``) are all built from it, so a new field is one ``Field`` entry.
 Config files in ``configs/`` start from ``get_config()`` and override fields.
 """
+
 import dataclasses
 import importlib.util
+import json
 import os
 import types
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+import numpy as np
 
+from pgnas_jax import budget
 from pgnas_jax.errors import ConfigError
 from pgnas_jax.supernets import enas
 
@@ -23,22 +27,38 @@ from pgnas_jax.supernets import enas
 @dataclasses.dataclass(frozen=True)
 class Check:
   """A test a field's value must pass, and what it must be (for the message and the docs)."""
+
   test: Callable[[Any], bool]
   what: str
 
 
 POSITIVE = Check(lambda v: v > 0, '> 0')
 NON_NEGATIVE = Check(lambda v: v >= 0, '>= 0')
-PROBABILITY = Check(lambda v: 0.0 < v < 1.0, 'in (0, 1)')
+# in float32, where the drop logits live: 1e-46 is 0 there, 1 - 1e-9 is 1
+PROBABILITY = Check(
+  lambda v: 0.0 < np.float32(v) < 1.0 and 0.0 < v < 1.0,
+  'in (0, 1), and neither 0 nor 1 in float32 (about 1.4e-45 .. 1 - 6e-8)',
+)
 EACH_POSITIVE = Check(lambda v: len(v) > 0 and all(x > 0 for x in v), 'non-empty, each > 0')
-EACH_ODD = Check(lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
-                 'non-empty, each an odd number > 0')
+EACH_ODD = Check(
+  lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v), 'non-empty, each an odd number > 0'
+)
 ENAS_ARC = Check(enas.is_valid_arc, enas.ARC_RULE)
 DATA_NAME = Check(
-    lambda v: v in ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012', 'npz') or (
-        isinstance(v, str) and v.startswith('tfds:') and len(v) > len('tfds:')),
-    "one of 'fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012', 'npz', or 'tfds:NAME' "
-    "(NAME a tensorflow-datasets image-classification data set)")
+  lambda v: (
+    v in ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012', 'npz')
+    or (isinstance(v, str) and v.startswith('tfds:') and len(v) > len('tfds:'))
+  ),
+  "one of 'fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012', 'npz', or 'tfds:NAME' "
+  '(NAME a tensorflow-datasets image-classification data set)',
+)
+
+
+def _is_json_object(text) -> bool:
+  try:
+    return isinstance(json.loads(text), dict)
+  except (TypeError, ValueError):
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +66,7 @@ class Field:
   """One config field. ``doc`` is its row in docs/config.md; ``choices`` or ``check`` what
   ``validate`` accepts; ``any_type`` lets a value of another type replace the default (the
   command line then parses it as a Python literal)."""
+
   name: str  # dotted path, e.g. 'train.batch_size'
   default: Any
   doc: str
@@ -55,191 +76,427 @@ class Field:
 
 
 FIELDS = (
-    Field('seed', 0, 'root of every key: init, training masks and shake-shake, search'),
-    # data
-    Field('data.name', 'fashion_mnist',
-          'data set (see [data sets](data.md)): `npz` reads your own arrays from `data.path`; '
-          "`tfds:NAME` any tensorflow-datasets image-classification data set (e.g. "
-          "`'tfds:mnist'`), read whole into memory; `cifar10`, `cifar100`, `imagenet2012` and "
-          '`tfds:NAME` need the `tfds` extra', check=DATA_NAME),
-    Field('data.data_dir', '/usr/share/datasets/fashion-mnist',
-          'Fashion-MNIST: folder of the IDX files; CIFAR, ImageNet and `tfds:NAME`: tfds '
-          "`data_dir` holding `cifar10/`, `cifar100/`, `imagenet2012/` or `NAME/`, `''` (the "
-          "CIFAR and ImageNet configs' value) for tfds' default, `$TFDS_DATA_DIR` or else "
-          '`~/tensorflow_datasets`'),
-    Field('data.path', '',
-          '`npz` only: the `.npz` file holding `x_train`, `y_train`, `x_test`, `y_test`'),
-    Field('data.num_classes', 0,
-          '`npz` only: the number of classes (labels are 0 .. num_classes - 1); 0: one more '
-          'than the largest training label. The other data sets know theirs',
-          check=NON_NEGATIVE),
-    Field('data.validation_size', 5000,
-          'images carved from the training split (a fixed permutation, the same for every '
-          'seed) for ranking; never trained on (ImageNet configs: 50000)',
-          check=Check(lambda v: v > 0, 'a positive number of images')),
-    Field('data.random_flip', True, 'horizontal flip in training'),
-    Field('data.pad_crop', 0,
-          'pad by this many pixels and crop back at random in training; 0: off (must be 0 '
-          'for ImageNet)', check=NON_NEGATIVE),
-    Field('data.cutout', 0,
-          'cutout in training (DeVries & Taylor 2017): per image one square of this side, '
-          'centred uniformly over the image and clipped at the borders, set to 0 after '
-          'normalisation (the training mean); 0: off (must be 0 for ImageNet)',
-          check=NON_NEGATIVE),
-    Field('data.image_size', 224,
-          'ImageNet only (the others keep their native size): side of the square network '
-          'input; training takes a random-resized crop (8% to 100% of the area, aspect 3/4 to '
-          '4/3) resized to it, evaluation resizes the shorter side to `image_size * 256 / 224` '
-          'and takes the centre crop', check=POSITIVE),
-    # model
-    Field('model.family', 'shake_shake',
-          'super-network family (see [super-networks](supernets.md)); its fields are in '
-          '`model.<family>`', choices=('shake_shake', 'enas', 'resnet', 'densenet')),
-    Field('model.compute_dtype', 'float32',
-          '`bfloat16`: mixed precision for training and ranking; convolutions and activations '
-          'in bf16, parameters, optimiser state, BatchNorm statistics, drop logits, masks and '
-          'the loss in float32 (`pgnas_jax/precision.py`)', choices=('float32', 'bfloat16')),
-    Field('model.shake_shake.stem_width', 16,
-          'SupNet-M family (SPEC section 5): channels of the stem conv', check=POSITIVE),
-    Field('model.shake_shake.widths', (16, 32, 64),
-          'channels per stage (SupNet-M: 96, 192, 384)', check=EACH_POSITIVE),
-    Field('model.shake_shake.blocks_per_stage', 1, 'residual blocks per stage (SupNet-M: 4)',
-          check=POSITIVE),
-    Field('model.shake_shake.kernel_sizes', (3, 3),
-          'one kernel size per branch; the number of entries is the number of branches',
-          check=EACH_ODD),
-    Field('model.shake_shake.shake', True,
-          'shake-shake mixing of the branches in training (equal weights at test)'),
-    Field('model.enas.filters', 36,
-          "SupNet-E family (SPEC section 5): `F`, the first stage's cell width, doubled by each "
-          'reduction cell (SupNet-E: 36, SupNet-EI: 72)', check=POSITIVE),
-    Field('model.enas.normal_cells_per_stage', 5,
-          'normal cells in each of the 3 stages; a reduction cell precedes stages 2 and 3 '
-          '(ENAS: 15 layers, reductions at 5 and 11)', check=POSITIVE),
-    Field('model.enas.normal_arc', enas.NORMAL_ARC,
-          "ENAS's CIFAR-10 normal cell: per node `input, op, input, op`; inputs 0 and 1 are the "
-          "cell's inputs, node `j` >= 2 the `j`-th built; ops 0 sep3x3, 1 sep5x5, 2 avg3x3, "
-          '3 max3x3, 4 identity', check=ENAS_ARC),
-    Field('model.enas.reduction_arc', enas.REDUCTION_ARC,
-          "ENAS's CIFAR-10 reduction cell, written as `normal_arc`", check=ENAS_ARC),
-    Field('model.enas.auxiliary_head', True,
-          "ENAS's auxiliary classifier after the first cell of the last stage, trained with "
-          'weight `objective.auxiliary_weight`, never used at evaluation'),
-    Field('model.resnet.stem_width', 64, 'SupNet-R-50 family: channels of the conv7x7/2 stem',
-          check=POSITIVE),
-    Field('model.resnet.widths', (64, 128, 256, 512),
-          'bottleneck widths per stage (block outputs are 4x); each a multiple of the number '
-          'of branches', check=EACH_POSITIVE),
-    Field('model.resnet.blocks_per_stage', (3, 4, 6, 3), 'bottleneck blocks per stage',
-          check=EACH_POSITIVE),
-    Field('model.resnet.kernel_sizes', (1, 3, 3, 5),
-          'one entry per branch of the multi-kernel block that replaces every 3x3 conv; each '
-          'branch has `width / branches` output channels', check=EACH_ODD),
-    Field('model.resnet.dilations', (1, 1, 2, 2),
-          'the dilation of each branch, one per entry of `kernel_sizes`', check=EACH_POSITIVE),
-    Field('model.densenet.stem_width', 64,
-          'SupNet-D-121 family: channels of the conv7x7/2 stem', check=POSITIVE),
-    Field('model.densenet.blocks', (6, 12, 24, 16), 'dense layers per dense block',
-          check=EACH_POSITIVE),
-    Field('model.densenet.growth_rate', 32,
-          "channels each dense layer adds (its 3x3 conv's output)", check=POSITIVE),
-    Field('model.densenet.bottleneck_width', 128,
-          "output channels of a dense layer's 1x1 conv", check=POSITIVE),
-    Field('model.densenet.compression', 0.5, 'share of channels a transition keeps',
-          check=Check(lambda v: 0.0 < v <= 1.0, 'in (0, 1]')),
-    # drop probabilities
-    Field('drop.mode', 'learned',
-          '`learned`: PGNAS; `random`: every drop logit frozen at `random_p`, no entropy term, '
-          "no gradient to the logits (the paper's predefined-dropout baseline)",
-          choices=('learned', 'random')),
-    Field('drop.init_p', 0.1, 'initial drop probability of every group', check=PROBABILITY),
-    Field('drop.random_p', 0.1, 'p0 of the `random` ablation', check=PROBABILITY),
-    Field('drop.tau', 0.2, 'temperature of the relaxed Bernoulli training masks',
-          check=Check(lambda v: v > 0.0, '> 0')),
-    Field('drop.logit_lr_multiplier', 1.0, 'learning-rate multiplier of the drop logits',
-          check=NON_NEGATIVE),
-    # objective
-    Field('objective.prior', 'posterior',
-          '`posterior`: prior term `l2 (1 - p) ||m||^2`; `constant`: `constant_l2 ||m||^2` '
-          '(the "constant L2" ablation)', choices=('posterior', 'constant')),
-    Field('objective.weight_prior_l2', 50.0, '`l2` of the weight prior (SPEC section 2)',
-          check=NON_NEGATIVE),
-    Field('objective.constant_l2', 45.0, 'the constant of the `constant` ablation',
-          check=NON_NEGATIVE),
-    Field('objective.num_train_effective', 55000.0,
-          '`N` of SPEC section 2, the effective training-set size dividing the regulariser',
-          check=POSITIVE),
-    Field('objective.weight_decay', 0.0,
-          'optional `0.5 * rate * ||w||^2` on non-searchable conv and dense kernels',
-          check=NON_NEGATIVE),
-    Field('objective.auxiliary_weight', 0.4,
-          "weight of the auxiliary classifiers' cross-entropy in the training loss "
-          '(SupNet-E/EI; ENAS uses 0.4)', check=NON_NEGATIVE),
-    # training
-    Field('train.batch_size', 128, 'global batch, split over the devices', check=POSITIVE),
-    Field('train.num_epochs', 5.0, 'training length in epochs', check=POSITIVE),
-    Field('train.num_steps', -1, '> 0 overrides `num_epochs`'),
-    Field('train.learning_rate', 0.1, 'peak learning rate', check=POSITIVE),
-    Field('train.schedule', 'cosine',
-          '`cosine` (no restart, to 0), `step` (divide by `step_factor` at `step_epochs`), '
-          '`sgdr` (warm restarts: `sgdr_t0_epochs`, `sgdr_t_mul`, down to `sgdr_min_lr`)',
-          choices=('cosine', 'step', 'sgdr')),
-    Field('train.step_epochs', (30, 60, 90),
-          'the `step` schedule: the epochs at which the learning rate is divided'),
-    Field('train.step_factor', 10.0, 'the `step` schedule: what it divides by',
-          check=POSITIVE),
-    Field('train.sgdr_min_lr', 1e-4, 'the `sgdr` schedule: the learning rate it ends a cycle at'),
-    Field('train.sgdr_t0_epochs', 10.0, "the `sgdr` schedule: the first cycle's epochs",
-          check=POSITIVE),
-    Field('train.sgdr_t_mul', 2.0, "the `sgdr` schedule: each cycle's length over the last's",
-          check=Check(lambda v: v >= 1.0, '>= 1')),
-    Field('train.momentum', 0.9, 'SGD momentum, weights and logits alike',
-          check=Check(lambda v: 0.0 <= v < 1.0, 'in [0, 1)')),
-    Field('train.nesterov', True, 'Nesterov momentum, weights and logits alike'),
-    Field('train.log_every_steps', 50, 'metrics line and progress every this many steps',
-          check=POSITIVE),
-    # checkpoints
-    Field('checkpoint.every_steps', 500,
-          'save the training state every this many steps (also at the end of training and on '
-          'SIGTERM)', check=POSITIVE),
-    Field('checkpoint.max_to_keep', 3, 'checkpoints kept', check=POSITIVE),
-    # search
-    Field('search.num_candidates', 100, 'candidate architectures sampled and ranked',
-          check=POSITIVE),
-    Field('search.chunk_size', 'auto',
-          'candidates scored at once (`jax.vmap` over masks), split over the devices: a '
-          "multiple of the device count, or `auto`: per device enough candidates for the "
-          "platform's best images per call (CPU: 100, measured in `docs/benchmarks.md`; "
-          'accelerators: 16,384), fewer if their activations would take more than half the '
-          "device's free memory (`search.auto_chunk_size`)",
-          check=Check(lambda v: v == 'auto' or (type(v) is int and v >= 1),
-                      "'auto' or a whole number >= 1"), any_type=True),
-    Field('search.eval_batch_size', 100,
-          'validation and test batch (a multiple of the device count)', check=POSITIVE),
-    # fine-tuning of the winner, after the choice (SPEC section 3)
-    Field('finetune.steps', 0,
-          'after the choice, fine-tune the winner this many steps and report it beside the '
-          'un-tuned one (`arch.json` `finetuned`, `report.md`, '
-          "`search/winner_finetuned_weights.msgpack`); 0: off, the paper's headline protocol. "
-          "The winner's mask stays fixed; the loss is the training objective over the "
-          "architecture's own weights (cross-entropy + weight prior, logits frozen); BatchNorm "
-          'statistics are updated; batches continue the training sequence '
-          '(`pgnas_jax/finetune.py`)', check=Check(lambda v: v >= 0, '>= 0 (0: no fine-tuning)')),
-    Field('finetune.learning_rate', 0.01,
-          'peak learning rate of the fine-tuning, cosine to 0; SGD with `train.momentum` and '
-          '`train.nesterov`', check=POSITIVE),
-    # what a run shows besides its results (docs/observability.md)
-    Field('log.tensorboard', True,
-          'write TensorBoard event files to `WORKDIR/tensorboard/` when `tensorboardX` is '
-          'installed (the `tensorboard` extra); without it the run is unchanged and the log '
-          'says how to get them; False: never',
-          check=Check(lambda v: type(v) is bool, 'True or False')),
-    Field('log.profile_steps', (),
-          "training steps (counted from 1, as `metrics.jsonl`'s `step`) to trace with "
-          "`jax.profiler` into `WORKDIR/profile/`, e.g. `--config.log.profile_steps='(101,102)'`"
-          '; empty: no tracing',
-          check=Check(lambda v: all(type(s) is int and s >= 1 for s in v),
-                      'a tuple of training steps, each a whole number >= 1, e.g. (11, 12)')),
+  Field(
+    'seed',
+    0,
+    'root of every key: init, training masks and shake-shake, search',
+    check=Check(lambda v: 0 <= v < 2**63, 'a whole number in [0, 2**63)'),
+  ),
+  # data
+  Field(
+    'data.name',
+    'fashion_mnist',
+    'data set (see [data sets](data.md)): `npz` reads your own arrays from `data.path`; '
+    '`tfds:NAME` any tensorflow-datasets image-classification data set (e.g. '
+    "`'tfds:mnist'`), read whole into memory; `cifar10`, `cifar100`, `imagenet2012` and "
+    '`tfds:NAME` need the `tfds` extra',
+    check=DATA_NAME,
+  ),
+  Field(
+    'data.data_dir',
+    '/usr/share/datasets/fashion-mnist',
+    'Fashion-MNIST: folder of the IDX files; CIFAR, ImageNet and `tfds:NAME`: tfds '
+    "`data_dir` holding `cifar10/`, `cifar100/`, `imagenet2012/` or `NAME/`, `''` (the "
+    "CIFAR and ImageNet configs' value) for tfds' default, `$TFDS_DATA_DIR` or else "
+    '`~/tensorflow_datasets`',
+  ),
+  Field(
+    'data.path', '', '`npz` only: the `.npz` file holding `x_train`, `y_train`, `x_test`, `y_test`'
+  ),
+  Field(
+    'data.num_classes',
+    0,
+    '`npz` only: the number of classes (labels are 0 .. num_classes - 1); 0: one more '
+    'than the largest training label. The other data sets know theirs',
+    check=NON_NEGATIVE,
+  ),
+  Field(
+    'data.validation_size',
+    5000,
+    'images carved from the training split (a fixed permutation, the same for every '
+    'seed) for ranking; never trained on (ImageNet configs: 50000)',
+    check=Check(lambda v: v > 0, 'a positive number of images'),
+  ),
+  Field('data.random_flip', True, 'horizontal flip in training'),
+  Field(
+    'data.pad_crop',
+    0,
+    'pad by this many pixels and crop back at random in training; 0: off (must be 0 for ImageNet)',
+    check=NON_NEGATIVE,
+  ),
+  Field(
+    'data.cutout',
+    0,
+    'cutout in training (DeVries & Taylor 2017): per image one square of this side, '
+    'centred uniformly over the image and clipped at the borders, set to 0 after '
+    'normalisation (the training mean); 0: off (must be 0 for ImageNet)',
+    check=NON_NEGATIVE,
+  ),
+  Field(
+    'data.image_size',
+    224,
+    'ImageNet only (the others keep their native size): side of the square network '
+    'input; training takes a random-resized crop (8% to 100% of the area, aspect 3/4 to '
+    '4/3) resized to it, evaluation resizes the shorter side to `image_size * 256 / 224` '
+    'and takes the centre crop',
+    check=POSITIVE,
+  ),
+  # model
+  Field(
+    'model.family',
+    'shake_shake',
+    'super-network family (see [super-networks](supernets.md)); its fields are in '
+    '`model.<family>`; `custom`: your own module (`model.custom`, see '
+    '[library](library.md))',
+    choices=('shake_shake', 'enas', 'resnet', 'densenet', 'custom'),
+  ),
+  Field(
+    'model.compute_dtype',
+    'float32',
+    '`bfloat16`: mixed precision for training and ranking; convolutions and activations '
+    'in bf16, parameters, optimiser state, BatchNorm statistics, drop logits, masks and '
+    'the loss in float32 (`pgnas_jax/precision.py`)',
+    choices=('float32', 'bfloat16'),
+  ),
+  Field(
+    'model.shake_shake.stem_width',
+    16,
+    'SupNet-M family (SPEC section 5): channels of the stem conv',
+    check=POSITIVE,
+  ),
+  Field(
+    'model.shake_shake.widths',
+    (16, 32, 64),
+    'channels per stage (SupNet-M: 96, 192, 384)',
+    check=EACH_POSITIVE,
+  ),
+  Field(
+    'model.shake_shake.blocks_per_stage',
+    1,
+    'residual blocks per stage (SupNet-M: 4)',
+    check=POSITIVE,
+  ),
+  Field(
+    'model.shake_shake.kernel_sizes',
+    (3, 3),
+    'one kernel size per branch; the number of entries is the number of branches',
+    check=EACH_ODD,
+  ),
+  Field(
+    'model.shake_shake.shake',
+    True,
+    'shake-shake mixing of the branches in training (equal weights at test)',
+  ),
+  Field(
+    'model.enas.filters',
+    36,
+    "SupNet-E family (SPEC section 5): `F`, the first stage's cell width, doubled by each "
+    'reduction cell (SupNet-E: 36, SupNet-EI: 72)',
+    check=POSITIVE,
+  ),
+  Field(
+    'model.enas.normal_cells_per_stage',
+    5,
+    'normal cells in each of the 3 stages; a reduction cell precedes stages 2 and 3 '
+    '(ENAS: 15 layers, reductions at 5 and 11)',
+    check=POSITIVE,
+  ),
+  Field(
+    'model.enas.normal_arc',
+    enas.NORMAL_ARC,
+    "ENAS's CIFAR-10 normal cell: per node `input, op, input, op`; inputs 0 and 1 are the "
+    "cell's inputs, node `j` >= 2 the `j`-th built; ops 0 sep3x3, 1 sep5x5, 2 avg3x3, "
+    '3 max3x3, 4 identity',
+    check=ENAS_ARC,
+  ),
+  Field(
+    'model.enas.reduction_arc',
+    enas.REDUCTION_ARC,
+    "ENAS's CIFAR-10 reduction cell, written as `normal_arc`",
+    check=ENAS_ARC,
+  ),
+  Field(
+    'model.enas.auxiliary_head',
+    True,
+    "ENAS's auxiliary classifier after the first cell of the last stage, trained with "
+    'weight `objective.auxiliary_weight`, never used at evaluation',
+  ),
+  Field(
+    'model.resnet.stem_width',
+    64,
+    'SupNet-R-50 family: channels of the conv7x7/2 stem',
+    check=POSITIVE,
+  ),
+  Field(
+    'model.resnet.widths',
+    (64, 128, 256, 512),
+    'bottleneck widths per stage (block outputs are 4x); each a multiple of the number of branches',
+    check=EACH_POSITIVE,
+  ),
+  Field(
+    'model.resnet.blocks_per_stage',
+    (3, 4, 6, 3),
+    'bottleneck blocks per stage',
+    check=EACH_POSITIVE,
+  ),
+  Field(
+    'model.resnet.kernel_sizes',
+    (1, 3, 3, 5),
+    'one entry per branch of the multi-kernel block that replaces every 3x3 conv; each '
+    'branch has `width / branches` output channels',
+    check=EACH_ODD,
+  ),
+  Field(
+    'model.resnet.dilations',
+    (1, 1, 2, 2),
+    'the dilation of each branch, one per entry of `kernel_sizes`',
+    check=EACH_POSITIVE,
+  ),
+  Field(
+    'model.densenet.stem_width',
+    64,
+    'SupNet-D-121 family: channels of the conv7x7/2 stem',
+    check=POSITIVE,
+  ),
+  Field(
+    'model.densenet.blocks', (6, 12, 24, 16), 'dense layers per dense block', check=EACH_POSITIVE
+  ),
+  Field(
+    'model.densenet.growth_rate',
+    32,
+    "channels each dense layer adds (its 3x3 conv's output)",
+    check=POSITIVE,
+  ),
+  Field(
+    'model.densenet.bottleneck_width',
+    128,
+    "output channels of a dense layer's 1x1 conv",
+    check=POSITIVE,
+  ),
+  Field(
+    'model.densenet.compression',
+    0.5,
+    'share of channels a transition keeps',
+    check=Check(lambda v: 0.0 < v <= 1.0, 'in (0, 1]'),
+  ),
+  Field(
+    'model.custom.module',
+    '',
+    "`model.family='custom'`: the Flax linen module class to search, "
+    "`'package.module:ClassName'`, importable from the working directory; it is built as "
+    "`ClassName(**kwargs)`, plus `num_classes` (the data set's) when the class declares "
+    'that field and `kwargs` does not set it ([library](library.md))',
+  ),
+  Field(
+    'model.custom.kwargs',
+    '{}',
+    "`model.family='custom'`: the class's keyword arguments as a JSON object, e.g. "
+    '`--config.model.custom.kwargs=\'{"widths": [16, 32]}\'` (JSON lists become tuples)',
+    check=Check(_is_json_object, 'a JSON object, e.g. \'{"widths": [16, 32]}\''),
+  ),
+  # drop probabilities
+  Field(
+    'drop.mode',
+    'learned',
+    '`learned`: PGNAS; `random`: every drop logit frozen at `random_p`, no entropy term, '
+    "no gradient to the logits (the paper's predefined-dropout baseline)",
+    choices=('learned', 'random'),
+  ),
+  Field('drop.init_p', 0.1, 'initial drop probability of every group', check=PROBABILITY),
+  Field('drop.random_p', 0.1, 'p0 of the `random` ablation', check=PROBABILITY),
+  Field(
+    'drop.tau',
+    0.2,
+    'temperature of the relaxed Bernoulli training masks',
+    check=Check(lambda v: v > 0.0, '> 0'),
+  ),
+  Field(
+    'drop.logit_lr_multiplier',
+    1.0,
+    'learning-rate multiplier of the drop logits',
+    check=NON_NEGATIVE,
+  ),
+  # objective
+  Field(
+    'objective.prior',
+    'posterior',
+    '`posterior`: prior term `l2 (1 - p) ||m||^2`; `constant`: `constant_l2 ||m||^2` '
+    '(the "constant L2" ablation)',
+    choices=('posterior', 'constant'),
+  ),
+  Field(
+    'objective.weight_prior_l2',
+    50.0,
+    '`l2` of the weight prior (SPEC section 2)',
+    check=NON_NEGATIVE,
+  ),
+  Field(
+    'objective.constant_l2', 45.0, 'the constant of the `constant` ablation', check=NON_NEGATIVE
+  ),
+  Field(
+    'objective.num_train_effective',
+    55000.0,
+    '`N` of SPEC section 2, the effective training-set size dividing the regulariser',
+    check=POSITIVE,
+  ),
+  Field(
+    'objective.weight_decay',
+    0.0,
+    'optional `0.5 * rate * ||w||^2` on non-searchable conv and dense kernels',
+    check=NON_NEGATIVE,
+  ),
+  Field(
+    'objective.auxiliary_weight',
+    0.4,
+    "weight of the auxiliary classifiers' cross-entropy in the training loss "
+    '(SupNet-E/EI; ENAS uses 0.4)',
+    check=NON_NEGATIVE,
+  ),
+  # training
+  Field('train.batch_size', 128, 'global batch, split over the devices', check=POSITIVE),
+  Field('train.num_epochs', 5.0, 'training length in epochs', check=POSITIVE),
+  Field('train.num_steps', -1, '> 0 overrides `num_epochs`'),
+  Field('train.learning_rate', 0.1, 'peak learning rate', check=POSITIVE),
+  Field(
+    'train.schedule',
+    'cosine',
+    '`cosine` (no restart, to 0), `step` (divide by `step_factor` at `step_epochs`), '
+    '`sgdr` (warm restarts: `sgdr_t0_epochs`, `sgdr_t_mul`, down to `sgdr_min_lr`)',
+    choices=('cosine', 'step', 'sgdr'),
+  ),
+  Field(
+    'train.step_epochs',
+    (30, 60, 90),
+    'the `step` schedule: the epochs at which the learning rate is divided',
+  ),
+  Field('train.step_factor', 10.0, 'the `step` schedule: what it divides by', check=POSITIVE),
+  Field('train.sgdr_min_lr', 1e-4, 'the `sgdr` schedule: the learning rate it ends a cycle at'),
+  Field(
+    'train.sgdr_t0_epochs', 10.0, "the `sgdr` schedule: the first cycle's epochs", check=POSITIVE
+  ),
+  Field(
+    'train.sgdr_t_mul',
+    2.0,
+    "the `sgdr` schedule: each cycle's length over the last's",
+    check=Check(lambda v: v >= 1.0, '>= 1'),
+  ),
+  Field(
+    'train.momentum',
+    0.9,
+    'SGD momentum, weights and logits alike',
+    check=Check(lambda v: 0.0 <= v < 1.0, 'in [0, 1)'),
+  ),
+  Field('train.nesterov', True, 'Nesterov momentum, weights and logits alike'),
+  Field(
+    'train.log_every_steps', 50, 'metrics line and progress every this many steps', check=POSITIVE
+  ),
+  # checkpoints
+  Field(
+    'checkpoint.every_steps',
+    500,
+    'save the training state every this many steps (also at the end of training and on SIGTERM)',
+    check=POSITIVE,
+  ),
+  Field('checkpoint.max_to_keep', 3, 'checkpoints kept', check=POSITIVE),
+  # search
+  Field('search.num_candidates', 100, 'candidate architectures sampled and ranked', check=POSITIVE),
+  Field(
+    'search.chunk_size',
+    'auto',
+    'candidates scored at once (`jax.vmap` over masks), split over the devices: a '
+    'multiple of the device count, or `auto`: per device enough candidates for the '
+    "platform's best images per call (CPU: 100, measured in `docs/benchmarks.md`; "
+    'accelerators: 16,384), fewer if their activations would take more than half the '
+    "device's free memory (`search.auto_chunk_size`)",
+    check=Check(
+      lambda v: v == 'auto' or (type(v) is int and v >= 1), "'auto' or a whole number >= 1"
+    ),
+    any_type=True,
+  ),
+  Field(
+    'search.eval_batch_size',
+    100,
+    'validation and test batch (a multiple of the device count)',
+    check=POSITIVE,
+  ),
+  Field(
+    'search.max_params',
+    0,
+    'parameter budget: the winner is the best candidate with at most this many params; '
+    '0: none; a whole number (e.g. `100000`, `1e5`), or a share of the full '
+    "super-network's params: a float in (0, 1] (e.g. `0.5`) or a string such as "
+    "`'50%'`. Every candidate is still scored and recorded (`fits` in "
+    '`search/candidates.jsonl`); a rerun with another budget reuses them',
+    check=Check(budget.is_valid, budget.RULE),
+    any_type=True,
+  ),
+  Field(
+    'search.max_flops',
+    0,
+    'FLOPs (MACs) budget, in the forms of `max_params`; with both, a candidate must fit both',
+    check=Check(budget.is_valid, budget.RULE),
+    any_type=True,
+  ),
+  Field(
+    'search.bn_recalibration_batches',
+    0,
+    'before a candidate is scored, re-estimate its BatchNorm statistics on this many '
+    'training batches of `eval_batch_size` un-augmented images (the first of the '
+    'training split, the same for every candidate): the mean of the per-batch means and '
+    'variances, each layer normalising with its batch statistics as in training; 0: '
+    "off, the trained super-network's running statistics (SPEC section 3)",
+    check=Check(lambda v: type(v) is int and v >= 0, 'a whole number >= 0'),
+  ),
+  # fine-tuning of the winner, after the choice (SPEC section 3)
+  Field(
+    'finetune.steps',
+    0,
+    'after the choice, fine-tune the winner this many steps and report it beside the '
+    'un-tuned one (`arch.json` `finetuned`, `report.md`, '
+    "`search/winner_finetuned_weights.msgpack`); 0: off, the paper's headline protocol. "
+    "The winner's mask stays fixed; the loss is the training objective over the "
+    "architecture's own weights (cross-entropy + weight prior, logits frozen); BatchNorm "
+    'statistics are updated; batches continue the training sequence '
+    '(`pgnas_jax/finetune.py`)',
+    check=Check(lambda v: v >= 0, '>= 0 (0: no fine-tuning)'),
+  ),
+  Field(
+    'finetune.learning_rate',
+    0.01,
+    'peak learning rate of the fine-tuning, cosine to 0; SGD with `train.momentum` and '
+    '`train.nesterov`',
+    check=POSITIVE,
+  ),
+  # the deployable winner (docs/export.md)
+  Field(
+    'export.latency',
+    True,
+    "measure the compact winner's, the masked and the full super-network's latency at "
+    'batch 1 and 128 (median of 20 after warm-up) into `arch.json` `latency_ms` and '
+    '`report.md`; False: skip it (a timing, not a result: the only field of the workdir '
+    'that differs between two runs of one config)',
+    check=Check(lambda v: type(v) is bool, 'True or False'),
+  ),
+  # what a run shows besides its results (docs/observability.md)
+  Field(
+    'log.tensorboard',
+    True,
+    'write TensorBoard event files to `WORKDIR/tensorboard/` when `tensorboardX` is '
+    'installed (the `tensorboard` extra); without it the run is unchanged and the log '
+    'says how to get them; False: never',
+    check=Check(lambda v: type(v) is bool, 'True or False'),
+  ),
+  Field(
+    'log.profile_steps',
+    (),
+    "training steps (counted from 1, as `metrics.jsonl`'s `step`) to trace with "
+    "`jax.profiler` into `WORKDIR/profile/`, e.g. `--config.log.profile_steps='(101,102)'`"
+    '; empty: no tracing',
+    check=Check(
+      lambda v: all(type(s) is int and s >= 1 for s in v),
+      'a tuple of training steps, each a whole number >= 1, e.g. (11, 12)',
+    ),
+  ),
 )
 
 # the allowed values of each field that has few, by name
@@ -247,22 +504,46 @@ CHOICES = {field.name: field.choices for field in FIELDS if field.choices}
 
 # checks across fields: (fields, test of their values, what must hold)
 CONSTRAINTS = (
-    (('data.name', 'data.pad_crop', 'data.cutout'),
-     lambda name, pad_crop, cutout: name != 'imagenet2012' or pad_crop == cutout == 0,
-     ('imagenet2012 is augmented by random-resized crop and flip only: set pad_crop and '
-      'cutout to 0')),
-    (('data.name', 'data.path'), lambda name, path: (name == 'npz') == bool(path),
-     "data.name='npz' reads the file data.path, which must be set then and only then"),
-    (('data.name', 'data.num_classes'), lambda name, classes: name == 'npz' or classes == 0,
-     ("data.num_classes is for data.name='npz' only (the other data sets know theirs): "
-      'leave it 0')),
-    (('model.resnet.kernel_sizes', 'model.resnet.dilations'),
-     lambda k, d: len(k) == len(d), 'one dilation per kernel size'),
-    (('model.resnet.widths', 'model.resnet.blocks_per_stage'),
-     lambda w, b: len(w) == len(b), 'one number of blocks per width'),
-    (('model.resnet.widths', 'model.resnet.kernel_sizes'),
-     lambda w, k: all(x % len(k) == 0 for x in w),
-     'every width a multiple of the number of branches (each gets an equal share)'),
+  (
+    ('data.name', 'data.pad_crop', 'data.cutout'),
+    lambda name, pad_crop, cutout: name != 'imagenet2012' or pad_crop == cutout == 0,
+    (
+      'imagenet2012 is augmented by random-resized crop and flip only: set pad_crop and cutout to 0'
+    ),
+  ),
+  (
+    ('data.name', 'data.path'),
+    lambda name, path: (name == 'npz') == bool(path),
+    "data.name='npz' reads the file data.path, which must be set then and only then",
+  ),
+  (
+    ('data.name', 'data.num_classes'),
+    lambda name, classes: name == 'npz' or classes == 0,
+    ("data.num_classes is for data.name='npz' only (the other data sets know theirs): leave it 0"),
+  ),
+  (
+    ('model.resnet.kernel_sizes', 'model.resnet.dilations'),
+    lambda k, d: len(k) == len(d),
+    'one dilation per kernel size',
+  ),
+  (
+    ('model.resnet.widths', 'model.resnet.blocks_per_stage'),
+    lambda w, b: len(w) == len(b),
+    'one number of blocks per width',
+  ),
+  (
+    ('model.resnet.widths', 'model.resnet.kernel_sizes'),
+    lambda w, k: all(x % len(k) == 0 for x in w),
+    'every width a multiple of the number of branches (each gets an equal share)',
+  ),
+  (
+    ('model.family', 'model.custom.module'),
+    lambda family, module: family != 'custom' or bool(module),
+    (
+      "model.family='custom' needs its class: set --config.model.custom.module="
+      "'package.module:ClassName'"
+    ),
+  ),
 )
 
 
@@ -280,16 +561,18 @@ def get_config() -> ml_collections.ConfigDict:
       if part not in node:
         node[part] = ml_collections.ConfigDict()
       node = node[part]
-    node[leaf] = (ml_collections.FieldReference(field.default, field_type=object)
-                  if field.any_type else field.default)
+    node[leaf] = (
+      ml_collections.FieldReference(field.default, field_type=object)
+      if field.any_type
+      else field.default
+    )
   return c
 
 
 def read_config_file(path: str) -> types.ModuleType:
   """A config file (``configs/*.py``) as a module: its docstring says how to run it and what
   the paper reports, its ``get_config()`` builds the config, as ``--config=PATH`` does."""
-  spec = importlib.util.spec_from_file_location(
-      os.path.splitext(os.path.basename(path))[0], path)
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -299,8 +582,7 @@ def read_sibling(config_file: str, name: str) -> types.ModuleType:
   """The config file ``name``.py in the folder of ``config_file`` (a config passes its
   ``__file__``): configs/ is not a package, so a config builds on another by its path, which
   works however the config itself was loaded (``--config=PATH`` or read_config_file)."""
-  return read_config_file(os.path.join(os.path.dirname(os.path.abspath(config_file)),
-                                       f'{name}.py'))
+  return read_config_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), f'{name}.py'))
 
 
 def _get(config, dotted):
@@ -316,20 +598,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ref_keys = set(_flat_keys(reference))
   for key in _flat_keys(config):
     if key not in ref_keys:
-      raise ConfigError(f'unknown config field {key!r}: remove it or check its spelling '
-                        f'(fields are listed in README.md, "Config fields")')
+      raise ConfigError(
+        f'unknown config field {key!r}: remove it or check its spelling '
+        f'(fields are listed in README.md, "Config fields")'
+      )
   for key in ref_keys - set(_flat_keys(config)):
-    raise ConfigError(f'config field {key!r} is missing: start config files from '
-                      f'pgnas_jax.config.get_config() and override fields')
+    raise ConfigError(
+      f'config field {key!r} is missing: start config files from '
+      f'pgnas_jax.config.get_config() and override fields'
+    )
   # every choice before any range, as the message for a config with several faults says
   for field in FIELDS:
     if field.choices and _get(config, field.name) not in field.choices:
-      raise ConfigError(f'--config.{field.name}={_get(config, field.name)!r} is not one of '
-                        f'{field.choices}')
+      raise ConfigError(
+        f'--config.{field.name}={_get(config, field.name)!r} is not one of {field.choices}'
+      )
   for field in FIELDS:
     if field.check and not field.check.test(_get(config, field.name)):
-      raise ConfigError(f'--config.{field.name}={_get(config, field.name)!r} is out of range: '
-                        f'it must be {field.check.what}')
+      raise ConfigError(
+        f'--config.{field.name}={_get(config, field.name)!r} is out of range: '
+        f'it must be {field.check.what}'
+      )
   for keys, ok, what in CONSTRAINTS:
     if not ok(*(_get(config, k) for k in keys)):
       values = ', '.join(f'--config.{k}={_get(config, k)!r}' for k in keys)
@@ -340,8 +629,10 @@ def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int) ->
   """Global batches and chunks of candidates are split evenly over the devices."""
   for key in SPLIT_OVER_DEVICES:
     if _get(config, key) != 'auto' and _get(config, key) % num_devices:
-      raise ConfigError(f'--config.{key}={_get(config, key)} does not split over {num_devices} '
-                        f'devices: use a multiple of {num_devices}')
+      raise ConfigError(
+        f'--config.{key}={_get(config, key)} does not split over {num_devices} '
+        f'devices: use a multiple of {num_devices}'
+      )
 
 
 def _flat_keys(config, prefix=''):

@@ -6,6 +6,7 @@ The page is never edited by hand: a field's default, allowed values and meaning 
 once, in its ``Field`` entry; tests/test_docs.py fails when the committed page and this
 output differ.
 """
+
 import sys
 
 from pgnas_jax import config as config_lib
@@ -42,8 +43,13 @@ def _allowed(field: config_lib.Field) -> str:
     return ', '.join(_code(choice) for choice in field.choices)
   if field.check:
     return field.check.what
-  kinds = {bool: '`True` or `False`', int: 'any whole number', float: 'any number',
-           str: 'any string', tuple: 'any tuple'}
+  kinds = {
+    bool: '`True` or `False`',
+    int: 'any whole number',
+    float: 'any number',
+    str: 'any string',
+    tuple: 'any tuple',
+  }
   return kinds[type(field.default)]
 
 
@@ -64,8 +70,10 @@ def _constraints() -> str:
   for keys, _, what in config_lib.CONSTRAINTS:
     lines.append(f'- {", ".join(f"`{k}`" for k in keys)}: {what}')
   shared = ', '.join(f'`{k}`' for k in config_lib.SPLIT_OVER_DEVICES)
-  lines.append(f'- {shared}: each a multiple of the number of devices of all processes '
-               "together (`'auto'` chunks are chosen so), checked once the devices are known")
+  lines.append(
+    f'- {shared}: each a multiple of the number of devices of all processes '
+    "together (`'auto'` chunks are chosen so), checked once the devices are known"
+  )
   return '\n'.join(lines) + '\n'
 
 

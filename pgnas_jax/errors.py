@@ -32,8 +32,19 @@ class IncompatibleWorkdirError(UserFacingError):
 
 
 class Preempted(UserFacingError):
-  """SIGTERM arrived; the run saved its state and stopped. Running it again resumes."""
+  """SIGTERM or Ctrl-C arrived; the run saved its state and stopped. Running it again
+  resumes."""
 
 
 class ExportError(UserFacingError):
   """A workdir or candidate that cannot be exported; the message says which and why."""
+
+
+class WorkdirError(UserFacingError):
+  """The workdir cannot hold this run (another job holds it, it is a file, not writable,
+  full, or left in a state the run cannot continue from); the message says what to do."""
+
+
+class BudgetError(UserFacingError):
+  """No scored candidate fits search.max_params / search.max_flops; the message says how
+  many were scored, the smallest found and what to change."""

@@ -1,6 +1,7 @@
 """Export of a searched architecture (SPEC section 4): kept input channels per group, the
 convolutions removed because every input was dropped, params and FLOPs, and the pruned
 weights, which give the same logits as the masked super-network."""
+
 from typing import Any
 
 import flax.serialization
@@ -24,16 +25,21 @@ def kept_channels(mask: PyTree) -> PyTree:
 def removed_convs(mask: PyTree) -> list:
   """'/'-joined names of searchable convs whose every input channel is dropped."""
   flat = traverse_util.flatten_dict(jax.device_get(mask))
-  return sorted('/'.join(conv) for conv, groups in layers.groups_by_conv(mask).items()
-                if sum(np.asarray(flat[g]).sum() for g in groups) == 0)
+  return sorted(
+    '/'.join(conv)
+    for conv, groups in layers.groups_by_conv(mask).items()
+    if sum(np.asarray(flat[g]).sum() for g in groups) == 0
+  )
 
 
 def pruned_variables(variables: dict, space: space_lib.SearchSpace, mask: PyTree) -> dict:
   """Variables of the pruned network: apply them to the same model, no masks needed."""
   kept = kept_channels(mask)
-  return {'params': layers.prune_params(variables['params'], space.template, kept),
-          'batch_stats': variables['batch_stats'],
-          layers.ARCHITECTURE: kept}
+  return {
+    'params': layers.prune_params(variables['params'], space.template, kept),
+    'batch_stats': variables['batch_stats'],
+    layers.ARCHITECTURE: kept,
+  }
 
 
 def describe(space: space_lib.SearchSpace, mask: PyTree, pruned: dict) -> dict:
@@ -49,12 +55,12 @@ def describe(space: space_lib.SearchSpace, mask: PyTree, pruned: dict) -> dict:
   num_convs = len(layers.groups_by_conv(space.template))
   removed = removed_convs(mask)
   return {
-      'kept_channels': dict(zip(names, kept)),
-      'removed_convs': removed,
-      'params': int(params),
-      'flops': int(macs),
-      'dropped_channel_share': dropped_channels / sum(sizes),
-      'removed_conv_share': len(removed) / num_convs,
+    'kept_channels': dict(zip(names, kept)),
+    'removed_convs': removed,
+    'params': int(params),
+    'flops': int(macs),
+    'dropped_channel_share': dropped_channels / sum(sizes),
+    'removed_conv_share': len(removed) / num_convs,
   }
 
 
@@ -81,13 +87,22 @@ def main(argv=None) -> None:
 
   parser = argparse.ArgumentParser(prog='python -m pgnas_jax.export', description=main.__doc__)
   parser.add_argument('--workdir', required=True, help='folder of a finished run')
-  parser.add_argument('--candidate', type=int, default=None,
-                      help='index in search/candidates.jsonl (default: the winner)')
-  parser.add_argument('--latency', action=argparse.BooleanOptionalAction, default=True,
-                      help='measure the latency of the compact, masked and full networks')
+  parser.add_argument(
+    '--candidate',
+    type=int,
+    default=None,
+    help='index in search/candidates.jsonl (default: the winner)',
+  )
+  parser.add_argument(
+    '--latency',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help='measure the latency of the compact, masked and full networks',
+  )
   args = parser.parse_args(argv)
-  described = cli_lib.exit_on_user_errors(candidate.from_workdir, args.workdir, args.candidate,
-                                         args.latency)
+  described = cli_lib.exit_on_user_errors(
+    candidate.from_workdir, args.workdir, args.candidate, args.latency
+  )
   print(json.dumps({k: v for k, v in described.items() if k != 'latency_ms'}))
 
 

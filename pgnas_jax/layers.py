@@ -15,6 +15,7 @@ A pruned network (export) passes an ``architecture`` collection instead: per gro
 channel indices; its kernels then hold only those input channels, and a conv that keeps
 none is removed (its output is zero).
 """
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,8 +41,14 @@ def group_name(i: int) -> str:
 
 def _conv(x, kernel, strides, dilation, feature_groups=1):
   return jax.lax.conv_general_dilated(
-      x, kernel, (strides, strides), 'SAME', rhs_dilation=(dilation, dilation),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=feature_groups)
+    x,
+    kernel,
+    (strides, strides),
+    'SAME',
+    rhs_dilation=(dilation, dilation),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=feature_groups,
+  )
 
 
 def _macs(y_shape, kernel_shape) -> int:
@@ -58,6 +65,7 @@ def _apply_keep_mask(x, keep):
 
 class SearchableConv(nn.Module):
   """Conv (no bias, SAME padding) whose input channel groups can be dropped."""
+
   features: int
   kernel_size: int = 3
   strides: int = 1
@@ -91,18 +99,22 @@ class SearchableConv(nn.Module):
 
     if self.has_variable(ARCHITECTURE, names[0]):
       offsets = np.cumsum((0,) + sizes[:-1])
-      kept = jnp.concatenate([self.get_variable(ARCHITECTURE, n) + o
-                              for n, o in zip(names, offsets)])
+      kept = jnp.concatenate(
+        [self.get_variable(ARCHITECTURE, n) + o for n, o in zip(names, offsets)]
+      )
       # pruned weights are sliced from a trained super-network, never initialised here
-      kernels = {n: self.param(n, nn.initializers.zeros, s)
-                 for n, s in self._kernel_shapes(kept.shape[0]).items()}
+      kernels = {
+        n: self.param(n, nn.initializers.zeros, s)
+        for n, s in self._kernel_shapes(kept.shape[0]).items()
+      }
       if kept.shape[0] == 0:  # every input dropped: the operation is removed
         full = {n: jnp.zeros(s, x.dtype) for n, s in self._kernel_shapes(x.shape[-1]).items()}
         return jnp.zeros(jax.eval_shape(lambda a: self._op(a, full), x).shape, x.dtype)
       return self._op(jnp.take(x, kept, axis=-1), kernels)
 
-    kernels = {n: self.param(n, _kernel_init(n), s)
-               for n, s in self._kernel_shapes(x.shape[-1]).items()}
+    kernels = {
+      n: self.param(n, _kernel_init(n), s) for n, s in self._kernel_shapes(x.shape[-1]).items()
+    }
     if all(self.has_variable(MASKS, n) for n in names):
       keep = jnp.concatenate([self.get_variable(MASKS, n) for n in names], axis=-1)
       x = _apply_keep_mask(x, keep)
@@ -114,8 +126,9 @@ class SearchableConv(nn.Module):
       spatial = int(np.prod(y.shape[1:-1]))
       for n, c in zip(names, sizes):
         self.variable(MASKS, n, jnp.ones, (c,), jnp.float32)
-        self.variable(CHANNEL_COSTS, n, lambda: jnp.array(
-            [per_channel, spatial * per_channel], jnp.int32))
+        self.variable(
+          CHANNEL_COSTS, n, lambda: jnp.array([per_channel, spatial * per_channel], jnp.int32)
+        )
     return y
 
 
@@ -127,6 +140,7 @@ def _kernel_init(name: str):
 
 class Conv(nn.Module):
   """A plain (not searchable) conv, no bias, SAME padding, that records its MACs."""
+
   features: int
   kernel_size: int = 3
   strides: int = 1
@@ -143,6 +157,7 @@ class Conv(nn.Module):
 
 class Dense(nn.Module):
   """A dense layer that records its MACs."""
+
   features: int
 
   @nn.compact
@@ -162,8 +177,10 @@ def groups_by_conv(template: PyTree) -> dict:
   by_conv = {}
   for path in traverse_util.flatten_dict(template):
     by_conv.setdefault(path[:-1], []).append(path)
-  return {conv: sorted(groups, key=lambda p: int(p[-1][len('group'):]))
-          for conv, groups in by_conv.items()}
+  return {
+    conv: sorted(groups, key=lambda p: int(p[-1][len('group') :]))
+    for conv, groups in by_conv.items()
+  }
 
 
 def searchable_conv_paths(template: PyTree) -> set:
@@ -181,7 +198,7 @@ def group_sq_norms(params: PyTree, template: PyTree) -> PyTree:
     start = 0
     for g in groups:
       size = flat_template[g].shape[-1]
-      out[g] = sum(jnp.sum(jnp.square(w[:, :, start:start + size, :])) for w in kernels)
+      out[g] = sum(jnp.sum(jnp.square(w[:, :, start : start + size, :])) for w in kernels)
       start += size
   return traverse_util.unflatten_dict(out)
 

@@ -5,12 +5,16 @@ the learned posterior -> export the winner -> report.
 
 Without --config it runs the embedded default (``pgnas_jax/config.py``).
 """
+
+import copy
+import errno
 import json
 import os
 import shutil
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 from flax import traverse_util
@@ -19,38 +23,84 @@ from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, export, finetune, metric_writers, parallel, report, search
-from pgnas_jax import supernets, train
+from pgnas_jax import compact, errors, export, finetune, metric_writers, parallel, pareto
+from pgnas_jax import report, search, supernets, train
+from pgnas_jax import budget as budget_lib
+from pgnas_jax import lock as lock_lib
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import records as records_lib
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.compact import candidate
+from pgnas_jax.supernets import custom
 
-# Fields that may change between a run and its resumption: they do not change any result.
-RESUMABLE_CHANGES = ('train.log_every_steps', 'checkpoint.every_steps', 'checkpoint.max_to_keep',
-                     'log.tensorboard', 'log.profile_steps')
+# Fields that change only the choice among the scored candidates: a run (finished or not)
+# resumed with other values reuses its training and scored candidates and chooses again.
+RECHOOSING_CHANGES = tuple(f'search.{name}' for name in budget_lib.FIELDS)
+# Fields that may change between a run and its resumption: they do not change any result but
+# the choice (RECHOOSING_CHANGES).
+RESUMABLE_CHANGES = (
+  'train.log_every_steps',
+  'checkpoint.every_steps',
+  'checkpoint.max_to_keep',
+  'log.tensorboard',
+  'log.profile_steps',
+  'export.latency',
+) + RECHOOSING_CHANGES
+
+
+def _saved_config(workdir: str) -> dict:
+  """The config.json of the run in ``workdir``; a damaged one is refused in one line."""
+  path = workdir_lib.path(workdir, workdir_lib.CONFIG)
+  try:
+    saved = workdir_lib.read_json(path)
+  except ValueError as e:
+    raise errors.WorkdirError(
+      f'{path} is empty or damaged ({type(e).__name__}: {cli_lib.one_line(e)}), so the run '
+      f'in --workdir={workdir} cannot be checked against this config; restore it, or add '
+      f"--start_over to delete the run's outputs and start again"
+    ) from None
+  if not isinstance(saved, dict):
+    raise errors.WorkdirError(
+      f'{path} holds no config (a JSON {type(saved).__name__}), so the run in '
+      f'--workdir={workdir} cannot be checked against this config; restore it, or add '
+      f"--start_over to delete the run's outputs and start again"
+    )
+  return saved
 
 
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   """A workdir holding a run may only be resumed with the config that started it."""
-  before = traverse_util.flatten_dict(
-      workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.CONFIG)), sep='.')
+  before = traverse_util.flatten_dict(_saved_config(workdir), sep='.')
   as_saved = json.loads(workdir_lib.to_json(config.to_dict()))  # as in the file: lists, nulls
   now = traverse_util.flatten_dict(as_saved, sep='.')
-  changed = [k for k in sorted(set(before) | set(now))
-             if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
+  changed = [
+    k
+    for k in sorted(set(before) | set(now))
+    if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES
+  ]
   if changed:
-    shown = ', '.join(f'{k}: {before.get(k)!r} in the workdir, {now.get(k)!r} now'
-                      for k in changed[:3])
+    shown = ', '.join(
+      f'{k}: {before.get(k)!r} in the workdir, {now.get(k)!r} now' for k in changed[:3]
+    )
     raise errors.IncompatibleWorkdirError(
-        f'--workdir={workdir} holds a run made with another config ({shown}); nothing was '
-        f'changed. Rerun with its config to resume it, choose a new --workdir, or add '
-        f'--start_over to delete its outputs and start again')
+      f'--workdir={workdir} holds a run made with another config ({shown}); nothing was '
+      f'changed. Rerun with its config to resume it, choose a new --workdir, or add '
+      f'--start_over to delete its outputs and start again'
+    )
+
+
+def _budget_changed(workdir: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether a run is resumed with another budget: it then chooses again among its scored
+  candidates (RECHOOSING_CHANGES)."""
+  before = _saved_config(workdir)['search']
+  return any(before.get(k, 0) != config.search[k] for k in budget_lib.FIELDS)
 
 
 def _start_over(workdir: str) -> None:
-  for name in workdir_lib.OUTPUTS:
+  """Deletes an earlier run's outputs, config.json last: a kill part way never leaves
+  checkpoints or candidates without the config that made them."""
+  for name in sorted(workdir_lib.OUTPUTS, key=lambda name: name == workdir_lib.CONFIG):
     path = workdir_lib.path(workdir, name)
     if os.path.isdir(path):
       shutil.rmtree(path)
@@ -58,37 +108,146 @@ def _start_over(workdir: str) -> None:
       os.remove(path)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> dict:
+def _plan(workdir: str, config: ml_collections.ConfigDict, start_over: bool) -> str:
+  """What to do with the workdir: 'finished' (nothing to do), 'resume', or 'fresh' (after
+  deleting an earlier run's outputs when ``start_over``). Refuses, touching nothing, a
+  workdir whose state the run cannot continue from, naming what to remove."""
+  if not os.path.exists(workdir_lib.path(workdir, workdir_lib.CONFIG)):
+    left = [
+      name
+      for name in workdir_lib.OUTPUTS
+      if name != workdir_lib.METRICS and os.path.exists(workdir_lib.path(workdir, name))
+    ]
+    if left and not start_over:
+      raise errors.WorkdirError(
+        f'--workdir={workdir} holds outputs of a run ({", ".join(left)}) but no '
+        f'{workdir_lib.CONFIG}, so the config that made them is unknown; remove '
+        f'{workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)} to train again with this '
+        f'config (the other outputs are made again), or add --start_over'
+      )
+    return 'fresh'
+  finished = os.path.exists(workdir_lib.path(workdir, workdir_lib.REPORT))
+  if start_over:
+    # a --start_over run that was stopped resumes when the same command runs again
+    began_it = os.path.exists(workdir_lib.path(workdir, workdir_lib.STARTED_OVER))
+    if finished or not began_it or not _resumable_with(workdir, config):
+      return 'fresh'
+  _check_resumable(workdir, config)
+  if not finished:
+    return 'resume'
+  if _budget_changed(workdir, config):
+    # a finished run resumed with another budget is not finished: its report (the finished
+    # mark) goes, and the run chooses again from its checkpoint and recorded candidates
+    logging.info('the budget changed: choosing the winner again among the scored candidates')
+    parallel.barrier('report seen')  # by every process, before process 0 removes it
+    if parallel.is_main_process():
+      os.remove(workdir_lib.path(workdir, workdir_lib.REPORT))
+    return 'resume'
+  missing = [
+    name
+    for name in workdir_lib.FINISHED_OUTPUTS
+    if not os.path.exists(workdir_lib.path(workdir, name))
+  ]
+  if not missing:
+    return 'finished'
+  logging.warning(
+    '%s holds a finished run without %s: finishing it again from its checkpoints',
+    workdir,
+    ', '.join(missing),
+  )
+  return 'resume'
+
+
+def _resumable_with(workdir: str, config: ml_collections.ConfigDict) -> bool:
+  try:
+    _check_resumable(workdir, config)
+  except errors.UserFacingError:
+    return False
+  return True
+
+
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  start_over: bool = False,
+  model=None,
+  dataset: data_lib.Source | None = None,
+) -> dict:
   """Runs the whole job, or resumes it where it stopped when the workdir holds it; returns
-  the winner's description (also in search/arch.json)."""
+  the winner's description (also in search/arch.json). ``model`` and ``dataset`` replace
+  those the config names (``search_network``). The job holds the workdir's lock
+  (``lock.py``) from before it reads the workdir to the end."""
   config_lib.validate(config)
   mesh = parallel.make_mesh()
   config_lib.validate_for_devices(config, mesh.devices.size)
-  resuming = os.path.exists(workdir_lib.path(workdir, workdir_lib.CONFIG)) and not start_over
-  if resuming:
-    _check_resumable(workdir, config)
-    if os.path.exists(workdir_lib.path(workdir, workdir_lib.REPORT)):
-      logging.info('%s holds a finished run (%s); nothing to do', workdir, workdir_lib.REPORT)
-      return workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.ARCH))
-  dataset = data_lib.load(config.data)  # before touching the workdir: it may be missing
+  with lock_lib.WorkdirLock(workdir) as held:
+    return _run_locked(config, workdir, mesh, start_over, held, model, dataset)
+
+
+def _run_locked(
+  config, workdir: str, mesh, start_over: bool, held: lock_lib.WorkdirLock, model, dataset
+) -> dict:
+  plan = _plan(workdir, config, start_over)
+  if plan == 'finished':
+    logging.info('%s holds a finished run (%s); nothing to do', workdir, workdir_lib.REPORT)
+    return workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.ARCH))
+  if plan == 'resume' and start_over:
+    logging.info('resuming the run that --start_over began in %s', workdir)
+  if dataset is None:
+    dataset = data_lib.load(config.data)  # before touching the workdir: it may be missing
   data_lib.check_fits(dataset, config.train)
+  train.setup(config, dataset)  # refuses a length that gives no training step
+  if model is None:
+    model = supernets.build(config.model, dataset.num_classes)
+  if config.model.family == 'custom':  # a user's module is checked before the workdir too
+    custom.check(model, dataset.image_shape, dataset.num_classes)
   # With several processes the workdir is shared: every process has read it above before
   # process 0 changes it, and none goes on before it is ready.
   parallel.barrier('workdir checked')
-  if parallel.is_main_process():
-    if start_over:
-      _start_over(workdir)
-    os.makedirs(workdir_lib.path(workdir, workdir_lib.SEARCH), exist_ok=True)
-    os.makedirs(workdir_lib.path(workdir, workdir_lib.PLOTS), exist_ok=True)
-    workdir_lib.write_json(workdir_lib.path(workdir, workdir_lib.CONFIG), config.to_dict())
-  parallel.barrier('workdir ready')
-  model = supernets.build(config.model, dataset.num_classes)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   try:
-    with checkpoint_lib.PreemptionGuard() as guard:
-      return _train_search_report(config, workdir, mesh, dataset, model, checkpointer, guard)
-  finally:
-    checkpointer.close()
+    if parallel.is_main_process():
+      held.claim()
+      _prepare(workdir, config, fresh_start=plan == 'fresh' and start_over)
+    parallel.barrier('workdir ready')
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+    try:
+      with checkpoint_lib.PreemptionGuard() as guard:
+        return _train_search_report(config, workdir, mesh, dataset, model, checkpointer, guard)
+    finally:
+      checkpointer.close()
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    raise errors.WorkdirError(
+      f'no space left on the device of --workdir={workdir}: this run needs about '
+      f'{_space_needed(model, config, dataset) / 2**20:.0f} MB there '
+      f'({shutil.disk_usage(workdir).free / 2**20:.0f} MB free now); free some and run the '
+      f'same command again to resume'
+    ) from None
+
+
+def _prepare(workdir: str, config, fresh_start: bool) -> None:
+  if fresh_start:
+    _start_over(workdir)
+  os.makedirs(workdir_lib.path(workdir, workdir_lib.SEARCH), exist_ok=True)
+  os.makedirs(workdir_lib.path(workdir, workdir_lib.PLOTS), exist_ok=True)
+  workdir_lib.write_json(workdir_lib.path(workdir, workdir_lib.CONFIG), config.to_dict())
+  if fresh_start:  # marks the run as --start_over's, see _plan
+    workdir_lib.write_atomically(workdir_lib.path(workdir, workdir_lib.STARTED_OVER), '')
+
+
+def _space_needed(model, config, dataset) -> int:
+  """Bytes a run's outputs take at most: the kept checkpoints (and the one being written) of
+  the train state, the winner's weights (input-sliced, fine-tuned, compact) and a margin for
+  the logs, plots and StableHLO."""
+  shapes = jax.eval_shape(
+    lambda: model.init(
+      {'params': jax.random.key(0)}, jnp.zeros((1,) + tuple(dataset.image_shape)), train=False
+    )
+  )
+  weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes['params']))
+  state = 2 * weights  # weights + SGD momentum; BatchNorm statistics and logits are small
+  return (config.checkpoint.max_to_keep + 1) * state + 3 * weights + 16 * 2**20
 
 
 def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, guard) -> dict:
@@ -97,10 +256,13 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
   state, space = train.train(model, config, dataset, workdir, mesh, checkpointer, guard)
   timings['train'] = time.time() - t
   out = lambda name: workdir_lib.path(workdir, name)
-  p = [float(x) for x in
-       jax.tree.leaves(jax.device_get(masks_lib.drop_probabilities(state.drop_logits)))]
-  posterior = report.posterior_table(space_lib.group_names(space),
-                                     masks_lib.channel_counts(space.template), p)
+  p = [
+    float(x)
+    for x in jax.tree.leaves(jax.device_get(masks_lib.drop_probabilities(state.drop_logits)))
+  ]
+  posterior = report.posterior_table(
+    space_lib.group_names(space), masks_lib.channel_counts(space.template), p
+  )
   writer = parallel.is_main_process()  # every process computes, process 0 writes
   if writer:
     workdir_lib.write_json(out(workdir_lib.POSTERIOR), posterior)
@@ -110,40 +272,95 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
   scorer = search.Scorer(model, mesh, config.model.compute_dtype)
   validation = data_lib.replicated_batches(dataset.validation, dataset, eval_batch, mesh)
   full_val, _ = scorer.network(state.variables, validation)
+  full_params, full_flops = space_lib.costs(space, space.template)
+  budget = budget_lib.Budget.from_config(config.search, full_params, full_flops)
+  recalibration = search.recalibration_images(
+    dataset, config.search.bn_recalibration_batches, eval_batch, mesh
+  )
   with metric_writers.for_search(workdir, config.log) as search_writer:
-    records = search.rank_candidates(scorer, state, space, validation, config.search,
-                                     out(workdir_lib.CANDIDATES), guard, search_writer)
+    records = search.rank_candidates(
+      scorer,
+      state,
+      space,
+      validation,
+      config.search,
+      out(workdir_lib.CANDIDATES),
+      guard,
+      search_writer,
+      budget,
+      recalibration,
+    )
+  records = _mark_fits(records, budget, out(workdir_lib.CANDIDATES))
   unresolved = records_lib.unresolved_ranking(records, config.data.validation_size)
   if unresolved and writer:
     logging.warning('%s', unresolved)
-  winner = search.choose_winner(records)
-  winner_mask = search.candidate_mask(state.key('search'), winner['index'], state.drop_logits,
-                                      space.template)
+  supernet = {'val_acc': float(full_val), 'params': int(full_params), 'flops': int(full_flops)}
+  try:
+    winner = search.choose_winner(records, budget)
+  except errors.BudgetError:
+    if writer:  # the fronts show what a budget can buy
+      _write_pareto(records, supernet, None, budget, out)
+    raise
+  winner_mask = search.candidate_mask(
+    state.key('search'), winner['index'], state.drop_logits, space.template
+  )
+  # the winner as it was scored: with its re-estimated BatchNorm statistics when they are on
+  winner_variables = scorer.recalibrated(state.variables, winner_mask, recalibration)
   timings['search'] = time.time() - t
 
   t = time.time()
   # The test split is touched here, once the choice is made.
   test = data_lib.device_batches(dataset.test, dataset, eval_batch, mesh)
-  test_acc, _ = scorer.architecture(state.variables, winner_mask, test)
+  test_acc, _ = scorer.architecture(winner_variables, winner_mask, test)
   full_test, _ = scorer.network(state.variables, test)
-  pruned = export.pruned_variables(state.variables, space, winner_mask)
+  pruned = export.pruned_variables(winner_variables, space, winner_mask)
   if writer:
     export.save_weights(out(workdir_lib.WINNER_WEIGHTS), pruned)
-  full_params, full_flops = space_lib.costs(space, space.template)
-  arch = {'index': winner['index'], **export.describe(space, winner_mask, pruned),
-          'val_acc': winner['val_acc'], 'test_acc': test_acc,
-          'supernet': {'val_acc': float(full_val), 'test_acc': float(full_test),
-                       'params': int(full_params), 'flops': int(full_flops)}}
-  if writer:  # the network to deploy: search/winner_compact.*, its counts and latency
-    arch.update(input_slice_params=arch['params'], input_slice_flops=arch['flops'],
-                **candidate.deploy(model, state.variables, winner_mask, dataset.image_shape,
-                                   out(workdir_lib.SEARCH), 'winner_compact'))
+  arch = {
+    'index': winner['index'],
+    **export.describe(space, winner_mask, pruned),
+    'val_acc': winner['val_acc'],
+    'test_acc': test_acc,
+    'supernet': {
+      'val_acc': float(full_val),
+      'test_acc': float(full_test),
+      'params': int(full_params),
+      'flops': int(full_flops),
+    },
+    'budget': budget.as_dict(),
+  }
+  if writer and not compact.supports(model):
+    logging.info(
+      'no compact network for a custom module: search/winner_weights.msgpack holds '
+      "the winner's input-sliced pruned weights (docs/library.md)"
+    )
+  elif writer:  # the network to deploy: search/winner_compact.*, its counts and latency
+    arch.update(
+      input_slice_params=arch['params'],
+      input_slice_flops=arch['flops'],
+      **candidate.deploy(
+        model,
+        winner_variables,
+        winner_mask,
+        dataset.image_shape,
+        out(workdir_lib.SEARCH),
+        'winner_compact',
+        measure=config.export.latency,
+      ),
+    )
   timings['test and export'] = time.time() - t
   if config.finetune.steps > 0:
     t = time.time()
     tuner = finetune.Finetuner(model, config, dataset, space, mesh)
-    arch['finetuned'] = _finetune_winner(tuner, scorer, state, winner_mask, (validation, test),
-                                         out(workdir_lib.WINNER_FINETUNED_WEIGHTS))
+    arch['finetuned'] = _finetune_winner(
+      tuner,
+      scorer,
+      state,
+      winner_mask,
+      (validation, test),
+      out(workdir_lib.WINNER_FINETUNED_WEIGHTS),
+      guard,
+    )
     timings['fine-tune'] = time.time() - t
   if writer:
     workdir_lib.write_json(out(workdir_lib.ARCH), arch)
@@ -152,54 +369,136 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
     with open(out(workdir_lib.METRICS)) as f:
       metrics = [json.loads(line) for line in f]
     report.plot_posterior(posterior, out(workdir_lib.POSTERIOR_PLOT))
-    report.plot_candidates([r['val_acc'] for r in records], float(full_val), winner['val_acc'],
-                           out(workdir_lib.CANDIDATES_PLOT))
+    report.plot_candidates(
+      [r['val_acc'] for r in records],
+      float(full_val),
+      winner['val_acc'],
+      out(workdir_lib.CANDIDATES_PLOT),
+    )
     report.plot_training(metrics, out(workdir_lib.TRAINING_PLOT))
+    front = _write_pareto(records, supernet, winner['index'], budget, out)
     workdir_lib.write_json(out(workdir_lib.TIMINGS), timings)
     # written last: its presence marks the run finished
-    report.write_markdown(out(workdir_lib.REPORT), arch, timings,
-                          config.search.num_candidates, posterior)
-  logging.info('winner #%d: val acc %.4f, test acc %.4f, %d params (full super-network: '
-               'val %.4f, test %.4f, %d params)', arch['index'], arch['val_acc'], test_acc,
-               arch['params'], full_val, full_test, full_params)
+    report.write_markdown(
+      out(workdir_lib.REPORT), arch, timings, config.search.num_candidates, posterior, front
+    )
+  logging.info(
+    'winner #%d: val acc %.4f, test acc %.4f, %d params (full super-network: '
+    'val %.4f, test %.4f, %d params)',
+    arch['index'],
+    arch['val_acc'],
+    test_acc,
+    arch['params'],
+    full_val,
+    full_test,
+    full_params,
+  )
   return arch
 
 
-def _finetune_winner(tuner: finetune.Finetuner, scorer: search.Scorer, state: train.TrainState,
-                     mask, splits: tuple, weights_path: str) -> dict:
+def _mark_fits(records: list, budget: budget_lib.Budget, path: str) -> list:
+  """``records`` with ``fits`` for this budget; candidates recorded under another budget (a
+  resumed run) get theirs rewritten in the candidates file."""
+  marked = budget_lib.mark(records, budget)
+  if marked != records and parallel.is_main_process():
+    workdir_lib.write_atomically(path, ''.join(records_lib.to_line(r) for r in marked))
+  return marked
+
+
+def _write_pareto(
+  records: list, supernet: dict, winner_index, budget: budget_lib.Budget, out
+) -> dict:
+  front = pareto.summary(records, supernet, winner_index, budget.as_dict())
+  workdir_lib.write_json(out(workdir_lib.PARETO), front)
+  pareto.plot(records, front, out(workdir_lib.PARETO_PLOT))
+  return front
+
+
+def search_network(
+  module,
+  data: data_lib.Source | None,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  start_over: bool = False,
+) -> dict:
+  """The main job from Python on your own ``module`` (a flax.linen module with
+  ``SearchableConv`` layers; None: the one the config names) and ``data`` (a data source such
+  as ``pgnas_jax.from_arrays(...)``; None: the config's ``data``), into ``workdir`` as the
+  command line writes it. ``config`` is not changed: the run's config.json records the module
+  as ``model.family='custom'`` with its class and the fields that differ from their defaults,
+  so that the run resumes, and ``python -m pgnas_jax.export`` rebuilds the module."""
+  config = copy.deepcopy(config)
+  if module is not None:
+    config_lib.validate(config)  # before the data is read
+    if data is None:
+      data = data_lib.load(config.data)
+    named = (
+      config.model.family == 'custom'
+      and custom.build(config.model.custom, data.num_classes) == module
+    )
+    if not named:
+      config.model.family = 'custom'
+      config.model.custom.module, config.model.custom.kwargs = custom.describe(
+        module, data.num_classes
+      )
+  return run(config, workdir, start_over, model=module, dataset=data)
+
+
+def _finetune_winner(
+  tuner: finetune.Finetuner,
+  scorer: search.Scorer,
+  state: train.TrainState,
+  mask,
+  splits: tuple,
+  weights_path: str,
+  guard,
+) -> dict:
   """Fine-tunes the winner (``finetune.steps`` > 0), saves its pruned weights beside the
   un-tuned ones and returns its accuracies on the (validation, test) ``splits``."""
-  tuned = tuner.tune(state, mask)
+  tuned = tuner.tune(state, mask, guard)
   val_acc, test_acc = (scorer.architecture(tuned, mask, batches)[0] for batches in splits)
   if parallel.is_main_process():
     export.save_weights(weights_path, export.pruned_variables(tuned, tuner.space, mask))
-  logging.info('winner fine-tuned %d steps: val acc %.4f, test acc %.4f', tuner.steps,
-               val_acc, test_acc)
+  logging.info(
+    'winner fine-tuned %d steps: val acc %.4f, test acc %.4f', tuner.steps, val_acc, test_acc
+  )
   return {'steps': tuner.steps, 'val_acc': val_acc, 'test_acc': test_acc}
 
 
 def cli():
   """Defines the flags and runs the job."""
   config_flag = cli_lib.define_config_flag(os.path.join(os.path.dirname(__file__), 'config.py'))
-  workdir_flag = flags.DEFINE_string('workdir', None,
-                                     'Directory for every output of the run.')
+  workdir_flag = flags.DEFINE_string('workdir', None, 'Directory for every output of the run.')
   start_over_flag = flags.DEFINE_bool(
-      'start_over', False, 'Delete the outputs of an earlier run in --workdir (checkpoints '
-      'included) and start again; without it, a workdir holding a run is resumed.')
+    'start_over',
+    False,
+    'Delete the outputs of an earlier run in --workdir (checkpoints '
+    'included) and start again; without it, a workdir holding a run is resumed.',
+  )
   distributed_flag = flags.DEFINE_bool(
-      'distributed', False, 'Run as one of several processes (jax.distributed), reading the '
-      'coordinator, process count and index from the cluster (Cloud TPU pod, SLURM); implied '
-      'by --coordinator_address, --num_processes and --process_id, which give them instead.')
+    'distributed',
+    False,
+    'Run as one of several processes (jax.distributed), reading the '
+    'coordinator, process count and index from the cluster (Cloud TPU pod, SLURM); implied '
+    'by --coordinator_address, --num_processes and --process_id, which give them instead.',
+  )
   coordinator_flag = flags.DEFINE_string(
-      'coordinator_address', None, 'HOST:PORT of process 0, reachable by every process.')
-  num_processes_flag = flags.DEFINE_integer('num_processes', None,
-                                            'Number of processes in the run.')
-  process_id_flag = flags.DEFINE_integer('process_id', None,
-                                         'Index of this process, 0 .. num_processes - 1.')
+    'coordinator_address', None, 'HOST:PORT of process 0, reachable by every process.'
+  )
+  num_processes_flag = flags.DEFINE_integer(
+    'num_processes', None, 'Number of processes in the run.'
+  )
+  process_id_flag = flags.DEFINE_integer(
+    'process_id', None, 'Index of this process, 0 .. num_processes - 1.'
+  )
 
   def job(config):
-    parallel.initialize_distributed(distributed_flag.value, coordinator_flag.value,
-                                    num_processes_flag.value, process_id_flag.value)
+    parallel.initialize_distributed(
+      distributed_flag.value,
+      coordinator_flag.value,
+      num_processes_flag.value,
+      process_id_flag.value,
+    )
     if not parallel.is_main_process():  # one progress log for the run, process 0's
       logging.set_verbosity(logging.WARNING)
     run(config, workdir_flag.value, start_over_flag.value)

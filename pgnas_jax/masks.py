@@ -6,6 +6,7 @@ tree of the same structure with scalar leaves, ``theta_g = log p_g - log(1 - p_g
 Every leaf draws from its own key, ``fold_in(key, leaf_index)`` in flattening order, so a
 mask depends only on the key and the tree, never on batch layout or device count.
 """
+
 from typing import Any
 
 import chex
@@ -61,13 +62,15 @@ def _per_leaf(key: jax.Array, drop_logits: PyTree, template: PyTree, draw) -> Py
   return jax.tree.unflatten(treedef, out)
 
 
-def relaxed_masks(key: jax.Array, drop_logits: PyTree, template: PyTree,
-                  batch_size: int, tau: float) -> PyTree:
+def relaxed_masks(
+  key: jax.Array, drop_logits: PyTree, template: PyTree, batch_size: int, tau: float
+) -> PyTree:
   """Per-example relaxed-Bernoulli *keep* masks, leaf shape ``(batch_size, channels)``.
 
   drop = sigmoid((theta + logistic noise) / tau), keep = 1 - drop (SPEC section 2).
   As tau -> 0, keep -> 1[noise < -theta], i.e. Bernoulli(1 - p). No 1/(1-p) rescale.
   """
+
   def leaf(k, theta, channels):
     noise = jax.random.logistic(k, (batch_size, channels))
     return 1.0 - jax.nn.sigmoid((theta + noise) / tau)
@@ -77,6 +80,7 @@ def relaxed_masks(key: jax.Array, drop_logits: PyTree, template: PyTree,
 
 def hard_mask(key: jax.Array, drop_logits: PyTree, template: PyTree) -> PyTree:
   """One hard keep mask (one architecture): channel kept iff u >= p (SPEC section 3)."""
+
   def leaf(k, theta, channels):
     u = jax.random.uniform(k, (channels,))
     return (u >= jax.nn.sigmoid(theta)).astype(jnp.float32)
@@ -84,8 +88,9 @@ def hard_mask(key: jax.Array, drop_logits: PyTree, template: PyTree) -> PyTree:
   return _per_leaf(key, drop_logits, template, leaf)
 
 
-def candidate_masks(search_key: jax.Array, indices: jax.Array, drop_logits: PyTree,
-                    template: PyTree) -> PyTree:
+def candidate_masks(
+  search_key: jax.Array, indices: jax.Array, drop_logits: PyTree, template: PyTree
+) -> PyTree:
   """Hard masks of candidates ``indices``; candidate c uses ``fold_in(search_key, c)``.
 
   Leaves gain a leading candidate axis. The result for candidate c is independent of which
@@ -93,4 +98,3 @@ def candidate_masks(search_key: jax.Array, indices: jax.Array, drop_logits: PyTr
   """
   draw = lambda c: hard_mask(jax.random.fold_in(search_key, c), drop_logits, template)
   return jax.vmap(draw)(indices)
-

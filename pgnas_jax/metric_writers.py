@@ -5,6 +5,7 @@ event files (through tensorboardX, an optional extra without TensorFlow) another
 
 Only process 0 writes; the writers of the other processes write nothing.
 """
+
 import json
 import logging
 import os
@@ -16,14 +17,10 @@ from pgnas_jax import parallel
 from pgnas_jax import workdir as workdir_lib
 
 
-
 class MetricWriter(Protocol):
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None: ...
 
-  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    ...
-
-  def close(self) -> None:
-    ...
+  def close(self) -> None: ...
 
 
 def flat_name(name: str) -> bool:
@@ -52,8 +49,12 @@ def lines_up_to(path: str, resume_step: int) -> list:
     step = _step(line)
     cut_by_a_kill = number == len(lines) and not line.endswith('\n')
     if step is None and not cut_by_a_kill:
-      logging.warning('%s: line %d is not a JSON record with a step (cut or damaged); '
-                      'dropped, the lines after it are kept', path, number)
+      logging.warning(
+        '%s: line %d is not a JSON record with a step (cut or damaged); '
+        'dropped, the lines after it are kept',
+        path,
+        number,
+      )
     elif step is not None and step <= resume_step:
       kept.append(line)
   return kept
@@ -87,11 +88,13 @@ class TensorBoardWriter:
 
   def __init__(self, directory: str, purge_step: int | None = None):
     import tensorboardX  # the optional extra; see tensorboard_available()
+
     # File names hold the second the file was opened and are opened for writing, not
     # appending: the nanoseconds keep a run resumed within the second from overwriting the
     # earlier file, and keep the files in order for TensorBoard, which reads them by name.
-    self._writer = tensorboardX.SummaryWriter(directory, purge_step=purge_step,
-                                              filename_suffix=f'.{time.time_ns()}')
+    self._writer = tensorboardX.SummaryWriter(
+      directory, purge_step=purge_step, filename_suffix=f'.{time.time_ns()}'
+    )
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     for name, value in scalars.items():
@@ -132,10 +135,15 @@ def tensorboard_available(log_config, say_why: bool = False) -> bool:
     import tensorboardX  # noqa: F401
   except ImportError:
     if say_why:
-      logging.info("tensorboardX is not installed: no TensorBoard event files (pip install "
-                   "-e '.[tensorboard]' to get them)")
+      logging.info(
+        'tensorboardX is not installed: no TensorBoard event files (pip install '
+        "-e '.[tensorboard]' to get them)"
+      )
     return False
   return True
+
+
+NO_WRITER = MultiWriter()  # writes nowhere
 
 
 def for_training(workdir: str, resume_step: int, log_config) -> MultiWriter:
@@ -145,8 +153,11 @@ def for_training(workdir: str, resume_step: int, log_config) -> MultiWriter:
     return MultiWriter()
   writers = [JsonlWriter(workdir_lib.path(workdir, workdir_lib.METRICS), resume_step)]
   if tensorboard_available(log_config, say_why=True):
-    writers.append(TensorBoardWriter(os.path.join(workdir, workdir_lib.TENSORBOARD, 'train'),
-                                     purge_step=resume_step + 1))
+    writers.append(
+      TensorBoardWriter(
+        os.path.join(workdir, workdir_lib.TENSORBOARD, 'train'), purge_step=resume_step + 1
+      )
+    )
   return MultiWriter(writers)
 
 

@@ -1,6 +1,7 @@
 """What a run shows about itself besides its results: the mean drop probability per stage,
 the parameter overview logged at start, ``jax.profiler`` traces of chosen training steps,
 and the start-up log line that is only noise on CPU and GPU, hidden."""
+
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -40,19 +41,31 @@ def parameter_overview(params: PyTree, template: PyTree) -> str:
   """A table of the super-network's parameter arrays, one line each: name, shape, count and,
   for the kernels of a searchable conv, the input channels of each of its groups."""
   flat_template = traverse_util.flatten_dict(template)
-  groups = {conv: '+'.join(str(flat_template[g].shape[-1]) for g in group_paths)
-            for conv, group_paths in layers.groups_by_conv(template).items()}
-  rows = [('/'.join(path), 'x'.join(map(str, x.shape)) or 'scalar', f'{int(np.prod(x.shape)):,}',
-           groups.get(path[:-1], ''))
-          for path, x in traverse_util.flatten_dict(params).items()]
+  groups = {
+    conv: '+'.join(str(flat_template[g].shape[-1]) for g in group_paths)
+    for conv, group_paths in layers.groups_by_conv(template).items()
+  }
+  rows = [
+    (
+      '/'.join(path),
+      'x'.join(map(str, x.shape)) or 'scalar',
+      f'{int(np.prod(x.shape)):,}',
+      groups.get(path[:-1], ''),
+    )
+    for path, x in traverse_util.flatten_dict(params).items()
+  ]
   header = ('parameter', 'shape', 'count', 'groups (input channels)')
   widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
-  lines = [f'{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}'.rstrip()
-           for r in [header] + rows]
+  lines = [
+    f'{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}'.rstrip()
+    for r in [header] + rows
+  ]
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   searchable = jax.tree.leaves(template)
-  lines.append(f'{total:,} parameters in {len(rows)} arrays; {len(searchable)} searchable '
-               f'groups, {sum(m.shape[-1] for m in searchable):,} channels')
+  lines.append(
+    f'{total:,} parameters in {len(rows)} arrays; {len(searchable)} searchable '
+    f'groups, {sum(m.shape[-1] for m in searchable):,} channels'
+  )
   return 'super-network parameters:\n' + '\n'.join(lines)
 
 
@@ -75,8 +88,7 @@ class StepProfiler:
   before the first traced step is waited for, and so is the last traced step's, so a trace
   holds exactly its steps. With no steps chosen it only calls the step."""
 
-  def __init__(self, directory: str, steps: Sequence[int], total_steps: int,
-               enabled: bool = True):
+  def __init__(self, directory: str, steps: Sequence[int], total_steps: int, enabled: bool = True):
     self._directory = directory
     runs = _consecutive_runs(steps) if enabled else []
     self._last_of = {s: last for first, last in runs for s in range(first, last + 1)}
@@ -84,8 +96,9 @@ class StepProfiler:
     self._trace_dir = None
     late = [s for s in sorted(set(steps)) if s > total_steps]
     if enabled and late:
-      logging.warning('log.profile_steps %s come after the last training step, %d: not '
-                      'traced', late, total_steps)
+      logging.warning(
+        'log.profile_steps %s come after the last training step, %d: not traced', late, total_steps
+      )
 
   def call(self, step: int, step_fn: Callable, state, *args):
     """``step_fn(state, *args)``, the training step ``step``, traced when chosen."""
@@ -123,6 +136,9 @@ def is_missing_tpu_notice(record: logging.LogRecord) -> bool:
   """JAX's INFO line at start-up that libtpu is not installed, which every CPU and GPU run
   prints. On a machine with a TPU but without libtpu JAX warns separately ('A Google TPU may
   be present ...'); a TPU that libtpu fails to open is another message, kept."""
-  return (record.name == 'jax._src.xla_bridge' and record.levelno == logging.INFO
-          and record.getMessage().startswith(_MISSING_TPU_NOTICE)
-          and 'Failed to open libtpu' in record.getMessage())
+  return (
+    record.name == 'jax._src.xla_bridge'
+    and record.levelno == logging.INFO
+    and record.getMessage().startswith(_MISSING_TPU_NOTICE)
+    and 'Failed to open libtpu' in record.getMessage()
+  )

@@ -9,6 +9,7 @@ Several processes (hosts of a TPU pod or GPU cluster, or processes on one machin
 through ``jax.distributed``. Every process runs the same program on the same global arrays;
 each one feeds its own rows of a global batch, and only process 0 writes files.
 """
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -20,8 +21,12 @@ from pgnas_jax.errors import ConfigError
 DATA_AXIS = 'data'
 
 
-def initialize_distributed(from_environment: bool, coordinator_address: str | None,
-                           num_processes: int | None, process_id: int | None) -> None:
+def initialize_distributed(
+  from_environment: bool,
+  coordinator_address: str | None,
+  num_processes: int | None,
+  process_id: int | None,
+) -> None:
   """Joins this process to a multi-process run before JAX touches a device.
 
   With ``coordinator_address``, ``num_processes`` and ``process_id`` all given, they are
@@ -29,22 +34,31 @@ def initialize_distributed(from_environment: bool, coordinator_address: str | No
   environment (Cloud TPU pods, SLURM, Open MPI); with none and not ``from_environment``, the
   run is a single process and nothing happens.
   """
-  explicit = {'--coordinator_address': coordinator_address, '--num_processes': num_processes,
-              '--process_id': process_id}
+  explicit = {
+    '--coordinator_address': coordinator_address,
+    '--num_processes': num_processes,
+    '--process_id': process_id,
+  }
   given = [name for name, value in explicit.items() if value is not None]
   if given and len(given) < len(explicit):
     missing = ', '.join(name for name in explicit if name not in given)
-    raise ConfigError(f'{", ".join(given)} given without {missing}: pass all three, or none '
-                      f'of them with --distributed to read them from the cluster environment')
+    raise ConfigError(
+      f'{", ".join(given)} given without {missing}: pass all three, or none '
+      f'of them with --distributed to read them from the cluster environment'
+    )
   if given:
     if num_processes < 1:
       raise ConfigError(f'--num_processes={num_processes} is out of range: it must be >= 1')
     if not 0 <= process_id < num_processes:
-      raise ConfigError(f'--process_id={process_id} is out of range: it must be in '
-                        f'[0, {num_processes - 1}] for --num_processes={num_processes}')
+      raise ConfigError(
+        f'--process_id={process_id} is out of range: it must be in '
+        f'[0, {num_processes - 1}] for --num_processes={num_processes}'
+      )
     if ':' not in coordinator_address:
-      raise ConfigError(f'--coordinator_address={coordinator_address!r} has no port: use '
-                        f'HOST:PORT, the address of process 0')
+      raise ConfigError(
+        f'--coordinator_address={coordinator_address!r} has no port: use '
+        f'HOST:PORT, the address of process 0'
+      )
   elif not from_environment:
     return
   # CPU devices of different processes reduce through gloo (GPUs and TPUs ignore this).
@@ -106,10 +120,13 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
     value = np.asarray(value)
     rows = value.shape[0] * count
     if rows % n:
-      raise ValueError(f'batch field {name!r} has {rows} rows, not a multiple of the {n} '
-                       f'devices: choose batch sizes divisible by the device count')
-    placed[name] = jax.make_array_from_process_local_data(sharding, value,
-                                                          (rows,) + value.shape[1:])
+      raise ValueError(
+        f'batch field {name!r} has {rows} rows, not a multiple of the {n} '
+        f'devices: choose batch sizes divisible by the device count'
+      )
+    placed[name] = jax.make_array_from_process_local_data(
+      sharding, value, (rows,) + value.shape[1:]
+    )
   return placed
 
 
@@ -133,8 +150,7 @@ def put_replicated(tree, mesh: Mesh):
 
   def put(x):
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(put(jax.random.key_data(x)),
-                                      impl=jax.random.key_impl(x))
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
     return jax.device_put(np.asarray(jax.device_get(x)), sharding)
 
   return jax.tree.map(put, tree)

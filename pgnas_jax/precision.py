@@ -6,6 +6,7 @@ model and returns float32 logits. Gradients flow back through the casts to the f
 parameters. BatchNorm takes its batch statistics in float32 whatever the compute dtype (flax
 reduces in float32) and keeps its running statistics in float32.
 """
+
 from typing import Any
 
 import jax
@@ -18,7 +19,8 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 def cast_floats(tree: PyTree, dtype) -> PyTree:
   """Floating-point leaves cast to ``dtype``; integer leaves (pruned-channel indices) kept."""
   return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
 
 
 def apply(model, variables: dict, images: jax.Array, compute_dtype: str, **kwargs):

@@ -8,6 +8,7 @@ edited, damaged, blank, cut short, out of order) and cuts the file back there wi
 naming that line: scores are deterministic, so the search scores again from there and ends
 as an uninterrupted run would.
 """
+
 import dataclasses
 import hashlib
 import json
@@ -43,12 +44,28 @@ def _checksum(record: dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def make(run: str, index: int, val_acc: float, val_loss: float, params: int, flops: int,
-         dropped: dict) -> dict:
+def make(
+  run: str, index: int, val_acc: float, val_loss: float, params: int, flops: int, dropped: dict
+) -> dict:
   """A candidate's record as it is written and read back (a non-finite loss is None)."""
-  record = workdir_lib.finite({'index': index, 'val_acc': val_acc, 'val_loss': val_loss,
-                               'params': params, 'flops': flops, 'dropped': dropped,
-                               'run': run})
+  record = workdir_lib.finite(
+    {
+      'index': index,
+      'val_acc': val_acc,
+      'val_loss': val_loss,
+      'params': params,
+      'flops': flops,
+      'dropped': dropped,
+      'run': run,
+    }
+  )
+  return {**record, 'check': _checksum(record)}
+
+
+def amend(record: dict, **fields) -> dict:
+  """``record`` with ``fields`` set (what follows from its scores, such as whether it fits a
+  budget) and its checksum made again."""
+  record = {k: v for k, v in {**record, **fields}.items() if k != 'check'}
   return {**record, 'check': _checksum(record)}
 
 
@@ -87,7 +104,7 @@ def _problem(line: bytes, expected_index: int, run: str | None) -> tuple:
   if run is not None and record['run'] != run:
     return None, f"was written by another run (run id {record['run']}, this run's {run})"
   if record['index'] != expected_index:
-    return None, f"holds candidate {record['index']} where {expected_index} belongs"
+    return None, f'holds candidate {record["index"]} where {expected_index} belongs'
   return record, None
 
 
@@ -123,8 +140,9 @@ def read(path: str) -> list:
   """The candidates a finished run recorded (its valid prefix, which is all of them)."""
   found = scan(path)
   if found.problem:
-    logging.warning('%s: %s; reading the %d candidates before it', path, found.problem,
-                    len(found.records))
+    logging.warning(
+      '%s: %s; reading the %d candidates before it', path, found.problem, len(found.records)
+    )
   return found.records
 
 
@@ -136,11 +154,20 @@ def resume(path: str, run: str) -> list:
   keep = parallel.min_over_processes(len(found.records))
   parallel.barrier('candidates read')  # before process 0 changes the file
   if found.problem or keep < len(found.records):
-    problem = (found.problem if keep == len(found.records) else
-               f'line {keep + 1} is not valid on another process')
+    problem = (
+      found.problem
+      if keep == len(found.records)
+      else f'line {keep + 1} is not valid on another process'
+    )
     if parallel.is_main_process():
-      logging.warning('%s: %s; cut back to the %d valid lines before it, the search scores '
-                      'again from candidate %d', path, problem, keep, keep)
+      logging.warning(
+        '%s: %s; cut back to the %d valid lines before it, the search scores '
+        'again from candidate %d',
+        path,
+        problem,
+        keep,
+        keep,
+      )
       with open(path, 'r+b') as f:
         f.truncate(found.ends[keep - 1] if keep else 0)
         os.fsync(f.fileno())
@@ -163,10 +190,14 @@ def unresolved_ranking(records: list, validation_size: int) -> str | None:
     smallest = 10 * validation_size
     how = 'the differences between candidates are below one image; 10x is a first guess'
   else:
-    tied = (f'the {len(accs)} candidates\' validation accuracies spread {spread:.2g} '
-            f'(standard deviation), less than one image ({1 / validation_size:.2g})')
+    tied = (
+      f"the {len(accs)} candidates' validation accuracies spread {spread:.2g} "
+      f'(standard deviation), less than one image ({1 / validation_size:.2g})'
+    )
     smallest = math.ceil(1 / spread)
     how = 'one image is then the measured spread'
-  return (f'--config.data.validation_size={validation_size} is too small to rank: {tied}, so '
-          f'the winner was picked mostly by fewer parameters; use at least {smallest} '
-          f'({how}), or a data set with more images')
+  return (
+    f'--config.data.validation_size={validation_size} is too small to rank: {tied}, so '
+    f'the winner was picked mostly by fewer parameters; use at least {smallest} '
+    f'({how}), or a data set with more images'
+  )

@@ -2,19 +2,23 @@
 drop probabilities, score chunks of them at once on the held-out validation split
 (``jax.vmap`` over masks, every candidate of a chunk seeing the same batches), rank, and
 pick the winner (best validation accuracy; ties: fewer parameters)."""
+
 import functools
+import itertools
 import logging
 import os
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pgnas_jax.errors import Preempted
+from pgnas_jax.errors import ConfigError, Preempted
+from pgnas_jax import budget as budget_lib
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import metric_writers, parallel, precision, train
 from pgnas_jax import records as records_lib
@@ -31,26 +35,110 @@ def _batch_scores(logits, batch):
   return correct, loss
 
 
+def _batch_norm_in_train_mode(next_fun, args, kwargs, context):
+  """A flax method interceptor: every BatchNorm normalises with its batch's statistics, as
+  in training, and stores them (momentum 0) as its running statistics; every other layer
+  keeps the mode the model was called in (evaluation: no shake-shake noise, hard masks)."""
+  module = context.module
+  if not (
+    isinstance(module, nn.BatchNorm)
+    and context.method_name == '__call__'
+    and module.use_running_average is not False
+  ):  # not the train-mode copy below
+    return next_fun(*args, **kwargs)
+  in_train_mode = module.clone(parent=None, use_running_average=False, momentum=0.0)
+  variables = {c: module.variables[c] for c in ('params', 'batch_stats') if c in module.variables}
+  y, updates = in_train_mode.apply(variables, *args, mutable=['batch_stats'], **kwargs)
+  for name, value in updates['batch_stats'].items():
+    module.put_variable('batch_stats', name, value)
+  return y
+
+
+def batch_statistics(
+  model, variables: dict, mask: PyTree, images: jax.Array, compute_dtype: str
+) -> PyTree:
+  """The BatchNorm statistics of the architecture ``mask`` on one batch: every layer's mean
+  and variance over ``images``, each normalising with its own batch statistics."""
+  with nn.intercept_methods(_batch_norm_in_train_mode):
+    _, updates = precision.apply(
+      model,
+      {**variables, 'masks': mask},
+      images,
+      compute_dtype,
+      train=False,
+      mutable=['batch_stats'],
+    )
+  return updates['batch_stats']
+
+
 @functools.cache
-def make_chunk_scorer(model, mesh, compute_dtype: str) -> Callable:
+def make_chunk_recalibrator(model, mesh, compute_dtype: str) -> Callable:
+  """``recalibrate(variables, masks, images) -> batch_stats`` for a chunk of K hard masks
+  split over the devices: each candidate's BatchNorm statistics re-estimated on the
+  calibration batches ``images`` [R, batch, ...] (the same for every candidate), the mean
+  over the R batches of each layer's batch means and variances (as OFA's
+  ``set_running_statistics``); leaves with a leading K axis, split as the masks are."""
+
+  def recalibrate_one(variables, mask, images):
+    per_batch = jax.lax.map(
+      lambda x: batch_statistics(model, variables, mask, x, compute_dtype), images
+    )
+    return jax.tree.map(lambda s: jnp.mean(s, axis=0), per_batch)
+
+  def recalibrate(variables, masks, images):
+    return jax.vmap(recalibrate_one, in_axes=(None, 0, None))(variables, masks, images)
+
+  replicated, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(recalibrate, in_shardings=(replicated, split, replicated), out_shardings=split)
+
+
+def recalibration_images(dataset, num_batches: int, batch_size: int, mesh) -> jax.Array | None:
+  """The first ``num_batches`` full batches of the training split, un-augmented, stacked
+  [R, batch, ...] on every device: what every candidate's BatchNorm statistics are
+  re-estimated on (``search.bn_recalibration_batches``); None when it is 0."""
+  if num_batches == 0:
+    return None
+  batches = list(itertools.islice(dataset.eval_batches(dataset.train, batch_size), num_batches))
+  if len(batches) < num_batches or not all(b['weights'].all() for b in batches):
+    raise ConfigError(
+      f'--config.search.bn_recalibration_batches={num_batches} batches of '
+      f'{batch_size} images need {num_batches * batch_size} training images, the training '
+      f'split has {dataset.train.num_examples}: use fewer batches or a smaller '
+      f'search.eval_batch_size'
+    )
+  return parallel.put_replicated(np.stack([b['images'] for b in batches]), mesh)
+
+
+@functools.cache
+def make_chunk_scorer(model, mesh, compute_dtype: str, with_batch_stats: bool = False) -> Callable:
   """``score(variables, masks, batch) -> (correct[K], loss_sum[K])`` for a chunk of K hard
-  masks (leaves with a leading K axis), vmapped over the masks. The chunk's candidates are
+  masks (leaves with a leading K axis), vmapped over the masks; with ``with_batch_stats``,
+  ``masks`` is a pair (masks, batch_stats): each candidate with its own BatchNorm statistics
+  (``make_chunk_recalibrator``). The chunk's candidates are
   split over the devices of every process (K a multiple of the device count), each device
   scoring its own on the whole batch: measured faster than splitting the batch's rows
   (docs/scaling.md). Every process gets all K results. One jitted function per (model, mesh,
   dtype) (a model is a hashable description of its module): searches of equal
   super-networks in one process share its compilations."""
+
   def score_one(variables, mask, batch):
-    logits = precision.apply(model, {**variables, 'masks': mask}, batch['images'],
-                             compute_dtype, train=False)
+    if with_batch_stats:
+      mask, stats = mask
+      variables = {**variables, 'batch_stats': stats}
+    logits = precision.apply(
+      model, {**variables, 'masks': mask}, batch['images'], compute_dtype, train=False
+    )
     return _batch_scores(logits, batch)
 
   def score(variables, masks, batch):
     return jax.vmap(score_one, in_axes=(None, 0, None))(variables, masks, batch)
 
   replicated = parallel.replicated(mesh)
-  return jax.jit(score, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
-                 out_shardings=replicated)
+  return jax.jit(
+    score,
+    in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+    out_shardings=replicated,
+  )
 
 
 @functools.cache
@@ -59,6 +147,7 @@ def make_full_scorer(model, mesh, compute_dtype: str) -> Callable:
   ``masks``. The batch stays where it was placed (rows split or whole on every device). One
   jitted function per (model, mesh, dtype): the full super-network, the winner and its
   fine-tuned weights are scored by one compilation per batch shape."""
+
   def score(variables, batch):
     logits = precision.apply(model, variables, batch['images'], compute_dtype, train=False)
     return _batch_scores(logits, batch)
@@ -90,8 +179,9 @@ def evaluate(scorer: Callable, args: tuple, batches: list) -> tuple:
   """(accuracy, mean loss) over all batches; arrays of shape [K] for a chunk scorer."""
   correct, loss, n = 0.0, 0.0, 0.0
   for batch in batches:
-    c, l = scorer(*args, batch)
-    correct, loss = correct + np.asarray(c, np.float64), loss + np.asarray(l, np.float64)
+    batch_correct, batch_loss = scorer(*args, batch)
+    correct = correct + np.asarray(batch_correct, np.float64)
+    loss = loss + np.asarray(batch_loss, np.float64)
     n += float(np.sum(batch['weights']))
   return correct / n, loss / n
 
@@ -101,6 +191,7 @@ class Scorer(NamedTuple):
   split's batches (``data.device_batches`` for one network, ``data.replicated_batches`` for
   chunks of candidates), through the compiled functions that every scorer of the same three
   shares."""
+
   model: Any
   mesh: jax.sharding.Mesh
   compute_dtype: str
@@ -115,14 +206,37 @@ class Scorer(NamedTuple):
     acc, loss = self.network({**variables, 'masks': mask}, batches)
     return float(acc), float(loss)
 
-  def candidates(self, variables: dict, masks: PyTree, batches) -> tuple:
+  def candidates(
+    self, variables: dict, masks: PyTree, batches, recalibration: jax.Array | None = None
+  ) -> tuple:
     """(accuracy[K], mean loss[K]) of K candidates (host mask leaves with a leading K axis,
-    K a multiple of the device count)."""
-    return evaluate(make_chunk_scorer(*self), (variables, parallel.put_split(masks, self.mesh)),
-                    batches)
+    K a multiple of the device count); with ``recalibration`` (``recalibration_images``),
+    each with its BatchNorm statistics re-estimated on those images first."""
+    masks = parallel.put_split(masks, self.mesh)
+    if recalibration is None:
+      return evaluate(make_chunk_scorer(*self), (variables, masks), batches)
+    stats = make_chunk_recalibrator(*self)(variables, masks, recalibration)
+    return evaluate(
+      make_chunk_scorer(*self, with_batch_stats=True), (variables, (masks, stats)), batches
+    )
 
-  def auto_chunk_size(self, variables: dict, space: space_lib.SearchSpace, batch: dict,
-                      num_candidates: int) -> int:
+  def recalibrated(self, variables: dict, mask: PyTree, recalibration: jax.Array | None) -> dict:
+    """``variables`` with the BatchNorm statistics that candidate ``mask`` (host leaves, no
+    candidate axis) was scored with: its re-estimated ones, or the trained ones when
+    ``recalibration`` is None."""
+    if recalibration is None:
+      return variables
+    n = self.mesh.devices.size  # the chunk is split over the devices: one copy on each
+    masks = parallel.put_split(jax.tree.map(lambda m: np.repeat(m[None], n, 0), mask), self.mesh)
+    stats = make_chunk_recalibrator(*self)(variables, masks, recalibration)
+    return {
+      **variables,
+      'batch_stats': jax.tree.map(lambda s: np.asarray(s[0]), jax.device_get(stats)),
+    }
+
+  def auto_chunk_size(
+    self, variables: dict, space: space_lib.SearchSpace, batch: dict, num_candidates: int
+  ) -> int:
     """The chunk size ``search.chunk_size='auto'`` means. Each device scores its share of
     the chunk on the whole batch; it gets enough candidates for the platform's target images
     per call (``IMAGES_PER_CALL``), fewer if their activations would take more than
@@ -141,7 +255,8 @@ class Scorer(NamedTuple):
 
     def temporaries(k):
       masks = parallel.put_split(
-          jax.tree.map(lambda m: np.ones((k,) + m.shape, np.float32), space.template), mesh)
+        jax.tree.map(lambda m: np.ones((k,) + m.shape, np.float32), space.template), mesh
+      )
       analysis = scorer.lower(variables, masks, batch).compile().memory_analysis()
       return None if analysis is None else analysis.temp_size_in_bytes
 
@@ -154,16 +269,26 @@ class Scorer(NamedTuple):
 draw_candidates = jax.jit(masks_lib.candidate_masks)
 
 
-def candidate_mask(search_key: jax.Array, index: int, drop_logits: PyTree,
-                   template: PyTree) -> PyTree:
+def candidate_mask(
+  search_key: jax.Array, index: int, drop_logits: PyTree, template: PyTree
+) -> PyTree:
   """The hard mask of candidate ``index`` alone, as drawn during ranking."""
   masks = draw_candidates(search_key, jnp.array([index]), drop_logits, template)
   return jax.tree.map(lambda m: np.asarray(m[0]), masks)
 
 
-def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.SearchSpace,
-                    validation, search_config, out_path: str, guard,
-                    writer: metric_writers.MetricWriter = metric_writers.MultiWriter()) -> list:
+def rank_candidates(
+  scorer: Scorer,
+  state: train.TrainState,
+  space: space_lib.SearchSpace,
+  validation,
+  search_config,
+  out_path: str,
+  guard,
+  writer: metric_writers.MetricWriter = metric_writers.NO_WRITER,
+  budget: budget_lib.Budget = budget_lib.UNLIMITED,
+  recalibration: jax.Array | None = None,
+) -> list:
   """Scores candidates 0..C-1 of the posterior that training left in ``state`` on the
   validation split, continuing after the valid lines of this run already in ``out_path``
   (``records.resume``); each chunk's lines are appended durably (flush + fsync) once
@@ -171,7 +296,9 @@ def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.Se
   devices) and gets all the records. A candidate's mask is
   not kept: it follows from (search key, index), see ``candidate_mask``. ``writer`` gets the
   best validation accuracy so far against the number of candidates scored, after each
-  chunk."""
+  chunk. Every candidate is scored; ``fits`` records whether it fits ``budget``. With
+  ``recalibration`` (``recalibration_images``) each candidate's BatchNorm statistics are
+  re-estimated before it is scored."""
   num, chunk = search_config.num_candidates, search_config.chunk_size
   if chunk == 'auto':
     chunk = scorer.auto_chunk_size(state.variables, space, next(iter(validation)), num)
@@ -186,14 +313,23 @@ def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.Se
   for first in range(resumed, num, chunk):
     # the last chunk is padded with extra candidates (one compilation) and trimmed
     indices = jnp.arange(first, first + chunk)
-    masks = jax.device_get(draw_candidates(search_key, indices, state.drop_logits,
-                                           space.template))
-    acc, loss = scorer.candidates(state.variables, masks, validation)
+    masks = jax.device_get(draw_candidates(search_key, indices, state.drop_logits, space.template))
+    acc, loss = scorer.candidates(state.variables, masks, validation, recalibration)
     params, macs = space_lib.costs(space, masks)
     dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)
-    new = [records_lib.make(run, first + j, float(acc[j]), float(loss[j]), int(params[j]),
-                            int(macs[j]), dict(zip(names, dropped[j].tolist())))
-           for j in range(min(chunk, num - first))]
+    new = [
+      records_lib.make(
+        run,
+        first + j,
+        float(acc[j]),
+        float(loss[j]),
+        int(params[j]),
+        int(macs[j]),
+        dict(zip(names, dropped[j].tolist())),
+      )
+      for j in range(min(chunk, num - first))
+    ]
+    new = budget_lib.mark(new, budget)
     if parallel.is_main_process():
       records_lib.append(out_path, new)
     records += new
@@ -201,11 +337,20 @@ def rank_candidates(scorer: Scorer, state: train.TrainState, space: space_lib.Se
     rate = (done - resumed) / (time.time() - start)
     best = max(records, key=lambda r: r['val_acc'])
     writer.write_scalars(done, {'best_val_acc': best['val_acc']})
-    logging.info('search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
-                 done, num, best['val_acc'], best['index'], rate, (num - done) / rate)
+    logging.info(
+      'search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
+      done,
+      num,
+      best['val_acc'],
+      best['index'],
+      rate,
+      (num - done) / rate,
+    )
     if parallel.any_process(guard.requested) and done < num:
-      raise Preempted(f'stopped by SIGTERM after {done} scored candidates, all recorded in '
-                      f'{out_path}. Run the same command again to resume')
+      raise Preempted(
+        f'stopped by {guard.signal_name} after {done} scored candidates, all recorded in '
+        f'{out_path}. Run the same command again to resume'
+      )
   return records
 
 
@@ -215,6 +360,7 @@ def ranking_key(record: dict) -> tuple:
   return -record['val_acc'], record['params'], record['index']
 
 
-def choose_winner(records: list) -> dict:
-  """The first candidate of the ranking (``ranking_key``)."""
-  return min(records, key=ranking_key)
+def choose_winner(records: list, budget: budget_lib.Budget = budget_lib.UNLIMITED) -> dict:
+  """The first candidate of the ranking (``ranking_key``) among those that fit ``budget``;
+  BudgetError, saying what to change, when none does."""
+  return min(budget_lib.fitting(records, budget), key=ranking_key)

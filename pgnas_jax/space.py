@@ -6,6 +6,7 @@ of one kept input channel). A candidate's cost is the fixed cost of the non-sear
 plus, per group, its kept channels times their cost. FLOPs are counted as multiply-accumulates
 of conv and dense layers per image, the usual convention of the NAS literature.
 """
+
 from typing import Any, NamedTuple
 
 import jax
@@ -40,26 +41,32 @@ def from_variables(variables: dict) -> SearchSpace:
   """Reads the search space off the collections returned by ``model.init``."""
   template = variables[layers.MASKS]
   costs = jax.device_get(variables[layers.CHANNEL_COSTS])
-  searchable = sum(n * int(c[0]) for n, c in
-                   zip(masks.channel_counts(template), jax.tree.leaves(costs)))
+  searchable = sum(
+    n * int(c[0]) for n, c in zip(masks.channel_counts(template), jax.tree.leaves(costs))
+  )
   total = count_params(variables['params'])
-  fixed_macs = int(sum(int(v) for v in jax.tree.leaves(jax.device_get(variables[layers.FIXED_MACS]))))
-  return SearchSpace(template=template, channel_costs=costs, fixed_params=total - searchable,
-                     fixed_macs=fixed_macs)
+  fixed = jax.device_get(variables.get(layers.FIXED_MACS, {}))  # none: searchable convs only
+  fixed_macs = int(sum(int(v) for v in jax.tree.leaves(fixed)))
+  return SearchSpace(
+    template=template, channel_costs=costs, fixed_params=total - searchable, fixed_macs=fixed_macs
+  )
 
 
 def kept_counts(mask_tree: PyTree) -> np.ndarray:
   """[..., groups] kept channels per group, leaves in flattening order."""
-  return np.stack([np.asarray(m).sum(-1) for m in jax.tree.leaves(mask_tree)],
-                  axis=-1).astype(np.int64)
+  return np.stack([np.asarray(m).sum(-1) for m in jax.tree.leaves(mask_tree)], axis=-1).astype(
+    np.int64
+  )
 
 
 def costs(space: SearchSpace, mask_tree: PyTree) -> tuple:
   """(params, MACs) of each architecture in ``mask_tree`` (leading axes are kept)."""
   per_channel = np.stack([np.asarray(c, np.int64) for c in jax.tree.leaves(space.channel_costs)])
   kept = kept_counts(mask_tree)
-  return (space.fixed_params + kept @ per_channel[:, 0],
-          space.fixed_macs + kept @ per_channel[:, 1])
+  return (
+    space.fixed_params + kept @ per_channel[:, 0],
+    space.fixed_macs + kept @ per_channel[:, 1],
+  )
 
 
 def group_names(space: SearchSpace) -> list:

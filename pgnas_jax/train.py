@@ -1,5 +1,6 @@
 """Training the super-network: the train state, the jitted data-parallel ``train_step``
 (weights and drop logits by one optimiser, Alg. 1 lines 1-6) and the training loop."""
+
 import logging
 import time
 from collections.abc import Callable
@@ -50,19 +51,32 @@ class TrainState:
     return purpose_key(self.root_key, purpose)
 
 
-def initialise(model, config: ml_collections.ConfigDict, image_shape: tuple,
-               tx: optax.GradientTransformation, mesh) -> tuple:
+def initialise(
+  model,
+  config: ml_collections.ConfigDict,
+  image_shape: tuple,
+  tx: optax.GradientTransformation,
+  mesh,
+) -> tuple:
   """(TrainState replicated on the mesh, SearchSpace)."""
   root_key = jax.random.key(config.seed)
   dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   variables = jax.jit(lambda k: model.init({'params': k}, dummy, train=False))(
-      purpose_key(root_key, 'init'))
+    purpose_key(root_key, 'init')
+  )
   space = space_lib.from_variables(variables)
   p0 = config.drop.random_p if config.drop.mode == 'random' else config.drop.init_p
-  params = {'weights': variables['params'],
-            'drop_logits': masks_lib.init_drop_logits(space.template, p0)}
-  state = TrainState(step=jnp.int32(0), params=params, batch_stats=variables['batch_stats'],
-                     opt_state=tx.init(params), root_key=root_key)
+  params = {
+    'weights': variables['params'],
+    'drop_logits': masks_lib.init_drop_logits(space.template, p0),
+  }
+  state = TrainState(
+    step=jnp.int32(0),
+    params=params,
+    batch_stats=variables.get('batch_stats', {}),  # none without BatchNorm
+    opt_state=tx.init(params),
+    root_key=root_key,
+  )
   return parallel.put_replicated(state, mesh), space
 
 
@@ -74,10 +88,20 @@ def make_loss_fn(model, space: space_lib.SearchSpace, config: ml_collections.Con
     drop_logits = params['drop_logits']
     if not learned:
       drop_logits = jax.lax.stop_gradient(drop_logits)
-    masks = masks_lib.relaxed_masks(jax.random.fold_in(key, 0), drop_logits, space.template,
-                                    batch['images'].shape[0], config.drop.tau)
-    return masked_loss({'weights': params['weights'], 'drop_logits': drop_logits},
-                       batch_stats, masks, batch, jax.random.fold_in(key, 1))
+    masks = masks_lib.relaxed_masks(
+      jax.random.fold_in(key, 0),
+      drop_logits,
+      space.template,
+      batch['images'].shape[0],
+      config.drop.tau,
+    )
+    return masked_loss(
+      {'weights': params['weights'], 'drop_logits': drop_logits},
+      batch_stats,
+      masks,
+      batch,
+      jax.random.fold_in(key, 1),
+    )
 
   return loss_fn
 
@@ -85,13 +109,18 @@ def make_loss_fn(model, space: space_lib.SearchSpace, config: ml_collections.Con
 def mean_drop_probability(drop_logits: PyTree, template: PyTree) -> jax.Array:
   """Expected share of searchable channels dropped."""
   return masks_lib.mean_drop_probability(
-      jax.tree.leaves(masks_lib.drop_probabilities(drop_logits)),
-      masks_lib.channel_counts(template))
+    jax.tree.leaves(masks_lib.drop_probabilities(drop_logits)), masks_lib.channel_counts(template)
+  )
 
 
-def make_train_step(model, space: space_lib.SearchSpace, config: ml_collections.ConfigDict,
-                    tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh) -> Callable:
+def make_train_step(
+  model,
+  space: space_lib.SearchSpace,
+  config: ml_collections.ConfigDict,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  mesh,
+) -> Callable:
   """``train_step(state, batch) -> (state, metrics)``, jitted over the mesh: state
   replicated, batch sharded over 'data', the state donated."""
   loss_fn = make_loss_fn(model, space, config)
@@ -99,23 +128,31 @@ def make_train_step(model, space: space_lib.SearchSpace, config: ml_collections.
   def train_step(state: TrainState, batch: dict):
     key = jax.random.fold_in(state.key('train'), state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (parts, logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats,
-                                                          batch, key)
+    (loss, (parts, logits, batch_stats)), grads = grad_fn(
+      state.params, state.batch_stats, batch, key
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        'loss': loss, **parts._asdict(), 'grad_norm': optax.tree.norm(grads),
-        'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['labels']),
-        'learning_rate': schedule(state.step),
-        'mean_p': mean_drop_probability(state.drop_logits, space.template),
+      'loss': loss,
+      **parts._asdict(),
+      'grad_norm': optax.tree.norm(grads),
+      'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['labels']),
+      'learning_rate': schedule(state.step),
+      'mean_p': mean_drop_probability(state.drop_logits, space.template),
     }
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
+    new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
     return new_state, metrics
 
   replicated = parallel.replicated(mesh)
-  return jax.jit(train_step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+  return jax.jit(
+    train_step,
+    in_shardings=(replicated, parallel.batch_sharded(mesh)),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
+  )
 
 
 class TrainSetup(NamedTuple):
@@ -128,10 +165,21 @@ class TrainSetup(NamedTuple):
 def setup(config: ml_collections.ConfigDict, dataset: data_lib.Source) -> TrainSetup:
   per_epoch = data_lib.steps_per_epoch(dataset, config.train.batch_size)
   if per_epoch == 0:
-    raise ConfigError(f'--config.train.batch_size={config.train.batch_size} is larger than the '
-                     f'{dataset.train.num_examples} training images')
-  total = (config.train.num_steps if config.train.num_steps > 0
-           else int(round(config.train.num_epochs * per_epoch)))
+    raise ConfigError(
+      f'--config.train.batch_size={config.train.batch_size} is larger than the '
+      f'{dataset.train.num_examples} training images'
+    )
+  total = (
+    config.train.num_steps
+    if config.train.num_steps > 0
+    else int(round(config.train.num_epochs * per_epoch))
+  )
+  if total < 1:  # a run must train to finish: the search ranks a trained posterior
+    raise ConfigError(
+      f'--config.train.num_epochs={config.train.num_epochs} gives no training step ('
+      f'{per_epoch} steps per epoch of batch {config.train.batch_size}): use at least '
+      f'{0.5 / per_epoch:.2g} epochs, or --config.train.num_steps'
+    )
   schedule = optim.learning_rate_schedule(config.train, total, per_epoch)
   return TrainSetup(total, per_epoch, schedule, optim.make_optimizer(config, schedule))
 
@@ -150,15 +198,24 @@ def _check_finite(pending: list, first_step: int) -> None:
   """Raises on the first step among ``pending`` whose loss or gradient is not finite (steps
   counted from 1). The gradient is checked too: a NaN input can leave the loss finite (ReLU
   maps NaN to 0 on XLA:CPU) and still poison the update."""
-  check_finite([(m['loss'], m['grad_norm']) for m in pending], first_step,
-               'non-finite loss or gradient at training step {step} (counting from 1); the '
-               'checkpoints before it are intact. Lower --config.train.learning_rate or check '
-               'the data, then rerun with --start_over')
+  check_finite(
+    [(m['loss'], m['grad_norm']) for m in pending],
+    first_step,
+    'non-finite loss or gradient at training step {step} (counting from 1); the '
+    'checkpoints before it are intact. Lower --config.train.learning_rate or check '
+    'the data, then rerun with --start_over',
+  )
 
 
-def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, workdir: str,
-          mesh, checkpointer: checkpoint_lib.Checkpointer,
-          guard: checkpoint_lib.PreemptionGuard) -> tuple:
+def train(
+  model,
+  config: ml_collections.ConfigDict,
+  dataset: data_lib.Source,
+  workdir: str,
+  mesh,
+  checkpointer: checkpoint_lib.Checkpointer,
+  guard: checkpoint_lib.PreemptionGuard,
+) -> tuple:
   """Trains to the end, resuming from the newest checkpoint in the workdir; writes
   ``metrics.jsonl`` (and TensorBoard's ``tensorboard/train/``, profiler traces on request)
   and checkpoints. Returns (state, search space)."""
@@ -174,17 +231,28 @@ def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, wo
     return state, space
   train_step = make_train_step(model, space, config, run.tx, run.schedule, mesh)
   batch_size = config.train.batch_size
-  logging.info('training: %d steps (%.2f epochs of %d images), %d searchable groups, '
-               '%d channels, %d devices in %d processes', run.total_steps,
-               run.total_steps / run.steps_per_epoch, dataset.train.num_examples,
-               space.num_groups, space.num_channels, mesh.devices.size, jax.process_count())
+  logging.info(
+    'training: %d steps (%.2f epochs of %d images), %d searchable groups, '
+    '%d channels, %d devices in %d processes',
+    run.total_steps,
+    run.total_steps / run.steps_per_epoch,
+    dataset.train.num_examples,
+    space.num_groups,
+    space.num_channels,
+    mesh.devices.size,
+    jax.process_count(),
+  )
   pending, start, last = [], time.time(), time.time()
-  profiler = observe.StepProfiler(workdir_lib.path(workdir, workdir_lib.PROFILE),
-                                  config.log.profile_steps, run.total_steps,
-                                  enabled=parallel.is_main_process())
+  profiler = observe.StepProfiler(
+    workdir_lib.path(workdir, workdir_lib.PROFILE),
+    config.log.profile_steps,
+    run.total_steps,
+    enabled=parallel.is_main_process(),
+  )
   with metric_writers.for_training(workdir, first, config.log) as writer, profiler:
-    batches = data_lib.train_batches(dataset, config.data, config.seed,
-                                     range(first, run.total_steps), batch_size, mesh)
+    batches = data_lib.train_batches(
+      dataset, config.data, config.seed, range(first, run.total_steps), batch_size, mesh
+    )
     for step, batch in zip(range(first, run.total_steps), batches):
       state, metrics = profiler.call(step + 1, train_step, state, batch)
       pending.append(metrics)
@@ -201,20 +269,31 @@ def train(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, wo
       if log_now:
         host = jax.device_get(pending)
         summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        writer.write_scalars(done, {**summary, **observe.stage_mean_p(state.params['drop_logits'],
-                                                                      space.template)})
+        writer.write_scalars(
+          done, {**summary, **observe.stage_mean_p(state.params['drop_logits'], space.template)}
+        )
         now = time.time()
         rate = len(pending) * batch_size / (now - last)
-        logging.info('train step %d/%d  loss %.4f  nll %.4f  acc %.3f  mean p %.3f  '
-                     'lr %.4f  %.0f img/s  eta %.0fs', done, run.total_steps,
-                     summary['loss'], summary['nll'], summary['train_accuracy'],
-                     summary['mean_p'], summary['learning_rate'], rate,
-                     (run.total_steps - done) * batch_size / rate)
+        logging.info(
+          'train step %d/%d  loss %.4f  nll %.4f  acc %.3f  mean p %.3f  '
+          'lr %.4f  %.0f img/s  eta %.0fs',
+          done,
+          run.total_steps,
+          summary['loss'],
+          summary['nll'],
+          summary['train_accuracy'],
+          summary['mean_p'],
+          summary['learning_rate'],
+          rate,
+          (run.total_steps - done) * batch_size / rate,
+        )
         pending, last = [], now
       if stop:
         checkpointer.wait()
-        raise Preempted(f'stopped by SIGTERM after training step {done}; the checkpoint is '
-                        f'saved. Run the same command again to resume')
+        raise Preempted(
+          f'stopped by {guard.signal_name} after training step {done}; the checkpoint is '
+          f'saved. Run the same command again to resume'
+        )
   checkpointer.wait()
   logging.info('training done in %.0fs', time.time() - start)
   return state, space

@@ -1,6 +1,7 @@
 """The workdir of a run: the name of everything the run writes there, relative to the
 workdir, and the atomic write that keeps a kill from leaving half a file. README.md, "What a
 run writes", says what each one holds."""
+
 import json
 import math
 import os
@@ -15,17 +16,45 @@ CANDIDATES = f'{SEARCH}/candidates.jsonl'
 ARCH = f'{SEARCH}/arch.json'
 WINNER_WEIGHTS = f'{SEARCH}/winner_weights.msgpack'
 WINNER_FINETUNED_WEIGHTS = f'{SEARCH}/winner_finetuned_weights.msgpack'
+PARETO = f'{SEARCH}/pareto.json'
 PLOTS = 'plots'
 POSTERIOR_PLOT = f'{PLOTS}/drop_probabilities.png'
 CANDIDATES_PLOT = f'{PLOTS}/candidate_val_accuracy.png'
 TRAINING_PLOT = f'{PLOTS}/training.png'
+PARETO_PLOT = f'{PLOTS}/pareto.png'
 CHECKPOINTS = 'checkpoints'
 UNREADABLE_CHECKPOINTS = 'checkpoints_unreadable'
 TENSORBOARD = 'tensorboard'  # event files, when tensorboardX is installed
 PROFILE = 'profile'  # jax.profiler traces of log.profile_steps
+STARTED_OVER = '.started_over'  # the run was begun by --start_over: its rerun resumes it
 # Everything above, the top-level names: what --start_over deletes.
-OUTPUTS = (CONFIG, METRICS, POSTERIOR, TIMINGS, REPORT, SEARCH, PLOTS, CHECKPOINTS,
-           UNREADABLE_CHECKPOINTS, TENSORBOARD, PROFILE)
+OUTPUTS = (
+  CONFIG,
+  METRICS,
+  POSTERIOR,
+  TIMINGS,
+  REPORT,
+  SEARCH,
+  PLOTS,
+  CHECKPOINTS,
+  UNREADABLE_CHECKPOINTS,
+  TENSORBOARD,
+  PROFILE,
+  STARTED_OVER,
+)
+# What a finished run holds beside report.md; one missing is made again by the rerun.
+FINISHED_OUTPUTS = (
+  CONFIG,
+  METRICS,
+  POSTERIOR,
+  TIMINGS,
+  CANDIDATES,
+  ARCH,
+  WINNER_WEIGHTS,
+  POSTERIOR_PLOT,
+  CANDIDATES_PLOT,
+  TRAINING_PLOT,
+)
 
 
 def path(workdir: str, name: str) -> str:

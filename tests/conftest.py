@@ -1,10 +1,21 @@
 """Four simulated CPU devices for every test, so multi-device code paths run here; tests that
 need one device build their mesh from ``jax.devices()[:1]``."""
-import os
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=4').strip()
+import os
+import tempfile
+
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
+).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the suite and every process it starts (tiny runs of
+# the main job compile the same functions again and again): a compiled function is keyed by
+# its HLO and the JAX version, so a hit runs the very same executable, bit for bit.
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR',
+  os.path.join(tempfile.gettempdir(), f'pgnas_jax_test_compilation_cache_{os.getuid()}'),
+)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import jax
 import pytest
@@ -15,8 +26,9 @@ from pgnas_jax.supernets.shake_shake import ShakeShakeNet
 @pytest.fixture(scope='session')
 def tiny_net():
   """A two-stage super-network small enough for unit tests."""
-  return ShakeShakeNet(num_classes=3, stem_width=4, widths=(4, 8), blocks_per_stage=1,
-                       kernel_sizes=(3, 3), shake=True)
+  return ShakeShakeNet(
+    num_classes=3, stem_width=4, widths=(4, 8), blocks_per_stage=1, kernel_sizes=(3, 3), shake=True
+  )
 
 
 @pytest.fixture(scope='session')

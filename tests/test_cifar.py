@@ -1,4 +1,5 @@
 """CIFAR-10/100 through tfds' mock data (no files, no TensorFlow), cutout, the CIFAR configs."""
+
 import json
 import os
 import subprocess
@@ -54,16 +55,24 @@ def test_missing_cifar_says_how_to_get_it(tmp_path):
 
 
 def test_fashion_mnist_path_does_not_import_tfds():
-  code = ('import sys, pgnas_jax.main, pgnas_jax.data; '
-          'assert "tensorflow_datasets" not in sys.modules, "tfds imported"')
+  code = (
+    'import sys, pgnas_jax.main, pgnas_jax.data; '
+    'assert "tensorflow_datasets" not in sys.modules, "tfds imported"'
+  )
   subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT)
 
 
 def _windows(size, h, w, rng):
   """The windows cutout should zero, from the same draws: (top, bottom, left, right)."""
-  return [(max(y - size // 2, 0), min(y - size // 2 + size, h),
-           max(x - size // 2, 0), min(x - size // 2 + size, w))
-          for y, x in zip(*rng)]
+  return [
+    (
+      max(y - size // 2, 0),
+      min(y - size // 2 + size, h),
+      max(x - size // 2, 0),
+      min(x - size // 2 + size, w),
+    )
+    for y, x in zip(*rng)
+  ]
 
 
 @pytest.mark.parametrize('size', [16, 5])
@@ -86,10 +95,12 @@ def test_cutout_zeroes_one_clipped_window_per_image(size):
 
 def test_cutout_applies_to_training_batches_only():
   rng = np.random.default_rng(0)
-  split = lambda m: data_lib.Split(rng.integers(0, 256, (m, 32, 32, 3), dtype=np.uint8),
-                                   rng.integers(0, 10, m).astype(np.int32))
-  dataset = data_lib.Dataset(split(64), split(16), split(16), 10, np.full(3, 0.5, np.float32),
-                             np.full(3, 0.25, np.float32))
+  split = lambda m: data_lib.Split(
+    rng.integers(0, 256, (m, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, m).astype(np.int32)
+  )
+  dataset = data_lib.Dataset(
+    split(64), split(16), split(16), 10, np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+  )
   c = config_lib.get_config().data
   c.pad_crop = 4
   plain = dataset.train_batch(c, 0, 3, 16)['images']
@@ -100,20 +111,25 @@ def test_cutout_applies_to_training_batches_only():
   per_image = changed.sum((1, 2))
   assert (per_image > 0).all() and (per_image <= 16 * 16).all()
   evals = list(dataset.eval_batches(dataset.validation, 16))
-  np.testing.assert_array_equal(evals[0]['images'],
-                                data_lib.normalise(dataset.validation.images, dataset))
+  np.testing.assert_array_equal(
+    evals[0]['images'], data_lib.normalise(dataset.validation.images, dataset)
+  )
 
 
 def _config_file(name):
   return config_lib.read_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
 
 
-@pytest.mark.parametrize('name, family, size, l2, candidates', [
+@pytest.mark.parametrize(
+  'name, family, size, l2, candidates',
+  [
     ('cifar10_m', 'shake_shake', (96, 192, 384), 50.0, 1500),
     ('cifar10_mi', 'shake_shake', (160, 320, 640), 150.0, 1500),
     ('cifar100_mi', 'shake_shake', (160, 320, 640), 2500.0, 5000),
     ('cifar10_e', 'enas', 36, 0.1, 1500),
-    ('cifar10_ei', 'enas', 72, 0.1, 1500)])
+    ('cifar10_ei', 'enas', 72, 0.1, 1500),
+  ],
+)
 def test_cifar_configs_hold_the_papers_setup(name, family, size, l2, candidates):
   module = _config_file(name)
   assert f'python -m pgnas_jax.main --config=configs/{name}.py' in module.__doc__
@@ -125,10 +141,15 @@ def test_cifar_configs_hold_the_papers_setup(name, family, size, l2, candidates)
   assert (c.objective.weight_prior_l2, c.search.num_candidates) == (l2, candidates)
   assert (c.drop.tau, c.drop.init_p, c.objective.num_train_effective) == (0.2, 0.1, 5e5)
   assert c.objective.weight_decay == 0.0 and c.data.validation_size == 5000
-  expected = ((128, 1800.0, 0.01, 'cosine') if family == 'shake_shake' else
-              (144, 630.0, 0.05, 'sgdr'))
-  assert (c.train.batch_size, c.train.num_epochs, c.train.learning_rate,
-          c.train.schedule) == expected
+  expected = (
+    (128, 1800.0, 0.01, 'cosine') if family == 'shake_shake' else (144, 630.0, 0.05, 'sgdr')
+  )
+  assert (
+    c.train.batch_size,
+    c.train.num_epochs,
+    c.train.learning_rate,
+    c.train.schedule,
+  ) == expected
 
 
 def test_cifar10_m_end_to_end_on_mock_data(tmp_path):

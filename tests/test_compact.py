@@ -7,6 +7,7 @@ into the convs in float64 and rounded once: about 1e-7 relative per layer, 1e-6 
 networks (measured up to 1.1e-5 on logits of 41). A wrong channel moves the logits by their
 own size (the unmasked super-network differs by more than 1e-4, checked below).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,10 +25,10 @@ from pgnas_jax import space as space_lib
 # More removals per family, each a different case: a whole branch or layer, the first conv
 # of a pair (what follows becomes an image-independent map), the second (a constant).
 ALSO_REMOVED = {
-    'shake_shake': [('stage0_block0', 'branch0', 'conv0')],
-    'enas': [('cell0', 'node2_op0', 'sep1')],
-    'resnet': [('stage0_block0', 'multi_kernel', f'branch{i}') for i in range(4)],
-    'densenet': [('block0_layer0', 'conv3x3')],
+  'shake_shake': [('stage0_block0', 'branch0', 'conv0')],
+  'enas': [('cell0', 'node2_op0', 'sep1')],
+  'resnet': [('stage0_block0', 'multi_kernel', f'branch{i}') for i in range(4)],
+  'densenet': [('block0_layer0', 'conv3x3')],
 }
 
 
@@ -84,8 +85,9 @@ def test_compact_logits_equal_masked_supernet_with_convs_removed(family):
 def test_full_mask_is_the_supernet_and_counts_its_macs(family):
   model, init_variables, variables, space, images = _setup(family)
   net, _ = _check_equal(model, variables, space.template, images.shape[1:], images)
-  training_only = sum(int(v) for v in jax.tree.leaves(
-      init_variables['fixed_macs'].get('auxiliary_head', {})))
+  training_only = sum(
+    int(v) for v in jax.tree.leaves(init_variables['fixed_macs'].get('auxiliary_head', {}))
+  )
   assert compact.macs(net) == int(space_lib.costs(space, space.template)[1]) - training_only
 
 
@@ -96,7 +98,7 @@ def test_shake_shake_compact_params_by_hand():
   net, _ = _check_equal(model, variables, mask, images.shape[1:], images)
   n = lambda path: int(np.sum(mask[path[0]][path[1]][path[2]]['group0']))
   expected = 3 * 3 * 3 * 4 + 4 + 8 * 3 + 3  # stem (folded BN: a bias), classifier
-  for block, width, channels in (('stage0_block0', 4, 4), ('stage1_block0', 8, 4)):
+  for block, width, _ in (('stage0_block0', 4, 4), ('stage1_block0', 8, 4)):
     for branch in ('branch0', 'branch1'):
       k0, k1 = n((block, branch, 'conv0')), n((block, branch, 'conv1'))
       if k1 == 0:
@@ -126,7 +128,7 @@ def test_densenet_channel_kept_by_some_readers_only():
   assert net.weights['final_bn']['scale'].shape == (width + 3 * growth,)
 
 
-CHILD = '''
+CHILD = """
 import sys
 import jax, numpy as np
 f = jax.export.deserialize(open(sys.argv[1] + '.stablehlo', 'rb').read())
@@ -135,7 +137,7 @@ out = np.concatenate([f.call(dict(np.load(sys.argv[1] + '.npz')), images[:n])
                       for n in (1, len(images))])  # two batch sizes, one file
 assert 'pgnas_jax' not in sys.modules, 'the child imported pgnas_jax'
 np.save(sys.argv[3], out)
-'''
+"""
 
 
 @pytest.mark.parametrize('family', sorted(REMOVED_CONV))
@@ -144,6 +146,7 @@ def test_exported_files_run_without_pgnas_jax(family, tmp_path):
   import sys
 
   from pgnas_jax.compact import files
+
   model, _, variables, space, images = _setup(family)
   mask = _mask(space)
   _remove(mask, REMOVED_CONV[family])
@@ -156,9 +159,19 @@ def test_exported_files_run_without_pgnas_jax(family, tmp_path):
   np.save(tmp_path / 'images.npy', images)
   # a fresh interpreter started away from the repository, so pgnas_jax cannot be imported
   # by accident from the working directory
-  subprocess.run([sys.executable, '-c', CHILD, str(tmp_path / 'winner_compact'),
-                  str(tmp_path / 'images.npy'), str(tmp_path / 'out.npy')],
-                 check=True, cwd=tmp_path, env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin'})
+  subprocess.run(
+    [
+      sys.executable,
+      '-c',
+      CHILD,
+      str(tmp_path / 'winner_compact'),
+      str(tmp_path / 'images.npy'),
+      str(tmp_path / 'out.npy'),
+    ],
+    check=True,
+    cwd=tmp_path,
+    env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin'},
+  )
   out = np.load(tmp_path / 'out.npy')
   np.testing.assert_allclose(out[1:], masked, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out[:1], masked[:1], rtol=1e-5, atol=1e-5)
@@ -169,6 +182,7 @@ def finished_run(tmp_path_factory):
   """A tiny main job run to the end (about a minute)."""
   from pgnas_jax import config as config_lib
   from pgnas_jax import main
+
   config = config_lib.get_config()
   config.model.shake_shake.update(stem_width=4, widths=(4, 8))
   config.train.update(num_steps=6, log_every_steps=3)
@@ -181,11 +195,11 @@ def finished_run(tmp_path_factory):
 def test_main_job_writes_the_compact_winner(finished_run):
   import json
   import os
+
   workdir, arch = finished_run
   with open(os.path.join(workdir, 'search', 'arch.json')) as f:
     assert arch == json.load(f)
-  assert (arch['input_slice_params'], arch['input_slice_flops']) == (arch['params'],
-                                                                     arch['flops'])
+  assert (arch['input_slice_params'], arch['input_slice_flops']) == (arch['params'], arch['flops'])
   assert arch['compact_flops'] <= arch['flops']
   for name in arch['compact_files'].values():
     assert os.path.exists(os.path.join(workdir, 'search', name))
@@ -203,21 +217,25 @@ def test_export_cli_redraws_a_candidate_from_its_index(finished_run, capsys):
   import os
 
   from pgnas_jax import export
+
   workdir, arch = finished_run
   # the winner again, as a candidate: the same mask, so the same arrays
   export.main(['--workdir', workdir, '--candidate', str(arch['index']), '--no-latency'])
   printed = json.loads(capsys.readouterr().out)
   assert printed['compact_params'] == arch['compact_params']
   folder = os.path.join(workdir, 'search')
-  with np.load(os.path.join(folder, f"candidate{arch['index']}_compact.npz")) as again, \
-       np.load(os.path.join(folder, 'winner_compact.npz')) as winner:
+  with (
+    np.load(os.path.join(folder, f'candidate{arch["index"]}_compact.npz')) as again,
+    np.load(os.path.join(folder, 'winner_compact.npz')) as winner,
+  ):
     assert sorted(again) == sorted(winner)
     for k in winner:
       np.testing.assert_array_equal(again[k], winner[k])
   for argv, message in (
-      (['--workdir', workdir, '--candidate', '5'], '--candidate=5 is not in'),
-      (['--workdir', os.path.join(workdir, 'search')], 'holds no finished run'),
-      (['--workdir', os.path.join(workdir, 'absent')], 'does not exist')):
+    (['--workdir', workdir, '--candidate', '5'], '--candidate=5 is not in'),
+    (['--workdir', os.path.join(workdir, 'search')], 'holds no finished run'),
+    (['--workdir', os.path.join(workdir, 'absent')], 'does not exist'),
+  ):
     with pytest.raises(SystemExit) as stopped:
       export.main(argv)
     assert stopped.value.code == 2

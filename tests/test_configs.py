@@ -1,4 +1,5 @@
 """The config files and the field table they start from."""
+
 import dataclasses
 import os
 
@@ -23,19 +24,38 @@ def _load(name):
 
 
 # each derived config file against its base: the overrides its docstring and README name
-@pytest.mark.parametrize('name, base, overrides', [
+@pytest.mark.parametrize(
+  'name, base, overrides',
+  [
     ('cifar10_ei', 'cifar10_e', {'model.enas.filters': 72}),
-    ('cifar10_mi', 'cifar10_m', {'model.shake_shake.widths': (160, 320, 640),
-                                 'objective.weight_prior_l2': 150.0}),
-    ('cifar100_mi', 'cifar10_m', {'data.name': 'cifar100',
-                                  'model.shake_shake.widths': (160, 320, 640),
-                                  'objective.weight_prior_l2': 2500.0,
-                                  'search.num_candidates': 5000}),
-    ('imagenet_d121', 'imagenet_r50', {'model.family': 'densenet',
-                                       'objective.weight_prior_l2': 100.0,
-                                       'train.batch_size': 300, 'train.num_epochs': 180.0,
-                                       'train.step_epochs': (90, 140, 160)}),
-])
+    (
+      'cifar10_mi',
+      'cifar10_m',
+      {'model.shake_shake.widths': (160, 320, 640), 'objective.weight_prior_l2': 150.0},
+    ),
+    (
+      'cifar100_mi',
+      'cifar10_m',
+      {
+        'data.name': 'cifar100',
+        'model.shake_shake.widths': (160, 320, 640),
+        'objective.weight_prior_l2': 2500.0,
+        'search.num_candidates': 5000,
+      },
+    ),
+    (
+      'imagenet_d121',
+      'imagenet_r50',
+      {
+        'model.family': 'densenet',
+        'objective.weight_prior_l2': 100.0,
+        'train.batch_size': 300,
+        'train.num_epochs': 180.0,
+        'train.step_epochs': (90, 140, 160),
+      },
+    ),
+  ],
+)
 def test_a_derived_config_is_its_base_and_its_overrides(name, base, overrides):
   derived, original = _flat(_load(name)), _flat(_load(base))
   changed = {k: v for k, v in derived.items() if v != original[k]}
@@ -59,23 +79,29 @@ def test_field_names_are_unique():
 
 def test_a_field_is_one_entry(monkeypatch):
   """A new Field reaches get_config(), validate() and docs/config.md without anything else."""
-  field = config_lib.Field('train.profile_steps', 0, 'trace this many steps; 0: off',
-                           check=config_lib.NON_NEGATIVE)
+  field = config_lib.Field(
+    'train.profile_steps', 0, 'trace this many steps; 0: off', check=config_lib.NON_NEGATIVE
+  )
   monkeypatch.setattr(config_lib, 'FIELDS', config_lib.FIELDS + (field,))
   c = config_lib.get_config()
   assert c.train.profile_steps == 0
   config_lib.validate(c)
   c.train.profile_steps = -1
-  with pytest.raises(errors.ConfigError, match=r'train\.profile_steps=-1 is out of range: it '
-                                               r'must be >= 0'):
+  with pytest.raises(
+    errors.ConfigError,
+    match=r'train\.profile_steps=-1 is out of range: it '
+    r'must be >= 0',
+  ):
     config_lib.validate(c)
-  assert ('| `train.profile_steps` | `0` | >= 0 | trace this many steps; 0: off |'
-          in config_doc.render())
+  assert (
+    '| `train.profile_steps` | `0` | >= 0 | trace this many steps; 0: off |' in config_doc.render()
+  )
 
 
 def test_a_field_with_choices_refuses_others(monkeypatch):
-  field = dataclasses.replace(config_lib.FIELDS[0], name='train.writer', default='jsonl',
-                              choices=('jsonl', 'tensorboard'))
+  field = dataclasses.replace(
+    config_lib.FIELDS[0], name='train.writer', default='jsonl', choices=('jsonl', 'tensorboard')
+  )
   monkeypatch.setattr(config_lib, 'FIELDS', config_lib.FIELDS + (field,))
   c = config_lib.get_config()
   c.train.writer = 'csv'

@@ -1,6 +1,7 @@
 """Your own data (.npz files, any tfds data set by name) and the checks every data set passes
 before training: each bad input is one line naming the file or split and the fix, exit
 status 2, and a workdir holding only what the user put there."""
+
 import gzip
 import os
 import subprocess
@@ -22,10 +23,12 @@ FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 
 def _arrays(n_train=60, n_test=20, classes=3, seed=0) -> dict:
   rng = np.random.default_rng(seed)
-  return {'x_train': rng.integers(0, 256, (n_train, 8, 8), dtype=np.uint8),
-          'y_train': np.arange(n_train) % classes,
-          'x_test': rng.integers(0, 256, (n_test, 8, 8), dtype=np.uint8),
-          'y_test': np.arange(n_test) % classes}
+  return {
+    'x_train': rng.integers(0, 256, (n_train, 8, 8), dtype=np.uint8),
+    'y_train': np.arange(n_train) % classes,
+    'x_test': rng.integers(0, 256, (n_test, 8, 8), dtype=np.uint8),
+    'y_test': np.arange(n_test) % classes,
+  }
 
 
 def _save(path, arrays) -> str:
@@ -76,38 +79,79 @@ def _nan(a):
 
 
 BAD_NPZ = [
-    ('missing key', lambda a: a.pop('y_test'),
-     "has no key 'y_test' (it holds x_train, y_train, x_test): write it with numpy.savez("),
-    ('lengths', lambda a: a.update(y_train=a['y_train'][:59]),
-     ("key 'y_train' holds 59 labels but {path}, key 'x_train' holds 60 images: give every "
-      'image one label')),
-    ('test label too large', lambda a: _label(a, 'test', 5, 7),
-     ("{path}, key 'y_test': label 7 of example 5 is outside [0, 3) (1 such labels); fix the "
-      'arrays and save')),
-    ('negative training label', lambda a: _label(a, 'train', 2, -1),
-     "{path}, key 'y_train': label -1 of example 2 is outside [0, 3)"),
-    ('non-finite pixels', _nan,
-     ("{path}, key 'x_train': 1 pixels are NaN or infinite (the first in image 4): replace "
-      'them by finite values')),
-    ('test shape', lambda a: a.update(x_test=np.zeros((20, 9, 8), np.uint8)),
-     ("{path}, key 'x_test' holds images of 9x8x1 but the training images are 8x8x1: every "
-      "split needs the training images' shape")),
-    ('flat images', lambda a: a.update(x_train=a['x_train'].reshape(60, 64)),
-     ("{path}, key 'x_train' holds an array of shape (60, 64): images must be [n, height, "
-      'width] or [n, height, width, channels]')),
-    ('float labels', lambda a: a.update(y_train=a['y_train'].astype(np.float32)),
-     ("{path}, key 'y_train' holds float32 values of shape (60,): labels must be one whole "
-      'number per image')),
-    ('int64 images', lambda a: a.update(x_train=a['x_train'].astype(np.int64)),
-     "{path}, key 'x_train' holds int64 values: images must be uint8 (0 to 255) or float"),
-    ('constant images', lambda a: a.update(x_train=np.full((60, 8, 8), 7, np.uint8)),
-     "{path}, key 'x_train': channel 0 of the training images is the same value everywhere"),
+  (
+    'missing key',
+    lambda a: a.pop('y_test'),
+    "has no key 'y_test' (it holds x_train, y_train, x_test): write it with numpy.savez(",
+  ),
+  (
+    'lengths',
+    lambda a: a.update(y_train=a['y_train'][:59]),
+    (
+      "key 'y_train' holds 59 labels but {path}, key 'x_train' holds 60 images: give every "
+      'image one label'
+    ),
+  ),
+  (
+    'test label too large',
+    lambda a: _label(a, 'test', 5, 7),
+    (
+      "{path}, key 'y_test': label 7 of example 5 is outside [0, 3) (1 such labels); fix the "
+      'arrays and save'
+    ),
+  ),
+  (
+    'negative training label',
+    lambda a: _label(a, 'train', 2, -1),
+    "{path}, key 'y_train': label -1 of example 2 is outside [0, 3)",
+  ),
+  (
+    'non-finite pixels',
+    _nan,
+    (
+      "{path}, key 'x_train': 1 pixels are NaN or infinite (the first in image 4): replace "
+      'them by finite values'
+    ),
+  ),
+  (
+    'test shape',
+    lambda a: a.update(x_test=np.zeros((20, 9, 8), np.uint8)),
+    (
+      "{path}, key 'x_test' holds images of 9x8x1 but the training images are 8x8x1: every "
+      "split needs the training images' shape"
+    ),
+  ),
+  (
+    'flat images',
+    lambda a: a.update(x_train=a['x_train'].reshape(60, 64)),
+    (
+      "{path}, key 'x_train' holds an array of shape (60, 64): images must be [n, height, "
+      'width] or [n, height, width, channels]'
+    ),
+  ),
+  (
+    'float labels',
+    lambda a: a.update(y_train=a['y_train'].astype(np.float32)),
+    (
+      "{path}, key 'y_train' holds float32 values of shape (60,): labels must be one whole "
+      'number per image'
+    ),
+  ),
+  (
+    'int64 images',
+    lambda a: a.update(x_train=a['x_train'].astype(np.int64)),
+    "{path}, key 'x_train' holds int64 values: images must be uint8 (0 to 255) or float",
+  ),
+  (
+    'constant images',
+    lambda a: a.update(x_train=np.full((60, 8, 8), 7, np.uint8)),
+    "{path}, key 'x_train': channel 0 of the training images is the same value everywhere",
+  ),
 ]
 
 
 @pytest.mark.parametrize('case, spoil, message', BAD_NPZ, ids=[c[0] for c in BAD_NPZ])
-def test_bad_npz_values_are_refused_naming_the_file_and_key(tmp_path, capsys, case, spoil,
-                                                            message):
+def test_bad_npz_values_are_refused_naming_the_file_and_key(tmp_path, capsys, case, spoil, message):
   arrays = _arrays()
   spoil(arrays)
   path = _save(tmp_path / 'mine.npz', arrays)
@@ -119,7 +163,7 @@ def _damaged(tmp_path, how) -> str:
   path = _save(tmp_path / 'mine.npz', _arrays())
   body = (tmp_path / 'mine.npz').read_bytes()
   if how == 'truncated':
-    body = body[:len(body) // 2]
+    body = body[: len(body) // 2]
   elif how == 'not a zip':
     body = b'x_train,y_train\n1,2\n'
   with open(path, 'wb') as f:
@@ -140,7 +184,8 @@ def test_a_pickled_npz_is_refused(tmp_path, capsys):
   arrays['y_train'] = np.array([{'label': 0}] * 60, dtype=object)
   path = _save(tmp_path / 'mine.npz', arrays)
   assert 'cannot be read as an .npz file of arrays' in _refused(
-      _npz_config(path), tmp_path / 'workdir', capsys)
+    _npz_config(path), tmp_path / 'workdir', capsys
+  )
 
 
 def test_a_missing_npz_says_what_to_give(tmp_path, capsys):
@@ -148,11 +193,14 @@ def test_a_missing_npz_says_what_to_give(tmp_path, capsys):
   assert f"--config.data.path='{tmp_path / 'nowhere.npz'}' is not a file" in err
 
 
-@pytest.mark.parametrize('fields, message', [
+@pytest.mark.parametrize(
+  'fields, message',
+  [
     ({'data.path': ''}, "data.name='npz' reads the file data.path, which must be set"),
-    ({'data.name': 'fashion_mnist'}, "reads the file data.path, which must be set then and only"),
+    ({'data.name': 'fashion_mnist'}, 'reads the file data.path, which must be set then and only'),
     ({'data.name': 'tfds:', 'data.path': ''}, "--config.data.name='tfds:' is out of range"),
-])
+  ],
+)
 def test_npz_fields_are_checked_with_the_config(tmp_path, capsys, fields, message):
   c = _npz_config(_save(tmp_path / 'mine.npz', _arrays()))
   for key, value in fields.items():
@@ -165,26 +213,34 @@ def test_a_batch_larger_than_the_training_split_is_refused(tmp_path, capsys):
   c = _npz_config(_save(tmp_path / 'mine.npz', _arrays()), validation_size=20)
   c.train.batch_size = 48
   err = _refused(c, tmp_path / 'workdir', capsys)
-  assert ('--config.train.batch_size=48 is larger than the training split (40 images once '
-          'data.validation_size=20 are held out for ranking): use a batch of at most 40') in err
+  assert (
+    '--config.train.batch_size=48 is larger than the training split (40 images once '
+    'data.validation_size=20 are held out for ranking): use a batch of at most 40'
+  ) in err
 
 
 def test_npz_of_float_colour_images_normalised_from_the_training_split(tmp_path):
   rng = np.random.default_rng(3)
-  arrays = {'x_train': rng.normal(5.0, 2.0, (50, 6, 6, 3)), 'y_train': np.arange(50) % 4,
-            'x_test': rng.normal(5.0, 2.0, (10, 6, 6, 3)), 'y_test': np.arange(10) % 4}
+  arrays = {
+    'x_train': rng.normal(5.0, 2.0, (50, 6, 6, 3)),
+    'y_train': np.arange(50) % 4,
+    'x_test': rng.normal(5.0, 2.0, (10, 6, 6, 3)),
+    'y_test': np.arange(10) % 4,
+  }
   dataset = data_lib.load(_npz_config(_save(tmp_path / 'f.npz', arrays), 10).data)
   assert dataset.num_classes == 4 and dataset.image_shape == (6, 6, 3)
   assert dataset.train.images.dtype == np.float32
   # the training part is the 40 images not carved out for validation
-  in_train = [i for i, x in enumerate(arrays['x_train'])
-              if any(np.allclose(x, t) for t in dataset.train.images)]
+  in_train = [
+    i
+    for i, x in enumerate(arrays['x_train'])
+    if any(np.allclose(x, t) for t in dataset.train.images)
+  ]
   assert len(in_train) == 40
   raw = arrays['x_train'][in_train]
   mean, std = raw.mean((0, 1, 2)), raw.std((0, 1, 2))
   batch = next(dataset.eval_batches(dataset.test, 10))
-  np.testing.assert_allclose(batch['images'], (arrays['x_test'] - mean) / std, rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(batch['images'], (arrays['x_test'] - mean) / std, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(batch['labels'], arrays['y_test'])
 
 
@@ -216,8 +272,10 @@ def _fashion_dir(tmp_path, spoil=None):
   rng = np.random.default_rng(0)
   for split, n in (('train', 40), ('test', 10)):
     images_file, labels_file = data_lib.fashion_mnist.FILES[split]
-    files = {images_file: _idx(rng.integers(0, 256, (n, 28, 28))),
-             labels_file: _idx(np.arange(n) % 10)}
+    files = {
+      images_file: _idx(rng.integers(0, 256, (n, 28, 28))),
+      labels_file: _idx(np.arange(n) % 10),
+    }
     for name, body in files.items():
       body = gzip.compress(body)
       if spoil:
@@ -231,19 +289,45 @@ def _gz(f):
 
 
 SPOILED = [
-    ('cut gzip', 'train-images-idx3-ubyte.gz', lambda body: body[:len(body) // 2],
-     ('Fashion-MNIST file {dir}/train-images-idx3-ubyte.gz cannot be read (Compressed file '
-      'ended before the end-of-stream marker was reached); reinstall it')),
-    ('not gzip', 't10k-labels-idx1-ubyte.gz', lambda body: b'hello' + body,
-     'Fashion-MNIST file {dir}/t10k-labels-idx1-ubyte.gz cannot be read (Not a gzipped file'),
-    ('cut IDX', 'train-labels-idx1-ubyte.gz', _gz(lambda raw: raw[:-3]),
-     ('Fashion-MNIST file {dir}/train-labels-idx1-ubyte.gz is truncated: expected 40 values, '
-      'found 37; reinstall it (`apt-get install --reinstall dataset-fashion-mnist`)')),
-    ('not IDX', 't10k-images-idx3-ubyte.gz', _gz(lambda raw: b'\x00\x00\x0d' + raw[3:]),
-     'Fashion-MNIST file {dir}/t10k-images-idx3-ubyte.gz is not an IDX file of unsigned bytes'),
-    ('bad label', 't10k-labels-idx1-ubyte.gz', _gz(lambda raw: raw[:8 + 3] + b'\x0c' + raw[12:]),
-     ('Fashion-MNIST file {dir}/t10k-labels-idx1-ubyte.gz: label 12 of example 3 is outside '
-      '[0, 10) (1 such labels); reinstall it')),
+  (
+    'cut gzip',
+    'train-images-idx3-ubyte.gz',
+    lambda body: body[: len(body) // 2],
+    (
+      'Fashion-MNIST file {dir}/train-images-idx3-ubyte.gz cannot be read (Compressed file '
+      'ended before the end-of-stream marker was reached); reinstall it'
+    ),
+  ),
+  (
+    'not gzip',
+    't10k-labels-idx1-ubyte.gz',
+    lambda body: b'hello' + body,
+    'Fashion-MNIST file {dir}/t10k-labels-idx1-ubyte.gz cannot be read (Not a gzipped file',
+  ),
+  (
+    'cut IDX',
+    'train-labels-idx1-ubyte.gz',
+    _gz(lambda raw: raw[:-3]),
+    (
+      'Fashion-MNIST file {dir}/train-labels-idx1-ubyte.gz is truncated: expected 40 values, '
+      'found 37; reinstall it (`apt-get install --reinstall dataset-fashion-mnist`)'
+    ),
+  ),
+  (
+    'not IDX',
+    't10k-images-idx3-ubyte.gz',
+    _gz(lambda raw: b'\x00\x00\x0d' + raw[3:]),
+    'Fashion-MNIST file {dir}/t10k-images-idx3-ubyte.gz is not an IDX file of unsigned bytes',
+  ),
+  (
+    'bad label',
+    't10k-labels-idx1-ubyte.gz',
+    _gz(lambda raw: raw[: 8 + 3] + b'\x0c' + raw[12:]),
+    (
+      'Fashion-MNIST file {dir}/t10k-labels-idx1-ubyte.gz: label 12 of example 3 is outside '
+      '[0, 10) (1 such labels); reinstall it'
+    ),
+  ),
 ]
 
 
@@ -275,8 +359,11 @@ def test_any_tfds_data_set_by_name_reads_its_shape_and_classes():
   with tfds.testing.mock_data(num_examples=30):
     dataset = data_lib.load(_tfds_config('tfds:mnist').data)
   assert dataset.image_shape == (28, 28, 1) and dataset.num_classes == 10
-  assert (dataset.train.num_examples, dataset.validation.num_examples,
-          dataset.test.num_examples) == (20, 10, 30)
+  assert (
+    dataset.train.num_examples,
+    dataset.validation.num_examples,
+    dataset.test.num_examples,
+  ) == (20, 10, 30)
   assert dataset.train.images.dtype == np.uint8 and dataset.train.labels.dtype == np.int32
   with tfds.testing.mock_data(num_examples=30):
     dataset = data_lib.load(_tfds_config('tfds:cifar100').data)
@@ -309,9 +396,13 @@ class _Broken:
 
 
 def test_an_unreadable_tfds_record_is_named():
-  with pytest.raises(errors.DataError, match=(
+  with pytest.raises(
+    errors.DataError,
+    match=(
       r"tfds data set 'mnist', split 'train', feature 'image': record 3 cannot be read "
-      r'\(checksum mismatch\); prepare it again: `tfds build mnist --file_format=array_record`')):
+      r'\(checksum mismatch\); prepare it again: `tfds build mnist --file_format=array_record`'
+    ),
+  ):
     tfds_source.read_whole(_Broken(), tfds_source.origin('mnist', 'train'))
 
 
@@ -326,8 +417,11 @@ class _Info:
 def test_streamed_classes_are_checked_from_the_info():
   origin = checks.Origin('images', "tfds data set 'imagenet2012', split 'train'", 'rebuild')
   checks.check_info_classes(_Info(1000), 1000, origin)
-  with pytest.raises(errors.DataError, match=r"split 'train' has 10 classes in its info, not "
-                     r'1000; rebuild'):
+  with pytest.raises(
+    errors.DataError,
+    match=r"split 'train' has 10 classes in its info, not "
+    r'1000; rebuild',
+  ):
     checks.check_info_classes(_Info(10), 1000, origin)
 
 
@@ -335,11 +429,22 @@ def test_streamed_labels_are_checked_as_read():
   records = [{'image': np.full((20, 20, 3), i, np.uint8), 'label': i} for i in range(8)]
   origin = checks.Origin('imgs', 'the labels', 'rebuild it')
   split = stream.Records(records, np.arange(8), origin)
-  dataset = stream.Streamed(split, split, split, 6, np.full(3, 0.5, np.float32),
-                            np.full(3, 0.25, np.float32), 16, ThreadPoolExecutor(2))
+  dataset = stream.Streamed(
+    split,
+    split,
+    split,
+    6,
+    np.full(3, 0.5, np.float32),
+    np.full(3, 0.25, np.float32),
+    16,
+    ThreadPoolExecutor(2),
+  )
   data = config_lib.get_config().data
-  with pytest.raises(errors.DataError, match=r'the labels: label [67] of example \d is outside '
-                     r'\[0, 6\) \(2 such labels\); rebuild it'):
+  with pytest.raises(
+    errors.DataError,
+    match=r'the labels: label [67] of example \d is outside '
+    r'\[0, 6\) \(2 such labels\); rebuild it',
+  ):
     dataset.train_batch(data, 0, 0, 8)
   with pytest.raises(errors.DataError, match='label 6 of example 6 is outside'):
     list(dataset.eval_batches(split, 8))
@@ -347,11 +452,17 @@ def test_streamed_labels_are_checked_as_read():
 
 # through the command line: one case per class (values, damaged files, sizes)
 
+
 def _main(workdir, *args):
   os.makedirs(workdir, exist_ok=True)
   (workdir / 'notes.txt').write_text('mine')
-  result = subprocess.run([sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}',
-                           *args], capture_output=True, text=True, timeout=300, check=False)
+  result = subprocess.run(
+    [sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}', *args],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert result.returncode == 2
   assert result.stderr.startswith('pgnas_jax: ') and result.stderr.count('\n') == 1
   assert [p.name for p in workdir.iterdir()] == ['notes.txt']
@@ -362,13 +473,23 @@ def test_command_line_refuses_bad_labels_damaged_files_and_oversized_batches(tmp
   arrays = _arrays()
   _label(arrays, 'test', 5, 7)
   bad = _save(tmp_path / 'bad.npz', arrays)
-  err = _main(tmp_path / 'w1', '--config.data.name=npz', f'--config.data.path={bad}',
-              '--config.data.num_classes=3', '--config.data.validation_size=10')
+  err = _main(
+    tmp_path / 'w1',
+    '--config.data.name=npz',
+    f'--config.data.path={bad}',
+    '--config.data.num_classes=3',
+    '--config.data.validation_size=10',
+  )
   assert f"{bad}, key 'y_test': label 7 of example 5 is outside [0, 3)" in err
   cut = _damaged(tmp_path, 'truncated')
   err = _main(tmp_path / 'w2', '--config.data.name=npz', f'--config.data.path={cut}')
   assert f'{cut} cannot be read as an .npz file of arrays' in err
   good = _save(tmp_path / 'good.npz', _arrays())
-  err = _main(tmp_path / 'w3', '--config.data.name=npz', f'--config.data.path={good}',
-              '--config.data.validation_size=20', '--config.train.batch_size=48')
+  err = _main(
+    tmp_path / 'w3',
+    '--config.data.name=npz',
+    f'--config.data.path={good}',
+    '--config.data.validation_size=20',
+    '--config.train.batch_size=48',
+  )
   assert '--config.train.batch_size=48 is larger than the training split (40 images' in err

@@ -1,5 +1,6 @@
 """The documentation: an entry-page README, links that resolve, a config page that matches the
 config schema."""
+
 import glob
 import os
 import re
@@ -11,10 +12,14 @@ from pgnas_jax import config_doc
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 PAGES = sorted([os.path.join(ROOT, 'README.md')] + glob.glob(os.path.join(ROOT, 'docs', '*.md')))
 SET_UP_COMMANDS = (
-    ('apt-get update && apt-get install -y dataset-fashion-mnist && pip install -e . && '
-     'python -m pgnas_jax.main --workdir=/tmp/pgnas_default'),
-    ("apt-get update && apt-get install -y dataset-fashion-mnist && pip install -e '.[test]' && "
-     'python -m pytest -q tests'),
+  (
+    'apt-get update && apt-get install -y dataset-fashion-mnist && pip install -e . && '
+    'python -m pgnas_jax.main --workdir=/tmp/pgnas_default'
+  ),
+  (
+    "apt-get update && apt-get install -y dataset-fashion-mnist && pip install -e '.[test]' && "
+    'ruff check . && ruff format --check . && python -m pytest -q -n 2 tests'
+  ),
 )
 _LINK = re.compile(r'\[[^\]]*\]\(([^)\s]+)\)')
 
@@ -63,11 +68,14 @@ def test_every_relative_link_resolves(page):
 def test_the_anchor_rule_is_githubs():
   assert _anchor('Running on several hosts') == 'running-on-several-hosts'
   assert _anchor('Ranking: split the candidates, not the validation rows') == (
-      'ranking-split-the-candidates-not-the-validation-rows')
+    'ranking-split-the-candidates-not-the-validation-rows'
+  )
   assert _anchor('What a run writes (the workdir contract)') == (
-      'what-a-run-writes-the-workdir-contract')
+    'what-a-run-writes-the-workdir-contract'
+  )
 
 
 def test_config_page_is_generated_from_the_schema():
   assert _read(os.path.join(ROOT, 'docs', 'config.md')) == config_doc.render(), (
-      'docs/config.md is out of date: run python -m pgnas_jax.config_doc > docs/config.md')
+    'docs/config.md is out of date: run python -m pgnas_jax.config_doc > docs/config.md'
+  )

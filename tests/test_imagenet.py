@@ -1,5 +1,6 @@
 """ImageNet through tfds' mock data (no files, no TensorFlow): streamed splits, crops,
 per-process rows, the missing-data message, the ImageNet configs end to end."""
+
 import json
 import math
 import os
@@ -50,8 +51,9 @@ def test_train_and_eval_batches_shapes_dtypes(mock_imagenet):
   assert 0 <= batch['labels'].min() and batch['labels'].max() < 1000
   batches = list(d.eval_batches(d.validation, 4))
   assert [b['images'].shape for b in batches] == [(4, 16, 16, 3)] * 3
-  np.testing.assert_array_equal(np.concatenate([b['weights'] for b in batches]),
-                                [1.0] * 10 + [0.0] * 2)
+  np.testing.assert_array_equal(
+    np.concatenate([b['weights'] for b in batches]), [1.0] * 10 + [0.0] * 2
+  )
   assert (batches[-1]['images'][2:] == 0).all() and (batches[-1]['labels'][2:] == 0).all()
   for i in (0, 5):  # normalised with ImageNet's statistics
     expected = (crops.centre_crop(d.validation[i][0], 16) / 255.0 - imagenet.MEAN) / imagenet.STD
@@ -99,8 +101,9 @@ def test_centre_crop_is_the_centre_of_the_resized_image():
   for h, w in ((256, 256), (300, 256), (256, 312)):
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     top, left = (h - 224) // 2, (w - 224) // 2
-    np.testing.assert_array_equal(crops.centre_crop(image, 224),
-                                  image[top:top + 224, left:left + 224])
+    np.testing.assert_array_equal(
+      crops.centre_crop(image, 224), image[top : top + 224, left : left + 224]
+    )
   # a larger image is shrunk first: constant columns stay constant, centred
   ramp = np.broadcast_to((np.arange(512) // 2).astype(np.uint8)[None, :, None], (512, 512, 3))
   out = crops.centre_crop(np.ascontiguousarray(ramp), 112)
@@ -127,8 +130,9 @@ def test_random_boxes_cover_the_documented_range():
 
 def test_random_resized_crop_reads_its_box():
   # pixel value = column index, so the crop's values show which columns it read
-  image = np.ascontiguousarray(np.broadcast_to(
-      np.arange(200, dtype=np.uint8)[None, :, None], (150, 200, 3)))
+  image = np.ascontiguousarray(
+    np.broadcast_to(np.arange(200, dtype=np.uint8)[None, :, None], (150, 200, 3))
+  )
   for seed in range(20):
     left, _, right, _ = crops.random_box(150, 200, np.random.default_rng(seed))
     out = crops.random_resized_crop(image, 24, np.random.default_rng(seed))
@@ -160,9 +164,13 @@ def _config_file(name):
   return config_lib.read_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
 
 
-@pytest.mark.parametrize('name, family, l2, batch, epochs, step_epochs', [
+@pytest.mark.parametrize(
+  'name, family, l2, batch, epochs, step_epochs',
+  [
     ('imagenet_r50', 'resnet', 80.0, 256, 90.0, (30, 60)),
-    ('imagenet_d121', 'densenet', 100.0, 300, 180.0, (90, 140, 160))])
+    ('imagenet_d121', 'densenet', 100.0, 300, 180.0, (90, 140, 160)),
+  ],
+)
 def test_imagenet_configs_hold_the_papers_setup(name, family, l2, batch, epochs, step_epochs):
   module = _config_file(name)
   assert f'python -m pgnas_jax.main --config=configs/{name}.py' in module.__doc__
@@ -174,7 +182,10 @@ def test_imagenet_configs_hold_the_papers_setup(name, family, l2, batch, epochs,
   assert (c.drop.tau, c.drop.init_p, c.objective.weight_decay) == (0.2, 0.1, 0.0)
   assert (c.train.batch_size, c.train.num_epochs, c.train.learning_rate) == (batch, epochs, 0.1)
   assert (c.train.schedule, tuple(c.train.step_epochs), c.train.step_factor) == (
-      'step', step_epochs, 10.0)
+    'step',
+    step_epochs,
+    10.0,
+  )
   assert (c.train.momentum, c.train.nesterov) == (0.9, True)
 
 

@@ -1,4 +1,5 @@
 """The main job end to end on a tiny config, and its answers to bad input."""
+
 import json
 import os
 import subprocess
@@ -10,15 +11,25 @@ from pgnas_jax import config as config_lib
 from pgnas_jax import errors
 
 DATA_DIR = '/usr/share/datasets/fashion-mnist'
-TINY = ['--config.model.shake_shake.stem_width=4', '--config.model.shake_shake.widths=(4,8)',
-        '--config.train.num_steps=6', '--config.train.log_every_steps=3',
-        '--config.data.validation_size=500', '--config.search.num_candidates=5',
-        '--config.search.chunk_size=4', '--config.search.eval_batch_size=500']
+TINY = [
+  '--config.model.shake_shake.stem_width=4',
+  '--config.model.shake_shake.widths=(4,8)',
+  '--config.train.num_steps=6',
+  '--config.train.log_every_steps=3',
+  '--config.data.validation_size=500',
+  '--config.search.num_candidates=5',
+  '--config.search.chunk_size=4',
+  '--config.search.eval_batch_size=500',
+]
 
 
 def _main(workdir, *args):
-  return subprocess.run([sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}', *args],
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}', *args],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def test_main_job_writes_the_workdir_contract(tmp_path):
@@ -29,7 +40,7 @@ def test_main_job_writes_the_workdir_contract(tmp_path):
   config = json.loads((tmp_path / 'config.json').read_text())
   assert config['model']['shake_shake']['widths'] == [4, 8] and config['train']['num_steps'] == 6
 
-  metrics = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  metrics = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [m['step'] for m in metrics] == [3, 6]
   for key in ('loss', 'nll', 'prior', 'entropy', 'train_accuracy', 'learning_rate', 'mean_p'):
     assert all(key in m for m in metrics)
@@ -38,8 +49,9 @@ def test_main_job_writes_the_workdir_contract(tmp_path):
   assert len(posterior) == 8  # 2 stages x 1 block x 2 branches x 2 convs
   assert all(set(r) == {'name', 'channels', 'p'} and 0 < r['p'] < 1 for r in posterior)
 
-  candidates = [json.loads(l) for l in
-                (tmp_path / 'search' / 'candidates.jsonl').read_text().splitlines()]
+  candidates = [
+    json.loads(line) for line in (tmp_path / 'search' / 'candidates.jsonl').read_text().splitlines()
+  ]
   assert [c['index'] for c in candidates] == list(range(5))
   for c in candidates:
     assert {'index', 'val_acc', 'val_loss', 'params', 'flops', 'dropped'} <= set(c)
@@ -61,7 +73,11 @@ def test_main_job_writes_the_workdir_contract(tmp_path):
   assert (tmp_path / 'search' / 'winner_finetuned_weights.msgpack').stat().st_size > 0
   assert 'winner fine-tuned 3 steps' in result.stderr
   assert set(json.loads((tmp_path / 'timings.json').read_text())) == {
-      'train', 'search', 'test and export', 'fine-tune'}
+    'train',
+    'search',
+    'test and export',
+    'fine-tune',
+  }
   report = (tmp_path / 'report.md').read_text()
   assert 'winner' in report and 'fine-tuned 3 steps' in report
   for plot in ('drop_probabilities.png', 'candidate_val_accuracy.png'):
@@ -70,8 +86,10 @@ def test_main_job_writes_the_workdir_contract(tmp_path):
   # docs/observability.md: the overview at start, TensorBoard's tags (their steps and values
   # are checked in tests/test_observe.py)
   assert 'super-network parameters:' in result.stderr
-  for run, tags in (('train', (b'loss', b'mean_p/stage0', b'mean_p/stage1')),
-                    ('search', (b'best_val_acc',))):
+  for run, tags in (
+    ('train', (b'loss', b'mean_p/stage0', b'mean_p/stage1')),
+    ('search', (b'best_val_acc',)),
+  ):
     events = b''.join(p.read_bytes() for p in (tmp_path / 'tensorboard' / run).iterdir())
     assert all(tag in events for tag in tags), run
 
@@ -86,13 +104,18 @@ def test_a_workdir_holding_a_run_is_left_alone(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', 'metrics.jsonl']
 
 
-@pytest.mark.parametrize('args, message', [
+@pytest.mark.parametrize(
+  'args, message',
+  [
     (['--config.drop.tau=0'], 'drop.tau=0.0 is out of range: it must be > 0'),
     (['--config.drop.init_p=1.5'], 'drop.init_p=1.5 is out of range: it must be in (0, 1)'),
     (['--config.drop.init_p=0'], 'drop.init_p=0.0 is out of range'),
     (['--config.objective.num_train_effective=0'], 'num_train_effective=0.0 is out of range'),
     (['--config.objective.weight_prior_l2=-1'], 'weight_prior_l2=-1.0 is out of range'),
-    (['--config.search.chunk_size=0'], "search.chunk_size=0 is out of range: it must be 'auto' or a whole number >= 1"),
+    (
+      ['--config.search.chunk_size=0'],
+      "search.chunk_size=0 is out of range: it must be 'auto' or a whole number >= 1",
+    ),
     (['--config.search.chunk_size=many'], "search.chunk_size='many' is out of range"),
     (['--config.data.validation_size=60000'], 'validation_size=60000 leaves no training images'),
     (['--config.drop.mode=sometimes'], "drop.mode='sometimes' is not one of"),
@@ -100,15 +123,22 @@ def test_a_workdir_holding_a_run_is_left_alone(tmp_path):
     (['--config.data.data_dir=/nonexistent'], 'apt-get install dataset-fashion-mnist'),
     (['--config.train.shedule=cosine'], "unknown config field on the command line: 'shedule'"),
     (['--config.trian.batch_size=8'], "unknown config field on the command line: 'trian'"),
-    (['--config.train.batch_size=lots'], "batch_size=lots: invalid literal for int()"),
+    (['--config.train.batch_size=lots'], 'batch_size=lots: invalid literal for int()'),
     (['--config=configs/no_such_file.py'], 'no_such_file.py'),
-    (['--num_processes=2'],
-     '--num_processes given without --coordinator_address, --process_id: pass all three'),
-    (['--coordinator_address=127.0.0.1:1234', '--num_processes=2', '--process_id=2'],
-     '--process_id=2 is out of range: it must be in [0, 1]'),
-    (['--coordinator_address=127.0.0.1', '--num_processes=2', '--process_id=0'],
-     "--coordinator_address='127.0.0.1' has no port"),
-])
+    (
+      ['--num_processes=2'],
+      '--num_processes given without --coordinator_address, --process_id: pass all three',
+    ),
+    (
+      ['--coordinator_address=127.0.0.1:1234', '--num_processes=2', '--process_id=2'],
+      '--process_id=2 is out of range: it must be in [0, 1]',
+    ),
+    (
+      ['--coordinator_address=127.0.0.1', '--num_processes=2', '--process_id=0'],
+      "--coordinator_address='127.0.0.1' has no port",
+    ),
+  ],
+)
 def test_bad_input_is_refused_with_a_clear_message(tmp_path, args, message):
   # the workdir holds something of the user's: it must come out untouched
   (tmp_path / 'notes.txt').write_text('mine')

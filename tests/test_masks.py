@@ -1,4 +1,5 @@
 """Relaxed training masks (Eq. 16) and hard candidate masks."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,8 +35,9 @@ def test_relaxed_masks_mean_matches_expected_keep_at_tau_point_two():
   u = (np.arange(200000) + 0.5) / 200000
   noise = np.log(u) - np.log1p(-u)
   expected = np.mean(1 - 1 / (1 + np.exp(-(theta + noise) / 0.2)))
-  m = masks.relaxed_masks(jax.random.key(1), {'g': jnp.float32(theta)}, {'g': jnp.ones(100)},
-                          4000, 0.2)
+  m = masks.relaxed_masks(
+    jax.random.key(1), {'g': jnp.float32(theta)}, {'g': jnp.ones(100)}, 4000, 0.2
+  )
   # 400,000 draws, values in [0, 1]: standard error < 0.0008; tolerance 0.004.
   assert abs(float(jnp.mean(m['g'])) - expected) < 0.004
 
@@ -63,12 +65,14 @@ def test_candidate_mask_depends_only_on_search_key_and_index():
     for first in range(0, 12, chunk):
       idx = jnp.arange(first, min(first + chunk, 12))
       part = masks.candidate_masks(key, idx, logits, TEMPLATE)
-      jax.tree.map(lambda w, p: np.testing.assert_array_equal(w[first:first + chunk], p),
-                   whole, part)
+      jax.tree.map(
+        lambda w, p: np.testing.assert_array_equal(w[first : first + chunk], p), whole, part
+      )
   # the same when the indices are sharded over 4 devices
   mesh = parallel.make_mesh(jax.devices()[:4])
   sharded = jax.jit(masks.candidate_masks, out_shardings=parallel.batch_sharded(mesh))(
-      key, jax.device_put(jnp.arange(12), parallel.batch_sharded(mesh)), logits, TEMPLATE)
+    key, jax.device_put(jnp.arange(12), parallel.batch_sharded(mesh)), logits, TEMPLATE
+  )
   jax.tree.map(lambda w, s: np.testing.assert_array_equal(w, np.asarray(s)), whole, sharded)
   other = masks.candidate_masks(jax.random.key(5), jnp.arange(12), logits, TEMPLATE)
   assert not np.array_equal(np.asarray(whole['a']['group0']), np.asarray(other['a']['group0']))
@@ -78,24 +82,37 @@ def test_training_masks_do_not_depend_on_device_count():
   logits = _logits()
   one = masks.relaxed_masks(jax.random.key(6), logits, TEMPLATE, 16, 0.2)
   mesh = parallel.make_mesh(jax.devices()[:4])
-  four = jax.jit(lambda k: masks.relaxed_masks(k, logits, TEMPLATE, 16, 0.2),
-                 out_shardings=parallel.batch_sharded(mesh))(jax.random.key(6))
+  four = jax.jit(
+    lambda k: masks.relaxed_masks(k, logits, TEMPLATE, 16, 0.2),
+    out_shardings=parallel.batch_sharded(mesh),
+  )(jax.random.key(6))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), one, four)
 
 
 def test_each_leaf_draws_from_its_own_key():
   """Leaves of one size are drawn together (vmap); the values must be those of one draw per
   leaf from fold_in(key, leaf_index), whatever sizes the other leaves have."""
-  template = {'a': {'group0': jnp.ones(5), 'group1': jnp.ones(3)}, 'b': {'group0': jnp.ones(5)},
-              'c': {'group0': jnp.ones(7)}}
-  logits = jax.tree.map(lambda m, q: masks.logit(jnp.float32(q)), template,
-                        {'a': {'group0': 0.2, 'group1': 0.5}, 'b': {'group0': 0.7},
-                         'c': {'group0': 0.3}})
+  template = {
+    'a': {'group0': jnp.ones(5), 'group1': jnp.ones(3)},
+    'b': {'group0': jnp.ones(5)},
+    'c': {'group0': jnp.ones(7)},
+  }
+  logits = jax.tree.map(
+    lambda m, q: masks.logit(jnp.float32(q)),
+    template,
+    {'a': {'group0': 0.2, 'group1': 0.5}, 'b': {'group0': 0.7}, 'c': {'group0': 0.3}},
+  )
   key = jax.random.key(11)
   relaxed = masks.relaxed_masks(key, logits, template, 4, 0.2)
   hard = masks.hard_mask(key, logits, template)
-  for i, (r, h, theta, m) in enumerate(zip(jax.tree.leaves(relaxed), jax.tree.leaves(hard),
-                                           jax.tree.leaves(logits), jax.tree.leaves(template))):
+  for i, (r, h, theta, m) in enumerate(
+    zip(
+      jax.tree.leaves(relaxed),
+      jax.tree.leaves(hard),
+      jax.tree.leaves(logits),
+      jax.tree.leaves(template),
+    )
+  ):
     k = jax.random.fold_in(key, i)
     noise = jax.random.logistic(k, (4, m.shape[-1]))
     np.testing.assert_array_equal(r, 1.0 - jax.nn.sigmoid((theta + noise) / 0.2))

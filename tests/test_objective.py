@@ -1,4 +1,5 @@
 """The negative ELBO against an independent NumPy computation, and gradient signs."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,13 +35,18 @@ def _setup(seed=0):
 
 
 def _numpy_reference(params, logits, out, labels, cfg, learned=True):
-  theta = {('split', 'group0'): logits['split']['group0'],
-           ('split', 'group1'): logits['split']['group1'],
-           ('single', 'group0'): logits['single']['group0']}
+  theta = {
+    ('split', 'group0'): logits['split']['group0'],
+    ('split', 'group1'): logits['split']['group1'],
+    ('single', 'group0'): logits['single']['group0'],
+  }
   k_split = np.asarray(params['split']['kernel'], np.float64)
   k_single = np.asarray(params['single']['kernel'], np.float64)
-  slices = {('split', 'group0'): k_split[:, :, :3, :], ('split', 'group1'): k_split[:, :, 3:, :],
-            ('single', 'group0'): k_single}
+  slices = {
+    ('split', 'group0'): k_split[:, :, :3, :],
+    ('split', 'group1'): k_split[:, :, 3:, :],
+    ('single', 'group0'): k_single,
+  }
   prior = entropy = 0.0
   for g, w in slices.items():
     p = 1.0 / (1.0 + np.exp(-float(theta[g])))
@@ -52,10 +58,14 @@ def _numpy_reference(params, logits, out, labels, cfg, learned=True):
   logp = z - z.max(1, keepdims=True)
   logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
   nll = -np.mean(logp[np.arange(len(labels)), labels])
-  decay = 0.5 * cfg.weight_decay * sum(
-      np.sum(np.asarray(params[n]['kernel'], np.float64)**2) for n in ('plain',))
-  decay += 0.5 * cfg.weight_decay * np.sum(np.asarray(params['head']['linear']['kernel'],
-                                                      np.float64)**2)
+  decay = (
+    0.5
+    * cfg.weight_decay
+    * sum(np.sum(np.asarray(params[n]['kernel'], np.float64) ** 2) for n in ('plain',))
+  )
+  decay += (
+    0.5 * cfg.weight_decay * np.sum(np.asarray(params['head']['linear']['kernel'], np.float64) ** 2)
+  )
   n = cfg.num_train_effective
   return nll + prior / n + entropy / n + decay, nll, prior / n, entropy / n
 
@@ -64,12 +74,17 @@ def test_objective_equals_numpy_computation():
   params, template, logits = _setup()
   out = jax.random.normal(jax.random.key(1), (7, 3)) * 3
   labels = jnp.array([0, 1, 2, 2, 1, 0, 1])
-  for cfg, learned in ((_objective(), True), (_objective('constant'), True),
-                       (_objective(weight_decay=0.01), True), (_objective(), False)):
+  for cfg, learned in (
+    (_objective(), True),
+    (_objective('constant'), True),
+    (_objective(weight_decay=0.01), True),
+    (_objective(), False),
+  ):
     params_and_logits = {'weights': params, 'drop_logits': logits}
     total, parts = objective.negative_elbo(out, labels, params_and_logits, template, cfg, learned)
-    ref_total, ref_nll, ref_prior, ref_entropy = _numpy_reference(params, logits, out, labels,
-                                                                  cfg, learned)
+    ref_total, ref_nll, ref_prior, ref_entropy = _numpy_reference(
+      params, logits, out, labels, cfg, learned
+    )
     np.testing.assert_allclose(float(total), ref_total, rtol=1e-5)
     np.testing.assert_allclose(float(parts.nll), ref_nll, rtol=1e-5)
     np.testing.assert_allclose(float(parts.prior), ref_prior, rtol=1e-5)
@@ -79,8 +94,9 @@ def test_objective_equals_numpy_computation():
 def _masked_loss(params, logits, template, images, labels, cfg, key):
   m = masks.relaxed_masks(key, logits, template, images.shape[0], 0.2)
   out = TwoConvs().apply({'params': params, 'masks': m}, images)
-  return objective.negative_elbo(out, labels, {'weights': params, 'drop_logits': logits},
-                                 template, cfg, True)[0]
+  return objective.negative_elbo(
+    out, labels, {'weights': params, 'drop_logits': logits}, template, cfg, True
+  )[0]
 
 
 def test_logit_gradient_of_zeroed_group_is_entropy_pull_toward_half():
@@ -93,8 +109,9 @@ def test_logit_gradient_of_zeroed_group_is_entropy_pull_toward_half():
   cfg = _objective()
   for p in (0.1, 0.8):
     logits = masks.init_drop_logits(template, p)
-    grad = jax.grad(_masked_loss, argnums=1)(params, logits, template, images, labels, cfg,
-                                              jax.random.key(3))
+    grad = jax.grad(_masked_loss, argnums=1)(
+      params, logits, template, images, labels, cfg, jax.random.key(3)
+    )
     g = float(grad['single']['group0'])
     theta = float(masks.logit(jnp.float32(p)))
     # d/dtheta of |g| (p log p + (1-p) log(1-p)) / N = |g| theta p (1-p) / N, |g| = 6 inputs

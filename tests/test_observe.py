@@ -1,6 +1,7 @@
 """Observability: TensorBoard event files beside metrics.jsonl (and nothing else changed
 without tensorboardX), mean p per stage, the search's best so far, profiler traces of chosen
 steps, the parameter overview, and JAX's missing-TPU line kept out of the log."""
+
 import glob
 import gzip
 import json
@@ -32,8 +33,8 @@ def _events(path: str):
     data = f.read()
   i = 0
   while i < len(data):
-    (n,) = struct.unpack('<Q', data[i:i + 8])
-    yield event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+    (n,) = struct.unpack('<Q', data[i : i + 8])
+    yield event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
     i += 12 + n + 4
 
 
@@ -51,11 +52,13 @@ def _dataset(n=64):
   rng = np.random.default_rng(0)
 
   def split(m):
-    return data_lib.Split(rng.integers(0, 256, (m, 8, 8, 2), dtype=np.uint8),
-                          rng.integers(0, 3, m).astype(np.int32))
+    return data_lib.Split(
+      rng.integers(0, 256, (m, 8, 8, 2), dtype=np.uint8), rng.integers(0, 3, m).astype(np.int32)
+    )
 
-  return data_lib.Dataset(split(n), split(16), split(16), 3, np.full(2, 0.5, np.float32),
-                          np.full(2, 0.25, np.float32))
+  return data_lib.Dataset(
+    split(n), split(16), split(16), 3, np.full(2, 0.5, np.float32), np.full(2, 0.25, np.float32)
+  )
 
 
 def _train(model, workdir):
@@ -65,8 +68,9 @@ def _train(model, workdir):
   mesh = parallel.make_mesh(jax.devices()[:1])
   checkpointer = checkpoint_lib.Checkpointer(str(workdir), c.checkpoint)
   try:
-    state, space = train.train(model, c, _dataset(), str(workdir), mesh, checkpointer,
-                               types.SimpleNamespace(requested=False))
+    state, space = train.train(
+      model, c, _dataset(), str(workdir), mesh, checkpointer, types.SimpleNamespace(requested=False)
+    )
   finally:
     checkpointer.close()
   return jax.device_get(state.params['drop_logits']), space
@@ -92,12 +96,16 @@ def test_event_files_hold_the_logged_scalars_and_mean_p_per_stage(run):
   assert set(scalars) == (set(metrics[0]) - {'step'}) | {'mean_p/stage0', 'mean_p/stage1'}
   assert all([s for s, _ in values] == [2, 4] for values in scalars.values())
   for name in set(metrics[0]) - {'step'}:  # event files hold float32
-    np.testing.assert_allclose([v for _, v in scalars[name]], [m[name] for m in metrics],
-                               rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(
+      [v for _, v in scalars[name]], [m[name] for m in metrics], rtol=1e-6, atol=1e-12
+    )
   # mean p per stage after the last step, from the final drop logits
-  p = {'/'.join(k.key for k in path): (1 / (1 + np.exp(-float(x))), mask.shape[-1])
-       for (path, mask), x in zip(jax.tree_util.tree_flatten_with_path(space.template)[0],
-                                  jax.tree.leaves(logits))}
+  p = {
+    '/'.join(k.key for k in path): (1 / (1 + np.exp(-float(x))), mask.shape[-1])
+    for (path, mask), x in zip(
+      jax.tree_util.tree_flatten_with_path(space.template)[0], jax.tree.leaves(logits)
+    )
+  }
   for stage in ('stage0', 'stage1'):
     rows = [(q, n) for name, (q, n) in p.items() if name.startswith(stage + '_')]
     expected = sum(q * n for q, n in rows) / sum(n for _, n in rows)
@@ -105,8 +113,9 @@ def test_event_files_hold_the_logged_scalars_and_mean_p_per_stage(run):
 
 
 def _write_training_scalars(workdir, resume_step=0):
-  with metric_writers.for_training(str(workdir), resume_step,
-                                   config_lib.get_config().log) as writer:
+  with metric_writers.for_training(
+    str(workdir), resume_step, config_lib.get_config().log
+  ) as writer:
     for step in (2, 4):
       writer.write_scalars(step, {'loss': 1.0 / step, 'mean_p': 0.1, 'mean_p/stage0': 0.2})
 
@@ -123,9 +132,11 @@ def test_without_tensorboardx_no_event_files_and_nothing_else_changes(tmp_path, 
     w.write_scalars(4, {'best_val_acc': 0.5})
   assert os.listdir(tmp_path / 'without') == ['metrics.jsonl']
   assert sorted(os.listdir(tmp_path / 'with')) == ['metrics.jsonl', 'tensorboard']
-  assert ((tmp_path / 'with' / 'metrics.jsonl').read_bytes() ==
-          (tmp_path / 'without' / 'metrics.jsonl').read_bytes() ==
-          b'{"step": 2, "loss": 0.5, "mean_p": 0.1}\n{"step": 4, "loss": 0.25, "mean_p": 0.1}\n')
+  assert (
+    (tmp_path / 'with' / 'metrics.jsonl').read_bytes()
+    == (tmp_path / 'without' / 'metrics.jsonl').read_bytes()
+    == b'{"step": 2, "loss": 0.5, "mean_p": 0.1}\n{"step": 4, "loss": 0.25, "mean_p": 0.1}\n'
+  )
 
 
 def test_a_resumed_run_purges_the_events_it_writes_again(tmp_path):
@@ -136,16 +147,18 @@ def test_a_resumed_run_purges_the_events_it_writes_again(tmp_path):
   assert [m['step'] for m in _metrics(tmp_path)] == [2]
   files = sorted(glob.glob(str(tmp_path / 'tensorboard' / 'train' / 'events.out.tfevents.*')))
   assert len(files) == 2
-  starts = [e.step for e in _events(files[-1])
-            if e.session_log.status == event_pb2.SessionLog.START]
+  starts = [
+    e.step for e in _events(files[-1]) if e.session_log.status == event_pb2.SessionLog.START
+  ]
   assert starts == [3]
 
 
 def test_profiler_traces_the_chosen_step(run):
   workdir = run[0]
   assert os.listdir(workdir / 'profile') == [f'steps_{PROFILED}-{PROFILED}']
-  traces = glob.glob(str(workdir / 'profile' / '*' / 'plugins' / 'profile' / '*' /
-                         '*.trace.json.gz'))
+  traces = glob.glob(
+    str(workdir / 'profile' / '*' / 'plugins' / 'profile' / '*' / '*.trace.json.gz')
+  )
   assert len(traces) == 1 and glob.glob(traces[0].replace('.trace.json.gz', '.xplane.pb'))
   with gzip.open(traces[0]) as f:
     events = json.load(f)['traceEvents']
@@ -163,8 +176,7 @@ def test_profiler_resumed_inside_a_run_traces_the_rest(tmp_path, caplog):
   assert 'log.profile_steps [7] come after the last training step, 5' in caplog.text
 
 
-def test_search_writes_best_so_far_against_candidates_scored(tiny_net, tiny_variables,
-                                                              tmp_path):
+def test_search_writes_best_so_far_against_candidates_scored(tiny_net, tiny_variables, tmp_path):
   class Recorder:
     def __init__(self):
       self.rows = []
@@ -179,8 +191,9 @@ def test_search_writes_best_so_far_against_candidates_scored(tiny_net, tiny_vari
   logits = masks.init_drop_logits(space.template, 0.4)
   validation = data_lib.replicated_batches(dataset.validation, dataset, 16, mesh)
   # what rank_candidates reads of the train state: weights, drop logits, the search key
-  state = types.SimpleNamespace(variables=variables, drop_logits=logits,
-                                key=lambda purpose: jax.random.key(1))
+  state = types.SimpleNamespace(
+    variables=variables, drop_logits=logits, key=lambda purpose: jax.random.key(1)
+  )
   scorer = search.Scorer(tiny_net, mesh, 'float32')
   out = str(tmp_path / 'candidates.jsonl')
   guard = types.SimpleNamespace(requested=False)
@@ -188,8 +201,7 @@ def test_search_writes_best_so_far_against_candidates_scored(tiny_net, tiny_vari
   for num in (4, 10):  # the second call resumes after the four recorded candidates
     config = config_lib.get_config().search
     config.num_candidates, config.chunk_size = num, 4
-    records = search.rank_candidates(scorer, state, space, validation, config, out, guard,
-                                     written)
+    records = search.rank_candidates(scorer, state, space, validation, config, out, guard, written)
   accs = [r['val_acc'] for r in records]
   assert written.rows == [(n, max(accs[:n])) for n in (4, 8, 10)]
 
@@ -197,8 +209,10 @@ def test_search_writes_best_so_far_against_candidates_scored(tiny_net, tiny_vari
 def test_parameter_overview_lists_every_array_and_the_groups(tiny_variables):
   text = observe.parameter_overview(tiny_variables['params'], tiny_variables['masks'])
   rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:-1]}
-  flat = {'/'.join(k.key for k in path): x for path, x in
-          jax.tree_util.tree_flatten_with_path(tiny_variables['params'])[0]}
+  flat = {
+    '/'.join(k.key for k in path): x
+    for path, x in jax.tree_util.tree_flatten_with_path(tiny_variables['params'])[0]
+  }
   assert set(rows) == set(flat)
   for name, x in flat.items():
     assert rows[name][:2] == ['x'.join(map(str, x.shape)), f'{x.size:,}']
@@ -220,21 +234,25 @@ def test_new_log_fields_are_validated():
 def test_jax_missing_tpu_line_is_kept_out_of_the_log_and_nothing_else():
   """A fresh process without JAX_PLATFORMS, as users run it: JAX logs the line, and
   cli.quiet_libraries (the log's filter) drops that record and no other of JAX's."""
-  code = ('import logging, jax\n'
-          'from pgnas_jax import cli\n'
-          'records = []\n'
-          'handler = logging.Handler(); handler.emit = records.append\n'
-          'logging.getLogger("jax").addHandler(handler); logging.getLogger("jax").setLevel(1)\n'
-          'jax.devices()\n'
-          'for r in records: print(cli.quiet_libraries(r), r.levelname, r.getMessage()[:60])\n')
+  code = (
+    'import logging, jax\n'
+    'from pgnas_jax import cli\n'
+    'records = []\n'
+    'handler = logging.Handler(); handler.emit = records.append\n'
+    'logging.getLogger("jax").addHandler(handler); logging.getLogger("jax").setLevel(1)\n'
+    'jax.devices()\n'
+    'for r in records: print(cli.quiet_libraries(r), r.levelname, r.getMessage()[:60])\n'
+  )
   env = {k: v for k, v in os.environ.items() if k not in ('JAX_PLATFORMS', 'XLA_FLAGS')}
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
-                       timeout=120, check=True).stdout.splitlines()
+  out = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=120, check=True
+  ).stdout.splitlines()
   hidden = [line for line in out if line.startswith('False')]
   assert hidden == ["False INFO Unable to initialize backend 'tpu': INTERNAL: Failed to open"]
   # a TPU that libtpu fails to open, and any warning, are still shown
-  for level, message in ((logging.INFO, "Unable to initialize backend 'tpu': TPU busy"),
-                         (logging.WARNING, 'A Google TPU may be present on this machine')):
-    record = logging.LogRecord('jax._src.xla_bridge', level, 'xla_bridge.py', 1, message, (),
-                               None)
+  for level, message in (
+    (logging.INFO, "Unable to initialize backend 'tpu': TPU busy"),
+    (logging.WARNING, 'A Google TPU may be present on this machine'),
+  ):
+    record = logging.LogRecord('jax._src.xla_bridge', level, 'xla_bridge.py', 1, message, (), None)
     assert cli.quiet_libraries(record)

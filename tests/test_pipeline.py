@@ -1,5 +1,6 @@
 """What every data set shares: the global batch of a step follows from (seed, step); each
 process reads its own rows and together they are the one-process batch; reading ahead."""
+
 import threading
 import time
 
@@ -15,10 +16,12 @@ from pgnas_jax.data import placement, shards
 
 def _dataset(n=64):
   rng = np.random.default_rng(0)
-  split = lambda m: data_lib.Split(rng.integers(0, 256, (m, 32, 32, 3), dtype=np.uint8),
-                                   rng.integers(0, 10, m).astype(np.int32))
-  return data_lib.Dataset(split(n), split(20), split(20), 10, np.full(3, 0.5, np.float32),
-                          np.full(3, 0.25, np.float32))
+  split = lambda m: data_lib.Split(
+    rng.integers(0, 256, (m, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, m).astype(np.int32)
+  )
+  return data_lib.Dataset(
+    split(n), split(20), split(20), 10, np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+  )
 
 
 def _augmented():
@@ -44,8 +47,7 @@ def test_process_rows_are_disjoint_and_cover_the_batch():
 
 def test_training_order_follows_the_seed():
   d, c = _dataset(), _augmented()
-  a, b, other = ([d.train_batch(c, seed, s, 16)['images'] for s in range(4)]
-                 for seed in (0, 0, 1))
+  a, b, other = ([d.train_batch(c, seed, s, 16)['images'] for s in range(4)] for seed in (0, 0, 1))
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
   assert all((x != z).any() for x, z in zip(a, other))

@@ -2,6 +2,7 @@
 training gradient runs in bfloat16 for each super-network family, while parameters and
 optimiser state stay float32; on a tiny Fashion-MNIST case bf16 trains like float32 and
 ranks candidates in the same order, within the tolerances stated below."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +15,10 @@ from pgnas_jax import parallel, search, supernets, train
 from pgnas_jax import space as space_lib
 
 SMALL_MODELS = {
-    'shake_shake': {'stem_width': 8, 'widths': (8, 16)},
-    'enas': {'filters': 8, 'normal_cells_per_stage': 1},
-    'resnet': {'stem_width': 8, 'widths': (8, 16), 'blocks_per_stage': (1, 1)},
-    'densenet': {'stem_width': 8, 'blocks': (2, 2), 'growth_rate': 4, 'bottleneck_width': 8},
+  'shake_shake': {'stem_width': 8, 'widths': (8, 16)},
+  'enas': {'filters': 8, 'normal_cells_per_stage': 1},
+  'resnet': {'stem_width': 8, 'widths': (8, 16), 'blocks_per_stage': (1, 1)},
+  'densenet': {'stem_width': 8, 'blocks': (2, 2), 'growth_rate': 4, 'bottleneck_width': 8},
 }
 
 
@@ -49,8 +50,10 @@ def test_every_conv_of_the_gradient_runs_in_the_compute_dtype(family, compute_dt
   images = jnp.zeros((2, 32, 32, 3))
   variables = model.init({'params': jax.random.key(0)}, images, train=False)
   space = space_lib.from_variables(variables)
-  params = {'weights': variables['params'],
-            'drop_logits': masks_lib.init_drop_logits(space.template, 0.1)}
+  params = {
+    'weights': variables['params'],
+    'drop_logits': masks_lib.init_drop_logits(space.template, 0.1),
+  }
   loss_fn = train.make_loss_fn(model, space, config)
   batch = {'images': images, 'labels': jnp.zeros(2, jnp.int32)}
   grad = jax.grad(lambda p: loss_fn(p, variables['batch_stats'], batch, jax.random.key(1))[0])
@@ -103,9 +106,12 @@ def test_bfloat16_trains_and_ranks_like_float32(fashion_mnist):
   logits = masks_lib.init_drop_logits(space.template, 0.3)
   chunk = search.draw_candidates(jax.random.key(3), jnp.arange(12), logits, space.template)
   batches = data_lib.device_batches(fashion_mnist.validation, fashion_mnist, 200, mesh)
-  acc = {dtype: search.evaluate(search.make_chunk_scorer(model, mesh, dtype),
-                                (variables, jax.device_get(chunk)), batches)[0]
-         for dtype in ('float32', 'bfloat16')}
+  acc = {
+    dtype: search.evaluate(
+      search.make_chunk_scorer(model, mesh, dtype), (variables, jax.device_get(chunk)), batches
+    )[0]
+    for dtype in ('float32', 'bfloat16')
+  }
   a32, a16 = acc['float32'], acc['bfloat16']
   assert a32.max() - a32.min() > 0.05  # the candidates do differ
   np.testing.assert_array_less(np.abs(a16 - a32), 0.015)

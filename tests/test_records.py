@@ -1,6 +1,7 @@
 """The workdir's records: search/candidates.jsonl lines that this run did not write are found
 and cut back, metrics.jsonl reports a damaged middle line, JSON never holds NaN, and a
 validation split too small to rank is named."""
+
 import functools
 import json
 import logging
@@ -20,28 +21,37 @@ RUN = 'a1b2c3d4e5f6a7b8'
 
 def _strict(text):
   """JSON as other readers take it: NaN and Infinity are not JSON."""
+
   def refuse(name):
     raise ValueError(f'{name} in JSON')
+
   return json.loads(text, parse_constant=refuse)
 
 
 def _lines(n, run=RUN):
-  return [records.to_line(records.make(run, i, 0.5 + i / 100, 1.0 - i / 100, 100 - i, 200 - i,
-                                       {'stage0/group0': i % 3}))
-          for i in range(n)]
+  return [
+    records.to_line(
+      records.make(run, i, 0.5 + i / 100, 1.0 - i / 100, 100 - i, 200 - i, {'stage0/group0': i % 3})
+    )
+    for i in range(n)
+  ]
 
 
 def test_json_files_hold_null_for_non_finite_values(tmp_path):
   path = tmp_path / 'arch.json'
-  workdir_lib.write_json(str(path), {'a': float('nan'), 'b': [1.0, float('inf')],
-                                     'c': {'d': -float('inf')}, 'e': (2, 'x')})
-  assert _strict(path.read_text()) == {'a': None, 'b': [1.0, None], 'c': {'d': None},
-                                       'e': [2, 'x']}
+  workdir_lib.write_json(
+    str(path),
+    {'a': float('nan'), 'b': [1.0, float('inf')], 'c': {'d': -float('inf')}, 'e': (2, 'x')},
+  )
+  assert _strict(path.read_text()) == {'a': None, 'b': [1.0, None], 'c': {'d': None}, 'e': [2, 'x']}
   writer = metric_writers.JsonlWriter(str(tmp_path / 'metrics.jsonl'), 0)
   writer.write_scalars(2, {'loss': float('nan'), 'mean_p': 0.1})
   writer.close()
-  assert _strict((tmp_path / 'metrics.jsonl').read_text()) == {'step': 2, 'loss': None,
-                                                              'mean_p': 0.1}
+  assert _strict((tmp_path / 'metrics.jsonl').read_text()) == {
+    'step': 2,
+    'loss': None,
+    'mean_p': 0.1,
+  }
   record = records.make(RUN, 0, 0.1, float('nan'), 1, 2, {})
   assert record['val_loss'] is None  # in memory as on disk
   assert _strict(records.to_line(record)) == record
@@ -67,7 +77,9 @@ def _damage(lines, how):
   return lines[:2] + [damaged] + lines[3:]
 
 
-@pytest.mark.parametrize('how, why', [
+@pytest.mark.parametrize(
+  'how, why',
+  [
     ('nan score', 'is not a JSON record (NaN, which pgnas_jax never writes)'),
     ('edited score', 'does not match its checksum (edited or damaged)'),
     ('another run', f"was written by another run (run id ffffffffffffffff, this run's {RUN})"),
@@ -75,9 +87,11 @@ def _damage(lines, how):
     ('blank', 'is blank'),
     ('cut', 'is not a JSON record (cut or damaged)'),
     ('out of order', 'holds candidate 3 where 2 belongs'),
-])
+  ],
+)
 def test_a_candidates_line_this_run_did_not_write_is_cut_back_with_its_reason(
-    tmp_path, caplog, how, why):
+  tmp_path, caplog, how, why
+):
   lines = _lines(6)
   path = tmp_path / 'candidates.jsonl'
   path.write_text(''.join(_damage(lines, how)))
@@ -86,8 +100,10 @@ def test_a_candidates_line_this_run_did_not_write_is_cut_back_with_its_reason(
   assert [r['index'] for r in kept] == [0, 1]
   assert kept == [json.loads(line) for line in lines[:2]]
   assert path.read_text() == ''.join(lines[:2])  # the valid prefix, byte for byte
-  assert (f'{path}: line 3 {why}; cut back to the 2 valid lines before it, the search scores '
-          f'again from candidate 2') in caplog.text
+  assert (
+    f'{path}: line 3 {why}; cut back to the 2 valid lines before it, the search scores '
+    f'again from candidate 2'
+  ) in caplog.text
 
 
 def test_a_candidates_file_of_another_run_is_cut_back_whole(tmp_path, caplog):
@@ -103,6 +119,7 @@ def test_a_candidates_file_of_another_run_is_cut_back_whole(tmp_path, caplog):
 
 def test_processes_keep_the_prefix_valid_on_all_of_them(tmp_path, caplog, monkeypatch):
   from pgnas_jax import parallel
+
   path = tmp_path / 'candidates.jsonl'
   lines = _lines(4)
   path.write_text(''.join(lines))
@@ -119,9 +136,11 @@ def test_run_id_follows_the_weights_the_drop_logits_and_the_search_key():
   base = records.run_id(key, logits, variables)
   assert len(base) == 16 and base == records.run_id(key, dict(logits), variables)
   weights = {'params': {'w': np.arange(6, dtype=np.float32) + 1e-7}, 'batch_stats': {}}
-  others = [records.run_id(jax.random.key(4), logits, variables),
-            records.run_id(key, {**logits, 'a': np.float32(0.5000001)}, variables),
-            records.run_id(key, logits, weights)]
+  others = [
+    records.run_id(jax.random.key(4), logits, variables),
+    records.run_id(key, {**logits, 'a': np.float32(0.5000001)}, variables),
+    records.run_id(key, logits, weights),
+  ]
   assert len({base, *others}) == 4
 
 
@@ -134,8 +153,10 @@ def test_metrics_report_a_cut_middle_line_and_keep_the_lines_after_it(tmp_path, 
   # line 2 is named; steps 6 and 8 after it are kept; 10 is past the resumed step; the last
   # line, cut by a kill, goes quietly
   assert path.read_text() == good[0] + good[2] + good[3]
-  assert (f'{path}: line 2 is not a JSON record with a step (cut or damaged); dropped, the '
-          f'lines after it are kept') in caplog.text
+  assert (
+    f'{path}: line 2 is not a JSON record with a step (cut or damaged); dropped, the '
+    f'lines after it are kept'
+  ) in caplog.text
   assert 'line 6' not in caplog.text
 
 
@@ -145,10 +166,12 @@ def _accs(n, counts):
 
 def test_a_validation_split_too_small_to_rank_is_named_with_the_smallest_useful_size():
   tied = records.unresolved_ranking(_accs(16, [8] * 5), 16)
-  assert tied == ('--config.data.validation_size=16 is too small to rank: all 5 candidates tie '
-                  'at validation accuracy 0.5000, so the winner was picked mostly by fewer '
-                  'parameters; use at least 160 (the differences between candidates are below '
-                  'one image; 10x is a first guess), or a data set with more images')
+  assert tied == (
+    '--config.data.validation_size=16 is too small to rank: all 5 candidates tie '
+    'at validation accuracy 0.5000, so the winner was picked mostly by fewer '
+    'parameters; use at least 160 (the differences between candidates are below '
+    'one image; 10x is a first guess), or a data set with more images'
+  )
   counts = [50] * 9 + [51]  # one candidate one image better: standard deviation 0.3 images
   spread = np.std(np.array(counts) / 100)
   coarse = records.unresolved_ranking(_accs(100, counts), 100)
@@ -163,13 +186,18 @@ def test_a_validation_split_too_small_to_rank_is_named_with_the_smallest_useful_
 def one_device_quick_latency(monkeypatch):
   """One device; the compact winner's latency timed once at batch 1 (it is not compared)."""
   from pgnas_jax.compact import candidate
+
   monkeypatch.setattr(jax, 'devices', lambda *a: jax.local_devices()[:1])
-  monkeypatch.setattr(candidate.latency, 'measure', functools.partial(
-      candidate.latency.measure, batch_sizes=(1,), repeats=1))
+  monkeypatch.setattr(
+    candidate.latency,
+    'measure',
+    functools.partial(candidate.latency.measure, batch_sizes=(1,), repeats=1),
+  )
 
 
 def _tiny_config():
   from pgnas_jax import config as config_lib
+
   config = config_lib.get_config()
   config.model.shake_shake.stem_width, config.model.shake_shake.widths = 4, (4, 8)
   config.train.num_steps, config.train.log_every_steps = 2, 1
@@ -179,8 +207,10 @@ def _tiny_config():
 
 
 def test_a_damaged_candidates_file_is_cut_back_and_the_run_ends_as_an_uninterrupted_one(
-    tmp_path, caplog, one_device_quick_latency):
+  tmp_path, caplog, one_device_quick_latency
+):
   from pgnas_jax import main
+
   config = _tiny_config()
   whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
   arch = main.run(config, str(whole))
@@ -193,13 +223,16 @@ def test_a_damaged_candidates_file_is_cut_back_and_the_run_ends_as_an_uninterrup
   (resumed / 'search' / 'candidates.jsonl').write_text(''.join(lines[:3]) + nan + lines[4])
   with caplog.at_level(logging.WARNING):
     again = main.run(config, str(resumed))
-  assert ('line 4 is not a JSON record (NaN, which pgnas_jax never writes); cut back to the 3 '
-          'valid lines before it, the search scores again from candidate 3') in caplog.text
+  assert (
+    'line 4 is not a JSON record (NaN, which pgnas_jax never writes); cut back to the 3 '
+    'valid lines before it, the search scores again from candidate 3'
+  ) in caplog.text
   for name in ('search/candidates.jsonl', 'posterior.json', 'search/winner_weights.msgpack'):
     assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
   assert (resumed / 'report.md').exists()
   assert {k: again[k] for k in ('index', 'val_acc', 'test_acc', 'params')} == {
-      k: arch[k] for k in ('index', 'val_acc', 'test_acc', 'params')}
+    k: arch[k] for k in ('index', 'val_acc', 'test_acc', 'params')
+  }
   # every line carries this run's id and a checksum
   written = [_strict(line) for line in lines]
   assert len({r['run'] for r in written}) == 1 and all(len(r['check']) == 16 for r in written)

@@ -1,8 +1,10 @@
 """Never lose work: SIGKILL at random points and resume bitwise, SIGTERM, a NaN at a given
 step, corrupt and truncated checkpoints, and a workdir made with another config."""
+
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,13 +14,24 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-TINY = ['--config.model.shake_shake.stem_width=4', '--config.model.shake_shake.widths=(4,8)',
-        '--config.train.num_steps=16', '--config.train.log_every_steps=2',
-        '--config.checkpoint.every_steps=4', '--config.data.validation_size=500',
-        '--config.search.num_candidates=12', '--config.search.chunk_size=2',
-        '--config.search.eval_batch_size=250']
-RESULTS = ('posterior.json', 'search/candidates.jsonl', 'search/arch.json',
-           'search/winner_weights.msgpack')
+TINY = [
+  '--config.model.shake_shake.stem_width=4',
+  '--config.model.shake_shake.widths=(4,8)',
+  '--config.train.num_steps=16',
+  '--config.train.log_every_steps=2',
+  '--config.checkpoint.every_steps=4',
+  '--config.data.validation_size=500',
+  '--config.search.num_candidates=12',
+  '--config.search.chunk_size=2',
+  '--config.search.eval_batch_size=250',
+  '--config.export.latency=False',
+]  # a timing: the rest of the workdir is bitwise
+RESULTS = (
+  'posterior.json',
+  'search/candidates.jsonl',
+  'search/arch.json',
+  'search/winner_weights.msgpack',
+)
 
 
 # one CPU device: these tests are about files and processes, not sharding
@@ -30,8 +43,9 @@ def _command(workdir, *extra):
 
 
 def _run(workdir, *extra):
-  return subprocess.run(_command(workdir, *extra), capture_output=True, text=True,
-                        timeout=600, env=ENV)
+  return subprocess.run(
+    _command(workdir, *extra), capture_output=True, text=True, timeout=600, env=ENV
+  )
 
 
 def _final_state(workdir):
@@ -64,11 +78,12 @@ def _leaves(tree, prefix=''):
     yield prefix, tree
 
 
-def _run_until(workdir, marker, extra_delay, sig=signal.SIGKILL):
-  """Starts the job, waits for ``marker`` in its log (None: no wait), then after
-  ``extra_delay`` seconds sends ``sig``. Returns (returncode, log)."""
-  proc = subprocess.Popen(_command(workdir), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                          text=True, env=ENV)
+def _run_until(workdir, marker, extra_delay, sig=signal.SIGKILL, *extra):
+  """Starts the job (with ``extra`` flags), waits for ``marker`` in its log (None: no wait),
+  then after ``extra_delay`` seconds sends ``sig``. Returns (returncode, log)."""
+  proc = subprocess.Popen(
+    _command(workdir, *extra), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV
+  )
   log = []
   try:
     if marker is not None:
@@ -101,8 +116,11 @@ def test_sigkill_at_random_points_then_resume_gives_identical_results(tmp_path, 
   rng = random.Random(20200207)
   train_points = sorted(rng.sample(range(2, 17, 2), 3))
   search_points = sorted(rng.sample(range(2, 13, 2), 2))
-  kill_points = ([None] + [f'train step {s}/16' for s in train_points]
-                 + [f'search {c}/12 candidates' for c in search_points])
+  kill_points = (
+    [None]
+    + [f'train step {s}/16' for s in train_points]
+    + [f'search {c}/12 candidates' for c in search_points]
+  )
   workdir = tmp_path / 'killed'
   killed = 0
   for marker in kill_points:
@@ -128,8 +146,10 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
   assert 'stopped by SIGTERM after training step' in log
   step = int(log.split('stopped by SIGTERM after training step ')[1].split(';')[0])
   assert str(step) in os.listdir(workdir / 'checkpoints')  # complete: restorable
-  assert ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / str(step) / 'default')[
-      'step'] == step
+  assert (
+    ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / str(step) / 'default')['step']
+    == step
+  )
   result = _run(workdir)
   assert result.returncode == 0 and f'resuming from the checkpoint at step {step}' in result.stderr
 
@@ -186,8 +206,13 @@ def test_workdir_of_another_config_is_refused_unless_starting_over(tmp_path):
   assert result.returncode == 2
   assert 'holds a run made with another config (model.shake_shake.widths' in result.stderr
   assert _tree_hash(workdir) == before
-  result = _run(workdir, '--config.model.shake_shake.widths=(4,12)', '--start_over',
-                '--config.train.num_steps=2', '--config.search.num_candidates=2')
+  result = _run(
+    workdir,
+    '--config.model.shake_shake.widths=(4,12)',
+    '--start_over',
+    '--config.train.num_steps=2',
+    '--config.search.num_candidates=2',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert json.loads((workdir / 'config.json').read_text())['train']['num_steps'] == 2
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
@@ -213,9 +238,43 @@ def test_nan_at_a_given_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
 
   monkeypatch.setattr(data_lib.Dataset, 'train_batch', poisoned)
   monkeypatch.setattr(jax, 'devices', lambda *a: jax.local_devices()[:1])
-  with pytest.raises(errors.NonFiniteLossError, match='non-finite loss or gradient at training step 10 '):
+  with pytest.raises(
+    errors.NonFiniteLossError, match='non-finite loss or gradient at training step 10 '
+  ):
     main.run(config, str(tmp_path))
   assert sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints')) == [4, 8]
   state = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '8' / 'default')
   assert int(state['step']) == 8
   assert all(np.all(np.isfinite(np.asarray(x))) for _, x in _leaves(state['params']))
+
+
+def test_ctrl_c_during_a_start_over_run_saves_and_the_same_command_resumes_it(tmp_path, reference):
+  """Ctrl-C saves and stops like SIGTERM (status 143, one line); the same --start_over
+  command then resumes the run it began instead of deleting the checkpoint it saved."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text('{"an": "earlier run"}')  # what --start_over replaces
+  returncode, log = _run_until(workdir, 'train step 6/16', 0.0, signal.SIGINT, '--start_over')
+  assert returncode == 143, log[-2000:]
+  last = log.strip().splitlines()[-1]
+  assert last.startswith('pgnas_jax: stopped by Ctrl-C (SIGINT) after training step'), last
+  step = int(last.split('after training step ')[1].split(';')[0])
+  assert str(step) in os.listdir(workdir / 'checkpoints')
+  assert os.path.exists(workdir / '.started_over')
+  result = _run(workdir, '--start_over')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'resuming the run that --start_over began' in result.stderr
+  assert f'resuming from the checkpoint at step {step}' in result.stderr
+  _assert_same_results(reference, workdir)
+
+
+def test_a_finished_run_missing_an_output_is_finished_again(tmp_path, reference):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  os.remove(workdir / 'posterior.json')
+  os.remove(workdir / 'search' / 'arch.json')
+  result = _run(workdir)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'holds a finished run without posterior.json, search/arch.json' in result.stderr
+  _assert_same_results(reference, workdir)
+  assert (workdir / 'report.md').exists()

@@ -1,4 +1,5 @@
 """Vmapped candidate scoring, ranking, and export of the pruned winner."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +10,9 @@ from pgnas_jax import space as space_lib
 
 def _variables(tiny_variables, seed=1):
   """Trained-looking variables: random weights and non-trivial BatchNorm statistics."""
-  leaves, treedef = jax.tree.flatten({'params': tiny_variables['params'],
-                                      'batch_stats': tiny_variables['batch_stats']})
+  leaves, treedef = jax.tree.flatten(
+    {'params': tiny_variables['params'], 'batch_stats': tiny_variables['batch_stats']}
+  )
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   noisy = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
   v = jax.tree.unflatten(treedef, noisy)
@@ -20,9 +22,11 @@ def _variables(tiny_variables, seed=1):
 
 def _batch(n=12, seed=2):
   k1, k2 = jax.random.split(jax.random.key(seed))
-  return {'images': jax.random.normal(k1, (n, 8, 8, 2)),
-          'labels': jax.random.randint(k2, (n,), 0, 3),
-          'weights': jnp.ones((n,))}
+  return {
+    'images': jax.random.normal(k1, (n, 8, 8, 2)),
+    'labels': jax.random.randint(k2, (n,), 0, 3),
+    'weights': jnp.ones((n,)),
+  }
 
 
 def test_vmapped_scoring_equals_python_loop(tiny_net, tiny_variables):
@@ -33,7 +37,8 @@ def test_vmapped_scoring_equals_python_loop(tiny_net, tiny_variables):
   batch = _batch()
   for mesh in (parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh(jax.devices()[:4])):
     correct, loss = search.make_chunk_scorer(tiny_net, mesh, 'float32')(
-        variables, cands, parallel.put_replicated(batch, mesh))
+      variables, cands, parallel.put_replicated(batch, mesh)
+    )
     for c in range(8):
       mask = jax.tree.map(lambda m: m[c], cands)
       out = tiny_net.apply({**variables, 'masks': mask}, batch['images'], train=False)
@@ -56,8 +61,12 @@ def test_evaluate_ignores_padding(tiny_net, tiny_variables):
 
 
 def test_winner_is_best_validation_accuracy_ties_fewer_params():
-  records = [{'index': 0, 'val_acc': 0.9, 'params': 50}, {'index': 1, 'val_acc': 0.95, 'params': 70},
-             {'index': 2, 'val_acc': 0.95, 'params': 60}, {'index': 3, 'val_acc': 0.95, 'params': 60}]
+  records = [
+    {'index': 0, 'val_acc': 0.9, 'params': 50},
+    {'index': 1, 'val_acc': 0.95, 'params': 70},
+    {'index': 2, 'val_acc': 0.95, 'params': 60},
+    {'index': 3, 'val_acc': 0.95, 'params': 60},
+  ]
   assert search.choose_winner(records)['index'] == 2
 
 
@@ -95,8 +104,9 @@ def test_macs_of_full_network_match_hand_count(tiny_variables):
   # 8x8 input, 2 channels; stem 3x3x2->4; stage0 (8x8): 2 branches x (3x3x4->4, 3x3x4->4);
   # stage1 (4x4, stride 2): 2 branches x (3x3x4->8, 3x3x8->8), shortcut 2 x (1x1x4->4) on 4x4;
   # classifier 8->3.
-  expected = (64 * 9 * 2 * 4 + 2 * 2 * 64 * 9 * 4 * 4 + 2 * 16 * 9 * (4 * 8 + 8 * 8)
-              + 2 * 16 * 4 * 4 + 8 * 3)
+  expected = (
+    64 * 9 * 2 * 4 + 2 * 2 * 64 * 9 * 4 * 4 + 2 * 16 * 9 * (4 * 8 + 8 * 8) + 2 * 16 * 4 * 4 + 8 * 3
+  )
   space = space_lib.from_variables(tiny_variables)
   assert int(space_lib.costs(space, space.template)[1]) == expected
 
@@ -107,20 +117,18 @@ def test_group_sq_norms_follow_group_order():
   class Split(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return layers.SearchableConv(2, 1, groups=(1, 2, 3, 1, 1, 1, 1, 1, 1, 1, 1),
-                                   name='c')(x)
+      return layers.SearchableConv(2, 1, groups=(1, 2, 3, 1, 1, 1, 1, 1, 1, 1, 1), name='c')(x)
 
   v = Split().init(jax.random.key(0), jnp.zeros((1, 2, 2, 14)))
   norms = layers.group_sq_norms(v['params'], v['masks'])
   k = np.asarray(v['params']['c']['kernel'])
-  np.testing.assert_allclose(norms['c']['group2'], np.sum(k[:, :, 3:6]**2), rtol=1e-6)
-  np.testing.assert_allclose(norms['c']['group10'], np.sum(k[:, :, 13:14]**2), rtol=1e-6)
+  np.testing.assert_allclose(norms['c']['group2'], np.sum(k[:, :, 3:6] ** 2), rtol=1e-6)
+  np.testing.assert_allclose(norms['c']['group10'], np.sum(k[:, :, 13:14] ** 2), rtol=1e-6)
 
 
 def test_recorded_candidates_drop_a_partly_written_last_line(tmp_path, caplog):
   path = tmp_path / 'candidates.jsonl'
-  lines = [records.to_line(records.make('run', i, 0.5, 1.0, 10, 20, {'g': 0}))
-           for i in range(3)]
+  lines = [records.to_line(records.make('run', i, 0.5, 1.0, 10, 20, {'g': 0})) for i in range(3)]
   path.write_text(''.join(lines) + '{"index": 3, "val_a')
   recorded = records.resume(str(path), 'run')
   assert [r['index'] for r in recorded] == [0, 1, 2]
@@ -133,8 +141,9 @@ def test_recorded_candidates_drop_a_partly_written_last_line(tmp_path, caplog):
   assert records.resume(str(tmp_path / 'absent.jsonl'), 'run') == []
 
 
-def test_auto_chunk_size_aims_at_the_platform_target_within_free_memory(tiny_net, tiny_variables,
-                                                                        monkeypatch):
+def test_auto_chunk_size_aims_at_the_platform_target_within_free_memory(
+  tiny_net, tiny_variables, monkeypatch
+):
   variables = _variables(tiny_variables)
   space = space_lib.from_variables(tiny_variables)
   target = search.IMAGES_PER_CALL['cpu'] // 16  # candidates per device for batches of 16
@@ -142,7 +151,8 @@ def test_auto_chunk_size_aims_at_the_platform_target_within_free_memory(tiny_net
     mesh = parallel.make_mesh(jax.devices()[:n])
     batch = parallel.put_replicated(_batch(16), mesh)
     auto = lambda c: search.Scorer(tiny_net, mesh, 'float32').auto_chunk_size(
-        variables, space, batch, c)
+      variables, space, batch, c
+    )
     assert auto(1000) == n * target == auto(1000)  # deterministic
     assert auto(5) == n * -(-5 // n)  # no more than the candidates need, a multiple of n
   # with room for about 3 candidates' activations, it takes 3
@@ -152,12 +162,15 @@ def test_auto_chunk_size_aims_at_the_platform_target_within_free_memory(tiny_net
   temporaries = {}
   for k in (1, 2):
     masks_k = jax.tree.map(lambda m: np.ones((k,) + m.shape, np.float32), space.template)
-    temporaries[k] = scorer.lower(variables, masks_k, batch).compile().memory_analysis(
-        ).temp_size_in_bytes
+    temporaries[k] = (
+      scorer.lower(variables, masks_k, batch).compile().memory_analysis().temp_size_in_bytes
+    )
   room = 3.5 * (temporaries[2] - temporaries[1]) / search.MEMORY_SHARE
   monkeypatch.setattr(search, '_free_memory_bytes', lambda device: int(room))
-  assert search.Scorer(tiny_net, mesh, 'float32').auto_chunk_size(variables, space, batch,
-                                                                  1000) == 3
+  assert (
+    search.Scorer(tiny_net, mesh, 'float32').auto_chunk_size(variables, space, batch, 1000) == 3
+  )
   monkeypatch.setattr(search, '_free_memory_bytes', lambda device: 0)
-  assert search.Scorer(tiny_net, mesh, 'float32').auto_chunk_size(variables, space, batch,
-                                                                  1000) == 1
+  assert (
+    search.Scorer(tiny_net, mesh, 'float32').auto_chunk_size(variables, space, batch, 1000) == 1
+  )

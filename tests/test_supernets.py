@@ -1,6 +1,7 @@
 """The paper's super-networks (SPEC section 5): parameter counts at full size (from shapes
 only, ``jax.eval_shape``), forward and backward through the training loss, the search
 structure, and export equality on tiny sizes."""
+
 import functools
 
 import flax.linen as nn
@@ -33,25 +34,45 @@ def _model(family, num_classes=10, **fields):
 
 def _shapes(model, image_shape):
   """The variables' shapes, without computing (or allocating) any of them."""
-  return jax.eval_shape(lambda k: model.init({'params': k}, jnp.zeros((1,) + image_shape),
-                                             train=False), jax.random.key(0))
+  return jax.eval_shape(
+    lambda k: model.init({'params': k}, jnp.zeros((1,) + image_shape), train=False),
+    jax.random.key(0),
+  )
 
 
 def _params(model, image_shape):
   return space_lib.count_params(_shapes(model, image_shape)['params'])
 
 
-@pytest.mark.parametrize('name, family, fields, num_classes, image_shape, paper, tolerance', [
-    ('SupNet-M', 'shake_shake', dict(stem_width=16, widths=(96, 192, 384), blocks_per_stage=4),
-     10, (32, 32, 3), 26.2e6, 0.01),
-    ('SupNet-MI', 'shake_shake', dict(stem_width=16, widths=(160, 320, 640), blocks_per_stage=4),
-     10, (32, 32, 3), 72.7e6, 0.01),
+@pytest.mark.parametrize(
+  'name, family, fields, num_classes, image_shape, paper, tolerance',
+  [
+    (
+      'SupNet-M',
+      'shake_shake',
+      dict(stem_width=16, widths=(96, 192, 384), blocks_per_stage=4),
+      10,
+      (32, 32, 3),
+      26.2e6,
+      0.01,
+    ),
+    (
+      'SupNet-MI',
+      'shake_shake',
+      dict(stem_width=16, widths=(160, 320, 640), blocks_per_stage=4),
+      10,
+      (32, 32, 3),
+      72.7e6,
+      0.01,
+    ),
     ('SupNet-E', 'enas', dict(), 10, (32, 32, 3), 4.6e6, 0.05),
     ('SupNet-EI', 'enas', dict(filters=72), 10, (32, 32, 3), 15.3e6, 0.05),
     ('SupNet-D-121', 'densenet', dict(), 1000, (224, 224, 3), 7.98e6, 0.01),
-])
-def test_parameter_count_matches_paper(name, family, fields, num_classes, image_shape, paper,
-                                       tolerance):
+  ],
+)
+def test_parameter_count_matches_paper(
+  name, family, fields, num_classes, image_shape, paper, tolerance
+):
   params = _params(_model(family, num_classes, **fields), image_shape)
   assert abs(params - paper) <= tolerance * paper, f'{name}: {params} vs {paper:.0f}'
 
@@ -70,8 +91,10 @@ def test_supnet_r50_groups_are_kernel_branches():
   branches = v['params']['stage3_block0']['multi_kernel']
   shapes = [branches[f'branch{i}']['kernel'].shape for i in range(4)]
   assert shapes == [(1, 1, 512, 128), (3, 3, 512, 128), (3, 3, 512, 128), (5, 5, 512, 128)]
-  assert all(template['stage3_block0']['multi_kernel'][f'branch{i}']['group0'].shape == (512,)
-             for i in range(4))
+  assert all(
+    template['stage3_block0']['multi_kernel'][f'branch{i}']['group0'].shape == (512,)
+    for i in range(4)
+  )
 
 
 def test_supnet_d121_groups_follow_sources():
@@ -80,7 +103,9 @@ def test_supnet_d121_groups_follow_sources():
   for b, num_layers in enumerate((6, 12, 24, 16)):
     for i in range(num_layers):
       layer = template[f'block{b}_layer{i}']
-      sizes = [layer['conv1x1'][layers.group_name(g)].shape[0] for g in range(len(layer['conv1x1']))]
+      sizes = [
+        layer['conv1x1'][layers.group_name(g)].shape[0] for g in range(len(layer['conv1x1']))
+      ]
       assert sizes == [block_inputs[b]] + [32] * i, (b, i)
       assert len(layer['conv3x3']) == 1 and layer['conv3x3']['group0'].shape == (128,)
   assert len(jax.tree.leaves(template)) == sum(n * (n + 1) // 2 + n for n in (6, 12, 24, 16))
@@ -107,7 +132,7 @@ def _reference_separable(x, depthwise, pointwise, keep):
   dw = np.zeros_like(x)
   for i in range(k):
     for j in range(k):
-      dw += padded[:, i:i + h, j:j + w, :] * np.asarray(depthwise, np.float64)[i, j, :, 0]
+      dw += padded[:, i : i + h, j : j + w, :] * np.asarray(depthwise, np.float64)[i, j, :, 0]
   return dw @ np.asarray(pointwise, np.float64)[0, 0]
 
 
@@ -125,9 +150,11 @@ def test_separable_conv_drops_depthwise_filter_and_pointwise_slice():
   out = _Separable().apply({**v, 'masks': {'sep': {'group0': jnp.asarray(keep)}}}, x)
   np.testing.assert_allclose(out, _reference_separable(x, dw, pw, keep), rtol=1e-5, atol=1e-5)
   # the pruned op holds depthwise filters 0, 2 and the pointwise rows that read them
-  pruned = export.pruned_variables({**v, 'batch_stats': {}},
-                                   space_lib.SearchSpace(v['masks'], v['channel_costs'], 0, 0),
-                                   {'sep': {'group0': jnp.asarray(keep)}})
+  pruned = export.pruned_variables(
+    {**v, 'batch_stats': {}},
+    space_lib.SearchSpace(v['masks'], v['channel_costs'], 0, 0),
+    {'sep': {'group0': jnp.asarray(keep)}},
+  )
   np.testing.assert_array_equal(pruned['params']['sep']['depthwise'], dw[:, :, [0, 2]])
   np.testing.assert_array_equal(pruned['params']['sep']['pointwise'], pw[:, :, [0, 2]])
   np.testing.assert_allclose(_Separable().apply(pruned, x), out, rtol=1e-5, atol=1e-5)
@@ -143,19 +170,25 @@ def test_separable_conv_drops_depthwise_filter_and_pointwise_slice():
 TINY_NORMAL_ARC = (0, 0, 1, 1, 2, 2, 0, 4)
 TINY_REDUCTION_ARC = (0, 3, 0, 4, 0, 1, 2, 2, 3, 0, 2, 4)
 TINY = {
-    'shake_shake': (dict(stem_width=4, widths=(4, 8), blocks_per_stage=1), (8, 8, 3)),
-    'enas': (dict(filters=4, normal_cells_per_stage=1, normal_arc=TINY_NORMAL_ARC,
-                  reduction_arc=TINY_REDUCTION_ARC), (8, 8, 3)),
-    'resnet': (dict(stem_width=8, widths=(4, 8), blocks_per_stage=(1, 1)), (16, 16, 3)),
-    'densenet': (dict(stem_width=8, blocks=(2, 3), growth_rate=4, bottleneck_width=8),
-                 (16, 16, 3)),
+  'shake_shake': (dict(stem_width=4, widths=(4, 8), blocks_per_stage=1), (8, 8, 3)),
+  'enas': (
+    dict(
+      filters=4,
+      normal_cells_per_stage=1,
+      normal_arc=TINY_NORMAL_ARC,
+      reduction_arc=TINY_REDUCTION_ARC,
+    ),
+    (8, 8, 3),
+  ),
+  'resnet': (dict(stem_width=8, widths=(4, 8), blocks_per_stage=(1, 1)), (16, 16, 3)),
+  'densenet': (dict(stem_width=8, blocks=(2, 3), growth_rate=4, bottleneck_width=8), (16, 16, 3)),
 }
 # one searchable conv per family that a test makes lose every input
 REMOVED_CONV = {
-    'shake_shake': ('stage1_block0', 'branch1', 'conv1'),
-    'enas': ('cell1', 'node3_op0', 'sep0'),  # reduction cell: sep5x5, stride 2
-    'resnet': ('stage1_block0', 'multi_kernel', 'branch3'),
-    'densenet': ('block1_layer2', 'conv1x1'),  # 3 groups: a dense layer's every source
+  'shake_shake': ('stage1_block0', 'branch1', 'conv1'),
+  'enas': ('cell1', 'node3_op0', 'sep0'),  # reduction cell: sep5x5, stride 2
+  'resnet': ('stage1_block0', 'multi_kernel', 'branch3'),
+  'densenet': ('block1_layer2', 'conv1x1'),  # 3 groups: a dense layer's every source
 }
 
 
@@ -165,8 +198,9 @@ def _tiny(family):
   (with the cheap-to-compile 'rbg' key)."""
   fields, image_shape = TINY[family]
   model = _model(family, num_classes=3, **fields)
-  variables = jax.jit(lambda k: model.init({'params': k}, jnp.zeros((1,) + image_shape),
-                                           train=False))(jax.random.key(0, impl='rbg'))
+  variables = jax.jit(
+    lambda k: model.init({'params': k}, jnp.zeros((1,) + image_shape), train=False)
+  )(jax.random.key(0, impl='rbg'))
   return model, variables, image_shape
 
 
@@ -177,8 +211,10 @@ def _apply(model, variables, images):
 def _trained_looking(variables, seed=1):
   """Random weights and non-trivial BatchNorm statistics, as after training."""
   rng = np.random.default_rng(seed)
-  v = jax.tree.map(lambda x: x + 0.2 * rng.normal(size=x.shape).astype(np.float32),
-                   {'params': variables['params'], 'batch_stats': variables['batch_stats']})
+  v = jax.tree.map(
+    lambda x: x + 0.2 * rng.normal(size=x.shape).astype(np.float32),
+    {'params': variables['params'], 'batch_stats': variables['batch_stats']},
+  )
   v['batch_stats'] = jax.tree.map(jnp.abs, v['batch_stats'])  # variances must be positive
   return v
 
@@ -188,10 +224,14 @@ def test_forward_and_backward_through_training_loss(family):
   model, variables, image_shape = _tiny(family)
   space = space_lib.from_variables(variables)
   config = config_lib.get_config()
-  params = {'weights': variables['params'],
-            'drop_logits': masks.init_drop_logits(space.template, 0.3)}
-  batch = {'images': jax.random.normal(jax.random.key(2), (4,) + image_shape),
-           'labels': jnp.array([0, 1, 2, 1])}
+  params = {
+    'weights': variables['params'],
+    'drop_logits': masks.init_drop_logits(space.template, 0.3),
+  }
+  batch = {
+    'images': jax.random.normal(jax.random.key(2), (4,) + image_shape),
+    'labels': jnp.array([0, 1, 2, 1]),
+  }
   loss_fn = train.make_loss_fn(model, space, config)
 
   def loss_parts(p):
@@ -208,8 +248,10 @@ def test_forward_and_backward_through_training_loss(family):
   if family == 'enas':  # the auxiliary classifier trains, through the loss alone
     aux = jax.tree.leaves(grads['weights']['auxiliary_head'])
     assert all(float(jnp.sum(jnp.abs(g))) > 0 for g in aux)
-    assert not any(float(jnp.sum(jnp.abs(g))) > 0
-                   for g in jax.tree.leaves(nll_grads['weights']['auxiliary_head']))
+    assert not any(
+      float(jnp.sum(jnp.abs(g))) > 0
+      for g in jax.tree.leaves(nll_grads['weights']['auxiliary_head'])
+    )
   logits = _apply(model, variables, batch['images'])
   assert logits.shape == (4, 3) and bool(jnp.all(jnp.isfinite(logits)))
 
@@ -222,8 +264,9 @@ def test_auxiliary_loss_is_weighted_cross_entropy():
   objective.auxiliary_weight = 0.7
   args = ({'weights': {}, 'drop_logits': {}}, {}, objective, True)
   without, _ = objective_lib.negative_elbo(jnp.asarray(logits), labels, *args)
-  total, parts = objective_lib.negative_elbo(jnp.asarray(logits), labels, *args,
-                                             auxiliary_logits=[jnp.asarray(aux)])
+  total, parts = objective_lib.negative_elbo(
+    jnp.asarray(logits), labels, *args, auxiliary_logits=[jnp.asarray(aux)]
+  )
   log_p = aux - np.log(np.sum(np.exp(aux), axis=1, keepdims=True))
   expected = -0.7 * np.mean(log_p[np.arange(5), labels])
   np.testing.assert_allclose(float(parts.auxiliary), expected, rtol=1e-5)
@@ -263,13 +306,16 @@ def test_exported_candidate_gives_masked_supernet_logits(family):
   assert not np.allclose(np.asarray(full), np.asarray(masked), atol=1e-4)
 
 
-@pytest.mark.parametrize('override, field', [
+@pytest.mark.parametrize(
+  'override, field',
+  [
     (('enas', 'normal_arc', (0, 2, 0, 0, 2, 5, 0, 1)), 'model.enas.normal_arc'),
     (('enas', 'reduction_arc', (0, 2, 3, 0)), 'model.enas.reduction_arc'),
     (('resnet', 'dilations', (1, 2)), 'model.resnet.dilations'),
     (('resnet', 'widths', (64, 130, 256, 512)), 'model.resnet.widths'),
     (('densenet', 'compression', 0.0), 'model.densenet.compression'),
-])
+  ],
+)
 def test_bad_family_fields_are_refused(override, field):
   c = config_lib.get_config()
   family, name, value = override

@@ -18,6 +18,7 @@ the later ones within 1e-4 (loss, its parts, learning rate, mean drop probabilit
 (gradient norm), validation losses within 1e-4 and accuracies within one validation image. A
 wrong row, mask or key changes the first line at the 1e-2 level.
 """
+
 import gzip
 import json
 import os
@@ -33,18 +34,26 @@ from pgnas_jax.data import fashion_mnist
 FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VALIDATION = 400
-TINY = ['--config.model.shake_shake.stem_width=4', '--config.model.shake_shake.widths=(4,8)',
-        '--config.train.batch_size=32', '--config.train.num_steps=8',
-        '--config.train.log_every_steps=2', '--config.checkpoint.every_steps=4',
-        f'--config.data.validation_size={VALIDATION}', '--config.search.num_candidates=8',
-        '--config.search.chunk_size=auto', '--config.search.eval_batch_size=200']
+TINY = [
+  '--config.model.shake_shake.stem_width=4',
+  '--config.model.shake_shake.widths=(4,8)',
+  '--config.train.batch_size=32',
+  '--config.train.num_steps=8',
+  '--config.train.log_every_steps=2',
+  '--config.checkpoint.every_steps=4',
+  f'--config.data.validation_size={VALIDATION}',
+  '--config.search.num_candidates=8',
+  '--config.search.chunk_size=auto',
+  '--config.search.eval_batch_size=200',
+]
 CURVE = ('loss', 'nll', 'prior', 'entropy', 'learning_rate', 'mean_p')
 TIMEOUT = 240
 
 
 def _write_idx(path, array):
   header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
-      int(d).to_bytes(4, 'big') for d in array.shape)
+    int(d).to_bytes(4, 'big') for d in array.shape
+  )
   with gzip.open(path, 'wb', compresslevel=1) as f:
     f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
 
@@ -62,21 +71,27 @@ def small_data(tmp_path_factory):
   return str(folder)
 
 
-
 def _start(command, workdir, data_dir, devices):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   if devices > 1:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return subprocess.Popen(
-      command + [f'--workdir={workdir}', *TINY, f'--config.data.data_dir={data_dir}'],
-      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-      start_new_session=True)  # its own process group: killed whole, children included
+    command + [f'--workdir={workdir}', *TINY, f'--config.data.data_dir={data_dir}'],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )  # its own process group: killed whole, children included
 
 
 def _read(workdir):
-  metrics = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  candidates = [json.loads(l) for l in open(os.path.join(workdir, 'search', 'candidates.jsonl'))]
+  metrics = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  candidates = [
+    json.loads(line) for line in open(os.path.join(workdir, 'search', 'candidates.jsonl'))
+  ]
   arch = json.load(open(os.path.join(workdir, 'search', 'arch.json')))
   return metrics, candidates, arch
 
@@ -88,10 +103,14 @@ def runs(tmp_path_factory, small_data):
   root = tmp_path_factory.mktemp('topologies')
   main = [sys.executable, '-m', 'pgnas_jax.main']
   procs = {
-      'one device': _start(main, root / 'one', small_data, 1),
-      'four devices': _start(main, root / 'four', small_data, 4),
-      'two processes': _start(['bash', os.path.join(REPO, 'launch', 'local_processes.sh'),
-                               '2', '2'], root / 'two', small_data, 1),
+    'one device': _start(main, root / 'one', small_data, 1),
+    'four devices': _start(main, root / 'four', small_data, 4),
+    'two processes': _start(
+      ['bash', os.path.join(REPO, 'launch', 'local_processes.sh'), '2', '2'],
+      root / 'two',
+      small_data,
+      1,
+    ),
   }
   logs = {}
   try:
@@ -106,13 +125,16 @@ def runs(tmp_path_factory, small_data):
         pass
       proc.wait()
   assert '4 devices in 2 processes' in logs['two processes']
-  return {name: _read(root / folder) for name, folder in
-          (('one device', 'one'), ('four devices', 'four'), ('two processes', 'two'))}, root
+  return {
+    name: _read(root / folder)
+    for name, folder in (('one device', 'one'), ('four devices', 'four'), ('two processes', 'two'))
+  }, root
 
 
 def _dropped_lines(candidates):
-  return ''.join(json.dumps({'index': c['index'], 'dropped': c['dropped']}) + '\n'
-                 for c in candidates).encode()
+  return ''.join(
+    json.dumps({'index': c['index'], 'dropped': c['dropped']}) + '\n' for c in candidates
+  ).encode()
 
 
 def test_loss_curve_masks_and_winner_do_not_depend_on_the_topology(runs):
@@ -126,11 +148,19 @@ def test_loss_curve_masks_and_winner_do_not_depend_on_the_topology(runs):
     assert [m['step'] for m in other_metrics] == [m['step'] for m in metrics], name
     for i, (a, b) in enumerate(zip(metrics, other_metrics)):
       tight = i == 0
-      np.testing.assert_allclose([b[k] for k in CURVE], [a[k] for k in CURVE],
-                                 rtol=1e-6 if tight else 1e-4, atol=1e-7,
-                                 err_msg=f'{name}, step {a["step"]}')
-      np.testing.assert_allclose(b['grad_norm'], a['grad_norm'], rtol=1e-6 if tight else 5e-3,
-                                 err_msg=f'{name}, step {a["step"]}')
+      np.testing.assert_allclose(
+        [b[k] for k in CURVE],
+        [a[k] for k in CURVE],
+        rtol=1e-6 if tight else 1e-4,
+        atol=1e-7,
+        err_msg=f'{name}, step {a["step"]}',
+      )
+      np.testing.assert_allclose(
+        b['grad_norm'],
+        a['grad_norm'],
+        rtol=1e-6 if tight else 5e-3,
+        err_msg=f'{name}, step {a["step"]}',
+      )
     assert _dropped_lines(other_candidates) == _dropped_lines(candidates), name
     for a, b in zip(candidates, other_candidates):
       assert (a['params'], a['flops']) == (b['params'], b['flops'])
@@ -146,6 +176,7 @@ def test_two_processes_share_one_workdir_and_checkpoint_together(runs):
   assert (two / 'report.md').exists() and (two / 'search' / 'winner_weights.msgpack').exists()
   assert sorted(os.listdir(two / 'checkpoints')) == ['4', '8']
   # process 0 alone wrote the logs: one line per logged step, no duplicates
-  assert [json.loads(l)['step'] for l in open(two / 'metrics.jsonl')] == [2, 4, 6, 8]
-  assert [json.loads(l)['index'] for l in open(two / 'search' / 'candidates.jsonl')] == list(
-      range(8))
+  assert [json.loads(line)['step'] for line in open(two / 'metrics.jsonl')] == [2, 4, 6, 8]
+  assert [json.loads(line)['index'] for line in open(two / 'search' / 'candidates.jsonl')] == list(
+    range(8)
+  )

@@ -1,12 +1,16 @@
 """The data-parallel train step: the same gradients and updates on 1 and 4 devices; the
 'random' ablation never moves the logits; schedules."""
+
+import types
+
 import jax
 import numpy as np
 import pytest
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import export, finetune, layers, optim, parallel, train
+from pgnas_jax import errors, export, finetune, layers, masks, optim, parallel, train
+from pgnas_jax import space as space_lib
 
 
 def _config(**drop):
@@ -21,10 +25,12 @@ def _config(**drop):
 
 def _dataset(n=64):
   rng = np.random.default_rng(0)
-  split = lambda m: data_lib.Split(rng.integers(0, 256, (m, 8, 8, 2), dtype=np.uint8),
-                                   rng.integers(0, 3, m).astype(np.int32))
-  return data_lib.Dataset(split(n), split(16), split(16), 3, np.full(2, 0.5, np.float32),
-                          np.full(2, 0.25, np.float32))
+  split = lambda m: data_lib.Split(
+    rng.integers(0, 256, (m, 8, 8, 2), dtype=np.uint8), rng.integers(0, 3, m).astype(np.int32)
+  )
+  return data_lib.Dataset(
+    split(n), split(16), split(16), 3, np.full(2, 0.5, np.float32), np.full(2, 0.25, np.float32)
+  )
 
 
 def _run_steps(tiny_net, config, devices, steps=2):
@@ -51,10 +57,15 @@ def test_gradients_on_four_devices_equal_one_device(tiny_net):
   batch = dataset.train_batch(config.data, 0, 0, 8)
   grads = {}
   for name, mesh in (('one', mesh1), ('four', mesh4)):
-    grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, state.batch_stats, b, jax.random.key(7))[0]),
-                      in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)))
-    grads[name] = jax.device_get(grad_fn(jax.device_put(state.params, parallel.replicated(mesh)),
-                                         parallel.put_batch(batch, mesh)))
+    grad_fn = jax.jit(
+      jax.grad(lambda p, b: loss_fn(p, state.batch_stats, b, jax.random.key(7))[0]),
+      in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+    )
+    grads[name] = jax.device_get(
+      grad_fn(
+        jax.device_put(state.params, parallel.replicated(mesh)), parallel.put_batch(batch, mesh)
+      )
+    )
   flat1, flat4 = jax.tree.leaves(grads['one']), jax.tree.leaves(grads['four'])
   for a, b in zip(flat1, flat4):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
@@ -73,14 +84,22 @@ def test_train_step_same_on_one_and_four_devices(tiny_net):
 
 
 def test_learned_logits_move_and_random_logits_stay(tiny_net):
-  learned, hist, _, state = _run_steps(tiny_net, _config(mode='learned', init_p=0.2), jax.devices()[:1])
+  learned, hist, _, state = _run_steps(
+    tiny_net, _config(mode='learned', init_p=0.2), jax.devices()[:1]
+  )
   assert int(state.step) == 2
   p = jax.nn.sigmoid(np.array(jax.tree.leaves(learned['drop_logits'])))
   assert np.all(np.abs(p - 0.2) > 1e-6)
-  assert set(hist[0]) >= {'loss', 'nll', 'prior', 'entropy', 'train_accuracy', 'learning_rate',
-                          'mean_p'}
-  random, hist, _, _ = _run_steps(tiny_net, _config(mode='random', random_p=0.3),
-                                  jax.devices()[:1])
+  assert set(hist[0]) >= {
+    'loss',
+    'nll',
+    'prior',
+    'entropy',
+    'train_accuracy',
+    'learning_rate',
+    'mean_p',
+  }
+  random, hist, _, _ = _run_steps(tiny_net, _config(mode='random', random_p=0.3), jax.devices()[:1])
   p = jax.nn.sigmoid(np.array(jax.tree.leaves(random['drop_logits'])))
   np.testing.assert_allclose(p, 0.3, rtol=1e-6)
   assert all(h['entropy'] == 0.0 for h in hist)
@@ -123,8 +142,9 @@ def _finetuned(tiny_net, devices):
   config.finetune.steps, config.finetune.learning_rate = 4, 0.05
   params, _, space, state = _run_steps(tiny_net, config, jax.devices()[:1])
   variables = {'params': params['weights'], 'batch_stats': jax.device_get(state.batch_stats)}
-  mask = jax.tree.map(lambda m: np.concatenate([[0.0], np.ones(m.shape[0] - 1)]).astype(
-      np.float32), space.template)
+  mask = jax.tree.map(
+    lambda m: np.concatenate([[0.0], np.ones(m.shape[0] - 1)]).astype(np.float32), space.template
+  )
   mesh = parallel.make_mesh(devices)
   tuner = finetune.Finetuner(tiny_net, config, _dataset(), space, mesh)
   tuned = tuner(variables, mask, params['drop_logits'], jax.random.key(5), first_step=2)
@@ -149,3 +169,23 @@ def test_finetuning_trains_kept_weights_only_exports_exactly_and_shards(tiny_net
   _, four, _, _ = _finetuned(tiny_net, jax.devices()[:4])
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(four)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_a_stop_request_ends_fine_tuning_within_one_step(tiny_net, tiny_variables):
+  config = _config()
+  config.finetune.steps = 50
+  space = space_lib.from_variables(tiny_variables)
+  variables = {k: tiny_variables[k] for k in ('params', 'batch_stats')}
+  tuner = finetune.Finetuner(
+    tiny_net, config, _dataset(), space, parallel.make_mesh(jax.devices()[:1])
+  )
+  guard = types.SimpleNamespace(requested=True, signal_name='SIGTERM')  # arrived at once
+  with pytest.raises(errors.Preempted, match='stopped by SIGTERM at fine-tuning step 1 of 50'):
+    tuner(
+      variables,
+      space.template,
+      masks.init_drop_logits(space.template, 0.1),
+      jax.random.key(5),
+      2,
+      guard,
+    )

@@ -20,6 +20,7 @@ strides, arcs), ``plan`` (static channel positions, per family) and ``weights`` 
 only). ``apply(net, images)`` runs it; ``weights`` are everything it stores, so its
 parameter count is the sum of their sizes.
 """
+
 import functools
 from typing import Any, NamedTuple
 
@@ -33,10 +34,10 @@ from pgnas_jax.compact import densenet, enas, ops, resnet, shake_shake
 PyTree = Any
 
 _FAMILIES = {
-    supernets.ShakeShakeNet: ('shake_shake', shake_shake),
-    supernets.MultiKernelResNet: ('resnet', resnet),
-    supernets.SearchableDenseNet: ('densenet', densenet),
-    supernets.EnasNet: ('enas', enas),
+  supernets.ShakeShakeNet: ('shake_shake', shake_shake),
+  supernets.MultiKernelResNet: ('resnet', resnet),
+  supernets.SearchableDenseNet: ('densenet', densenet),
+  supernets.EnasNet: ('enas', enas),
 }
 
 
@@ -46,6 +47,11 @@ class CompactNet(NamedTuple):
   plan: dict  # static per-family structure (channel positions read), no arrays
   weights: dict  # every array the network stores
   image_shape: tuple  # one image, (H, W, C)
+
+
+def supports(model) -> bool:
+  """Whether ``model`` is of a family with a compact network (not a custom module)."""
+  return isinstance(model, tuple(_FAMILIES))
 
 
 def _family(model):
@@ -59,10 +65,11 @@ def captured_outputs(model, variables: dict, mask: PyTree, image_shape: tuple) -
   """Every submodule's output of the masked super-network on one all-zero image. Parts that
   a removed conv made independent of the image are read from here."""
   images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  _, state = jax.jit(functools.partial(
-      model.apply, train=False, capture_intermediates=True, mutable=['intermediates']))(
-          {'params': variables['params'], 'batch_stats': variables['batch_stats'],
-           'masks': mask}, images)
+  _, state = jax.jit(
+    functools.partial(
+      model.apply, train=False, capture_intermediates=True, mutable=['intermediates']
+    )
+  )({'params': variables['params'], 'batch_stats': variables['batch_stats'], 'masks': mask}, images)
   return jax.device_get(state['intermediates'])
 
 
@@ -70,8 +77,9 @@ def build(model, variables: dict, mask: PyTree, image_shape: tuple) -> CompactNe
   """The compact network of candidate ``mask`` (a hard keep mask, one leaf per group)."""
   name, module = _family(model)
   mask = jax.tree.map(np.asarray, jax.device_get(mask))
-  variables = jax.device_get({'params': variables['params'],
-                              'batch_stats': variables['batch_stats']})
+  variables = jax.device_get(
+    {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  )
   captured = captured_outputs(model, variables, mask, image_shape)
   plan, weights = module.compact(model, variables, mask, captured)
   return CompactNet(name, model, plan, ops.f32(weights), tuple(image_shape))
@@ -95,6 +103,7 @@ def num_params(net: CompactNet) -> int:
 def macs(net: CompactNet) -> int:
   """Multiply-accumulates of its conv and dense layers for one image."""
   with ops.counting_macs() as counted:
-    jax.eval_shape(inference_fn(net), net.weights,
-                   jax.ShapeDtypeStruct((1,) + net.image_shape, jnp.float32))
+    jax.eval_shape(
+      inference_fn(net), net.weights, jax.ShapeDtypeStruct((1,) + net.image_shape, jnp.float32)
+    )
   return int(sum(counted))

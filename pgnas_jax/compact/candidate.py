@@ -5,6 +5,7 @@ the same for any candidate of a finished workdir without training or ranking aga
 Candidate ``c``'s mask is drawn again from its index, ``fold_in(search_key, c)``, with the
 drop logits of the last checkpoint: the mask the search scored (``search.candidate_mask``).
 """
+
 import json
 import logging
 import os
@@ -20,13 +21,17 @@ from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.compact import files, latency
 
 
-def deploy(model, variables: dict, mask, image_shape: tuple, folder: str, name: str,
-           measure: bool = True) -> dict:
+def deploy(
+  model, variables: dict, mask, image_shape: tuple, folder: str, name: str, measure: bool = True
+) -> dict:
   """Writes the compact network as ``<name>.npz`` and ``<name>.stablehlo`` in ``folder``;
   returns arch.json's fields for it (counts, files and, if ``measure``, latency)."""
   net = compact.build(model, variables, mask, image_shape)
-  out = {'compact_params': compact.num_params(net), 'compact_flops': compact.macs(net),
-         'compact_files': files.save(net, folder, name)}
+  out = {
+    'compact_params': compact.num_params(net),
+    'compact_flops': compact.macs(net),
+    'compact_files': files.save(net, folder, name),
+  }
   if measure:
     out['latency_ms'] = latency.measure(model, variables, mask, net)
   return out
@@ -39,26 +44,32 @@ def _read_json_lines(path: str) -> list:
 
 def _finished(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isdir(workdir):
-    raise errors.ExportError(f'--workdir={workdir} does not exist; give the folder of a '
-                             f'finished run of python -m pgnas_jax.main')
+    raise errors.ExportError(
+      f'--workdir={workdir} does not exist; give the folder of a '
+      f'finished run of python -m pgnas_jax.main'
+    )
   if not os.path.exists(workdir_lib.path(workdir, workdir_lib.REPORT)):
     raise errors.ExportError(
-        f'--workdir={workdir} holds no finished run (no report.md); run python -m '
-        f'pgnas_jax.main --workdir={workdir} with its config to finish it first')
+      f'--workdir={workdir} holds no finished run (no report.md); run python -m '
+      f'pgnas_jax.main --workdir={workdir} with its config to finish it first'
+    )
   return ml_collections.ConfigDict(
-      workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.CONFIG)))
+    workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.CONFIG))
+  )
 
 
 def _candidate(workdir: str, index) -> dict:
   """The candidate's line of ``search/candidates.jsonl``; None: the winner's."""
   if index is None:
     index = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.ARCH))['index']
-  records = {r['index']: r for r in _read_json_lines(
-      workdir_lib.path(workdir, workdir_lib.CANDIDATES))}
+  records = {
+    r['index']: r for r in _read_json_lines(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
+  }
   if index not in records:
     raise errors.ExportError(
-        f'--candidate={index} is not in {workdir}/search/candidates.jsonl (candidates '
-        f'0..{len(records) - 1}); give one of those')
+      f'--candidate={index} is not in {workdir}/search/candidates.jsonl (candidates '
+      f'0..{len(records) - 1}); give one of those'
+    )
   return records[index]
 
 
@@ -80,8 +91,14 @@ def restore(workdir: str, config: ml_collections.ConfigDict) -> tuple:
   if restored is None:
     raise errors.ExportError(f'{workdir} has no readable checkpoint to export from')
   state = jax.device_get(restored)
-  return (model, state.variables, state.drop_logits, state.key('search'), space.template,
-          image_shape)
+  return (
+    model,
+    state.variables,
+    state.drop_logits,
+    state.key('search'),
+    space.template,
+    image_shape,
+  )
 
 
 def from_workdir(workdir: str, index=None, measure: bool = True) -> dict:
@@ -90,12 +107,22 @@ def from_workdir(workdir: str, index=None, measure: bool = True) -> dict:
   config = _finished(workdir)
   record = _candidate(workdir, index)
   model, variables, drop_logits, search_key, template, image_shape = restore(workdir, config)
+  if not compact.supports(model):
+    raise errors.ExportError(
+      f'{workdir} searched a custom module ({config.model.custom.module}): there is no '
+      f"compact network for it; its winner's input-sliced pruned weights are in "
+      f'search/winner_weights.msgpack'
+    )
   mask = search.candidate_mask(search_key, record['index'], drop_logits, template)
-  name = f"candidate{record['index']}_compact"
+  name = f'candidate{record["index"]}_compact'
   folder = workdir_lib.path(workdir, workdir_lib.SEARCH)
-  described = {'index': record['index'], 'val_acc': record['val_acc'],
-               'input_slice_params': record['params'], 'input_slice_flops': record['flops'],
-               **deploy(model, variables, mask, image_shape, folder, name, measure)}
+  described = {
+    'index': record['index'],
+    'val_acc': record['val_acc'],
+    'input_slice_params': record['params'],
+    'input_slice_flops': record['flops'],
+    **deploy(model, variables, mask, image_shape, folder, name, measure),
+  }
   workdir_lib.write_json(os.path.join(folder, name + '.json'), described)
   logging.info('candidate %d exported to %s', record['index'], folder)
   return described

@@ -9,6 +9,7 @@ one whose 1x1 conv reads nothing computed from the image adds an image-independe
 (read off the masked super-network). Such constant chunks are not concatenated: what each
 reader makes of them (BatchNorm, ReLU, its 1x1 kernel) is folded into the reader's bias.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,13 @@ class _Pieces:
     return np.cumsum([0] + self.widths[:-1])
 
   def live(self) -> np.ndarray:
-    return np.concatenate([o + np.arange(w) for o, w, c in
-                           zip(self.offsets(), self.widths, self.constants) if c is None])
+    return np.concatenate(
+      [
+        o + np.arange(w)
+        for o, w, c in zip(self.offsets(), self.widths, self.constants)
+        if c is None
+      ]
+    )
 
   def constant_values(self, rows):
     """Values of constant channels ``rows`` (channels on the last axis)."""
@@ -70,30 +76,40 @@ def _layer(p, s, mask, pieces: _Pieces, captured):
   growth = p['conv3x3']['kernel'].shape[-1]
   if len(keep3) == 0:  # the 3x3 conv is removed: a chunk of zeros, the layer is gone
     return None, None, np.zeros(growth)
-  groups = sorted(mask['conv1x1'], key=lambda g: int(g[len('group'):]))
-  rows = np.concatenate([o + ops.kept(mask['conv1x1'][g])
-                         for o, g in zip(pieces.offsets(), groups)])
+  groups = sorted(mask['conv1x1'], key=lambda g: int(g[len('group') :]))
+  rows = np.concatenate(
+    [o + ops.kept(mask['conv1x1'][g]) for o, g in zip(pieces.offsets(), groups)]
+  )
   bn0 = ops.bn_affine(p['bn0'], s['bn0'])
   index, bn0_live, rows_live, extra = _read(pieces, rows, bn0, p['conv1x1']['kernel'])
   if len(rows_live) == 0:  # nothing from the image reaches it
     return None, None, np.asarray(captured['__call__'][0][0], np.float64)
   bn1 = ops.sub_affine(ops.bn_affine(p['bn1'], s['bn1']), keep3)
-  return index, {
+  return (
+    index,
+    {
       'bn0': _affine(bn0_live),
-      'conv1x1': ops.folded(p['conv1x1']['kernel'], bn1, rows=rows_live, cols=keep3,
-                            extra_bias=extra[..., keep3]),
+      'conv1x1': ops.folded(
+        p['conv1x1']['kernel'], bn1, rows=rows_live, cols=keep3, extra_bias=extra[..., keep3]
+      ),
       'conv3x3': {'kernel': np.asarray(p['conv3x3']['kernel'])[:, :, keep3]},
-  }, None
+    },
+    None,
+  )
 
 
 def _reader(bn_params, bn_stats, kernel, pieces: _Pieces) -> dict:
   """The transition's BN-ReLU-Conv1x1 (or the final BN with the classifier) over every
   channel: the live ones computed, the constant ones folded into a bias."""
   width = sum(pieces.widths)
-  _, bn_live, rows_live, extra = _read(pieces, np.arange(width),
-                                       ops.bn_affine(bn_params, bn_stats), kernel)
-  return {'bn': _affine(bn_live), 'kernel': np.asarray(kernel, np.float64)[:, :, rows_live],
-          'extra': extra}
+  _, bn_live, rows_live, extra = _read(
+    pieces, np.arange(width), ops.bn_affine(bn_params, bn_stats), kernel
+  )
+  return {
+    'bn': _affine(bn_live),
+    'kernel': np.asarray(kernel, np.float64)[:, :, rows_live],
+    'extra': extra,
+  }
 
 
 def compact(model, variables, mask, captured):
@@ -116,13 +132,14 @@ def compact(model, variables, mask, captured):
         weights[t]['conv']['bias'] = r['extra']
       width = p[t]['conv']['kernel'].shape[-1]
   classifier = p['classifier']['linear']
-  r = _reader(p['final_bn'], s['final_bn'], np.asarray(classifier['kernel'])[None, None],
-              pieces)
+  r = _reader(p['final_bn'], s['final_bn'], np.asarray(classifier['kernel'])[None, None], pieces)
   # constant channels reach the classifier through the global mean
   extra = np.mean(r['extra'], axis=tuple(range(r['extra'].ndim - 1)))
   weights['final_bn'] = r['bn']
-  weights['classifier'] = {'kernel': r['kernel'][0, 0],
-                           'bias': np.asarray(classifier['bias'], np.float64) + extra}
+  weights['classifier'] = {
+    'kernel': r['kernel'][0, 0],
+    'bias': np.asarray(classifier['bias'], np.float64) + extra,
+  }
   return plan, weights
 
 

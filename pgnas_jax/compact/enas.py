@@ -12,6 +12,7 @@ second some) an image-independent map read off the masked super-network. Constan
 the network with a batch axis of one and broadcast where they meet image-dependent values.
 ENAS's auxiliary head trains the super-network and is not part of it at inference.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,17 @@ def _cells(model):
 
 def _ops(arc, reduction):
   """(node, side, source, op, strides) of every op of a cell."""
-  return [(j + 2, side, arc[4 * j + 2 * side], arc[4 * j + 2 * side + 1],
-           2 if (reduction and arc[4 * j + 2 * side] < 2) else 1)
-          for j in range(len(arc) // 4) for side in range(2)]
+  return [
+    (
+      j + 2,
+      side,
+      arc[4 * j + 2 * side],
+      arc[4 * j + 2 * side + 1],
+      2 if (reduction and arc[4 * j + 2 * side] < 2) else 1,
+    )
+    for j in range(len(arc) // 4)
+    for side in range(2)
+  ]
 
 
 def _kind(op: int, strides: int) -> str:
@@ -89,8 +98,9 @@ def _sep_op(p, s, mask, captured, live_src, cols):
     return ('constant',), {'constant': np.asarray(captured['__call__'][0][0])[..., cols]}
   bn0, bn1 = (ops.bn_affine(p[f'bn{i}'], s[f'bn{i}']) for i in range(2))
   return ('sep', ops.positions(keep0, live_src)), {
-      'sep0': _separable(p['sep0'], bn0, keep0, keep1),
-      'sep1': _separable(p['sep1'], bn1, keep1, cols)}
+    'sep0': _separable(p['sep0'], bn0, keep0, keep1),
+    'sep1': _separable(p['sep1'], bn1, keep1, cols),
+  }
 
 
 def _cell(p, s, mask, captured, arc, reduction, f):
@@ -105,8 +115,10 @@ def _cell(p, s, mask, captured, arc, reduction, f):
     reduce = 'path0' in p['match_prev_prev']
     plan['match_prev_prev'] = 'reduce' if reduce else 'conv'
     weights['match_prev_prev'] = (
-        ops.folded_reduction(p['match_prev_prev'], s['match_prev_prev'], needed[0]) if reduce
-        else _relu_conv_bn(p['match_prev_prev'], s['match_prev_prev'], needed[0]))
+      ops.folded_reduction(p['match_prev_prev'], s['match_prev_prev'], needed[0])
+      if reduce
+      else _relu_conv_bn(p['match_prev_prev'], s['match_prev_prev'], needed[0])
+    )
   if len(needed[1]):
     if 'match_prev' in p:
       weights['match_prev'] = _relu_conv_bn(p['match_prev'], s['match_prev'])
@@ -117,28 +129,33 @@ def _cell(p, s, mask, captured, arc, reduction, f):
       continue
     kind = _kind(op, strides)
     if kind == 'sep':
-      plan[name], weights[name] = _sep_op(p[name], s[name], mask[name], captured[name],
-                                          live[src], cols)
+      plan[name], weights[name] = _sep_op(
+        p[name], s[name], mask[name], captured[name], live[src], cols
+      )
     elif kind == 'reduce':
       plan[name], weights[name] = ('reduce', None), ops.folded_reduction(p[name], s[name], cols)
     else:
       plan[name] = (kind, ops.positions(cols, live[src]))
   for i in range(2):
     if f'reduce_input{i}' in p:
-      weights[f'reduce_input{i}'] = ops.folded_reduction(p[f'reduce_input{i}'],
-                                                         s[f'reduce_input{i}'])
+      weights[f'reduce_input{i}'] = ops.folded_reduction(
+        p[f'reduce_input{i}'], s[f'reduce_input{i}']
+      )
   return plan, weights
 
 
 def compact(model, variables, mask, captured):
   p, s = variables['params'], variables['batch_stats']
-  weights = {'stem': ops.folded(p['stem']['kernel'], ops.bn_affine(p['stem_bn'], s['stem_bn'])),
-             'classifier': dict(p['classifier']['linear'])}
+  weights = {
+    'stem': ops.folded(p['stem']['kernel'], ops.bn_affine(p['stem_bn'], s['stem_bn'])),
+    'classifier': dict(p['classifier']['linear']),
+  }
   plan, f = {}, model.filters
   for name, arc, reduction in _cells(model):
     f = 2 * f if reduction else f
-    plan[name], weights[name] = _cell(p[name], s[name], mask[name], captured[name], arc,
-                                      reduction, f)
+    plan[name], weights[name] = _cell(
+      p[name], s[name], mask[name], captured[name], arc, reduction, f
+    )
   return plan, weights
 
 
@@ -148,8 +165,9 @@ def _apply_op(kind, x, w, strides):
       x = ops.separable(jax.nn.relu(x), w[f'sep{i}'], strides if i == 0 else 1)
     return x
   if kind == 'avg':
-    return nn.avg_pool(x, (3, 3), (strides, strides), 'SAME',
-                       count_include_pad=False).astype(x.dtype)
+    return nn.avg_pool(x, (3, 3), (strides, strides), 'SAME', count_include_pad=False).astype(
+      x.dtype
+    )
   if kind == 'max':
     return nn.max_pool(x, (3, 3), (strides, strides), 'SAME')
   if kind == 'reduce':

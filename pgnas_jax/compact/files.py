@@ -9,6 +9,7 @@ with jax alone:
     f = jax.export.deserialize(open('winner_compact.stablehlo', 'rb').read())
     logits = f.call(dict(np.load('winner_compact.npz')), images)  # images [B, H, W, C]
 """
+
 import os
 
 import jax
@@ -21,8 +22,7 @@ PLATFORMS = ('cpu', 'cuda', 'tpu')  # lowered for each, so the file runs on any 
 
 
 def flat_weights(net: compact.CompactNet) -> dict:
-  return {k: np.asarray(v) for k, v in
-          traverse_util.flatten_dict(net.weights, sep='/').items()}
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(net.weights, sep='/').items()}
 
 
 def exported(net: compact.CompactNet) -> jax.export.Exported:
@@ -31,7 +31,7 @@ def exported(net: compact.CompactNet) -> jax.export.Exported:
   def logits(flat, images):
     return apply(traverse_util.unflatten_dict(flat, sep='/'), images)
 
-  batch, = jax.export.symbolic_shape('batch')
+  (batch,) = jax.export.symbolic_shape('batch')
   weights = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), flat_weights(net))
   images = jax.ShapeDtypeStruct((batch,) + net.image_shape, np.float32)
   return jax.export.export(jax.jit(logits), platforms=PLATFORMS)(weights, images)

@@ -4,6 +4,7 @@ super-network (what the search scores) and the full super-network, at a few batc
 Each is jitted and compiled first, called ``WARMUP`` times, then timed ``REPEATS`` times one
 call at a time, blocking on the logits; the median is reported (robust to a busy machine).
 """
+
 import functools
 import os
 import statistics
@@ -35,18 +36,28 @@ def networks(model, variables: dict, mask, net: compact.CompactNet) -> dict:
   """name -> (function of (weights, images), its weights)."""
   supernet = functools.partial(model.apply, train=False)
   weights = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-  return {'compact': (compact.inference_fn(net), net.weights),
-          'masked_supernet': (supernet, {**weights, 'masks': mask}),
-          'supernet': (supernet, weights)}
+  return {
+    'compact': (compact.inference_fn(net), net.weights),
+    'masked_supernet': (supernet, {**weights, 'masks': mask}),
+    'supernet': (supernet, weights),
+  }
 
 
-def measure(model, variables: dict, mask, net: compact.CompactNet,
-            batch_sizes=BATCH_SIZES, repeats: int = REPEATS) -> dict:
+def measure(
+  model,
+  variables: dict,
+  mask,
+  net: compact.CompactNet,
+  batch_sizes=BATCH_SIZES,
+  repeats: int = REPEATS,
+) -> dict:
   """arch.json's ``latency_ms``: per network and batch size, the median milliseconds per
   call, and where they were measured."""
   rng = np.random.default_rng(0)
-  out = {'device': describe_device(),
-         'statistic': f'median of {repeats} calls after {WARMUP} warm-up calls'}
+  out = {
+    'device': describe_device(),
+    'statistic': f'median of {repeats} calls after {WARMUP} warm-up calls',
+  }
   for name, (fn, weights) in networks(model, variables, mask, net).items():
     weights = jax.device_put(jax.device_get(weights), jax.devices()[0])  # one device
     out[name] = {}

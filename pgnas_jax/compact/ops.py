@@ -10,6 +10,7 @@ At export (``bn_affine``, ``folded``, ``positions``): NumPy in float64, cast to 
 A BatchNorm that directly follows a conv is folded into it (kernel scaled, a bias added);
 one that does not (DenseNet's pre-activation BN) becomes a per-channel ``affine``.
 """
+
 import contextlib
 
 import jax
@@ -38,8 +39,14 @@ def _record(macs: int) -> None:
 
 def _conv(x, kernel, strides, dilation, groups=1):
   return jax.lax.conv_general_dilated(
-      x, kernel.astype(x.dtype), (strides, strides), 'SAME', rhs_dilation=(dilation, dilation),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+    x,
+    kernel.astype(x.dtype),
+    (strides, strides),
+    'SAME',
+    rhs_dilation=(dilation, dilation),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=groups,
+  )
 
 
 def _with_bias(y, layer):
@@ -56,8 +63,9 @@ def separable(x, layer: dict, strides: int = 1, dilation: int = 1):
   """Depthwise conv (``depthwise`` [k, k, 1, C]) then pointwise 1x1 and bias."""
   y = _conv(x, layer['depthwise'], strides, dilation, groups=x.shape[-1])
   _record(np.prod(y.shape[1:-1]) * np.prod(layer['depthwise'].shape))
-  return conv(y, {k: v for k, v in layer.items() if k != 'depthwise'} | {
-      'kernel': layer['pointwise']})
+  return conv(
+    y, {k: v for k, v in layer.items() if k != 'depthwise'} | {'kernel': layer['pointwise']}
+  )
 
 
 def affine(x, layer: dict):
@@ -77,7 +85,7 @@ def take(x, index):
   if index is None:
     return x
   if len(index) and list(index) == list(range(index[0], index[0] + len(index))):
-    return x[..., index[0]:index[0] + len(index)]
+    return x[..., index[0] : index[0] + len(index)]
   select = np.zeros((x.shape[-1], len(index)), np.float32)
   select[np.asarray(index), np.arange(len(index))] = 1.0
   return x @ select.astype(x.dtype)
@@ -88,10 +96,11 @@ def shift_pair(x, strides: int):
   shifted by one (``supernets.common.FactorizedReduction``)."""
   a = x[:, ::strides, ::strides, :]
   b = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1::strides, 1::strides, :]
-  return a, b[:, :a.shape[1], :a.shape[2]]
+  return a, b[:, : a.shape[1], : a.shape[2]]
 
 
 # ---- export-time arithmetic (NumPy) ----
+
 
 def kept(mask_leaf) -> np.ndarray:
   return np.flatnonzero(np.asarray(mask_leaf)).astype(np.int64)
@@ -109,17 +118,18 @@ def positions(subset, live):
 def bn_affine(params: dict, stats: dict) -> tuple:
   """(scale, bias) of an inference BatchNorm, float64: y = x * scale + bias."""
   scale = np.asarray(params['scale'], np.float64) / np.sqrt(
-      np.asarray(stats['var'], np.float64) + EPSILON)
-  return scale, np.asarray(params['bias'], np.float64) - np.asarray(stats['mean'],
-                                                                    np.float64) * scale
+    np.asarray(stats['var'], np.float64) + EPSILON
+  )
+  return scale, np.asarray(params['bias'], np.float64) - np.asarray(
+    stats['mean'], np.float64
+  ) * scale
 
 
 def f32(tree):
   return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
 
 
-def folded(kernel, bn: tuple, rows=None, cols=None, factor: float = 1.0,
-           extra_bias=0.0) -> dict:
+def folded(kernel, bn: tuple, rows=None, cols=None, factor: float = 1.0, extra_bias=0.0) -> dict:
   """Conv ``kernel`` (input channels on axis 2) restricted to input ``rows`` and output
   ``cols`` (None: all), followed by the affine ``bn`` (already restricted to ``cols``) and a
   factor, as one conv with a bias. ``extra_bias`` (before the affine) is what constant
@@ -130,8 +140,12 @@ def folded(kernel, bn: tuple, rows=None, cols=None, factor: float = 1.0,
   if cols is not None:
     k = k[..., cols]
   scale, bias = bn
-  return f32({'kernel': k * scale * factor,
-              'bias': (np.asarray(extra_bias, np.float64) * scale + bias) * factor})
+  return f32(
+    {
+      'kernel': k * scale * factor,
+      'bias': (np.asarray(extra_bias, np.float64) * scale + bias) * factor,
+    }
+  )
 
 
 def sub_affine(bn: tuple, index) -> tuple:

@@ -8,6 +8,7 @@ last conv. A branch whose second conv keeps no input is the constant its BatchNo
 zero; one whose first conv keeps none (the second some) is image-independent too, a map
 read off the masked super-network.
 """
+
 import jax
 import numpy as np
 
@@ -21,8 +22,12 @@ def _branch(params, stats, mask, captured, factor):
     return None, {'constant': bn1[1] * factor}
   if len(keep0) == 0:  # the first conv is removed: its output is the BN of zero
     return None, {'constant': np.asarray(captured['__call__'][0][0], np.float64) * factor}
-  conv0 = ops.folded(params['conv0']['kernel'], ops.sub_affine(
-      ops.bn_affine(params['bn0'], stats['bn0']), keep1), rows=keep0, cols=keep1)
+  conv0 = ops.folded(
+    params['conv0']['kernel'],
+    ops.sub_affine(ops.bn_affine(params['bn0'], stats['bn0']), keep1),
+    rows=keep0,
+    cols=keep1,
+  )
   conv1 = ops.folded(params['conv1']['kernel'], bn1, rows=keep1, factor=factor)
   channels = params['conv0']['kernel'].shape[2]
   return ops.positions(keep0, np.arange(channels)), {'conv0': conv0, 'conv1': conv1}
@@ -30,8 +35,10 @@ def _branch(params, stats, mask, captured, factor):
 
 def compact(model, variables, mask, captured):
   p, s = variables['params'], variables['batch_stats']
-  weights = {'stem': ops.folded(p['stem']['kernel'], ops.bn_affine(p['stem_bn'], s['stem_bn'])),
-             'classifier': dict(p['classifier']['linear'])}
+  weights = {
+    'stem': ops.folded(p['stem']['kernel'], ops.bn_affine(p['stem_bn'], s['stem_bn'])),
+    'classifier': dict(p['classifier']['linear']),
+  }
   plan = {}
   factor = 1.0 / len(model.kernel_sizes)
   for block in _blocks(model):
@@ -39,16 +46,17 @@ def compact(model, variables, mask, captured):
     for i in range(len(model.kernel_sizes)):
       name = f'branch{i}'
       plan[block][name], weights[block][name] = _branch(
-          p[block][name], s[block][name], mask[block][name], captured[block][name], factor)
+        p[block][name], s[block][name], mask[block][name], captured[block][name], factor
+      )
     if 'shortcut' in p[block]:
-      weights[block]['shortcut'] = ops.folded_reduction(p[block]['shortcut'],
-                                                          s[block]['shortcut'])
+      weights[block]['shortcut'] = ops.folded_reduction(p[block]['shortcut'], s[block]['shortcut'])
   return plan, weights
 
 
 def _blocks(model):
-  return [f'stage{s}_block{b}' for s in range(len(model.widths))
-          for b in range(model.blocks_per_stage)]
+  return [
+    f'stage{s}_block{b}' for s in range(len(model.widths)) for b in range(model.blocks_per_stage)
+  ]
 
 
 def _strides(block: str) -> int:
@@ -74,4 +82,3 @@ def apply(model, plan, weights, images):
     x = x + mixed
   pooled = jax.numpy.mean(jax.nn.relu(x), axis=(1, 2))
   return ops.dense(pooled, weights['classifier'])
-

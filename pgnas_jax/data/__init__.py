@@ -12,6 +12,7 @@ memory as a ``Dataset``; ImageNet is read while it is used, as a ``stream.Stream
 answer one interface (``Source``), and ``placement`` puts their batches on the devices.
 ``checks`` checks their values at start.
 """
+
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +21,24 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
-from pgnas_jax.data import (checks, cifar, fashion_mnist, imagenet, npz, pixels, shards, stream,
-                            tfds_images, tfds_source)
+from pgnas_jax.data import (
+  checks,
+  cifar,
+  fashion_mnist,
+  imagenet,
+  npz,
+  pixels,
+  shards,
+  stream,
+  tfds_images,
+  tfds_source,
+)
 from pgnas_jax.data.checks import check_fits  # noqa: F401  (re-exported)
-from pgnas_jax.data.placement import (device_batches, replicated_batches,  # noqa: F401
-                                      train_batches)  # (re-exported)
+from pgnas_jax.data.placement import (  # noqa: F401  (re-exported)
+  device_batches,
+  replicated_batches,
+  train_batches,
+)
 from pgnas_jax.data.prefetch import in_background  # noqa: F401  (re-exported)
 from pgnas_jax.errors import ConfigError
 
@@ -42,6 +56,7 @@ class Split(NamedTuple):
 
 class Dataset(NamedTuple):
   """A data set held in memory; ``stream.Streamed`` answers the same interface."""
+
   train: Split
   validation: Split
   test: Split
@@ -56,17 +71,24 @@ class Dataset(NamedTuple):
     """(height, width, channels) of the network input."""
     return self.train.images.shape[1:]
 
-  def train_batch(self, data: ml_collections.ConfigDict, seed: int, step: int,
-                  batch_size: int, process_index: int = 0, process_count: int = 1) -> dict:
+  def train_batch(
+    self,
+    data: ml_collections.ConfigDict,
+    seed: int,
+    step: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ) -> dict:
     """This process's rows of the global batch of training step ``step``: epochs are fresh
     permutations from (seed, epoch). Pad-crop and flip act on the raw pixels, cutout after
     normalisation (zero is the mean)."""
-    epoch, position, index = shards.global_batch(seed, step, self.train.num_examples,
-                                                 batch_size)
+    epoch, position, index = shards.global_batch(seed, step, self.train.num_examples, batch_size)
     rows = shards.local_rows(batch_size, process_index, process_count)
     _, h, w, _ = self.train.images.shape
-    draws = augmentation_draws(np.random.default_rng([seed, epoch, position]), batch_size, h,
-                               w, data)
+    draws = augmentation_draws(
+      np.random.default_rng([seed, epoch, position]), batch_size, h, w, data
+    )
     draws = {k: v[rows] for k, v in draws.items()}
     index = index[rows]
     images = normalise(augment(self.train.images[index], draws, data), self)
@@ -74,8 +96,9 @@ class Dataset(NamedTuple):
       images = cutout(images, draws['centre'], data.cutout)
     return {'images': images, 'labels': self.train.labels[index]}
 
-  def eval_batches(self, split: Split, batch_size: int, process_index: int = 0,
-                   process_count: int = 1) -> Iterator[dict]:
+  def eval_batches(
+    self, split: Split, batch_size: int, process_index: int = 0, process_count: int = 1
+  ) -> Iterator[dict]:
     """This process's rows of fixed-size global batches over a whole split; the last is
     padded and ``weights`` marks real examples, so every batch has one shape (one
     compilation)."""
@@ -101,11 +124,19 @@ def _read(data: ml_collections.ConfigDict) -> tuple:
   """(train ``checks.Raw``, test ``checks.Raw``, number of classes, image shape or None)
   as the source holds them."""
   if data.name == 'fashion_mnist':
-    return (fashion_mnist.read(data.data_dir, 'train'), fashion_mnist.read(data.data_dir, 'test'),
-            fashion_mnist.NUM_CLASSES, None)
+    return (
+      fashion_mnist.read(data.data_dir, 'train'),
+      fashion_mnist.read(data.data_dir, 'test'),
+      fashion_mnist.NUM_CLASSES,
+      None,
+    )
   if data.name in cifar.NUM_CLASSES:
-    return (cifar.read(data.name, data.data_dir, 'train'),
-            cifar.read(data.name, data.data_dir, 'test'), cifar.NUM_CLASSES[data.name], None)
+    return (
+      cifar.read(data.name, data.data_dir, 'train'),
+      cifar.read(data.name, data.data_dir, 'test'),
+      cifar.NUM_CLASSES[data.name],
+      None,
+    )
   if data.name == 'npz':
     return (*npz.read(data.path, data.num_classes), None)
   if data.name.startswith(tfds_images.PREFIX):
@@ -116,8 +147,10 @@ def _read(data: ml_collections.ConfigDict) -> tuple:
 def _carve(num_examples: int, validation_size: int) -> tuple:
   """(validation indices, training indices) of the training split."""
   if validation_size >= num_examples:
-    raise ConfigError(f'--config.data.validation_size={validation_size} leaves no '
-                      f'training images (the training split has {num_examples})')
+    raise ConfigError(
+      f'--config.data.validation_size={validation_size} leaves no '
+      f'training images (the training split has {num_examples})'
+    )
   order = np.random.default_rng(SPLIT_SEED).permutation(num_examples)
   return order[:validation_size], order[validation_size:]
 
@@ -132,12 +165,15 @@ def _stream(data: ml_collections.ConfigDict) -> stream.Streamed:
   val, train = _carve(len(train_source), data.validation_size)
   # sorted: nearby records are read together (the epoch permutations shuffle anyway)
   return stream.Streamed(
-      train=stream.Records(train_source, np.sort(train), origins['train']),
-      validation=stream.Records(train_source, np.sort(val), origins['train']),
-      test=stream.Records(test_source, np.arange(len(test_source)), origins['validation']),
-      num_classes=imagenet.NUM_CLASSES, mean=np.array(imagenet.MEAN, np.float32),
-      std=np.array(imagenet.STD, np.float32), image_size=data.image_size,
-      pool=ThreadPoolExecutor(os.cpu_count(), thread_name_prefix='pgnas_jax-read'))
+    train=stream.Records(train_source, np.sort(train), origins['train']),
+    validation=stream.Records(train_source, np.sort(val), origins['train']),
+    test=stream.Records(test_source, np.arange(len(test_source)), origins['validation']),
+    num_classes=imagenet.NUM_CLASSES,
+    mean=np.array(imagenet.MEAN, np.float32),
+    std=np.array(imagenet.STD, np.float32),
+    image_size=data.image_size,
+    pool=ThreadPoolExecutor(os.cpu_count(), thread_name_prefix='pgnas_jax-read'),
+  )
 
 
 def load(data: ml_collections.ConfigDict) -> Source:
@@ -151,17 +187,23 @@ def load(data: ml_collections.ConfigDict) -> Source:
   train_split = Split(images[train], labels[train])
   checks.check_spread(train_split.images, train_raw.origin)
   pixels = train_split.images.reshape(-1, train_split.images.shape[-1]) / 255.0
-  return Dataset(train=train_split, validation=Split(images[val], labels[val]), test=test,
-                 num_classes=num_classes, mean=pixels.mean(0).astype(np.float32),
-                 std=pixels.std(0).astype(np.float32))
+  return Dataset(
+    train=train_split,
+    validation=Split(images[val], labels[val]),
+    test=test,
+    num_classes=num_classes,
+    mean=pixels.mean(0).astype(np.float32),
+    std=pixels.std(0).astype(np.float32),
+  )
 
 
 def normalise(images: np.ndarray, dataset: Source) -> np.ndarray:
   return pixels.normalise(images, dataset.mean, dataset.std)
 
 
-def augmentation_draws(rng: np.random.Generator, n: int, height: int, width: int,
-                       data: ml_collections.ConfigDict) -> dict:
+def augmentation_draws(
+  rng: np.random.Generator, n: int, height: int, width: int, data: ml_collections.ConfigDict
+) -> dict:
   """The random choices of a global batch of ``n`` images, one row per image, drawn in a fixed
   order: 'shift' (pad-crop offsets, [n, 2]), 'flip' ([n]), 'centre' (cutout centres, [n, 2]),
   each only where its augmentation is on. A process slices its rows, so an image's draws do

@@ -9,6 +9,7 @@ split) and the fix, raised before the workdir is touched.
 Streamed data sets (ImageNet) are too large to read at start: their number of classes is
 checked against the data set's info up front, and each batch's labels as it is read.
 """
+
 from typing import NamedTuple
 
 import ml_collections
@@ -19,6 +20,7 @@ from pgnas_jax.errors import ConfigError, DataError
 
 class Origin(NamedTuple):
   """How a message names where a split's values come from, and what the user can do."""
+
   images: str  # e.g. "/data/x.npz, key 'x_train'"
   labels: str
   fix: str
@@ -26,6 +28,7 @@ class Origin(NamedTuple):
 
 class Raw(NamedTuple):
   """A split as its source holds it, before any check or conversion."""
+
   images: np.ndarray
   labels: np.ndarray
   origin: Origin
@@ -38,9 +41,11 @@ def checked_split(raw: Raw, num_classes: int, image_shape: tuple | None = None) 
   images = _checked_images(raw.images, raw.origin)
   labels = _checked_labels(raw.labels, images.shape[0], raw.origin)
   if image_shape is not None and images.shape[1:] != tuple(image_shape):
-    raise DataError(f'{raw.origin.images} holds images of {_shape(images.shape[1:])} but the '
-                    f'training images are {_shape(image_shape)}: every split needs the '
-                    f"training images' shape; {raw.origin.fix}")
+    raise DataError(
+      f'{raw.origin.images} holds images of {_shape(images.shape[1:])} but the '
+      f'training images are {_shape(image_shape)}: every split needs the '
+      f"training images' shape; {raw.origin.fix}"
+    )
   check_labels(labels, num_classes, raw.origin)
   if images.dtype == np.float32:
     _check_finite(images, raw.origin)
@@ -53,12 +58,16 @@ def _shape(shape: tuple) -> str:
 
 def _checked_images(images: np.ndarray, origin: Origin) -> np.ndarray:
   if images.ndim not in (3, 4) or 0 in images.shape[1:]:
-    raise DataError(f'{origin.images} holds an array of shape {images.shape}: images must be '
-                    f'[n, height, width] or [n, height, width, channels]; {origin.fix}')
+    raise DataError(
+      f'{origin.images} holds an array of shape {images.shape}: images must be '
+      f'[n, height, width] or [n, height, width, channels]; {origin.fix}'
+    )
   if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
-    raise DataError(f'{origin.images} holds {images.dtype} values: images must be uint8 '
-                    f'(0 to 255) or float, e.g. .astype(np.uint8) or .astype(np.float32); '
-                    f'{origin.fix}')
+    raise DataError(
+      f'{origin.images} holds {images.dtype} values: images must be uint8 '
+      f'(0 to 255) or float, e.g. .astype(np.uint8) or .astype(np.float32); '
+      f'{origin.fix}'
+    )
   if images.shape[0] == 0:
     raise DataError(f'{origin.images} holds no images; {origin.fix}')
   if images.ndim == 3:
@@ -68,12 +77,16 @@ def _checked_images(images: np.ndarray, origin: Origin) -> np.ndarray:
 
 def _checked_labels(labels: np.ndarray, num_images: int, origin: Origin) -> np.ndarray:
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-    raise DataError(f'{origin.labels} holds {labels.dtype} values of shape {labels.shape}: '
-                    f'labels must be one whole number per image, shape [n] of an integer '
-                    f'type, e.g. .reshape(-1).astype(np.int64); {origin.fix}')
+    raise DataError(
+      f'{origin.labels} holds {labels.dtype} values of shape {labels.shape}: '
+      f'labels must be one whole number per image, shape [n] of an integer '
+      f'type, e.g. .reshape(-1).astype(np.int64); {origin.fix}'
+    )
   if labels.shape[0] != num_images:
-    raise DataError(f'{origin.labels} holds {labels.shape[0]} labels but {origin.images} '
-                    f'holds {num_images} images: give every image one label; {origin.fix}')
+    raise DataError(
+      f'{origin.labels} holds {labels.shape[0]} labels but {origin.images} '
+      f'holds {num_images} images: give every image one label; {origin.fix}'
+    )
   return labels.astype(np.int32)
 
 
@@ -81,16 +94,20 @@ def check_labels(labels: np.ndarray, num_classes: int, origin: Origin) -> None:
   """Every label in [0, num_classes)."""
   bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
   if bad.size:
-    raise DataError(f'{origin.labels}: label {labels[bad[0]]} of example {bad[0]} is outside '
-                    f'[0, {num_classes}) ({bad.size} such labels); {origin.fix}')
+    raise DataError(
+      f'{origin.labels}: label {labels[bad[0]]} of example {bad[0]} is outside '
+      f'[0, {num_classes}) ({bad.size} such labels); {origin.fix}'
+    )
 
 
 def _check_finite(images: np.ndarray, origin: Origin) -> None:
   bad = ~np.isfinite(images)
   if bad.any():
     first = int(np.flatnonzero(bad.reshape(images.shape[0], -1).any(1))[0])
-    raise DataError(f'{origin.images}: {int(bad.sum())} pixels are NaN or infinite (the '
-                    f'first in image {first}): replace them by finite values; {origin.fix}')
+    raise DataError(
+      f'{origin.images}: {int(bad.sum())} pixels are NaN or infinite (the '
+      f'first in image {first}): replace them by finite values; {origin.fix}'
+    )
 
 
 def check_spread(images: np.ndarray, origin: Origin) -> None:
@@ -98,9 +115,11 @@ def check_spread(images: np.ndarray, origin: Origin) -> None:
   flat = images.reshape(-1, images.shape[-1])
   constant = np.flatnonzero(flat.min(0) == flat.max(0))
   if constant.size:
-    raise DataError(f'{origin.images}: channel {constant[0]} of the training images is the '
-                    f'same value everywhere (standard deviation 0), so they cannot be '
-                    f'normalised: use images whose pixels vary; {origin.fix}')
+    raise DataError(
+      f'{origin.images}: channel {constant[0]} of the training images is the '
+      f'same value everywhere (standard deviation 0), so they cannot be '
+      f'normalised: use images whose pixels vary; {origin.fix}'
+    )
 
 
 def check_info_classes(info, num_classes: int, origin: Origin) -> None:
@@ -108,8 +127,10 @@ def check_info_classes(info, num_classes: int, origin: Origin) -> None:
   features = info.features  # a FeaturesDict: `in` and [], no .get
   label = features['label'] if 'label' in features else None  # noqa: SIM401
   if getattr(label, 'num_classes', None) != num_classes:
-    raise DataError(f'{origin.labels} has {getattr(label, "num_classes", "no")} classes in its '
-                    f'info, not {num_classes}; {origin.fix}')
+    raise DataError(
+      f'{origin.labels} has {getattr(label, "num_classes", "no")} classes in its '
+      f'info, not {num_classes}; {origin.fix}'
+    )
 
 
 def check_fits(dataset, train: ml_collections.ConfigDict) -> None:
@@ -117,7 +138,9 @@ def check_fits(dataset, train: ml_collections.ConfigDict) -> None:
   none would never end)."""
   n = dataset.train.num_examples
   if train.batch_size > n:
-    raise ConfigError(f'--config.train.batch_size={train.batch_size} is larger than the '
-                      f'training split ({n} images once data.validation_size='
-                      f'{dataset.validation.num_examples} are held out for ranking): use a '
-                      f'batch of at most {n} or a smaller data.validation_size')
+    raise ConfigError(
+      f'--config.train.batch_size={train.batch_size} is larger than the '
+      f'training split ({n} images once data.validation_size='
+      f'{dataset.validation.num_examples} are held out for ranking): use a '
+      f'batch of at most {n} or a smaller data.validation_size'
+    )

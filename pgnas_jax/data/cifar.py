@@ -1,5 +1,6 @@
 """CIFAR-10 and CIFAR-100 from tensorflow-datasets' prepared array_record files, read whole
 into memory (50,000 + 10,000 images of 32x32x3)."""
+
 import numpy as np
 
 from pgnas_jax.data import checks, tfds_source
@@ -8,11 +9,13 @@ NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 
 
 def _how_to_get(name: str, data_dir: str) -> str:
-  return (f'{name} is not prepared as array_record in {tfds_source.where(data_dir)}. On a '
-          f'machine with internet and TensorFlow run `tfds build {name} '
-          f'--file_format=array_record [--data_dir=DIR]` and copy DIR/{name}/ here, or point '
-          f'--config.data.data_dir at a folder that holds {name}/<version>/ (an empty '
-          f"data_dir means tfds' default)")
+  return (
+    f'{name} is not prepared as array_record in {tfds_source.where(data_dir)}. On a '
+    f'machine with internet and TensorFlow run `tfds build {name} '
+    f'--file_format=array_record [--data_dir=DIR]` and copy DIR/{name}/ here, or point '
+    f'--config.data.data_dir at a folder that holds {name}/<version>/ (an empty '
+    f"data_dir means tfds' default)"
+  )
 
 
 def load(name: str, data_dir: str, split: str):

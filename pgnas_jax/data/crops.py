@@ -2,6 +2,7 @@
 training (Inception's "distorted bounding box": 8% to 100% of the area, aspect ratio 3/4 to
 4/3) and the resize + centre crop of evaluation. Each crop is one PIL resampling of a box of
 the original image (bilinear, antialiased when it shrinks)."""
+
 import math
 
 import numpy as np

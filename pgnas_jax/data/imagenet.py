@@ -1,6 +1,7 @@
 """ImageNet (ILSVRC 2012) from tensorflow-datasets' prepared array_record files. Too large to
 hold in memory, so splits are opened for random access and read image by image while
 training; tfds decodes each JPEG with PIL."""
+
 from pgnas_jax.data import tfds_source
 
 NAME = 'imagenet2012'
@@ -11,13 +12,15 @@ STD = (0.229, 0.224, 0.225)
 
 
 def _how_to_get(data_dir: str) -> str:
-  return (f'{NAME} is not prepared as array_record in {tfds_source.where(data_dir)}. ImageNet '
-          f'cannot be downloaded automatically: get ILSVRC2012_img_train.tar and '
-          f'ILSVRC2012_img_val.tar from https://image-net.org (registration) into a folder '
-          f'MANUAL_DIR, then on a machine with TensorFlow run `tfds build {NAME} '
-          f'--manual_dir=MANUAL_DIR --file_format=array_record [--data_dir=DIR]` and copy '
-          f'DIR/{NAME}/ here, or point --config.data.data_dir at a folder that holds '
-          f"{NAME}/<version>/ (an empty data_dir means tfds' default)")
+  return (
+    f'{NAME} is not prepared as array_record in {tfds_source.where(data_dir)}. ImageNet '
+    f'cannot be downloaded automatically: get ILSVRC2012_img_train.tar and '
+    f'ILSVRC2012_img_val.tar from https://image-net.org (registration) into a folder '
+    f'MANUAL_DIR, then on a machine with TensorFlow run `tfds build {NAME} '
+    f'--manual_dir=MANUAL_DIR --file_format=array_record [--data_dir=DIR]` and copy '
+    f'DIR/{NAME}/ here, or point --config.data.data_dir at a folder that holds '
+    f"{NAME}/<version>/ (an empty data_dir means tfds' default)"
+  )
 
 
 def open_split(data_dir: str, split: str):

@@ -1,4 +1,5 @@
 """Pixel values as the networks see them."""
+
 import numpy as np
 
 

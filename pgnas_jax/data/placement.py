@@ -2,6 +2,7 @@
 them, and evaluation splits placed once when held in memory or read again on every pass
 when streamed. Each process reads its own rows of a global batch (``parallel.put_batch``
 assembles them), or whole batches that every device holds (``parallel.put_replicated``)."""
+
 import collections
 from collections.abc import Callable, Iterable, Iterator
 
@@ -13,8 +14,9 @@ from pgnas_jax import parallel
 from pgnas_jax.data.prefetch import in_background
 
 
-def prefetch_to_mesh(batches: Iterable[dict], mesh: Mesh, ahead: int = 1,
-                     whole: bool = False) -> Iterator[dict]:
+def prefetch_to_mesh(
+  batches: Iterable[dict], mesh: Mesh, ahead: int = 1, whole: bool = False
+) -> Iterator[dict]:
   """Yields ``batches`` placed on the mesh (this process's rows, or ``whole`` batches on
   every device), with the next ``ahead`` already placed: placement is asynchronous, so their
   copies overlap the computation that uses the current one."""
@@ -28,15 +30,19 @@ def prefetch_to_mesh(batches: Iterable[dict], mesh: Mesh, ahead: int = 1,
     yield placed.popleft()
 
 
-def train_batches(dataset, data: ml_collections.ConfigDict, seed: int, steps: range,
-                  batch_size: int, mesh: Mesh) -> Iterator[dict]:
+def train_batches(
+  dataset, data: ml_collections.ConfigDict, seed: int, steps: range, batch_size: int, mesh: Mesh
+) -> Iterator[dict]:
   """The batches of training steps ``steps`` (``dataset.train_batch``), this process's rows
   of each, read ahead in the background and placed ahead, sharded over the mesh: what
   training and fine-tuning step through."""
-  return prefetch_to_mesh(in_background(
-      dataset.train_batch(data, seed, step, batch_size, jax.process_index(),
-                          jax.process_count())
-      for step in steps), mesh)
+  return prefetch_to_mesh(
+    in_background(
+      dataset.train_batch(data, seed, step, batch_size, jax.process_index(), jax.process_count())
+      for step in steps
+    ),
+    mesh,
+  )
 
 
 class _Passes:
@@ -61,8 +67,12 @@ def _placed(dataset, batches: Callable, mesh: Mesh, whole: bool):
 def device_batches(split, dataset, batch_size: int, mesh: Mesh):
   """A split as padded batches, their rows split over the devices, each process reading its
   own rows: for scoring one network."""
-  return _placed(dataset, lambda: dataset.eval_batches(
-      split, batch_size, jax.process_index(), jax.process_count()), mesh, whole=False)
+  return _placed(
+    dataset,
+    lambda: dataset.eval_batches(split, batch_size, jax.process_index(), jax.process_count()),
+    mesh,
+    whole=False,
+  )
 
 
 def replicated_batches(split, dataset, batch_size: int, mesh: Mesh):

@@ -1,5 +1,6 @@
 """Reading ahead: a background thread prepares the next items (batches) while the caller
 works on the current one."""
+
 import queue
 import threading
 from collections.abc import Iterable, Iterator

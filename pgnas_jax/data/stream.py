@@ -2,6 +2,7 @@
 random-access source, and a batch reads, decodes, crops and normalises its images in a
 thread pool, each thread writing its rows of the batch (decoding, resampling and numpy
 release the GIL, so the threads use every core)."""
+
 import dataclasses
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ class Records:
 @dataclasses.dataclass(frozen=True)
 class Streamed:
   """A data set read while it is used; ``data.Dataset`` answers the same interface."""
+
   train: Records
   validation: Records
   test: Records
@@ -51,8 +53,15 @@ class Streamed:
     """(height, width, channels) of the network input."""
     return (self.image_size, self.image_size, 3)
 
-  def train_batch(self, data: ml_collections.ConfigDict, seed: int, step: int,
-                  batch_size: int, process_index: int = 0, process_count: int = 1) -> dict:
+  def train_batch(
+    self,
+    data: ml_collections.ConfigDict,
+    seed: int,
+    step: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ) -> dict:
     """This process's rows of training step ``step``'s global batch: random-resized crop and
     flip. Example ``r`` of the global batch draws its crop and flip from (seed, epoch,
     position, r), so a row is the same whichever process reads it."""
@@ -80,11 +89,14 @@ class Streamed:
 
   def _empty_batch(self, rows: slice) -> tuple:
     size = self.image_size
-    return (np.zeros((rows.stop - rows.start, size, size, 3), np.float32),
-            np.zeros(rows.stop - rows.start, np.int32))
+    return (
+      np.zeros((rows.stop - rows.start, size, size, 3), np.float32),
+      np.zeros(rows.stop - rows.start, np.int32),
+    )
 
-  def eval_batches(self, split: Records, batch_size: int, process_index: int = 0,
-                   process_count: int = 1) -> Iterator[dict]:
+  def eval_batches(
+    self, split: Records, batch_size: int, process_index: int = 0, process_count: int = 1
+  ) -> Iterator[dict]:
     """This process's rows of each fixed-size global batch over the split, centre-cropped;
     rows past the end are zero images with label 0 and ``weights`` 0, so every batch has one
     shape."""
@@ -96,8 +108,9 @@ class Streamed:
 
       def example(i):
         image, label = split[i]
-        images[i - first] = pixels.normalise(crops.centre_crop(image, self.image_size),
-                                             self.mean, self.std)
+        images[i - first] = pixels.normalise(
+          crops.centre_crop(image, self.image_size), self.mean, self.std
+        )
         labels[i - first] = label
 
       list(self.pool.map(example, real))  # list: raises their errors

@@ -5,6 +5,7 @@ build``) is what needs TensorFlow, so it happens once, elsewhere or beforehand. 
 downloads: it must not start a download by surprise. tensorflow_datasets is imported here,
 lazily, so the Fashion-MNIST path works without the ``tfds`` extra installed.
 """
+
 import numpy as np
 
 from pgnas_jax.data import checks
@@ -13,8 +14,11 @@ from pgnas_jax.errors import DataError, MissingDataError
 
 def where(data_dir: str) -> str:
   """How a message names the data_dir searched."""
-  return (f'--config.data.data_dir={data_dir}' if data_dir else
-          "tfds' default data_dir ($TFDS_DATA_DIR, else ~/tensorflow_datasets)")
+  return (
+    f'--config.data.data_dir={data_dir}'
+    if data_dir
+    else "tfds' default data_dir ($TFDS_DATA_DIR, else ~/tensorflow_datasets)"
+  )
 
 
 def open_split(name: str, data_dir: str, split: str, how_to_get: str):
@@ -24,8 +28,10 @@ def open_split(name: str, data_dir: str, split: str, how_to_get: str):
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise MissingDataError(f'data.name={name!r} reads tensorflow-datasets, which is not '
-                           f"installed: `pip install -e '.[tfds]'`") from e
+    raise MissingDataError(
+      f'data.name={name!r} reads tensorflow-datasets, which is not '
+      f"installed: `pip install -e '.[tfds]'`"
+    ) from e
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except Exception as e:  # tfds says "not prepared" with several exception types
@@ -34,20 +40,25 @@ def open_split(name: str, data_dir: str, split: str, how_to_get: str):
 
 def rebuild(name: str) -> str:
   """What to do about a prepared data set whose files or values are bad."""
-  return (f'prepare it again: `tfds build {name} --file_format=array_record` on a machine with '
-          f'TensorFlow, and copy it here')
+  return (
+    f'prepare it again: `tfds build {name} --file_format=array_record` on a machine with '
+    f'TensorFlow, and copy it here'
+  )
 
 
-def origin(name: str, split: str, image_key: str = 'image',
-           label_key: str = 'label') -> checks.Origin:
+def origin(
+  name: str, split: str, image_key: str = 'image', label_key: str = 'label'
+) -> checks.Origin:
   """How messages name a split's images and labels."""
   where = f'tfds data set {name!r}, split {split!r}'
-  return checks.Origin(f'{where}, feature {image_key!r}', f'{where}, feature {label_key!r}',
-                       rebuild(name))
+  return checks.Origin(
+    f'{where}, feature {image_key!r}', f'{where}, feature {label_key!r}', rebuild(name)
+  )
 
 
-def read_whole(source, named: checks.Origin, image_key: str = 'image',
-               label_key: str = 'label') -> checks.Raw:
+def read_whole(
+  source, named: checks.Origin, image_key: str = 'image', label_key: str = 'label'
+) -> checks.Raw:
   """Every record of ``source`` in memory, as the data set holds them. A record that cannot
   be read (damaged files) raises DataError naming it."""
   records = []
@@ -56,8 +67,7 @@ def read_whole(source, named: checks.Origin, image_key: str = 'image',
       records.append(source[i])
     except Exception as e:  # array_record and the decoders raise several types
       reason = (str(e).splitlines() or [type(e).__name__])[0]
-      raise DataError(f'{named.images}: record {i} cannot be read ({reason}); '
-                      f'{named.fix}') from e
+      raise DataError(f'{named.images}: record {i} cannot be read ({reason}); {named.fix}') from e
   images = np.stack([np.asarray(r[image_key]) for r in records]) if records else np.zeros(0)
   labels = np.array([r[label_key] for r in records])
   return checks.Raw(images, labels, named)

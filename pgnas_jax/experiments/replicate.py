@@ -20,6 +20,7 @@ Arms (``Study`` sets the sizes; ``FULL`` is the committed study, ``QUICK`` the C
     evaluated whole: the paper's "full model";
   * ``l2_<v>``, ``tau_<t>``: PGNAS with another weight-prior l2 or temperature (Tables 4, 5).
 """
+
 import dataclasses
 import json
 import os
@@ -64,14 +65,40 @@ class Study:
     return max(self.candidate_counts + (self.candidates, self.sweep_candidates))
 
 
-FULL = Study(seeds=(0, 1, 2), stem_width=16, widths=(16, 32, 64), train_epochs=1.5, train_steps=-1, batch_size=128,
-             validation_size=2000, candidates=200, sweep_candidates=100,
-             candidate_counts=(10, 50, 100, 200, 500), l2_values=(10.0, 50.0, 250.0),
-             taus=(2 / 3, 0.2), finetune_steps=100, fidelity_candidates=20, full_p=0.001)
-QUICK = Study(seeds=(0,), stem_width=4, widths=(4, 8, 16), train_epochs=1.0, train_steps=12, batch_size=64,
-              validation_size=200, candidates=6, sweep_candidates=4,
-              candidate_counts=(2, 4, 8), l2_values=(50.0, 250.0), taus=(2 / 3, 0.2),
-              finetune_steps=4, fidelity_candidates=4, full_p=0.001)
+FULL = Study(
+  seeds=(0, 1, 2),
+  stem_width=16,
+  widths=(16, 32, 64),
+  train_epochs=1.5,
+  train_steps=-1,
+  batch_size=128,
+  validation_size=2000,
+  candidates=200,
+  sweep_candidates=100,
+  candidate_counts=(10, 50, 100, 200, 500),
+  l2_values=(10.0, 50.0, 250.0),
+  taus=(2 / 3, 0.2),
+  finetune_steps=100,
+  fidelity_candidates=20,
+  full_p=0.001,
+)
+QUICK = Study(
+  seeds=(0,),
+  stem_width=4,
+  widths=(4, 8, 16),
+  train_epochs=1.0,
+  train_steps=12,
+  batch_size=64,
+  validation_size=200,
+  candidates=6,
+  sweep_candidates=4,
+  candidate_counts=(2, 4, 8),
+  l2_values=(50.0, 250.0),
+  taus=(2 / 3, 0.2),
+  finetune_steps=4,
+  fidelity_candidates=4,
+  full_p=0.001,
+)
 
 
 def base_config(study: Study, seed: int, data_dir: str | None) -> ml_collections.ConfigDict:
@@ -90,8 +117,9 @@ def base_config(study: Study, seed: int, data_dir: str | None) -> ml_collections
   return c
 
 
-def arm_config(study: Study, arm: str, seed: int, data_dir: str | None,
-               random_p: float | None = None) -> ml_collections.ConfigDict:
+def arm_config(
+  study: Study, arm: str, seed: int, data_dir: str | None, random_p: float | None = None
+) -> ml_collections.ConfigDict:
   c = base_config(study, seed, data_dir)
   c.search.num_candidates = study.sweep_candidates
   if arm == 'pgnas':
@@ -103,9 +131,9 @@ def arm_config(study: Study, arm: str, seed: int, data_dir: str | None,
     c.drop.mode, c.drop.random_p = 'random', study.full_p
     c.search.num_candidates = 1  # only the whole super-network is reported
   elif arm.startswith('l2_'):
-    c.objective.weight_prior_l2 = float(arm[len('l2_'):])
+    c.objective.weight_prior_l2 = float(arm[len('l2_') :])
   elif arm.startswith('tau_'):
-    c.drop.tau = float(arm[len('tau_'):])
+    c.drop.tau = float(arm[len('tau_') :])
   else:
     raise ValueError(f'unknown arm {arm!r}')
   config_lib.validate(c)
@@ -116,9 +144,10 @@ def arm_names(study: Study) -> list:
   """Every arm but ``random`` (which waits for p0); sweep values equal to the default
   config's are the ``pgnas`` arm."""
   default = config_lib.get_config()
-  sweeps = ([replication_report.sweep_arm('l2', v, default.objective.weight_prior_l2)
-             for v in study.l2_values]
-            + [replication_report.sweep_arm('tau', t, default.drop.tau) for t in study.taus])
+  sweeps = [
+    replication_report.sweep_arm('l2', v, default.objective.weight_prior_l2)
+    for v in study.l2_values
+  ] + [replication_report.sweep_arm('tau', t, default.drop.tau) for t in study.taus]
   return ['pgnas', 'full'] + [arm for arm in sweeps if arm != 'pgnas']
 
 
@@ -127,8 +156,11 @@ def choose_random_p(pgnas_runs: list, candidates: int) -> float:
   are about as large as PGNAS's winners. Under Random every channel is dropped with p0, so a
   candidate keeps (1 - p0) of the searchable weights on average: p0 = 1 - the mean share of
   searchable weights that the PGNAS winners (among ``candidates``) keep, to 2 decimals."""
-  shares = [(r['winners'][str(candidates)]['params'] - r['fixed_params'])
-            / (r['supernet']['params'] - r['fixed_params']) for r in pgnas_runs]
+  shares = [
+    (r['winners'][str(candidates)]['params'] - r['fixed_params'])
+    / (r['supernet']['params'] - r['fixed_params'])
+    for r in pgnas_runs
+  ]
   return float(np.clip(round(1.0 - float(np.mean(shares)), 2), 0.01, 0.95))
 
 
@@ -140,15 +172,17 @@ class _Trained:
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     try:
       with checkpoint_lib.PreemptionGuard() as guard:
-        state, self.space = train.train(self.model, config, dataset, workdir, mesh,
-                                        checkpointer, guard)
+        state, self.space = train.train(
+          self.model, config, dataset, workdir, mesh, checkpointer, guard
+        )
     finally:
       checkpointer.close()
     self.state = state
 
   def mask(self, index: int):
-    return search.candidate_mask(self.state.key('search'), index, self.state.drop_logits,
-                                 self.space.template)
+    return search.candidate_mask(
+      self.state.key('search'), index, self.state.drop_logits, self.space.template
+    )
 
 
 class Runner:
@@ -160,8 +194,9 @@ class Runner:
     config = base_config(study, 0, data_dir)
     self.dataset = data_lib.load(config.data)
     self._compute_dtype = config.model.compute_dtype
-    self._test = data_lib.device_batches(self.dataset.test, self.dataset,
-                                         config.search.eval_batch_size, self.mesh)
+    self._test = data_lib.device_batches(
+      self.dataset.test, self.dataset, config.search.eval_batch_size, self.mesh
+    )
     self._runs_total = len(study.seeds) * (len(arm_names(study)) + 1)  # + random
     self._runs_seen = 0
     self._start = time.time()
@@ -185,8 +220,9 @@ class Runner:
 
     return tune
 
-  def arm(self, arm: str, seed: int, counts: tuple, finetune_at: int | None,
-          random_p: float | None = None) -> dict:
+  def arm(
+    self, arm: str, seed: int, counts: tuple, finetune_at: int | None, random_p: float | None = None
+  ) -> dict:
     """Trains and searches one arm and seed with the main job, then records its winners among
     the first C candidates for every C in ``counts`` (and fine-tunes the one at
     ``finetune_at``); cached in the run's ``study.json``."""
@@ -197,37 +233,58 @@ class Runner:
       return workdir_lib.read_json(cache)
     start = time.time()
     config = arm_config(self.study, arm, seed, self.data_dir, random_p)
-    logging.info('study: run %d of %d: %s, seed %d (%.0f min so far)', self._runs_seen,
-                 self._runs_total, arm, seed, (start - self._start) / 60)
+    logging.info(
+      'study: run %d of %d: %s, seed %d (%.0f min so far)',
+      self._runs_seen,
+      self._runs_total,
+      arm,
+      seed,
+      (start - self._start) / 60,
+    )
     arch = main.run(config, workdir)
     records = records_lib.read(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
     posterior = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.POSTERIOR))
     timings = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.TIMINGS))
     winners = {C: search.choose_winner(records[:C]) for C in counts}
-    needs_model = finetune_at is not None or any(w['index'] != arch['index']
-                                                  for w in winners.values())
+    needs_model = finetune_at is not None or any(
+      w['index'] != arch['index'] for w in winners.values()
+    )
     trained = _Trained(config, workdir, self.dataset, self.mesh) if needs_model else None
     tested = {arch['index']: arch['test_acc']}
     for w in winners.values():
       if w['index'] not in tested:
-        tested[w['index']] = self._test_accuracy(trained, trained.state.variables,
-                                                 trained.mask(w['index']))
+        tested[w['index']] = self._test_accuracy(
+          trained, trained.state.variables, trained.mask(w['index'])
+        )
     result = {
-        'arm': arm, 'seed': seed, 'config': config.to_dict(),
-        'supernet': arch['supernet'],
-        'fixed_params': None if trained is None else int(trained.space.fixed_params),
-        'mean_p': report.mean_drop_probability(posterior),
-        'winners': {str(C): {'index': w['index'], 'val_acc': w['val_acc'], 'params': w['params'],
-                             'test_acc': tested[w['index']]} for C, w in winners.items()},
-        'val_accs': [r['val_acc'] for r in records],
-        'num_candidates': len(records), 'train_seconds': timings['train'],
-        'search_seconds': timings['search'],
+      'arm': arm,
+      'seed': seed,
+      'config': config.to_dict(),
+      'supernet': arch['supernet'],
+      'fixed_params': None if trained is None else int(trained.space.fixed_params),
+      'mean_p': report.mean_drop_probability(posterior),
+      'winners': {
+        str(C): {
+          'index': w['index'],
+          'val_acc': w['val_acc'],
+          'params': w['params'],
+          'test_acc': tested[w['index']],
+        }
+        for C, w in winners.items()
+      },
+      'val_accs': [r['val_acc'] for r in records],
+      'num_candidates': len(records),
+      'train_seconds': timings['train'],
+      'search_seconds': timings['search'],
     }
     if finetune_at is not None:
       index = winners[finetune_at]['index']
-      result['finetuned'] = {'C': finetune_at, 'index': index,
-                             'steps': self.study.finetune_steps,
-                             'test_acc': self._finetuner(config, trained)(trained.mask(index))}
+      result['finetuned'] = {
+        'C': finetune_at,
+        'index': index,
+        'steps': self.study.finetune_steps,
+        'test_acc': self._finetuner(config, trained)(trained.mask(index)),
+      }
     result['wall_seconds'] = time.time() - start
     if parallel.is_main_process():
       workdir_lib.write_json(cache, result)
@@ -247,9 +304,10 @@ class Runner:
     workdir = self.run_dir('pgnas', seed)
     records = records_lib.read(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
     ranked = sorted(records, key=search.ranking_key)
-    places = np.unique(np.round(np.linspace(0, len(ranked) - 1,
-                                            self.study.fidelity_candidates)).astype(int))
-    todo = [(int(p), ranked[p]) for p in places][len(done):]
+    places = np.unique(
+      np.round(np.linspace(0, len(ranked) - 1, self.study.fidelity_candidates)).astype(int)
+    )
+    todo = [(int(p), ranked[p]) for p in places][len(done) :]
     if not todo:
       return done
     config = arm_config(self.study, 'pgnas', seed, self.data_dir)
@@ -258,14 +316,23 @@ class Runner:
     for place, record in todo:
       start = time.time()
       mask = trained.mask(record['index'])
-      line = {'place': place + 1, 'index': record['index'], 'val_acc': record['val_acc'],
-              'params': record['params'],
-              'test_acc': self._test_accuracy(trained, trained.state.variables, mask),
-              'finetuned_test_acc': tune(mask)}
+      line = {
+        'place': place + 1,
+        'index': record['index'],
+        'val_acc': record['val_acc'],
+        'params': record['params'],
+        'test_acc': self._test_accuracy(trained, trained.state.variables, mask),
+        'finetuned_test_acc': tune(mask),
+      }
       line['wall_seconds'] = time.time() - start
-      logging.info('study: fidelity %d/%d (place %d): val %.4f, fine-tuned test %.4f',
-                   len(done) + 1, len(places), line['place'], line['val_acc'],
-                   line['finetuned_test_acc'])
+      logging.info(
+        'study: fidelity %d/%d (place %d): val %.4f, fine-tuned test %.4f',
+        len(done) + 1,
+        len(places),
+        line['place'],
+        line['val_acc'],
+        line['finetuned_test_acc'],
+      )
       if parallel.is_main_process():
         with open(path, 'a') as f:
           f.write(workdir_lib.to_json(line) + '\n')
@@ -283,38 +350,42 @@ def _claim_workdir(study: Study, workdir: str) -> None:
     changed = sorted(k for k in set(before) | set(sizes) if before.get(k) != sizes.get(k))
     if changed:
       raise errors.IncompatibleWorkdirError(
-          f'--workdir={workdir} holds a study of other sizes ({", ".join(changed)} differ: '
-          f'one is --quick, the other is not); nothing was changed. Use another --workdir, '
-          f'or the flags that started it')
+        f'--workdir={workdir} holds a study of other sizes ({", ".join(changed)} differ: '
+        f'one is --quick, the other is not); nothing was changed. Use another --workdir, '
+        f'or the flags that started it'
+      )
   elif parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.write_json(path, sizes)
 
 
-def run_study(study: Study, workdir: str, data_dir: str | None = None,
-              command: str = '') -> dict:
+def run_study(study: Study, workdir: str, data_dir: str | None = None, command: str = '') -> dict:
   """Runs (or resumes) the whole study and writes the report; returns the results."""
   _claim_workdir(study, workdir)
   runner = Runner(study, workdir, data_dir)
   runs = {}
-  counts = tuple(sorted(set(study.candidate_counts + (study.candidates,
-                                                      study.sweep_candidates))))
+  counts = tuple(sorted(set(study.candidate_counts + (study.candidates, study.sweep_candidates))))
   runs['pgnas'] = [runner.arm('pgnas', s, counts, study.candidates) for s in study.seeds]
   random_p = choose_random_p(runs['pgnas'], study.candidates)
   logging.info('study: p0 of the Random arm = %.2f', random_p)
-  runs['random'] = [runner.arm('random', s, (study.candidates,), study.candidates, random_p)
-                    for s in study.seeds]
+  runs['random'] = [
+    runner.arm('random', s, (study.candidates,), study.candidates, random_p) for s in study.seeds
+  ]
   for arm in arm_names(study)[1:]:
     runs[arm] = [runner.arm(arm, s, (study.sweep_candidates,), None) for s in study.seeds]
   fidelity = runner.fidelity(runs['pgnas'][0])
   default = config_lib.get_config()
   results = {
-      'study': dataclasses.asdict(study), 'command': command,
-      'machine': f'{jax.devices()[0].platform}, {os.cpu_count()} cores',
-      'default_l2': default.objective.weight_prior_l2, 'default_tau': default.drop.tau,
-      'random_p': random_p, 'runs': runs, 'fidelity': fidelity,
-      'wall_seconds': sum(r['wall_seconds'] for rs in runs.values() for r in rs)
-                      + sum(f['wall_seconds'] for f in fidelity),
+    'study': dataclasses.asdict(study),
+    'command': command,
+    'machine': f'{jax.devices()[0].platform}, {os.cpu_count()} cores',
+    'default_l2': default.objective.weight_prior_l2,
+    'default_tau': default.drop.tau,
+    'random_p': random_p,
+    'runs': runs,
+    'fidelity': fidelity,
+    'wall_seconds': sum(r['wall_seconds'] for rs in runs.values() for r in rs)
+    + sum(f['wall_seconds'] for f in fidelity),
   }
   if parallel.is_main_process():
     workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
@@ -323,12 +394,19 @@ def run_study(study: Study, workdir: str, data_dir: str | None = None,
 
 
 def cli():
-  workdir = flags.DEFINE_string('workdir', None, 'Directory for the study: every run, '
-                                'results.json, replication.md and figures/.')
-  quick = flags.DEFINE_bool('quick', False, 'A tiny study (one seed, a few steps) that runs '
-                            'every arm, table and figure in a few minutes.')
-  data_dir = flags.DEFINE_string('data_dir', None, 'Folder of the Fashion-MNIST IDX files '
-                                 '(default: the config default).')
+  workdir = flags.DEFINE_string(
+    'workdir',
+    None,
+    'Directory for the study: every run, results.json, replication.md and figures/.',
+  )
+  quick = flags.DEFINE_bool(
+    'quick',
+    False,
+    'A tiny study (one seed, a few steps) that runs every arm, table and figure in a few minutes.',
+  )
+  data_dir = flags.DEFINE_string(
+    'data_dir', None, 'Folder of the Fashion-MNIST IDX files (default: the config default).'
+  )
   flags.mark_flag_as_required('workdir')
 
   def run(argv):
@@ -336,8 +414,12 @@ def cli():
     if len(argv) > 1:
       cli_lib.fail(f'unexpected arguments {argv[1:]}')
     cli_lib.exit_on_user_errors(
-        run_study, QUICK if quick.value else FULL, workdir.value, data_dir.value,
-        ' '.join(['python -m pgnas_jax.experiments.replicate'] + sys.argv[1:]))
+      run_study,
+      QUICK if quick.value else FULL,
+      workdir.value,
+      data_dir.value,
+      ' '.join(['python -m pgnas_jax.experiments.replicate'] + sys.argv[1:]),
+    )
 
   app.run(run)
 

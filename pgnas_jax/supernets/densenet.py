@@ -13,6 +13,7 @@ conv is pre-activation: the masks act on the conv input after BN-ReLU, which is 
 the kernel slices, and BN statistics stay per channel, so a pruned network computes BN on all
 channels and keeps the ones its conv reads. Transitions, stem and classifier are fixed.
 """
+
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -30,8 +31,9 @@ class DenseLayer(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     y = nn.relu(layers.batch_norm(train, 'bn0')(x))
-    y = layers.SearchableConv(self.bottleneck_width, 1, groups=tuple(self.sources),
-                              name='conv1x1')(y)
+    y = layers.SearchableConv(self.bottleneck_width, 1, groups=tuple(self.sources), name='conv1x1')(
+      y
+    )
     y = nn.relu(layers.batch_norm(train, 'bn1')(y))
     return layers.SearchableConv(self.growth_rate, 3, name='conv3x3')(y)
 
@@ -48,6 +50,7 @@ class Transition(nn.Module):
 
 class SearchableDenseNet(nn.Module):
   """SupNet-D-121 with the defaults."""
+
   num_classes: int
   stem_width: int = 64
   blocks: Sequence[int] = (6, 12, 24, 16)
@@ -61,8 +64,9 @@ class SearchableDenseNet(nn.Module):
     for b, num_layers in enumerate(self.blocks):
       sources = (x.shape[-1],)
       for i in range(num_layers):
-        new = DenseLayer(self.growth_rate, self.bottleneck_width, sources,
-                         name=f'block{b}_layer{i}')(x, train)
+        new = DenseLayer(
+          self.growth_rate, self.bottleneck_width, sources, name=f'block{b}_layer{i}'
+        )(x, train)
         x = jnp.concatenate([x, new], axis=-1)
         sources += (self.growth_rate,)
       if b < len(self.blocks) - 1:

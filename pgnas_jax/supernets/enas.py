@@ -28,6 +28,7 @@ before the classifier, are not built: PGNAS's learned channel dropout is the reg
 Searchable: every separable conv, one group over its input channels (SPEC section 1). The
 rest (stem, 1x1 convs, factorized reductions, auxiliary head, classifier) is fixed.
 """
+
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -42,8 +43,10 @@ from pgnas_jax.supernets import common
 NORMAL_ARC = (0, 2, 0, 0, 0, 4, 0, 1, 0, 4, 1, 1, 1, 0, 0, 1, 0, 2, 1, 1)
 REDUCTION_ARC = (1, 0, 1, 0, 0, 3, 0, 2, 1, 1, 3, 1, 1, 0, 0, 4, 0, 3, 1, 1)
 NUM_OPS = 5
-ARC_RULE = ('4 numbers per node (input, op, input, op): node j (from 0) reads inputs '
-            f'0 .. j + 1, ops 0 .. {NUM_OPS - 1}')
+ARC_RULE = (
+  '4 numbers per node (input, op, input, op): node j (from 0) reads inputs '
+  f'0 .. j + 1, ops 0 .. {NUM_OPS - 1}'
+)
 SEPARABLE_KERNEL_SIZES = {0: 3, 1: 5}  # op -> kernel size; 2 avg3x3, 3 max3x3, 4 identity
 AVG_POOL, MAX_POOL = 2, 3
 
@@ -61,6 +64,7 @@ def is_valid_arc(arc) -> bool:
 
 class ReluConvBN(nn.Module):
   """ReLU-Conv1x1-BN: matches an input to the cell's width."""
+
   features: int
 
   @nn.compact
@@ -71,6 +75,7 @@ class ReluConvBN(nn.Module):
 
 class SeparableOp(nn.Module):
   """Two stacked ReLU-SepConv-BN, each separable conv searchable, the first one strided."""
+
   features: int
   kernel_size: int
   strides: int
@@ -78,8 +83,13 @@ class SeparableOp(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     for i in range(2):
-      x = layers.SearchableConv(self.features, self.kernel_size, self.strides if i == 0 else 1,
-                                separable=True, name=f'sep{i}')(nn.relu(x))
+      x = layers.SearchableConv(
+        self.features,
+        self.kernel_size,
+        self.strides if i == 0 else 1,
+        separable=True,
+        name=f'sep{i}',
+      )(nn.relu(x))
       x = layers.batch_norm(train, f'bn{i}')(x)
     return x
 
@@ -136,6 +146,7 @@ class Cell(nn.Module):
 class AuxiliaryHead(nn.Module):
   """ENAS's auxiliary classifier: ReLU, average pool 5x5/3, Conv1x1(128)-BN-ReLU,
   Conv(spatial size, 768)-BN-ReLU, global average pool, dense."""
+
   num_classes: int
 
   @nn.compact
@@ -150,6 +161,7 @@ class AuxiliaryHead(nn.Module):
 
 class EnasNet(nn.Module):
   """SupNet-E (filters 36) / SupNet-EI (filters 72)."""
+
   num_classes: int
   filters: int = 36
   normal_cells_per_stage: int = 5

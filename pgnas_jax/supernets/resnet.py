@@ -14,6 +14,7 @@ Searchable: each kernel branch is its own conv with its own group over its input
 (SPEC section 1), so a candidate can keep or drop whole kernel sizes. The 1x1 convs, the
 stem, the shortcuts and the classifier are fixed.
 """
+
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -27,6 +28,7 @@ EXPANSION = 4  # a bottleneck's output has 4x its width
 
 class MultiKernelConv(nn.Module):
   """Parallel searchable convs, one per (kernel size, dilation), outputs concatenated."""
+
   features: int
   strides: int
   kernel_sizes: Sequence[int]
@@ -37,9 +39,13 @@ class MultiKernelConv(nn.Module):
     n = len(self.kernel_sizes)
     if self.features % n:
       raise ValueError(f'{self.name}: {self.features} channels do not split over {n} branches')
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         layers.SearchableConv(self.features // n, k, self.strides, d, name=f'branch{i}')(x)
-        for i, (k, d) in enumerate(zip(self.kernel_sizes, self.dilations))], axis=-1)
+        for i, (k, d) in enumerate(zip(self.kernel_sizes, self.dilations))
+      ],
+      axis=-1,
+    )
 
 
 class Bottleneck(nn.Module):
@@ -52,8 +58,9 @@ class Bottleneck(nn.Module):
   def __call__(self, x, train: bool):
     out = EXPANSION * self.width
     y = nn.relu(layers.batch_norm(train, 'bn0')(layers.Conv(self.width, 1, name='conv0')(x)))
-    y = MultiKernelConv(self.width, self.strides, tuple(self.kernel_sizes),
-                        tuple(self.dilations), name='multi_kernel')(y)
+    y = MultiKernelConv(
+      self.width, self.strides, tuple(self.kernel_sizes), tuple(self.dilations), name='multi_kernel'
+    )(y)
     y = nn.relu(layers.batch_norm(train, 'bn1')(y))
     y = layers.batch_norm(train, 'bn2')(layers.Conv(out, 1, name='conv2')(y))
     if self.strides != 1 or x.shape[-1] != out:
@@ -64,6 +71,7 @@ class Bottleneck(nn.Module):
 
 class MultiKernelResNet(nn.Module):
   """SupNet-R-50 with the defaults."""
+
   num_classes: int
   stem_width: int = 64
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -77,6 +85,7 @@ class MultiKernelResNet(nn.Module):
     for s, (width, blocks) in enumerate(zip(self.widths, self.blocks_per_stage)):
       for b in range(blocks):
         strides = 2 if (s > 0 and b == 0) else 1
-        x = Bottleneck(width, strides, tuple(self.kernel_sizes), tuple(self.dilations),
-                       name=f'stage{s}_block{b}')(x, train)
+        x = Bottleneck(
+          width, strides, tuple(self.kernel_sizes), tuple(self.dilations), name=f'stage{s}_block{b}'
+        )(x, train)
     return layers.Dense(self.num_classes, name='classifier')(jnp.mean(x, axis=(1, 2)))

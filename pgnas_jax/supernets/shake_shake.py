@@ -6,6 +6,7 @@ block of every stage after the first has stride 2; a shortcut that changes shape
 strided 1x1-conv paths (the second shifted by one pixel) concatenated + BN; then ReLU, global
 average pool and a dense classifier.
 """
+
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -25,6 +26,7 @@ def _mixing_weights(key, batch: int, branches: int):
 class ShakeMix(nn.Module):
   """Mixes branch outputs: random weights forward, independent ones backward when training
   (shake-shake); equal weights at evaluation."""
+
   shake: bool = True
 
   @nn.compact
@@ -62,17 +64,21 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    outs = [Branch(self.features, k, self.strides, name=f'branch{i}')(x, train)
-            for i, k in enumerate(self.kernel_sizes)]
+    outs = [
+      Branch(self.features, k, self.strides, name=f'branch{i}')(x, train)
+      for i, k in enumerate(self.kernel_sizes)
+    ]
     mixed = ShakeMix(self.shake, name='mix')(outs, train)
     if self.strides != 1 or x.shape[-1] != self.features:
       x = common.FactorizedReduction(self.features, self.strides, name='shortcut')(
-          nn.relu(x), train)
+        nn.relu(x), train
+      )
     return x + mixed
 
 
 class ShakeShakeNet(nn.Module):
   """SupNet-M / SupNet-MI shape, configurable."""
+
   num_classes: int
   stem_width: int = 16
   widths: Sequence[int] = (96, 192, 384)
@@ -87,7 +93,8 @@ class ShakeShakeNet(nn.Module):
     for s, width in enumerate(self.widths):
       for b in range(self.blocks_per_stage):
         strides = 2 if (s > 0 and b == 0) else 1
-        x = Block(width, strides, tuple(self.kernel_sizes), self.shake,
-                  name=f'stage{s}_block{b}')(x, train)
+        x = Block(width, strides, tuple(self.kernel_sizes), self.shake, name=f'stage{s}_block{b}')(
+          x, train
+        )
     x = jnp.mean(nn.relu(x), axis=(1, 2))
     return layers.Dense(self.num_classes, name='classifier')(x)

@@ -1,0 +1,1 @@
+"""Examples of pgnas_jax used as a library (docs/library.md)."""

@@ -1,0 +1,195 @@
+"""Your own super-network: any Flax linen module with at least one ``SearchableConv``.
+
+``model.family='custom'`` names the class (``model.custom.module``, 'package.module:Class')
+and its keyword arguments (``model.custom.kwargs``, a JSON object: a string survives
+ml_collections' command-line overrides and config.json round-trips, where a dict of free keys
+would be refused as unknown fields). ``check`` runs once at start, before the workdir is
+touched, and answers a module the pipeline cannot use with one line (docs/library.md says
+what a module must satisfy):
+  * ``__call__(self, images, train: bool)``; with ``train=False`` it changes no variable
+    (BatchNorm reads its running statistics), with ``train=True`` it may update
+    ``batch_stats`` (and sow ``auxiliary_logits``); it returns logits ``[batch, classes]``;
+  * at least one ``SearchableConv``: they declare the search space;
+  * every other conv or dense kernel in a ``pgnas_jax.Conv`` or ``pgnas_jax.Dense``, which
+    record the MACs the cost model adds up (BatchNorm, pooling and activations are not
+    counted, as for the four families).
+"""
+
+import dataclasses
+import importlib
+import inspect
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import traverse_util
+
+from pgnas_jax import layers
+from pgnas_jax.errors import ConfigError
+
+MODULE_FIELD = '--config.model.custom.module'
+KWARGS_FIELD = '--config.model.custom.kwargs'
+
+
+def _as_tuples(value):
+  """JSON lists become tuples: linen module fields must be hashable."""
+  if isinstance(value, list):
+    return tuple(_as_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _as_tuples(v) for k, v in value.items()}
+  return value
+
+
+def load_class(spec: str) -> type:
+  """The class ``spec`` ('package.module:ClassName') names."""
+  module_name, _, class_name = spec.partition(':')
+  if not module_name or not class_name:
+    raise ConfigError(f"{MODULE_FIELD}={spec!r} is not 'package.module:ClassName'")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ConfigError(
+      f'{MODULE_FIELD}={spec!r} cannot be imported ({e}): run from the folder '
+      f'holding {module_name.split(".")[0]} or install it'
+    ) from None
+  cls = getattr(module, class_name, None)
+  if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+    raise ConfigError(
+      f'{MODULE_FIELD}={spec!r}: {module_name} has no flax.linen.Module class '
+      f'{class_name!r}; name the class that defines your network'
+    )
+  return cls
+
+
+def _takes_num_classes(cls: type) -> bool:
+  return any(f.name == 'num_classes' for f in dataclasses.fields(cls))
+
+
+def build(custom: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """``Class(**kwargs)``, with ``num_classes`` when the class has that field and ``kwargs``
+  does not set it."""
+  cls = load_class(custom.module)
+  kwargs = _as_tuples(json.loads(custom.kwargs))
+  if _takes_num_classes(cls):
+    kwargs.setdefault('num_classes', num_classes)
+  try:
+    return cls(**kwargs)
+  except TypeError as e:
+    raise ConfigError(
+      f'{KWARGS_FIELD}={custom.kwargs!r} is refused by {custom.module}: {e}; '
+      f'give only fields the class declares'
+    ) from None
+
+
+def describe(model: nn.Module, num_classes: int) -> tuple:
+  """(module, kwargs) config values that ``build`` turns back into ``model``: its class and
+  the fields that differ from their defaults (``num_classes`` only where it is not the
+  data set's)."""
+  cls = type(model)
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    if not f.init or f.name in ('parent', 'name'):
+      continue
+    value = getattr(model, f.name)
+    if f.default is not dataclasses.MISSING and value == f.default:
+      continue
+    if f.name == 'num_classes' and value == num_classes:
+      continue
+    kwargs[f.name] = value
+  try:
+    text = json.dumps(kwargs)
+  except TypeError as e:
+    raise ConfigError(
+      f'{cls.__name__} cannot be written to config.json ({e}): give its '
+      f'fields plain values (numbers, strings, tuples, dicts)'
+    ) from None
+  return f'{cls.__module__}:{cls.__qualname__}', text
+
+
+def _check_signature(model: nn.Module, name: str) -> None:
+  signature = inspect.signature(type(model).__call__)
+  try:
+    signature.bind(model, 'images', train=False)
+  except TypeError:
+    raise ConfigError(
+      f'{name}.__call__{signature} must take (self, images, train: bool): the '
+      f'pipeline calls model.apply(variables, images, train=...)'
+    ) from None
+
+
+def _run(name: str, what: str, fn, *args):
+  """``jax.eval_shape(fn, *args)``: shapes only, nothing computed; an error the user's
+  module raises becomes one line."""
+  try:
+    return jax.eval_shape(fn, *args)
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001  (the user's code: any error is answered in one line)
+    text = ' '.join(str(e).split())[:300]
+    raise ConfigError(
+      f'{name} fails {what}: {type(e).__name__}: {text}; fix the module or '
+      f'the values it was given ({KWARGS_FIELD})'
+    ) from None
+
+
+def _uncounted_kernels(variables: dict) -> list:
+  """Layers holding a kernel (2 or more axes) whose MACs no pgnas_jax layer records."""
+  counted = set(layers.searchable_conv_paths(variables[layers.MASKS]))
+  counted |= set(traverse_util.flatten_dict(variables.get(layers.FIXED_MACS, {})))
+  counted = {path[:-1] if path[-1] == 'macs' else path for path in counted}
+  out = []
+  for path, leaf in traverse_util.flatten_dict(variables['params']).items():
+    layer = path[:-1]
+    if len(leaf.shape) >= 2 and layer not in counted and layer[:-1] not in counted:
+      out.append('/'.join(layer))
+  return out
+
+
+def check(model: nn.Module, image_shape: tuple, num_classes: int) -> None:
+  """Raises ConfigError with one line when the pipeline cannot search ``model``."""
+  name = type(model).__name__
+  _check_signature(model, name)
+  images = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
+  variables = _run(
+    name,
+    f'at init on images of shape {images.shape}',
+    lambda k: model.init({'params': k}, images, train=False),
+    jax.random.key(0),
+  )
+  if not variables.get(layers.MASKS):
+    raise ConfigError(
+      f'{name} has no pgnas_jax.SearchableConv: nothing to search; make the '
+      f'convs whose input channels should be searched SearchableConv'
+    )
+  uncounted = _uncounted_kernels(variables)
+  if uncounted:
+    raise ConfigError(
+      f'{name}: layer {uncounted[0]!r} holds a kernel the cost model does not '
+      f'count (a flax.linen Conv or Dense?); use pgnas_jax.Conv or '
+      f'pgnas_jax.Dense, which record their MACs'
+    )
+  trained = {k: v for k, v in variables.items() if k in ('params', 'batch_stats', layers.MASKS)}
+  logits = _run(
+    name,
+    'with train=False (BatchNorm must then use its running statistics: '
+    'use_running_average=not train)',
+    lambda v: model.apply(v, images, train=False),
+    trained,
+  )
+  if getattr(logits, 'shape', None) != (2, num_classes):
+    raise ConfigError(
+      f'{name} returns {getattr(logits, "shape", type(logits).__name__)} for '
+      f'{images.shape[0]} images; it must return logits of shape [batch, '
+      f'{num_classes}] (the data set has {num_classes} classes)'
+    )
+  _run(
+    name,
+    'with train=True',
+    lambda v, k: model.apply(
+      v, images, train=True, rngs={'shake': k}, mutable=['batch_stats', layers.AUXILIARY_LOGITS]
+    ),
+    trained,
+    jax.random.key(0),
+  )

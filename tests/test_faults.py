@@ -1,0 +1,249 @@
+"""Faults that must end in one line and lose nothing: two jobs on one workdir, workdirs a run
+cannot continue from, configs that cannot finish, config files that raise, a full disk,
+signals. Each asserts the message and what is left in the workdir; runs that need training
+are in test_resume.py."""
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pgnas_jax import checkpoint as checkpoint_lib
+from pgnas_jax import cli, errors, lock, main
+from pgnas_jax import config as config_lib
+from pgnas_jax import workdir as workdir_lib
+
+HOLD = (
+  'import sys, time\n'
+  'from pgnas_jax import lock\n'
+  'held = lock.WorkdirLock(sys.argv[1])\n'
+  'held.acquire()\n'
+  'held.claim()\n'
+  'print("held", flush=True)\n'
+  'time.sleep(600)\n'
+)
+
+
+def _tiny():
+  c = config_lib.get_config()
+  c.model.shake_shake.stem_width, c.model.shake_shake.widths = 4, (4, 8)
+  c.train.num_steps, c.data.validation_size = 4, 500
+  c.search.num_candidates, c.search.chunk_size, c.search.eval_batch_size = 4, 4, 500
+  return c
+
+
+def _users_workdir(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('mine')
+  return workdir
+
+
+def _holder(workdir):
+  proc = subprocess.Popen(
+    [sys.executable, '-c', HOLD, str(workdir)], stdout=subprocess.PIPE, text=True
+  )
+  assert proc.stdout.readline().strip() == 'held'
+  return proc
+
+
+def test_a_second_job_on_a_held_workdir_is_refused_naming_the_holder(tmp_path):
+  workdir = _users_workdir(tmp_path)
+  holder = _holder(workdir)
+  try:
+    result = subprocess.run(
+      [sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}'],
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+  finally:
+    holder.kill()
+    holder.wait()
+  assert result.returncode == 2
+  assert result.stderr.count('\n') == 1, result.stderr
+  assert result.stderr.startswith(
+    f'pgnas_jax: --workdir={workdir} is in use by another run (pid {holder.pid} on '
+  )
+  assert 'wait for it to finish or stop it, or choose another --workdir' in result.stderr
+  # the holder's lock file, the user's file, nothing else
+  assert sorted(p.name for p in workdir.iterdir()) == ['.lock', 'notes.txt']
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
+  workdir = _users_workdir(tmp_path)
+  holder = _holder(workdir)
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  assert (workdir / '.lock').exists()  # left behind, its holder dead
+  with lock.WorkdirLock(str(workdir)) as held:
+    held.claim()
+    assert json.loads((workdir / '.lock').read_text())['pid'] == os.getpid()
+    with pytest.raises(errors.WorkdirError, match=f'pid {os.getpid()} on '):
+      lock.WorkdirLock(str(workdir)).acquire()
+  assert sorted(p.name for p in workdir.iterdir()) == ['notes.txt']
+
+
+def test_the_lock_removes_a_workdir_it_created_when_nothing_was_written(tmp_path):
+  with lock.WorkdirLock(str(tmp_path / 'new')):
+    assert (tmp_path / 'new' / '.lock').exists()
+  assert not (tmp_path / 'new').exists()
+
+
+@pytest.mark.parametrize(
+  'make, message',
+  [
+    (lambda p: p.write_text('x'), 'is a file, not a folder'),
+    (lambda p: (p.parent / 'file').write_text('x'), 'cannot be written (Not a directory)'),
+  ],
+)
+def test_a_workdir_that_cannot_hold_a_run_is_refused(tmp_path, make, message):
+  workdir = tmp_path / 'run'
+  make(workdir)
+  if not workdir.exists():
+    workdir = tmp_path / 'file' / 'run'
+  with pytest.raises(errors.WorkdirError, match=re.escape(message)):
+    main.run(_tiny(), str(workdir))
+
+
+def test_a_config_that_gives_no_training_step_is_refused_before_the_workdir(tmp_path):
+  workdir = _users_workdir(tmp_path)
+  c = _tiny()
+  c.train.num_steps, c.train.num_epochs = -1, 0.000001
+  per_epoch = (60000 - 500) // 128  # Fashion-MNIST's training split less validation
+  with pytest.raises(
+    errors.ConfigError, match=rf'num_epochs=1e-06 gives no training step \({per_epoch} steps per '
+  ):
+    main.run(c, str(workdir))
+  assert sorted(p.name for p in workdir.iterdir()) == ['notes.txt']
+
+
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
+    ('seed', -1, '--config.seed=-1 is out of range: it must be a whole number in [0, 2**63)'),
+    ('drop.init_p', 1e-46, 'neither 0 nor 1 in float32'),
+    ('drop.random_p', 1 - 1e-9, 'neither 0 nor 1 in float32'),
+  ],
+)
+def test_values_that_cannot_run_are_refused(field, value, message):
+  c = config_lib.get_config()
+  section, _, name = field.rpartition('.')
+  (c[section] if section else c)[name] = value
+  with pytest.raises(errors.ConfigError, match=re.escape(message)):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize(
+  'text, message',
+  [
+    ("raise ValueError('boom')\n", 'ValueError at line 1: boom'),
+    ('x = 1\n', 'it defines no get_config()'),
+    ('def get_config():\n  return 1 / 0\n', 'ZeroDivisionError at line 2: division by zero'),
+  ],
+)
+def test_a_config_file_that_raises_or_has_no_get_config_is_one_line(
+  tmp_path, capsys, text, message
+):
+  path = tmp_path / 'mine.py'
+  path.write_text(text)
+  with pytest.raises(SystemExit) as exit_:
+    cli.check_config_file(['prog', f'--config={path}'])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert (
+    err
+    == f'pgnas_jax: cannot load the config {path}: {message}'
+    + (
+      ''
+      if 'get_config()' not in message
+      else '; a config file defines get_config() returning an ml_collections.ConfigDict '
+      '(see configs/)'
+    )
+    + '\n'
+  )
+
+
+@pytest.mark.parametrize(
+  'content, message',
+  [
+    ('', 'is empty or damaged (JSONDecodeError: Expecting value'),
+    ('{"seed": 0', 'is empty or damaged (JSONDecodeError'),
+    ('[1, 2]', 'holds no config (a JSON list)'),
+  ],
+)
+def test_a_damaged_config_json_is_refused_in_one_line(tmp_path, content, message):
+  workdir = _users_workdir(tmp_path)
+  (workdir / 'config.json').write_text(content)
+  with pytest.raises(errors.WorkdirError, match=re.escape(message)):
+    main.run(_tiny(), str(workdir))
+  assert (workdir / 'config.json').read_text() == content
+  assert sorted(p.name for p in workdir.iterdir()) == ['config.json', 'notes.txt']
+
+
+def test_checkpoints_without_their_config_are_refused_naming_what_to_remove(tmp_path):
+  workdir = _users_workdir(tmp_path)
+  (workdir / 'checkpoints' / '4').mkdir(parents=True)
+  with pytest.raises(
+    errors.WorkdirError, match=f'no config.json.*remove {workdir}/checkpoints to train again'
+  ):
+    main.run(_tiny(), str(workdir))
+  assert sorted(p.name for p in workdir.iterdir()) == ['checkpoints', 'notes.txt']
+
+
+def test_start_over_deletes_config_json_last(tmp_path, monkeypatch):
+  """A kill part way through --start_over never leaves checkpoints without their config."""
+  for name in workdir_lib.OUTPUTS:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text('x')
+  deleted = []
+  monkeypatch.setattr(main.os, 'remove', lambda p: deleted.append(os.path.basename(p)))
+  monkeypatch.setattr(main.shutil, 'rmtree', lambda p: deleted.append(os.path.basename(p)))
+  main._start_over(str(tmp_path))
+  assert deleted[-1] == 'config.json' and len(deleted) == len(workdir_lib.OUTPUTS)
+
+
+def test_a_full_disk_is_one_line_saying_how_much_the_run_needs(tmp_path, monkeypatch):
+  workdir = _users_workdir(tmp_path)
+
+  def full(path, obj):
+    raise OSError(errno.ENOSPC, 'No space left on device', path)
+
+  monkeypatch.setattr(workdir_lib, 'write_json', full)
+  with pytest.raises(
+    errors.WorkdirError,
+    match=r'no space left on the device of --workdir=.*: this run needs about '
+    r'\d+ MB there \(\d+ MB free now\); free some and run the same '
+    r'command again to resume',
+  ):
+    main.run(_tiny(), str(workdir))
+  assert (workdir / 'notes.txt').read_text() == 'mine'
+
+
+def test_ctrl_c_is_a_request_to_save_and_stop_and_twice_stops_at_once():
+  with checkpoint_lib.PreemptionGuard() as guard:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+    assert guard.requested and guard.signal_name == 'Ctrl-C (SIGINT)'
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_before_the_run_can_save_is_one_line(capsys):
+  def job():
+    raise KeyboardInterrupt
+
+  with pytest.raises(SystemExit) as exit_:
+    cli.exit_on_user_errors(job)
+  assert exit_.value.code == 143
+  assert capsys.readouterr().err == (
+    'pgnas_jax: stopped by Ctrl-C; what was saved is kept: run the same command again to resume\n'
+  )
