@@ -8,16 +8,6 @@ from pgnas_jax.data import checks, tfds_source
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 
 
-def _how_to_get(name: str, data_dir: str) -> str:
-  return (
-    f'{name} is not prepared as array_record in {tfds_source.where(data_dir)}. On a '
-    f'machine with internet and TensorFlow run `tfds build {name} '
-    f'--file_format=array_record [--data_dir=DIR]` and copy DIR/{name}/ here, or point '
-    f'--config.data.data_dir at a folder that holds {name}/<version>/ (an empty '
-    f"data_dir means tfds' default)"
-  )
-
-
 def load(name: str, data_dir: str, split: str):
   """(images uint8 [n, 32, 32, 3], labels int32 [n]) of 'train' or 'test'; ``data_dir`` ''
   means tfds' default."""
@@ -27,5 +17,5 @@ def load(name: str, data_dir: str, split: str):
 
 def read(name: str, data_dir: str, split: str) -> checks.Raw:
   """``split`` as the data set holds it, for ``checks.checked_split``."""
-  source = tfds_source.open_split(name, data_dir, split, _how_to_get(name, data_dir))
+  source = tfds_source.open_split(name, data_dir, split, tfds_source.how_to_get(name, data_dir))
   return tfds_source.read_whole(source, tfds_source.origin(name, split))

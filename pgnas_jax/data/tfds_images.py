@@ -8,16 +8,6 @@ from pgnas_jax.errors import DataError
 PREFIX = 'tfds:'
 
 
-def _how_to_get(name: str, data_dir: str) -> str:
-  return (
-    f'{name} is not prepared as array_record (or has no such split) in '
-    f'{tfds_source.where(data_dir)}. On a machine with internet and TensorFlow run '
-    f'`tfds build {name} --file_format=array_record [--data_dir=DIR]` and copy '
-    f'DIR/{name}/ here, or point --config.data.data_dir at a folder that holds '
-    f"{name}/<version>/; data.name='tfds:NAME' reads the splits train and test"
-  )
-
-
 def _features(name: str, info) -> tuple:
   """(image key, label key, number of classes, image shape) of an image-classification data
   set, from its info."""
@@ -50,7 +40,9 @@ def read(data_name: str, data_dir: str) -> tuple:
   """(train ``checks.Raw``, test ``checks.Raw``, number of classes, image shape) of
   ``data_name`` ('tfds:NAME'); ``data_dir`` '' means tfds' default."""
   name = data_name[len(PREFIX) :]
-  how = _how_to_get(name, data_dir)
+  how = tfds_source.how_to_get(
+    name, data_dir, "; data.name='tfds:NAME' reads the splits train and test"
+  )
   train = tfds_source.open_split(name, data_dir, 'train', how)
   image_key, label_key, num_classes, shape = _features(name, train.dataset_info)
   test = tfds_source.open_split(name, data_dir, 'test', how)

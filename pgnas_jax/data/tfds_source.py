@@ -21,6 +21,18 @@ def where(data_dir: str) -> str:
   )
 
 
+def how_to_get(name: str, data_dir: str, note: str = '') -> str:
+  """What to do when data set ``name`` is not prepared in ``data_dir`` (``note`` adds what
+  the caller reads)."""
+  return (
+    f'{name} is not prepared as array_record (or has no such split) in {where(data_dir)}. '
+    f'On a machine with internet and TensorFlow run `tfds build {name} '
+    f'--file_format=array_record [--data_dir=DIR]` and copy DIR/{name}/ here, or point '
+    f'--config.data.data_dir at a folder that holds {name}/<version>/ (an empty data_dir '
+    f"means tfds' default){note}"
+  )
+
+
 def open_split(name: str, data_dir: str, split: str, how_to_get: str):
   """The tfds data source of one split (``len``, ``source[i]`` -> a dict of numpy values);
   ``data_dir`` '' means tfds' default. A missing data set raises MissingDataError with
