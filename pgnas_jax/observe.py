@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from pgnas_jax import layers
+from pgnas_jax import layers, masks
 
 PyTree = Any
 
@@ -28,13 +28,12 @@ def stage_mean_p(drop_logits: PyTree, template: PyTree) -> dict:
   dropped (the stage's part of ``mean_p``)."""
   logits = jax.device_get(drop_logits)  # tiny: one scalar per group
   paths = jax.tree_util.tree_flatten_with_path(template)[0]
-  dropped, channels = {}, {}
+  groups = {}  # stage -> (drop probabilities, channel counts), groups in order
   for (path, mask), logit in zip(paths, jax.tree.leaves(logits)):
-    stage = stage_of('/'.join(k.key for k in path))
-    n = mask.shape[-1]
-    dropped[stage] = dropped.get(stage, 0.0) + n / (1.0 + np.exp(-float(logit)))
-    channels[stage] = channels.get(stage, 0) + n
-  return {f'mean_p/{stage}': dropped[stage] / channels[stage] for stage in dropped}
+    p, n = groups.setdefault(stage_of('/'.join(k.key for k in path)), ([], []))
+    p.append(1.0 / (1.0 + np.exp(-float(logit))))
+    n.append(mask.shape[-1])
+  return {f'mean_p/{stage}': masks.mean_drop_probability(p, n) for stage, (p, n) in groups.items()}
 
 
 def parameter_overview(params: PyTree, template: PyTree) -> str:
