@@ -2,38 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+import tiny
+from pgnas_jax import cli, errors, main
 from pgnas_jax import config as config_lib
-from pgnas_jax import errors
-
-DATA_DIR = '/usr/share/datasets/fashion-mnist'
-TINY = [
-  '--config.model.shake_shake.stem_width=4',
-  '--config.model.shake_shake.widths=(4,8)',
-  '--config.train.num_steps=6',
-  '--config.train.log_every_steps=3',
-  '--config.data.validation_size=500',
-  '--config.search.num_candidates=5',
-  '--config.search.chunk_size=4',
-  '--config.search.eval_batch_size=500',
-]
-
-
-def _main(workdir, *args):
-  return subprocess.run(
-    [sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}', *args],
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
 
 
 def test_main_job_writes_the_workdir_contract(tmp_path):
-  result = _main(tmp_path, *TINY, '--config.finetune.steps=3')
+  result = tiny.main(tmp_path, *tiny.flags({'finetune.steps': 3}))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'train step 6/6' in result.stderr and 'search 5/5 candidates' in result.stderr
 
@@ -97,30 +75,66 @@ def test_main_job_writes_the_workdir_contract(tmp_path):
 def test_a_workdir_holding_a_run_is_left_alone(tmp_path):
   (tmp_path / 'config.json').write_text('{"seed": 0}')
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n')
-  result = _main(tmp_path)
+  result = tiny.main(tmp_path)
   assert result.returncode != 0 and 'holds a run made with another config' in result.stderr
   assert (tmp_path / 'config.json').read_text() == '{"seed": 0}'
   assert (tmp_path / 'metrics.jsonl').read_text() == '{"step": 1}\n'
   assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', 'metrics.jsonl']
 
 
+def _users_workdir(tmp_path):
+  """A workdir holding something of the user's: a refused job must leave it untouched."""
+  (tmp_path / 'notes.txt').write_text('mine')
+  return tmp_path
+
+
+def _untouched(workdir):
+  assert [p.name for p in workdir.iterdir()] == ['notes.txt']
+  assert (workdir / 'notes.txt').read_text() == 'mine'
+
+
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
+    ('drop.tau', 0.0, 'drop.tau=0.0 is out of range: it must be > 0'),
+    ('drop.init_p', 1.5, 'drop.init_p=1.5 is out of range: it must be in (0, 1)'),
+    ('drop.init_p', 0.0, 'drop.init_p=0.0 is out of range'),
+    ('objective.num_train_effective', 0.0, 'num_train_effective=0.0 is out of range'),
+    ('objective.weight_prior_l2', -1.0, 'weight_prior_l2=-1.0 is out of range'),
+    (
+      'search.chunk_size',
+      0,
+      "search.chunk_size=0 is out of range: it must be 'auto' or a whole number >= 1",
+    ),
+    ('search.chunk_size', 'many', "search.chunk_size='many' is out of range"),
+    ('data.validation_size', 60000, 'validation_size=60000 leaves no training images'),
+    ('drop.mode', 'sometimes', "drop.mode='sometimes' is not one of"),
+    ('train.batch_size', 130, 'batch_size=130 does not split over 4 devices'),
+    ('data.data_dir', '/nonexistent', 'apt-get install dataset-fashion-mnist'),
+  ],
+)
+def test_bad_config_values_are_refused_with_a_clear_message(
+  tmp_path, capsys, field, value, message
+):
+  """In-process, as the command line runs the job once the flags are parsed."""
+  workdir = _users_workdir(tmp_path)
+  config = config_lib.get_config()
+  section, name = field.split('.')
+  config[section][name] = value
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    cli.exit_on_user_errors(main.run, config, str(workdir))
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err
+  assert err.startswith('pgnas_jax: ') and err.count('\n') == 1, err
+  _untouched(workdir)
+
+
 @pytest.mark.parametrize(
   'args, message',
   [
     (['--config.drop.tau=0'], 'drop.tau=0.0 is out of range: it must be > 0'),
-    (['--config.drop.init_p=1.5'], 'drop.init_p=1.5 is out of range: it must be in (0, 1)'),
-    (['--config.drop.init_p=0'], 'drop.init_p=0.0 is out of range'),
-    (['--config.objective.num_train_effective=0'], 'num_train_effective=0.0 is out of range'),
-    (['--config.objective.weight_prior_l2=-1'], 'weight_prior_l2=-1.0 is out of range'),
-    (
-      ['--config.search.chunk_size=0'],
-      "search.chunk_size=0 is out of range: it must be 'auto' or a whole number >= 1",
-    ),
-    (['--config.search.chunk_size=many'], "search.chunk_size='many' is out of range"),
-    (['--config.data.validation_size=60000'], 'validation_size=60000 leaves no training images'),
-    (['--config.drop.mode=sometimes'], "drop.mode='sometimes' is not one of"),
-    (['--config.train.batch_size=130'], 'batch_size=130 does not split over 4 devices'),
-    (['--config.data.data_dir=/nonexistent'], 'apt-get install dataset-fashion-mnist'),
     (['--config.train.shedule=cosine'], "unknown config field on the command line: 'shedule'"),
     (['--config.trian.batch_size=8'], "unknown config field on the command line: 'trian'"),
     (['--config.train.batch_size=lots'], 'batch_size=lots: invalid literal for int()'),
@@ -139,15 +153,13 @@ def test_a_workdir_holding_a_run_is_left_alone(tmp_path):
     ),
   ],
 )
-def test_bad_input_is_refused_with_a_clear_message(tmp_path, args, message):
-  # the workdir holds something of the user's: it must come out untouched
-  (tmp_path / 'notes.txt').write_text('mine')
-  result = _main(tmp_path, *args)
+def test_bad_flags_are_refused_with_a_clear_message(tmp_path, args, message):
+  workdir = _users_workdir(tmp_path)
+  result = tiny.main(workdir, *args)
   assert result.returncode == 2
   assert message in result.stderr
   assert result.stderr.startswith('pgnas_jax: ') and result.stderr.count('\n') == 1
-  assert [p.name for p in tmp_path.iterdir()] == ['notes.txt']
-  assert (tmp_path / 'notes.txt').read_text() == 'mine'
+  _untouched(workdir)
 
 
 def test_validate_names_the_field():
