@@ -109,7 +109,7 @@ def main():
     list(rows[0]),
     rows,
     f'default: {harness.NETWORKS["default"][3]}; ei: SupNet-EI (ENAS cell, 72 filters), '
-    "32x32x3. stratified: blocks of 16. Compiled `search.draw_candidates`, median-free mean "
+    '32x32x3. stratified: blocks of 16. Compiled `search.draw_candidates`, mean '
     f'of {args.repeats} calls after one warm-up, one device.',
   )
   if not args.train_network:
@@ -127,8 +127,7 @@ def main():
     'One train step per generator (ms, batch 128)',
     list(steps[0]),
     steps,
-    f'The project\'s `train_step`, mean of {args.train_steps} steps after one warm-up, one '
-    'device.',
+    f"The project's `train_step`, mean of {args.train_steps} steps after one warm-up, one device.",
   )
 
 

@@ -42,20 +42,25 @@ def _antithetic(sampler, search_key, indices, drop_logits, template) -> PyTree:
 
 
 def _stratified(sampler, search_key, indices, drop_logits, template) -> PyTree:
-  """Latin-hypercube per channel over blocks of B candidates: in block b = c // B, from
-  ``fold_in(search_key, b)``, each channel's strata 0..B-1 are put in a random order and
-  candidate c takes the one at position c % B, plus a jitter: u = (stratum + v) / B."""
+  """Latin-hypercube per channel over blocks of B candidates. In block b = c // B, from
+  ``fold_in(search_key, b)``, every position r = 0..B-1 of every channel gets 32 random bits;
+  candidate c (position r) takes the stratum s = the rank of its bits among the block's
+  (ties by position), so the B candidates of a block hold the strata 0..B-1 in a random
+  order per channel, plus a jitter v: u = (s + v) / B."""
   size = sampler.block
 
   def draw(c):
     position = c % size
 
     def leaf(k, channels):
-      # a random order of the strata per channel: argsort of 32 random bits each (ties,
-      # about B^2 / 2^33 per channel, still give a permutation)
-      order = jnp.argsort(jax.random.bits(jax.random.fold_in(k, 0), (size, channels)), axis=0)
-      jitter = jax.random.uniform(jax.random.fold_in(k, 1), (size, channels))
-      return (order[position].astype(jnp.float32) + jitter[position]) / size
+      bits = jax.random.bits(jax.random.fold_in(k, 0), (size, channels))
+      mine = bits[position]
+      before = jnp.arange(size)[:, None] < position
+      stratum = jnp.sum((bits < mine) | ((bits == mine) & before), axis=0)
+      jitter = jax.random.uniform(
+        jax.random.fold_in(jax.random.fold_in(k, 1), position), (channels,)
+      )
+      return (stratum.astype(jnp.float32) + jitter) / size
 
     u = masks_lib.leaf_draws(jax.random.fold_in(search_key, c // size), template, leaf)
     return masks_lib.keep_where(u, drop_logits)

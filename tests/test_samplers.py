@@ -111,9 +111,8 @@ def _antithetic_sharing_u(key, indices, drop_logits, template):
 def _stratified_without_jitter(key, indices, drop_logits, template):
   def draw(c):
     def leaf(k, channels):
-      strata = jnp.broadcast_to(jnp.arange(BLOCK, dtype=jnp.float32)[:, None], (BLOCK, channels))
-      order = jax.random.permutation(k, strata, axis=0, independent=True)
-      return order[c % BLOCK] / BLOCK
+      bits = jax.random.bits(k, (BLOCK, channels))
+      return jnp.sum(bits < bits[c % BLOCK], axis=0).astype(jnp.float32) / BLOCK
 
     u = masks.leaf_draws(jax.random.fold_in(key, c // BLOCK), template, leaf)
     return masks.keep_where(u, drop_logits)
