@@ -6,7 +6,9 @@ batches are a pure function of (seed, step), so restoring the step restores the 
 Saves are asynchronous (orbax writes in the background and commits atomically); a save that
 was cut short is never restored, and an unreadable checkpoint is named and skipped for the
 one before it. With several processes every one of them saves and restores (orbax writes
-each array once, from one process holding it, into the shared workdir).
+each array once, from one process holding it, into the shared workdir). The root key is
+saved as its raw data and restored with the config's ``rng.impl``; a checkpoint holding
+another root key (another seed or ``rng.impl``) is refused.
 """
 
 import logging
@@ -15,6 +17,7 @@ import signal
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from pgnas_jax import parallel
@@ -26,8 +29,20 @@ def _to_saveable(state):
   return state.replace(root_key=jax.random.key_data(state.root_key))
 
 
-def _from_saveable(state):
-  return state.replace(root_key=jax.random.wrap_key_data(state.root_key))
+def _from_saveable(state, impl):
+  return state.replace(root_key=jax.random.wrap_key_data(state.root_key, impl=impl))
+
+
+def _check_root_key(restored, target, path: str) -> None:
+  """The root key follows from (seed, rng.impl) alone: a checkpoint holding another one was
+  made by another run, whose keys would silently replace this config's."""
+  saved, expected = (np.asarray(jax.random.key_data(s.root_key)) for s in (restored, target))
+  if saved.shape != expected.shape or not np.array_equal(saved, expected):
+    raise CheckpointError(
+      f'{path} holds the root key {saved.tolist()}, this config (seed, rng.impl='
+      f'{jax.random.key_impl(target.root_key)}) makes {expected.tolist()}: it was made by '
+      f'another run; rerun with its seed and rng.impl, or add --start_over'
+    )
 
 
 class Checkpointer:
@@ -74,9 +89,11 @@ class Checkpointer:
         logging.warning('checkpoint %s is unreadable: %s', path, failures[-1])
         unreadable.append(step)
         continue
+      restored = _from_saveable(restored, jax.random.key_impl(target.root_key))
+      _check_root_key(restored, target, path)
       for bad in unreadable:
         self._set_aside(bad)
-      return _from_saveable(restored)
+      return restored
     if failures:
       raise CheckpointError(
         f'no readable checkpoint in {self.directory}: {"; ".join(failures)}. Remove '

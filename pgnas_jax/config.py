@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from pgnas_jax import budget
+from pgnas_jax import budget, rng, samplers
 from pgnas_jax.errors import ConfigError
 from pgnas_jax.supernets import enas
 
@@ -81,6 +81,15 @@ FIELDS = (
     0,
     'root of every key: init, training masks and shake-shake, search',
     check=Check(lambda v: 0 <= v < 2**63, 'a whole number in [0, 2**63)'),
+  ),
+  Field(
+    'rng.impl',
+    rng.DEFAULT,
+    'the JAX PRNG implementation of every key the run derives from `seed` '
+    '(`jax.random.key(seed, impl=...)`); the `philox` ones run on one device only (XLA '
+    'cannot compile them on several); `rbg` and `unsafe_rbg` are refused: under `vmap` '
+    'over keys they draw from the first key only ([sampling](sampling.md#generators))',
+    choices=rng.IMPLEMENTATIONS,
   ),
   # data
   Field(
@@ -399,7 +408,30 @@ FIELDS = (
   ),
   Field('checkpoint.max_to_keep', 3, 'checkpoints kept', check=POSITIVE),
   # search
-  Field('search.num_candidates', 100, 'candidate architectures sampled and ranked', check=POSITIVE),
+  Field(
+    'search.num_candidates',
+    100,
+    "candidate architectures sampled and ranked (`sampler='mode'`: always 1)",
+    check=POSITIVE,
+  ),
+  Field(
+    'search.sampler',
+    samplers.DEFAULT,
+    'how candidate `c` is drawn from (search key, `c`) and the learned `p` '
+    '([sampling](sampling.md#candidate-samplers)): `iid` independent masks; `antithetic` '
+    'candidates `2k`, `2k+1` from `u` and `1 - u`; `stratified` Latin-hypercube per channel '
+    'over blocks of `stratified_block` candidates; `mode` the one posterior mode (keep iff '
+    '`p < 0.5`), so `num_candidates` counts as 1. A rerun with another sampler keeps the '
+    'training and scores again',
+    choices=samplers.NAMES,
+  ),
+  Field(
+    'search.stratified_block',
+    16,
+    "`sampler='stratified'`: candidates per block; each channel's uniforms in a block are "
+    'its `stratified_block` strata in a random order, each jittered',
+    check=Check(lambda v: type(v) is int and v >= 1, 'a whole number >= 1'),
+  ),
   Field(
     'search.chunk_size',
     'auto',
@@ -607,6 +639,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f'config field {key!r} is missing: start config files from '
       f'pgnas_jax.config.get_config() and override fields'
     )
+  if config.rng.impl in rng.REFUSED:  # why, rather than only the list of choices
+    raise ConfigError(
+      f'--config.rng.impl={config.rng.impl!r} is not offered: {rng.REFUSED[config.rng.impl]}'
+    )
   # every choice before any range, as the message for a config with several faults says
   for field in FIELDS:
     if field.choices and _get(config, field.name) not in field.choices:
@@ -626,7 +662,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Global batches and chunks of candidates are split evenly over the devices."""
+  """Global batches and chunks of candidates are split evenly over the devices; some
+  generators run on one device only."""
+  if num_devices > 1 and config.rng.impl in rng.ONE_DEVICE_ONLY:
+    raise ConfigError(
+      f'--config.rng.impl={config.rng.impl!r} does not run on {num_devices} devices: '
+      f'{rng.ONE_DEVICE_ONLY[config.rng.impl]}'
+    )
   for key in SPLIT_OVER_DEVICES:
     if _get(config, key) != 'auto' and _get(config, key) % num_devices:
       raise ConfigError(

@@ -24,7 +24,7 @@ from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import compact, errors, export, finetune, metric_writers, parallel, pareto
-from pgnas_jax import report, search, supernets, train
+from pgnas_jax import report, rng, samplers, search, supernets, train
 from pgnas_jax import budget as budget_lib
 from pgnas_jax import lock as lock_lib
 from pgnas_jax import masks as masks_lib
@@ -37,16 +37,29 @@ from pgnas_jax.supernets import custom
 # Fields that change only the choice among the scored candidates: a run (finished or not)
 # resumed with other values reuses its training and scored candidates and chooses again.
 RECHOOSING_CHANGES = tuple(f'search.{name}' for name in budget_lib.FIELDS)
+# Fields that change the candidates but not the training, like another search key: a run
+# (finished or not) resumed with other values keeps its training and scores again.
+RESCORING_CHANGES = ('search.sampler', 'search.stratified_block')
 # Fields that may change between a run and its resumption: they do not change any result but
-# the choice (RECHOOSING_CHANGES).
+# the choice (RECHOOSING_CHANGES) or the candidates (RESCORING_CHANGES).
 RESUMABLE_CHANGES = (
-  'train.log_every_steps',
-  'checkpoint.every_steps',
-  'checkpoint.max_to_keep',
-  'log.tensorboard',
-  'log.profile_steps',
-  'export.latency',
-) + RECHOOSING_CHANGES
+  (
+    'train.log_every_steps',
+    'checkpoint.every_steps',
+    'checkpoint.max_to_keep',
+    'log.tensorboard',
+    'log.profile_steps',
+    'export.latency',
+  )
+  + RECHOOSING_CHANGES
+  + RESCORING_CHANGES
+)
+# Fields added since runs were first made: a saved config without one ran as its value here.
+ADDED_FIELDS = {
+  'rng.impl': rng.DEFAULT,
+  'search.sampler': samplers.DEFAULT,
+  'search.stratified_block': 16,
+}
 
 
 def _saved_config(workdir: str) -> dict:
@@ -71,7 +84,7 @@ def _saved_config(workdir: str) -> dict:
 
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   """A workdir holding a run may only be resumed with the config that started it."""
-  before = traverse_util.flatten_dict(_saved_config(workdir), sep='.')
+  before = {**ADDED_FIELDS, **traverse_util.flatten_dict(_saved_config(workdir), sep='.')}
   as_saved = json.loads(workdir_lib.to_json(config.to_dict()))  # as in the file: lists, nulls
   now = traverse_util.flatten_dict(as_saved, sep='.')
   changed = [
@@ -95,6 +108,16 @@ def _budget_changed(workdir: str, config: ml_collections.ConfigDict) -> bool:
   candidates (RECHOOSING_CHANGES)."""
   before = _saved_config(workdir)['search']
   return any(before.get(k, 0) != config.search[k] for k in budget_lib.FIELDS)
+
+
+def _sampler_changed(workdir: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether a run is resumed with another candidate sampler: it then scores its
+  candidates again (RESCORING_CHANGES)."""
+  saved = traverse_util.flatten_dict(_saved_config(workdir), sep='.')
+  before = ml_collections.ConfigDict(
+    {k.split('.')[1]: saved.get(k, v) for k, v in ADDED_FIELDS.items() if k.startswith('search.')}
+  )
+  return samplers.from_config(before) != samplers.from_config(config.search)
 
 
 def _start_over(workdir: str) -> None:
@@ -135,10 +158,18 @@ def _plan(workdir: str, config: ml_collections.ConfigDict, start_over: bool) -> 
   _check_resumable(workdir, config)
   if not finished:
     return 'resume'
-  if _budget_changed(workdir, config):
-    # a finished run resumed with another budget is not finished: its report (the finished
-    # mark) goes, and the run chooses again from its checkpoint and recorded candidates
-    logging.info('the budget changed: choosing the winner again among the scored candidates')
+  rescore = _sampler_changed(workdir, config)
+  if rescore or _budget_changed(workdir, config):
+    # a finished run resumed with another budget or sampler is not finished: its report (the
+    # finished mark) goes, and the run chooses again from its checkpoint and its recorded
+    # candidates, which another sampler's run id makes it score again (records.resume)
+    logging.info(
+      'the %s changed: %s',
+      'sampler' if rescore else 'budget',
+      'scoring the candidates again, keeping the training'
+      if rescore
+      else 'choosing the winner again among the scored candidates',
+    )
     parallel.barrier('report seen')  # by every process, before process 0 removes it
     if parallel.is_main_process():
       os.remove(workdir_lib.path(workdir, workdir_lib.REPORT))
@@ -301,8 +332,9 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
     if writer:  # the fronts show what a budget can buy
       _write_pareto(records, supernet, None, budget, out)
     raise
+  sampler = samplers.from_config(config.search)
   winner_mask = search.candidate_mask(
-    state.key('search'), winner['index'], state.drop_logits, space.template
+    state.key('search'), winner['index'], state.drop_logits, space.template, sampler
   )
   # the winner as it was scored: with its re-estimated BatchNorm statistics when they are on
   winner_variables = scorer.recalibrated(state.variables, winner_mask, recalibration)
@@ -380,7 +412,12 @@ def _train_search_report(config, workdir, mesh, dataset, model, checkpointer, gu
     workdir_lib.write_json(out(workdir_lib.TIMINGS), timings)
     # written last: its presence marks the run finished
     report.write_markdown(
-      out(workdir_lib.REPORT), arch, timings, config.search.num_candidates, posterior, front
+      out(workdir_lib.REPORT),
+      arch,
+      timings,
+      sampler.num_candidates(config.search.num_candidates),
+      posterior,
+      front,
     )
   logging.info(
     'winner #%d: val acc %.4f, test acc %.4f, %d params (full super-network: '

@@ -78,14 +78,28 @@ def relaxed_masks(
   return _per_leaf(key, drop_logits, template, leaf)
 
 
+def leaf_draws(key: jax.Array, template: PyTree, draw) -> PyTree:
+  """``draw(k, channels)`` for every leaf of ``template``, ``k = fold_in(key, leaf_index)``:
+  what a candidate sampler builds its per-channel uniforms from (``samplers.py``)."""
+  zeros = jax.tree.map(lambda _: jnp.float32(0), template)
+  return _per_leaf(key, zeros, template, lambda k, _, channels: draw(k, channels))
+
+
+def uniforms(key: jax.Array, template: PyTree) -> PyTree:
+  """One U[0, 1) per channel, leaf shape ``(channels,)``, leaf i from ``fold_in(key, i)``."""
+  return leaf_draws(key, template, lambda k, channels: jax.random.uniform(k, (channels,)))
+
+
+def keep_where(u: PyTree, drop_logits: PyTree) -> PyTree:
+  """The hard keep mask of per-channel uniforms ``u``: channel kept iff u >= p (SPEC
+  section 3), so a channel is dropped with probability p when u is U[0, 1)."""
+  return jax.tree.map(lambda x, t: (x >= jax.nn.sigmoid(t)).astype(jnp.float32), u, drop_logits)
+
+
 def hard_mask(key: jax.Array, drop_logits: PyTree, template: PyTree) -> PyTree:
   """One hard keep mask (one architecture): channel kept iff u >= p (SPEC section 3)."""
-
-  def leaf(k, theta, channels):
-    u = jax.random.uniform(k, (channels,))
-    return (u >= jax.nn.sigmoid(theta)).astype(jnp.float32)
-
-  return _per_leaf(key, drop_logits, template, leaf)
+  chex.assert_trees_all_equal_structs(drop_logits, template)
+  return keep_where(uniforms(key, template), drop_logits)
 
 
 def candidate_masks(

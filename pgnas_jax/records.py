@@ -19,17 +19,24 @@ import os
 import jax
 import numpy as np
 
-from pgnas_jax import parallel
+from pgnas_jax import parallel, rng
 from pgnas_jax import workdir as workdir_lib
 
 FIELDS = ('index', 'val_acc', 'val_loss', 'params', 'flops', 'dropped', 'run', 'check')
 
 
-def run_id(search_key: jax.Array, drop_logits, variables: dict) -> str:
+def run_id(search_key: jax.Array, drop_logits, variables: dict, sampler: str = 'iid') -> str:
   """16 hex digits of a hash of everything a candidate's scores follow from, besides the
   config (which the workdir's ``config.json`` pins): the trained weights and BatchNorm
-  statistics, the drop logits and the search key."""
+  statistics, the drop logits, the search key and its generator (``rng.impl``), and the
+  sampler (``samplers.Sampler.id``). The default generator and sampler add nothing, so the
+  run ids of runs made before they could be chosen stay valid."""
   digest = hashlib.sha256(np.asarray(jax.random.key_data(search_key)).tobytes())
+  impl = rng.impl_name(search_key)
+  if impl != rng.DEFAULT:
+    digest.update(f'rng.impl:{impl}'.encode())
+  if sampler != 'iid':
+    digest.update(f'search.sampler:{sampler}'.encode())
   for tree in (drop_logits, variables):
     for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]:
       leaf = np.asarray(leaf)

@@ -19,9 +19,9 @@ import optax
 
 from pgnas_jax.errors import ConfigError, Preempted
 from pgnas_jax import budget as budget_lib
-from pgnas_jax import masks as masks_lib
 from pgnas_jax import metric_writers, parallel, precision, train
 from pgnas_jax import records as records_lib
+from pgnas_jax import samplers as samplers_lib
 from pgnas_jax import space as space_lib
 
 PyTree = Any
@@ -266,14 +266,27 @@ class Scorer(NamedTuple):
     return n * min(parallel.min_over_processes(per_device), -(-num_candidates // n))
 
 
-draw_candidates = jax.jit(masks_lib.candidate_masks)
+@functools.partial(jax.jit, static_argnames='sampler')
+def draw_candidates(
+  search_key: jax.Array,
+  indices: jax.Array,
+  drop_logits: PyTree,
+  template: PyTree,
+  sampler: samplers_lib.Sampler = samplers_lib.IID,
+) -> PyTree:
+  """Hard masks of candidates ``indices`` (leaves with a leading candidate axis)."""
+  return sampler(search_key, indices, drop_logits, template)
 
 
 def candidate_mask(
-  search_key: jax.Array, index: int, drop_logits: PyTree, template: PyTree
+  search_key: jax.Array,
+  index: int,
+  drop_logits: PyTree,
+  template: PyTree,
+  sampler: samplers_lib.Sampler = samplers_lib.IID,
 ) -> PyTree:
-  """The hard mask of candidate ``index`` alone, as drawn during ranking."""
-  masks = draw_candidates(search_key, jnp.array([index]), drop_logits, template)
+  """The hard mask of candidate ``index`` alone, as drawn during ranking by ``sampler``."""
+  masks = draw_candidates(search_key, jnp.array([index]), drop_logits, template, sampler)
   return jax.tree.map(lambda m: np.asarray(m[0]), masks)
 
 
@@ -294,18 +307,26 @@ def rank_candidates(
   (``records.resume``); each chunk's lines are appended durably (flush + fsync) once
   scored, by process 0. Every process scores every chunk (its validation rows on its
   devices) and gets all the records. A candidate's mask is
-  not kept: it follows from (search key, index), see ``candidate_mask``. ``writer`` gets the
+  not kept: it follows from (search key, index) and ``search.sampler``, see
+  ``candidate_mask``. ``writer`` gets the
   best validation accuracy so far against the number of candidates scored, after each
   chunk. Every candidate is scored; ``fits`` records whether it fits ``budget``. With
   ``recalibration`` (``recalibration_images``) each candidate's BatchNorm statistics are
   re-estimated before it is scored."""
-  num, chunk = search_config.num_candidates, search_config.chunk_size
+  sampler = samplers_lib.from_config(search_config)
+  num, chunk = sampler.num_candidates(search_config.num_candidates), search_config.chunk_size
+  if num < search_config.num_candidates:
+    logging.info(
+      "search: sampler '%s' has one candidate; search.num_candidates=%d counts as 1",
+      sampler.name,
+      search_config.num_candidates,
+    )
   if chunk == 'auto':
     chunk = scorer.auto_chunk_size(state.variables, space, next(iter(validation)), num)
     logging.info('search: chunk size %d (auto)', chunk)
   search_key = state.key('search')
   names = space_lib.group_names(space)
-  run = records_lib.run_id(search_key, state.drop_logits, state.variables)
+  run = records_lib.run_id(search_key, state.drop_logits, state.variables, sampler.id)
   records = records_lib.resume(out_path, run)
   if records:
     logging.info('search: resuming after %d recorded candidates', len(records))
@@ -313,7 +334,9 @@ def rank_candidates(
   for first in range(resumed, num, chunk):
     # the last chunk is padded with extra candidates (one compilation) and trimmed
     indices = jnp.arange(first, first + chunk)
-    masks = jax.device_get(draw_candidates(search_key, indices, state.drop_logits, space.template))
+    masks = jax.device_get(
+      draw_candidates(search_key, indices, state.drop_logits, space.template, sampler)
+    )
     acc, loss = scorer.candidates(state.variables, masks, validation, recalibration)
     params, macs = space_lib.costs(space, masks)
     dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)

@@ -16,7 +16,7 @@ import optax
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import metric_writers, objective, observe, optim, parallel
+from pgnas_jax import metric_writers, objective, observe, optim, parallel, rng
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.errors import ConfigError, NonFiniteLossError, Preempted
@@ -59,7 +59,7 @@ def initialise(
   mesh,
 ) -> tuple:
   """(TrainState replicated on the mesh, SearchSpace)."""
-  root_key = jax.random.key(config.seed)
+  root_key = rng.root_key(config.seed, config.rng.impl)
   dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   variables = jax.jit(lambda k: model.init({'params': k}, dummy, train=False))(
     purpose_key(root_key, 'init')

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pgnas_jax import masks, parallel
+from pgnas_jax import masks, parallel, rng
 
 TEMPLATE = {'a': {'group0': jnp.ones(64)}, 'b': {'group0': jnp.ones(32), 'group1': jnp.ones(32)}}
 P = {'a': {'group0': 0.1}, 'b': {'group0': 0.3, 'group1': 0.7}}
@@ -13,6 +13,10 @@ P = {'a': {'group0': 0.1}, 'b': {'group0': 0.3, 'group1': 0.7}}
 
 def _logits():
   return jax.tree.map(lambda p: masks.logit(jnp.float32(p)), P)
+
+
+# every generator a run may use (rng.impl) keeps the guarantees tested here
+IMPLS = pytest.mark.parametrize('impl', rng.IMPLEMENTATIONS)
 
 
 @pytest.mark.parametrize('tau', [0.02, 0.005])
@@ -42,8 +46,9 @@ def test_relaxed_masks_mean_matches_expected_keep_at_tau_point_two():
   assert abs(float(jnp.mean(m['g'])) - expected) < 0.004
 
 
-def test_hard_candidate_masks_drop_at_rate_p():
-  m = masks.candidate_masks(jax.random.key(2), jnp.arange(3000), _logits(), TEMPLATE)
+@IMPLS
+def test_hard_candidate_masks_drop_at_rate_p(impl):
+  m = masks.candidate_masks(jax.random.key(2, impl=impl), jnp.arange(3000), _logits(), TEMPLATE)
   for name, g in (('a', 'group0'), ('b', 'group0'), ('b', 'group1')):
     leaf = np.asarray(m[name][g])
     assert set(np.unique(leaf)) <= {0.0, 1.0}
@@ -58,8 +63,9 @@ def test_candidates_differ_and_share_one_mask_per_candidate():
   assert len({row.tobytes() for row in leaf}) > 45
 
 
-def test_candidate_mask_depends_only_on_search_key_and_index():
-  key, logits = jax.random.key(4), _logits()
+@IMPLS
+def test_candidate_mask_depends_only_on_search_key_and_index(impl):
+  key, logits = jax.random.key(4, impl=impl), _logits()
   whole = masks.candidate_masks(key, jnp.arange(12), logits, TEMPLATE)
   for chunk in (1, 5, 12):
     for first in range(0, 12, chunk):
@@ -68,28 +74,32 @@ def test_candidate_mask_depends_only_on_search_key_and_index():
       jax.tree.map(
         lambda w, p: np.testing.assert_array_equal(w[first : first + chunk], p), whole, part
       )
+  other = masks.candidate_masks(jax.random.key(5, impl=impl), jnp.arange(12), logits, TEMPLATE)
+  assert not np.array_equal(np.asarray(whole['a']['group0']), np.asarray(other['a']['group0']))
+  if impl in rng.ONE_DEVICE_ONLY:  # refused on several devices (tests/test_samplers.py)
+    return
   # the same when the indices are sharded over 4 devices
   mesh = parallel.make_mesh(jax.devices()[:4])
   sharded = jax.jit(masks.candidate_masks, out_shardings=parallel.batch_sharded(mesh))(
     key, jax.device_put(jnp.arange(12), parallel.batch_sharded(mesh)), logits, TEMPLATE
   )
   jax.tree.map(lambda w, s: np.testing.assert_array_equal(w, np.asarray(s)), whole, sharded)
-  other = masks.candidate_masks(jax.random.key(5), jnp.arange(12), logits, TEMPLATE)
-  assert not np.array_equal(np.asarray(whole['a']['group0']), np.asarray(other['a']['group0']))
 
 
-def test_training_masks_do_not_depend_on_device_count():
-  logits = _logits()
-  one = masks.relaxed_masks(jax.random.key(6), logits, TEMPLATE, 16, 0.2)
+@pytest.mark.parametrize('impl', [i for i in rng.IMPLEMENTATIONS if i not in rng.ONE_DEVICE_ONLY])
+def test_training_masks_do_not_depend_on_device_count(impl):
+  logits, key = _logits(), jax.random.key(6, impl=impl)
+  one = masks.relaxed_masks(key, logits, TEMPLATE, 16, 0.2)
   mesh = parallel.make_mesh(jax.devices()[:4])
   four = jax.jit(
     lambda k: masks.relaxed_masks(k, logits, TEMPLATE, 16, 0.2),
     out_shardings=parallel.batch_sharded(mesh),
-  )(jax.random.key(6))
+  )(key)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), one, four)
 
 
-def test_each_leaf_draws_from_its_own_key():
+@IMPLS
+def test_each_leaf_draws_from_its_own_key(impl):
   """Leaves of one size are drawn together (vmap); the values must be those of one draw per
   leaf from fold_in(key, leaf_index), whatever sizes the other leaves have."""
   template = {
@@ -102,7 +112,7 @@ def test_each_leaf_draws_from_its_own_key():
     template,
     {'a': {'group0': 0.2, 'group1': 0.5}, 'b': {'group0': 0.7}, 'c': {'group0': 0.3}},
   )
-  key = jax.random.key(11)
+  key = jax.random.key(11, impl=impl)
   relaxed = masks.relaxed_masks(key, logits, template, 4, 0.2)
   hard = masks.hard_mask(key, logits, template)
   for i, (r, h, theta, m) in enumerate(
@@ -118,3 +128,15 @@ def test_each_leaf_draws_from_its_own_key():
     np.testing.assert_array_equal(r, 1.0 - jax.nn.sigmoid((theta + noise) / 0.2))
     u = jax.random.uniform(k, m.shape)
     np.testing.assert_array_equal(h, (u >= jax.nn.sigmoid(theta)).astype(np.float32))
+
+
+@pytest.mark.parametrize('impl', sorted(rng.REFUSED))
+def test_refused_generators_break_the_guarantee_they_are_refused_for(impl):
+  """Why rng.impl refuses rbg and unsafe_rbg: drawn with others, a candidate's mask is not the
+  one it has alone (if JAX changes this, the refusal can be reconsidered)."""
+  key, logits = jax.random.key(4, impl=impl), _logits()
+  whole = masks.candidate_masks(key, jnp.arange(4), logits, TEMPLATE)
+  alone = masks.candidate_masks(key, jnp.arange(2, 3), logits, TEMPLATE)
+  assert not np.array_equal(
+    np.asarray(whole['a']['group0'][2]), np.asarray(alone['a']['group0'][0])
+  )

@@ -9,7 +9,7 @@ import pytest
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, export, finetune, layers, masks, optim, parallel, train
+from pgnas_jax import errors, export, finetune, layers, masks, optim, parallel, rng, train
 from pgnas_jax import space as space_lib
 
 
@@ -73,8 +73,10 @@ def test_gradients_on_four_devices_equal_one_device(tiny_net):
   assert all(abs(float(g)) > 0 for g in jax.tree.leaves(grads['one']['drop_logits']))
 
 
-def test_train_step_same_on_one_and_four_devices(tiny_net):
+@pytest.mark.parametrize('impl', [i for i in rng.IMPLEMENTATIONS if i not in rng.ONE_DEVICE_ONLY])
+def test_train_step_same_on_one_and_four_devices(tiny_net, impl):
   config = _config()
+  config.rng.impl = impl
   p1, h1, _, _ = _run_steps(tiny_net, config, jax.devices()[:1])
   p4, h4, _, _ = _run_steps(tiny_net, config, jax.devices()[:4])
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from pgnas_jax import checkpoint as checkpoint_lib
-from pgnas_jax import compact, errors, parallel, search, supernets, train
+from pgnas_jax import compact, errors, parallel, samplers, search, supernets, train
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import workdir as workdir_lib
@@ -113,7 +113,8 @@ def from_workdir(workdir: str, index=None, measure: bool = True) -> dict:
       f"compact network for it; its winner's input-sliced pruned weights are in "
       f'search/winner_weights.msgpack'
     )
-  mask = search.candidate_mask(search_key, record['index'], drop_logits, template)
+  sampler = samplers.from_config(config.search)
+  mask = search.candidate_mask(search_key, record['index'], drop_logits, template, sampler)
   name = f'candidate{record["index"]}_compact'
   folder = workdir_lib.path(workdir, workdir_lib.SEARCH)
   described = {

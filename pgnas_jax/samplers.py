@@ -1,0 +1,111 @@
+"""Candidate samplers (``search.sampler``): how candidate ``c``'s hard mask follows from the
+search key, ``c`` and the learned drop probabilities (Alg. 1 line 8; docs/sampling.md).
+
+Every sampler gives each channel a uniform ``u`` and keeps it iff ``u >= p``
+(``masks.keep_where``), so each channel is dropped with probability ``p`` alone; samplers
+differ only in how the uniforms of different candidates are coupled. Candidate ``c``'s mask
+is a function of (search key, ``c``) alone, never of the other candidates drawn with it (the
+chunk), of the devices or of the processes.
+
+A sampler is a function ``draw(sampler, search_key, indices, drop_logits, template) ->
+masks`` (leaves with a leading candidate axis) registered by name in ``DRAWS``; the config
+chooses it by that name (``search.sampler``), ``from_config`` builds the ``Sampler``.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pgnas_jax import masks as masks_lib
+
+PyTree = Any
+DEFAULT = 'iid'
+
+
+def _iid(sampler, search_key, indices, drop_logits, template) -> PyTree:
+  """Independent masks, candidate c from ``fold_in(search_key, c)``."""
+  return masks_lib.candidate_masks(search_key, indices, drop_logits, template)
+
+
+def _antithetic(sampler, search_key, indices, drop_logits, template) -> PyTree:
+  """Candidates 2k and 2k+1 share the uniforms of ``fold_in(search_key, k)``: 2k keeps
+  where u >= p, 2k+1 where 1 - u >= p."""
+
+  def draw(c):
+    u = masks_lib.uniforms(jax.random.fold_in(search_key, c // 2), template)
+    u = jax.tree.map(lambda x: jnp.where(c % 2 == 1, 1.0 - x, x), u)
+    return masks_lib.keep_where(u, drop_logits)
+
+  return jax.vmap(draw)(indices)
+
+
+def _stratified(sampler, search_key, indices, drop_logits, template) -> PyTree:
+  """Latin-hypercube per channel over blocks of B candidates. In block b = c // B, from
+  ``fold_in(search_key, b)``, every position r = 0..B-1 of every channel gets 32 random bits;
+  candidate c (position r) takes the stratum s = the rank of its bits among the block's
+  (ties by position), so the B candidates of a block hold the strata 0..B-1 in a random
+  order per channel, plus a jitter v: u = (s + v) / B."""
+  size = sampler.block
+
+  def draw(c):
+    position = c % size
+
+    def leaf(k, channels):
+      bits = jax.random.bits(jax.random.fold_in(k, 0), (size, channels))
+      mine = bits[position]
+      before = jnp.arange(size)[:, None] < position
+      stratum = jnp.sum((bits < mine) | ((bits == mine) & before), axis=0)
+      jitter = jax.random.uniform(
+        jax.random.fold_in(jax.random.fold_in(k, 1), position), (channels,)
+      )
+      return (stratum.astype(jnp.float32) + jitter) / size
+
+    u = masks_lib.leaf_draws(jax.random.fold_in(search_key, c // size), template, leaf)
+    return masks_lib.keep_where(u, drop_logits)
+
+  return jax.vmap(draw)(indices)
+
+
+def _mode(sampler, search_key, indices, drop_logits, template) -> PyTree:
+  """The posterior mode, the same for every index: keep a channel iff p < 0.5."""
+
+  def leaf(theta, m):
+    keep = jnp.broadcast_to((jax.nn.sigmoid(theta) < 0.5).astype(jnp.float32), m.shape)
+    return jnp.broadcast_to(keep, indices.shape + m.shape)
+
+  return jax.tree.map(leaf, drop_logits, template)
+
+
+DRAWS = {'iid': _iid, 'antithetic': _antithetic, 'stratified': _stratified, 'mode': _mode}
+NAMES = tuple(DRAWS)
+ONE_CANDIDATE = ('mode',)  # samplers whose every candidate is the same
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """A sampler by name, with its parameters; hashable, so jit takes it as a static argument."""
+
+  name: str = DEFAULT
+  block: int = 0  # candidates per block of 'stratified'; 0 for the others
+
+  def __call__(self, search_key, indices, drop_logits, template) -> PyTree:
+    return DRAWS[self.name](self, search_key, indices, drop_logits, template)
+
+  def num_candidates(self, requested: int) -> int:
+    """How many distinct candidates there are to score: 1 for 'mode'."""
+    return 1 if self.name in ONE_CANDIDATE else requested
+
+  @property
+  def id(self) -> str:
+    """What of the sampler the candidates follow from, e.g. 'iid' or 'stratified/16'."""
+    return f'{self.name}/{self.block}' if self.block else self.name
+
+
+IID = Sampler()
+
+
+def from_config(search_config) -> Sampler:
+  name = search_config.sampler
+  return Sampler(name, search_config.stratified_block if name == 'stratified' else 0)
