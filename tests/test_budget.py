@@ -1,10 +1,10 @@
 """Budgets (search.max_params, search.max_flops) and the Pareto fronts of the candidates."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+
+import tiny
 
 from pgnas_jax import budget as budget_lib
 from pgnas_jax import errors, pareto, search
@@ -98,27 +98,15 @@ def test_pareto_front_of_hand_made_records():
   assert pareto.front([], 'params') == []
 
 
-TINY = [
-  '--config.model.shake_shake.stem_width=4',
-  '--config.model.shake_shake.widths=(4,8)',
-  '--config.train.num_steps=4',
-  '--config.train.log_every_steps=2',
-  '--config.data.validation_size=500',
-  '--config.search.num_candidates=6',
-  '--config.search.chunk_size=4',
-  '--config.search.eval_batch_size=500',
-  '--config.search.bn_recalibration_batches=1',
-  '--config.log.tensorboard=False',
-]
-
-
-def _main(workdir, *args):
-  return subprocess.run(
-    [sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}', *args],
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+TINY = tiny.flags(
+  {
+    'train.num_steps': 4,
+    'train.log_every_steps': 2,
+    'search.num_candidates': 6,
+    'search.bn_recalibration_batches': 1,
+    'log.tensorboard': False,
+  }
+)
 
 
 def _lines(path):
@@ -126,7 +114,7 @@ def _lines(path):
 
 
 def test_a_budget_nothing_fits_stops_and_a_larger_one_reuses_the_candidates(tmp_path):
-  result = _main(tmp_path, *TINY, '--config.search.max_params=1')
+  result = tiny.main(tmp_path, *TINY, '--config.search.max_params=1')
   assert result.returncode == 2, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('pgnas_jax: none of the 6 scored candidates fits the budget (params <= 1)')
@@ -141,7 +129,7 @@ def test_a_budget_nothing_fits_stops_and_a_larger_one_reuses_the_candidates(tmp_
   full = json.loads((tmp_path / 'search' / 'pareto.json').read_text())['supernet']['params']
   limit = sorted({c['params'] for c in candidates})[min(1, len(candidates) - 1)]
   share = f'{100 * (limit + 0.5) / full}%'
-  result = _main(tmp_path, *TINY, f"--config.search.max_params='{share}'")
+  result = tiny.main(tmp_path, *TINY, f"--config.search.max_params='{share}'")
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resuming after 6 recorded candidates' in result.stderr
   rescored = _lines(tmp_path / 'search' / 'candidates.jsonl')
@@ -165,7 +153,7 @@ def test_a_budget_nothing_fits_stops_and_a_larger_one_reuses_the_candidates(tmp_
   assert (tmp_path / 'plots' / 'pareto.png').read_bytes()[:4] == b'\x89PNG'
 
   # a finished run given another budget chooses again, without training or scoring again
-  result = _main(tmp_path, *TINY, '--config.search.max_params=0')
+  result = tiny.main(tmp_path, *TINY, '--config.search.max_params=0')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'choosing the winner again' in result.stderr
   assert 'resuming after 6 recorded candidates' in result.stderr

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+import tiny
+
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import cli, errors, lock, main
 from pgnas_jax import config as config_lib
@@ -31,11 +33,7 @@ HOLD = (
 
 
 def _tiny():
-  c = config_lib.get_config()
-  c.model.shake_shake.stem_width, c.model.shake_shake.widths = 4, (4, 8)
-  c.train.num_steps, c.data.validation_size = 4, 500
-  c.search.num_candidates, c.search.chunk_size, c.search.eval_batch_size = 4, 4, 500
-  return c
+  return tiny.config({'train.num_steps': 4, 'search.num_candidates': 4})
 
 
 def _users_workdir(tmp_path):

@@ -14,18 +14,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-TINY = [
-  '--config.model.shake_shake.stem_width=4',
-  '--config.model.shake_shake.widths=(4,8)',
-  '--config.train.num_steps=16',
-  '--config.train.log_every_steps=2',
-  '--config.checkpoint.every_steps=4',
-  '--config.data.validation_size=500',
-  '--config.search.num_candidates=12',
-  '--config.search.chunk_size=2',
-  '--config.search.eval_batch_size=250',
-  '--config.export.latency=False',
-]  # a timing: the rest of the workdir is bitwise
+import tiny
+
+TINY = tiny.flags(
+  {
+    'train.num_steps': 16,
+    'train.log_every_steps': 2,
+    'checkpoint.every_steps': 4,
+    'search.num_candidates': 12,
+    'search.chunk_size': 2,
+    'search.eval_batch_size': 250,
+  }
+)  # export.latency off (a timing): the rest of the workdir is bitwise
 RESULTS = (
   'posterior.json',
   'search/candidates.jsonl',
@@ -35,7 +35,7 @@ RESULTS = (
 
 
 # one CPU device: these tests are about files and processes, not sharding
-ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+ENV = tiny.ONE_DEVICE
 
 
 def _command(workdir, *extra):

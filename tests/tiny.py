@@ -19,6 +19,7 @@ TINY = {
   'search.num_candidates': 5,
   'search.chunk_size': 4,
   'search.eval_batch_size': 500,
+  'export.latency': False,  # a timing, compiled and run 23 times per network: tested once
 }
 
 # one CPU device, as users run the main job (the suite simulates four for sharding tests)
