@@ -188,7 +188,6 @@ def main():
   set_threads(args.threads)
   run_peer, torch_note = peer_runner(args)
   print(torch_note, flush=True)
-  from benchmarks import harness
 
   networks = args.networks.split(',')
   sides = {n: JaxSide(n, args) for n in networks}
@@ -201,17 +200,25 @@ def main():
       measured[n].append({'jax': ours, 'torch': theirs})
       print(f'round {r + 1} {n}: pgnas_jax {ours} | peer {theirs}', flush=True)
       load.append(os.getloadavg()[0])
+      write(args, measured, torch_note, load)  # an interrupted run keeps what it measured
+
+
+def write(args, measured: dict, torch_note: str, load: list) -> None:
+  done = {n: rounds for n, rounds in measured.items() if rounds}
   notes = (
     f'{args.threads} threads each; {args.rounds} alternating rounds, best round per side; '
+    f'rounds done: {", ".join(f"{n} {len(r)}" for n, r in done.items())}; '
     f'PyTorch: {torch_note}; 1-minute load average during the run '
     f'{min(load):.1f} to {max(load):.1f} on {os.cpu_count()} cores.'
   )
   columns = ['network', 'work', 'pgnas_jax_img_s', 'pytorch_img_s', 'ratio', 'ratio_per_round']
+  from benchmarks import harness
+
   harness.write_table(
     args.name,
     'pgnas_jax against the PyTorch peer',
     columns,
-    rows_of(args, measured, torch_note),
+    rows_of(args, done, torch_note),
     notes,
   )
 

@@ -3,7 +3,7 @@
 XLA:CPU (jaxlib 0.10.2) hands convolutions to YNNPACK. For the weight gradient of a conv
 (a convolution whose window is the whole image) YNNPACK is several times slower than XLA's
 own Eigen convolution: on the default network the four 16->16 weight gradients on 28x28 took
-43% of the train step (docs/benchmarks.md, issue 17). With no YNN fusion types
+45-48% of the train step (docs/benchmarks.md, issue 17). With no YNN fusion types
 every convolution of the program runs on Eigen; training ran 1.5 to 2.3 times faster on the
 default and m32 networks (ranking, forward only, gained nothing beyond noise and keeps the
 defaults). Accelerators compile without these options.
