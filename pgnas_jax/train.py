@@ -19,6 +19,7 @@ from pgnas_jax import masks as masks_lib
 from pgnas_jax import metric_writers, objective, observe, optim, parallel, rng
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
+from pgnas_jax import xla_options
 from pgnas_jax.errors import ConfigError, NonFiniteLossError, Preempted
 
 PyTree = Any
@@ -122,7 +123,8 @@ def make_train_step(
   mesh,
 ) -> Callable:
   """``train_step(state, batch) -> (state, metrics)``, jitted over the mesh: state
-  replicated, batch sharded over 'data', the state donated."""
+  replicated, batch sharded over 'data', the state donated; on CPU compiled with
+  ``xla_options.CPU_TRAIN_OPTIONS``."""
   loss_fn = make_loss_fn(model, space, config)
 
   def train_step(state: TrainState, batch: dict):
@@ -152,6 +154,7 @@ def make_train_step(
     in_shardings=(replicated, parallel.batch_sharded(mesh)),
     out_shardings=(replicated, replicated),
     donate_argnums=0,
+    compiler_options=xla_options.train_compiler_options(mesh),
   )
 
 
