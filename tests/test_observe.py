@@ -15,6 +15,8 @@ import types
 import jax
 import numpy as np
 import pytest
+
+import tiny
 from tensorboardX.proto import event_pb2
 
 from pgnas_jax import checkpoint as checkpoint_lib
@@ -48,19 +50,6 @@ def read_scalars(directory: str) -> dict:
   return scalars
 
 
-def _dataset(n=64):
-  rng = np.random.default_rng(0)
-
-  def split(m):
-    return data_lib.Split(
-      rng.integers(0, 256, (m, 8, 8, 2), dtype=np.uint8), rng.integers(0, 3, m).astype(np.int32)
-    )
-
-  return data_lib.Dataset(
-    split(n), split(16), split(16), 3, np.full(2, 0.5, np.float32), np.full(2, 0.25, np.float32)
-  )
-
-
 def _train(model, workdir):
   c = config_lib.get_config()
   c.train.batch_size, c.train.num_steps, c.train.log_every_steps = 8, STEPS, LOG_EVERY
@@ -69,7 +58,13 @@ def _train(model, workdir):
   checkpointer = checkpoint_lib.Checkpointer(str(workdir), c.checkpoint)
   try:
     state, space = train.train(
-      model, c, _dataset(), str(workdir), mesh, checkpointer, types.SimpleNamespace(requested=False)
+      model,
+      c,
+      tiny.synthetic_dataset(),
+      str(workdir),
+      mesh,
+      checkpointer,
+      types.SimpleNamespace(requested=False),
     )
   finally:
     checkpointer.close()
@@ -185,7 +180,7 @@ def test_search_writes_best_so_far_against_candidates_scored(tiny_net, tiny_vari
       self.rows.append((step, scalars['best_val_acc']))
 
   mesh = parallel.make_mesh(jax.devices()[:1])
-  dataset = _dataset()
+  dataset = tiny.synthetic_dataset()
   variables = {k: tiny_variables[k] for k in ('params', 'batch_stats')}
   space = space_lib.from_variables(tiny_variables)
   logits = masks.init_drop_logits(space.template, 0.4)

@@ -13,9 +13,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import tiny
+
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import config as config_lib
-from pgnas_jax import data as data_lib
 from pgnas_jax import errors, main, masks, parallel, records, rng, samplers, search, train
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
@@ -188,16 +189,6 @@ def _config(impl='threefry2x32', **search_fields):
   return c
 
 
-def _dataset(n=64):
-  rng_ = np.random.default_rng(0)
-  split = lambda m: data_lib.Split(
-    rng_.integers(0, 256, (m, 8, 8, 2), dtype=np.uint8), rng_.integers(0, 3, m).astype(np.int32)
-  )
-  return data_lib.Dataset(
-    split(n), split(16), split(16), 3, np.full(2, 0.5, np.float32), np.full(2, 0.25, np.float32)
-  )
-
-
 class _Guard:
   """Asks the training loop to stop after ``stop_after`` steps, as SIGTERM does."""
 
@@ -216,7 +207,9 @@ def _train(tiny_net, config, workdir, guard):
   mesh = parallel.make_mesh(jax.devices()[:1])
   checkpointer = checkpoint_lib.Checkpointer(str(workdir), config.checkpoint)
   try:
-    return train.train(tiny_net, config, _dataset(), str(workdir), mesh, checkpointer, guard)[0]
+    return train.train(
+      tiny_net, config, tiny.synthetic_dataset(), str(workdir), mesh, checkpointer, guard
+    )[0]
   finally:
     checkpointer.close()
 
@@ -274,7 +267,7 @@ def _candidates(workdir):
 def test_another_sampler_scores_again_and_keeps_the_training(tmp_path, monkeypatch, caplog):
   monkeypatch.setattr(jax, 'devices', lambda *a: jax.local_devices()[:1])
   caplog.set_level(logging.INFO)
-  workdir, dataset = str(tmp_path), _dataset()
+  workdir, dataset = str(tmp_path), tiny.synthetic_dataset()
   main.run(_config(), workdir, dataset=dataset)
   iid = _candidates(workdir)
   checkpoints = sorted(os.listdir(tmp_path / 'checkpoints'))

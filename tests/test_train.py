@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
+import tiny
+
 from pgnas_jax import config as config_lib
-from pgnas_jax import data as data_lib
 from pgnas_jax import errors, export, finetune, layers, masks, optim, parallel, rng, train
 from pgnas_jax import space as space_lib
 
@@ -23,19 +24,9 @@ def _config(**drop):
   return c
 
 
-def _dataset(n=64):
-  rng = np.random.default_rng(0)
-  split = lambda m: data_lib.Split(
-    rng.integers(0, 256, (m, 8, 8, 2), dtype=np.uint8), rng.integers(0, 3, m).astype(np.int32)
-  )
-  return data_lib.Dataset(
-    split(n), split(16), split(16), 3, np.full(2, 0.5, np.float32), np.full(2, 0.25, np.float32)
-  )
-
-
 def _run_steps(tiny_net, config, devices, steps=2):
   mesh = parallel.make_mesh(devices)
-  dataset = _dataset()
+  dataset = tiny.synthetic_dataset()
   run = train.setup(config, dataset)
   state, space = train.initialise(tiny_net, config, (8, 8, 2), run.tx, mesh)
   step_fn = train.make_train_step(tiny_net, space, config, run.tx, run.schedule, mesh)
@@ -50,7 +41,7 @@ def _run_steps(tiny_net, config, devices, steps=2):
 def test_gradients_on_four_devices_equal_one_device(tiny_net):
   config = _config()
   mesh1, mesh4 = (parallel.make_mesh(jax.devices()[:n]) for n in (1, 4))
-  dataset = _dataset()
+  dataset = tiny.synthetic_dataset()
   run = train.setup(config, dataset)
   state, space = train.initialise(tiny_net, config, (8, 8, 2), run.tx, mesh1)
   loss_fn = train.make_loss_fn(tiny_net, space, config)
@@ -148,7 +139,7 @@ def _finetuned(tiny_net, devices):
     lambda m: np.concatenate([[0.0], np.ones(m.shape[0] - 1)]).astype(np.float32), space.template
   )
   mesh = parallel.make_mesh(devices)
-  tuner = finetune.Finetuner(tiny_net, config, _dataset(), space, mesh)
+  tuner = finetune.Finetuner(tiny_net, config, tiny.synthetic_dataset(), space, mesh)
   tuned = tuner(variables, mask, params['drop_logits'], jax.random.key(5), first_step=2)
   return variables, jax.device_get(tuned), mask, space
 
@@ -163,7 +154,7 @@ def test_finetuning_trains_kept_weights_only_exports_exactly_and_shards(tiny_net
     # channel 0 (dropped) of the kernel's input axis untouched, the kept ones trained
     np.testing.assert_array_equal(k0['kernel'][:, :, 0], k1['kernel'][:, :, 0])
     assert not np.allclose(k0['kernel'][:, :, 1:], k1['kernel'][:, :, 1:])
-  images = jax.numpy.asarray(_dataset().test.images, jax.numpy.float32) / 255.0
+  images = jax.numpy.asarray(tiny.synthetic_dataset().test.images, jax.numpy.float32) / 255.0
   masked = tiny_net.apply({**after, 'masks': mask}, images, train=False)
   pruned = tiny_net.apply(export.pruned_variables(after, space, mask), images, train=False)
   np.testing.assert_allclose(pruned, masked, rtol=1e-5, atol=1e-5)
@@ -179,7 +170,7 @@ def test_a_stop_request_ends_fine_tuning_within_one_step(tiny_net, tiny_variable
   space = space_lib.from_variables(tiny_variables)
   variables = {k: tiny_variables[k] for k in ('params', 'batch_stats')}
   tuner = finetune.Finetuner(
-    tiny_net, config, _dataset(), space, parallel.make_mesh(jax.devices()[:1])
+    tiny_net, config, tiny.synthetic_dataset(), space, parallel.make_mesh(jax.devices()[:1])
   )
   guard = types.SimpleNamespace(requested=True, signal_name='SIGTERM')  # arrived at once
   with pytest.raises(errors.Preempted, match='stopped by SIGTERM at fine-tuning step 1 of 50'):

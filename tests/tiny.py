@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from pgnas_jax import config as config_lib
+from pgnas_jax import data as data_lib
 
 FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 
@@ -57,4 +60,19 @@ def main(workdir, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
     text=True,
     timeout=timeout,
     env=env,
+  )
+
+
+def synthetic_dataset(n: int = 64):
+  """Random 8x8x2 images of 3 classes, the input of conftest's ``tiny_net``: `n` training
+  images, 16 each for validation and test, the same on every call."""
+  rng = np.random.default_rng(0)
+
+  def split(m):
+    return data_lib.Split(
+      rng.integers(0, 256, (m, 8, 8, 2), dtype=np.uint8), rng.integers(0, 3, m).astype(np.int32)
+    )
+
+  return data_lib.Dataset(
+    split(n), split(16), split(16), 3, np.full(2, 0.5, np.float32), np.full(2, 0.25, np.float32)
   )
