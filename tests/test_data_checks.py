@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+
+import tiny
 import tensorflow_datasets as tfds
 
-from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import errors, main
@@ -50,22 +51,6 @@ def _npz_config(path, validation_size=10, num_classes=0):
   c.data.name, c.data.path = 'npz', str(path)
   c.data.validation_size, c.data.num_classes = validation_size, num_classes
   return c
-
-
-def _refused(config, workdir, capsys) -> str:
-  """Runs the main job in-process as the command line does; it must end with status 2 and
-  one line, leaving the workdir as the user left it. Returns the line."""
-  workdir.mkdir(exist_ok=True)
-  (workdir / 'notes.txt').write_text('mine')
-  capsys.readouterr()
-  with pytest.raises(SystemExit) as e:
-    cli_lib.exit_on_user_errors(main.run, config, str(workdir))
-  assert e.value.code == 2
-  err = capsys.readouterr().err
-  assert err.startswith('pgnas_jax: ') and err.count('\n') == 1, err
-  assert [p.name for p in workdir.iterdir()] == ['notes.txt']
-  assert (workdir / 'notes.txt').read_text() == 'mine'
-  return err
 
 
 def _label(a, split, i, value):
@@ -155,7 +140,7 @@ def test_bad_npz_values_are_refused_naming_the_file_and_key(tmp_path, capsys, ca
   arrays = _arrays()
   spoil(arrays)
   path = _save(tmp_path / 'mine.npz', arrays)
-  err = _refused(_npz_config(path, num_classes=3), tmp_path / 'workdir', capsys)
+  err = tiny.refused(_npz_config(path, num_classes=3), tmp_path / 'workdir', capsys)
   assert message.format(path=path) in err
 
 
@@ -174,7 +159,7 @@ def _damaged(tmp_path, how) -> str:
 @pytest.mark.parametrize('how', ['truncated', 'not a zip'])
 def test_a_damaged_npz_is_one_line(tmp_path, capsys, how):
   path = _damaged(tmp_path, how)
-  err = _refused(_npz_config(path), tmp_path / 'workdir', capsys)
+  err = tiny.refused(_npz_config(path), tmp_path / 'workdir', capsys)
   assert f'{path} cannot be read as an .npz file of arrays (' in err
   assert 'truncated or damaged: write it with numpy.savez(' in err
 
@@ -183,13 +168,13 @@ def test_a_pickled_npz_is_refused(tmp_path, capsys):
   arrays = _arrays()
   arrays['y_train'] = np.array([{'label': 0}] * 60, dtype=object)
   path = _save(tmp_path / 'mine.npz', arrays)
-  assert 'cannot be read as an .npz file of arrays' in _refused(
+  assert 'cannot be read as an .npz file of arrays' in tiny.refused(
     _npz_config(path), tmp_path / 'workdir', capsys
   )
 
 
 def test_a_missing_npz_says_what_to_give(tmp_path, capsys):
-  err = _refused(_npz_config(tmp_path / 'nowhere.npz'), tmp_path / 'workdir', capsys)
+  err = tiny.refused(_npz_config(tmp_path / 'nowhere.npz'), tmp_path / 'workdir', capsys)
   assert f"--config.data.path='{tmp_path / 'nowhere.npz'}' is not a file" in err
 
 
@@ -206,13 +191,13 @@ def test_npz_fields_are_checked_with_the_config(tmp_path, capsys, fields, messag
   for key, value in fields.items():
     section, leaf = key.split('.')
     c[section][leaf] = value
-  assert message in _refused(c, tmp_path / 'workdir', capsys)
+  assert message in tiny.refused(c, tmp_path / 'workdir', capsys)
 
 
 def test_a_batch_larger_than_the_training_split_is_refused(tmp_path, capsys):
   c = _npz_config(_save(tmp_path / 'mine.npz', _arrays()), validation_size=20)
   c.train.batch_size = 48
-  err = _refused(c, tmp_path / 'workdir', capsys)
+  err = tiny.refused(c, tmp_path / 'workdir', capsys)
   assert (
     '--config.train.batch_size=48 is larger than the training split (40 images once '
     'data.validation_size=20 are held out for ranking): use a batch of at most 40'
@@ -336,7 +321,7 @@ def test_spoiled_fashion_mnist_files_are_one_line(tmp_path, capsys, case, name, 
   folder = _fashion_dir(tmp_path, lambda n, body: spoil(body) if n == name else body)
   c = _tiny(config_lib.get_config())
   c.data.data_dir, c.data.validation_size = folder, 8
-  assert message.format(dir=folder) in _refused(c, tmp_path / 'workdir', capsys)
+  assert message.format(dir=folder) in tiny.refused(c, tmp_path / 'workdir', capsys)
 
 
 def test_intact_tiny_fashion_mnist_files_load(tmp_path):
@@ -372,13 +357,13 @@ def test_any_tfds_data_set_by_name_reads_its_shape_and_classes():
 
 def test_a_tfds_data_set_of_varying_image_sizes_is_refused(tmp_path, capsys):
   with tfds.testing.mock_data(num_examples=4):
-    err = _refused(_tfds_config('tfds:imagenet2012', validation_size=2), tmp_path, capsys)
+    err = tiny.refused(_tfds_config('tfds:imagenet2012', validation_size=2), tmp_path, capsys)
   assert "tfds data set 'imagenet2012' has images of shape (None, None, 3)" in err
   assert "(ImageNet: data.name='imagenet2012')" in err
 
 
 def test_a_missing_tfds_data_set_says_how_to_prepare_it(tmp_path, capsys):
-  err = _refused(_tfds_config('tfds:mnist', str(tmp_path / 'tfds')), tmp_path / 'w', capsys)
+  err = tiny.refused(_tfds_config('tfds:mnist', str(tmp_path / 'tfds')), tmp_path / 'w', capsys)
   assert 'tfds build mnist --file_format=array_record' in err
   assert f'--config.data.data_dir={tmp_path / "tfds"}' in err
 

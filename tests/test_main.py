@@ -6,7 +6,7 @@ import os
 import pytest
 
 import tiny
-from pgnas_jax import cli, errors, main
+from pgnas_jax import errors
 from pgnas_jax import config as config_lib
 
 
@@ -117,18 +117,10 @@ def test_bad_config_values_are_refused_with_a_clear_message(
   tmp_path, capsys, field, value, message
 ):
   """In-process, as the command line runs the job once the flags are parsed."""
-  workdir = _users_workdir(tmp_path)
   config = config_lib.get_config()
   section, name = field.split('.')
   config[section][name] = value
-  capsys.readouterr()
-  with pytest.raises(SystemExit) as e:
-    cli.exit_on_user_errors(main.run, config, str(workdir))
-  assert e.value.code == 2
-  err = capsys.readouterr().err
-  assert message in err
-  assert err.startswith('pgnas_jax: ') and err.count('\n') == 1, err
-  _untouched(workdir)
+  assert message in tiny.refused(config, tmp_path, capsys)
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+from pgnas_jax import cli
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
+from pgnas_jax import main as main_lib
 
 FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 
@@ -76,3 +79,20 @@ def synthetic_dataset(n: int = 64):
   return data_lib.Dataset(
     split(n), split(16), split(16), 3, np.full(2, 0.5, np.float32), np.full(2, 0.25, np.float32)
   )
+
+
+def refused(config, workdir, capsys) -> str:
+  """Runs the main job in-process as the command line does once its flags are parsed; it
+  must end with status 2 and one line, leaving the workdir as the user left it (a file of
+  theirs, written here). Returns the line."""
+  workdir.mkdir(exist_ok=True)
+  (workdir / 'notes.txt').write_text('mine')
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    cli.exit_on_user_errors(main_lib.run, config, str(workdir))
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith('pgnas_jax: ') and err.count('\n') == 1, err
+  assert [p.name for p in workdir.iterdir()] == ['notes.txt']
+  assert (workdir / 'notes.txt').read_text() == 'mine'
+  return err
