@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from test_supernets import (  # tiny families
   REMOVED_CONV,
   _apply,
@@ -179,17 +180,11 @@ def test_exported_files_run_without_pgnas_jax(family, tmp_path):
 
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
-  """A tiny main job run to the end (about a minute)."""
-  from pgnas_jax import config as config_lib
+  """A tiny main job run to the end, its latency timed."""
   from pgnas_jax import main
 
-  config = config_lib.get_config()
-  config.model.shake_shake.update(stem_width=4, widths=(4, 8))
-  config.train.update(num_steps=6, log_every_steps=3)
-  config.data.validation_size = 500
-  config.search.update(num_candidates=5, chunk_size=4, eval_batch_size=500)
   workdir = tmp_path_factory.mktemp('run')
-  return str(workdir), main.run(config, str(workdir))
+  return str(workdir), main.run(tiny.config({'export.latency': True}), str(workdir))
 
 
 def test_main_job_writes_the_compact_winner(finished_run):

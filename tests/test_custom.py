@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 
 import pgnas_jax
 from examples import search_fashion_npz, tiny_cnn
@@ -64,6 +65,7 @@ def _small_data(num_classes=10):
 def test_command_line_and_python_entry_give_identical_workdirs(tmp_path):
   overrides = {
     **TINY,
+    'data.data_dir': tiny.small_fashion_mnist(),
     'model.family': 'custom',
     'model.custom.module': MODULE,
     'model.custom.kwargs': '{"widths": [4, 8]}',

@@ -114,7 +114,7 @@ def test_a_config_that_gives_no_training_step_is_refused_before_the_workdir(tmp_
   workdir = _users_workdir(tmp_path)
   c = _tiny()
   c.train.num_steps, c.train.num_epochs = -1, 0.000001
-  per_epoch = (60000 - 500) // 128  # Fashion-MNIST's training split less validation
+  per_epoch = (tiny.SMALL_SPLITS['train'] - 500) // 128  # the training split less validation
   with pytest.raises(
     errors.ConfigError, match=rf'num_epochs=1e-06 gives no training step \({per_epoch} steps per '
   ):

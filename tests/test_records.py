@@ -2,7 +2,6 @@
 and cut back, metrics.jsonl reports a damaged middle line, JSON never holds NaN, and a
 validation split too small to rank is named."""
 
-import functools
 import json
 import logging
 import math
@@ -12,6 +11,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import tiny
 
 from pgnas_jax import metric_writers, records
 from pgnas_jax import workdir as workdir_lib
@@ -183,31 +183,24 @@ def test_a_validation_split_too_small_to_rank_is_named_with_the_smallest_useful_
 
 
 @pytest.fixture
-def one_device_quick_latency(monkeypatch):
-  """One device; the compact winner's latency timed once at batch 1 (it is not compared)."""
-  from pgnas_jax.compact import candidate
-
+def one_device(monkeypatch):
   monkeypatch.setattr(jax, 'devices', lambda *a: jax.local_devices()[:1])
-  monkeypatch.setattr(
-    candidate.latency,
-    'measure',
-    functools.partial(candidate.latency.measure, batch_sizes=(1,), repeats=1),
-  )
 
 
 def _tiny_config():
-  from pgnas_jax import config as config_lib
-
-  config = config_lib.get_config()
-  config.model.shake_shake.stem_width, config.model.shake_shake.widths = 4, (4, 8)
-  config.train.num_steps, config.train.log_every_steps = 2, 1
-  config.data.validation_size, config.search.eval_batch_size = 500, 250
-  config.search.num_candidates, config.search.chunk_size = 8, 2
-  return config
+  return tiny.config(
+    {
+      'train.num_steps': 2,
+      'train.log_every_steps': 1,
+      'search.eval_batch_size': 250,
+      'search.num_candidates': 8,
+      'search.chunk_size': 2,
+    }
+  )
 
 
 def test_a_damaged_candidates_file_is_cut_back_and_the_run_ends_as_an_uninterrupted_one(
-  tmp_path, caplog, one_device_quick_latency
+  tmp_path, caplog, one_device
 ):
   from pgnas_jax import main
 

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import tiny
 
 from pgnas_jax import errors
 from pgnas_jax.experiments import replicate, replication_report
@@ -27,7 +28,14 @@ SECTIONS = (
 def _replicate(workdir):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as users run it
   return subprocess.run(
-    [sys.executable, '-m', 'pgnas_jax.experiments.replicate', f'--workdir={workdir}', '--quick'],
+    [
+      sys.executable,
+      '-m',
+      'pgnas_jax.experiments.replicate',
+      f'--workdir={workdir}',
+      '--quick',
+      f'--data_dir={tiny.small_fashion_mnist()}',
+    ],
     capture_output=True,
     text=True,
     timeout=900,

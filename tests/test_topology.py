@@ -19,7 +19,6 @@ the later ones within 1e-4 (loss, its parts, learning rate, mean drop probabilit
 wrong row, mask or key changes the first line at the 1e-2 level.
 """
 
-import gzip
 import json
 import os
 import signal
@@ -29,55 +28,33 @@ import sys
 import numpy as np
 import pytest
 
-from pgnas_jax.data import fashion_mnist
+import tiny
 
-FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VALIDATION = 400
-TINY = [
-  '--config.model.shake_shake.stem_width=4',
-  '--config.model.shake_shake.widths=(4,8)',
-  '--config.train.batch_size=32',
-  '--config.train.num_steps=8',
-  '--config.train.log_every_steps=2',
-  '--config.checkpoint.every_steps=4',
-  f'--config.data.validation_size={VALIDATION}',
-  '--config.search.num_candidates=8',
-  '--config.search.chunk_size=auto',
-  '--config.search.eval_batch_size=200',
-]
+TINY = tiny.flags(
+  {
+    'train.batch_size': 32,
+    'train.num_steps': 8,
+    'train.log_every_steps': 2,
+    'checkpoint.every_steps': 4,
+    'data.validation_size': VALIDATION,
+    'search.num_candidates': 8,
+    'search.chunk_size': 'auto',
+    'search.eval_batch_size': 200,
+  }
+)
 CURVE = ('loss', 'nll', 'prior', 'entropy', 'learning_rate', 'mean_p')
 TIMEOUT = 240
 
 
-def _write_idx(path, array):
-  header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
-    int(d).to_bytes(4, 'big') for d in array.shape
-  )
-  with gzip.open(path, 'wb', compresslevel=1) as f:
-    f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
-
-
-@pytest.fixture(scope='module')
-def small_data(tmp_path_factory):
-  """The first 1,600 training and 400 test images of Fashion-MNIST, in its own format: the
-  same code path, a fraction of the loading and evaluation time."""
-  folder = tmp_path_factory.mktemp('fashion_mnist_small')
-  for split, n in (('train', 1600), ('test', 400)):
-    images, labels = fashion_mnist.load(FASHION_MNIST, split)
-    image_file, label_file = fashion_mnist.FILES[split]
-    _write_idx(folder / image_file, images[:n, :, :, 0])
-    _write_idx(folder / label_file, labels[:n])
-  return str(folder)
-
-
-def _start(command, workdir, data_dir, devices):
+def _start(command, workdir, devices):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   if devices > 1:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return subprocess.Popen(
-    command + [f'--workdir={workdir}', *TINY, f'--config.data.data_dir={data_dir}'],
+    command + [f'--workdir={workdir}', *TINY],
     cwd=REPO,
     env=env,
     stdout=subprocess.DEVNULL,
@@ -97,18 +74,17 @@ def _read(workdir):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory, small_data):
+def runs(tmp_path_factory):
   """The three runs, started at once (the two cores overlap one run's waits with another's
   work) and always cleaned up: every process group is killed at the end, finished or not."""
   root = tmp_path_factory.mktemp('topologies')
   main = [sys.executable, '-m', 'pgnas_jax.main']
   procs = {
-    'one device': _start(main, root / 'one', small_data, 1),
-    'four devices': _start(main, root / 'four', small_data, 4),
+    'one device': _start(main, root / 'one', 1),
+    'four devices': _start(main, root / 'four', 4),
     'two processes': _start(
       ['bash', os.path.join(REPO, 'launch', 'local_processes.sh'), '2', '2'],
       root / 'two',
-      small_data,
       1,
     ),
   }
