@@ -187,6 +187,7 @@ def finished_run(tmp_path_factory):
   return str(workdir), main.run(tiny.config({'export.latency': True}), str(workdir))
 
 
+@pytest.mark.xdist_group('compact_run')  # shares a module fixture
 def test_main_job_writes_the_compact_winner(finished_run):
   import json
   import os
@@ -207,6 +208,7 @@ def test_main_job_writes_the_compact_winner(finished_run):
   assert '## The compact winner' in report and 'masked supernet' in report
 
 
+@pytest.mark.xdist_group('compact_run')  # shares a module fixture
 def test_export_cli_redraws_a_candidate_from_its_index(finished_run, capsys):
   import json
   import os

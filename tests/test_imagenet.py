@@ -32,6 +32,7 @@ def mock_imagenet():
     return data_lib.load(_data())
 
 
+@pytest.mark.xdist_group('mock_imagenet')  # shares a module fixture
 def test_splits_sizes_and_disjoint_validation(mock_imagenet):
   d = mock_imagenet
   assert isinstance(d, stream.Streamed) and not d.in_memory
@@ -43,6 +44,7 @@ def test_splits_sizes_and_disjoint_validation(mock_imagenet):
   np.testing.assert_allclose(d.mean, imagenet.MEAN)
 
 
+@pytest.mark.xdist_group('mock_imagenet')  # shares a module fixture
 def test_train_and_eval_batches_shapes_dtypes(mock_imagenet):
   d = mock_imagenet
   batch = d.train_batch(_data(), 0, 0, 8)
@@ -62,6 +64,7 @@ def test_train_and_eval_batches_shapes_dtypes(mock_imagenet):
   np.testing.assert_array_equal(labels, [d.validation[i][1] for i in range(10)])
 
 
+@pytest.mark.xdist_group('mock_imagenet')  # shares a module fixture
 def test_training_order_follows_the_seed(mock_imagenet):
   d = mock_imagenet
   a = [d.train_batch(_data(), 0, s, 8) for s in range(3)]
@@ -74,6 +77,7 @@ def test_training_order_follows_the_seed(mock_imagenet):
 
 
 @pytest.mark.parametrize('count', [2, 4])
+@pytest.mark.xdist_group('mock_imagenet')  # shares a module fixture
 def test_process_rows_concatenate_to_the_one_process_batch(mock_imagenet, count):
   d = mock_imagenet
   whole = d.train_batch(_data(), 3, 5, 8)
@@ -88,6 +92,7 @@ def test_process_rows_concatenate_to_the_one_process_batch(mock_imagenet, count)
       np.testing.assert_array_equal(np.concatenate([p[j][key] for p in parts_eval]), batch[key])
 
 
+@pytest.mark.xdist_group('mock_imagenet')  # shares a module fixture
 def test_eval_preprocessing_is_deterministic(mock_imagenet):
   d = mock_imagenet
   first, second = (list(d.eval_batches(d.validation, 4)) for _ in range(2))

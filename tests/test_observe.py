@@ -83,6 +83,7 @@ def _metrics(workdir):
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
+@pytest.mark.xdist_group('observe_run')  # shares a module fixture
 def test_event_files_hold_the_logged_scalars_and_mean_p_per_stage(run):
   workdir, logits, space = run
   metrics = _metrics(workdir)
@@ -148,6 +149,7 @@ def test_a_resumed_run_purges_the_events_it_writes_again(tmp_path):
   assert starts == [3]
 
 
+@pytest.mark.xdist_group('observe_run')  # shares a module fixture
 def test_profiler_traces_the_chosen_step(run):
   workdir = run[0]
   assert os.listdir(workdir / 'profile') == [f'steps_{PROFILED}-{PROFILED}']

@@ -112,6 +112,7 @@ def reference(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.xdist_group('resume_reference')  # shares a module fixture
 def test_sigkill_at_random_points_then_resume_gives_identical_results(tmp_path, reference):
   rng = random.Random(20200207)
   train_points = sorted(rng.sample(range(2, 17, 2), 3))
@@ -166,6 +167,7 @@ def _tree_hash(path):
   return out
 
 
+@pytest.mark.xdist_group('resume_reference')  # shares a module fixture
 def test_truncated_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, reference):
   workdir = tmp_path / 'run'
   returncode, log = _run_until(workdir, 'search 2/12', 0.0)
@@ -248,6 +250,7 @@ def test_nan_at_a_given_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
   assert all(np.all(np.isfinite(np.asarray(x))) for _, x in _leaves(state['params']))
 
 
+@pytest.mark.xdist_group('resume_reference')  # shares a module fixture
 def test_ctrl_c_during_a_start_over_run_saves_and_the_same_command_resumes_it(tmp_path, reference):
   """Ctrl-C saves and stops like SIGTERM (status 143, one line); the same --start_over
   command then resumes the run it began instead of deleting the checkpoint it saved."""
@@ -268,6 +271,7 @@ def test_ctrl_c_during_a_start_over_run_saves_and_the_same_command_resumes_it(tm
   _assert_same_results(reference, workdir)
 
 
+@pytest.mark.xdist_group('resume_reference')  # shares a module fixture
 def test_a_finished_run_missing_an_output_is_finished_again(tmp_path, reference):
   workdir = tmp_path / 'run'
   shutil.copytree(reference, workdir)

@@ -113,6 +113,7 @@ def _dropped_lines(candidates):
   ).encode()
 
 
+@pytest.mark.xdist_group('topology')  # shares a module fixture
 def test_loss_curve_masks_and_winner_do_not_depend_on_the_topology(runs):
   results, _ = runs
   metrics, candidates, arch = results['one device']
@@ -150,6 +151,7 @@ def test_loss_curve_masks_and_winner_do_not_depend_on_the_topology(runs):
     assert other_arch['kept_channels'] == arch['kept_channels'], name
 
 
+@pytest.mark.xdist_group('topology')  # shares a module fixture
 def test_two_processes_share_one_workdir_and_checkpoint_together(runs):
   _, root = runs
   two = root / 'two'
