@@ -18,7 +18,7 @@ SET_UP_COMMANDS = (
   ),
   (
     "apt-get update && apt-get install -y dataset-fashion-mnist && pip install -e '.[test]' && "
-    'ruff check . && ruff format --check . && python -m pytest -q -n 2 tests'
+    'ruff check . && ruff format --check . && python -m pytest -q -n 2 --dist loadgroup tests'
   ),
 )
 _LINK = re.compile(r'\[[^\]]*\]\(([^)\s]+)\)')
