@@ -260,6 +260,17 @@ def test_a_train_step_with_each_estimator_is_finite_and_reproducible(tiny_net, n
     assert all(moved)
 
 
+def test_in_the_random_ablation_straight_through_and_disarm_train_alike(tiny_net):
+  """Both train the weights on the hard mask 1 - d of the same noise; neither moves the
+  frozen logits (and DisARM skips its second pass)."""
+  params = []
+  for name in ('straight_through', 'disarm'):
+    fresh, steps = _trainer(tiny_net, _config(estimator=name, mode='random'), jax.devices()[:1])
+    params.append(jax.tree.leaves(jax.device_get(steps(fresh()[0], 0, 2)[0].params)))
+  for a, b in zip(*params):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_disarm_gradients_on_four_devices_equal_one_device(tiny_net):
   config = _config(estimator='disarm')
   grads = {}
