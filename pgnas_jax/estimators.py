@@ -25,10 +25,13 @@ DEFAULT = 'concrete'
 GAMMA, ZETA = -0.1, 1.1  # hard concrete's stretch (Louizos, Welling & Kingma 2018)
 
 
-def _hard_keep(drop_logits: PyTree, noise: PyTree, sign: float = 1.0) -> PyTree:
-  """The hard keep mask ``1 - 1[theta + sign * noise > 0]``; ``sign = -1`` is the antithetic
-  draw (``u -> 1 - u`` maps the logistic noise to its negative)."""
-  return jax.tree.map(lambda t, n: (t + sign * n <= 0).astype(jnp.float32), drop_logits, noise)
+def _hard_drop(drop_logits: PyTree, noise: PyTree) -> PyTree:
+  """``d = 1[theta + noise > 0]``: each channel dropped with probability sigmoid(theta)."""
+  return jax.tree.map(lambda t, n: (t + n > 0).astype(jnp.float32), drop_logits, noise)
+
+
+def _keep(drop: PyTree) -> PyTree:
+  return jax.tree.map(lambda d: 1.0 - d, drop)
 
 
 def _concrete(loss, drop_logits, noise, tau, learned):
@@ -47,7 +50,7 @@ def _straight_through(loss, drop_logits, noise, tau, learned):
   bracket is exactly 0 forward, so the mask is exactly 0 or 1."""
   relaxed = masks_lib.concrete_keep(drop_logits, noise, tau)
   mask = jax.tree.map(
-    lambda h, s: h + (s - jax.lax.stop_gradient(s)), _hard_keep(drop_logits, noise), relaxed
+    lambda h, s: h + (s - jax.lax.stop_gradient(s)), _keep(_hard_drop(drop_logits, noise)), relaxed
   )
   return loss(drop_logits, mask)
 
@@ -62,16 +65,16 @@ def disarm_weight(theta, drop, anti):
 def _disarm(loss, drop_logits, noise, tau, learned):
   """Dong, Mnih & Tucker (2020): the weights train on the hard sample d; the logits get the
   DisARM estimate from the antithetic pair (d, d~) and the regulariser's exact gradient."""
-  keep = _hard_keep(drop_logits, noise)
-  value, aux = loss(drop_logits, keep)
+  drop = _hard_drop(drop_logits, noise)
+  value, aux = loss(drop_logits, _keep(drop))
   if not learned:  # no logit gradient to estimate: one pass
     return value, aux
-  anti = _hard_keep(drop_logits, noise, sign=-1.0)
-  half_difference = 0.5 * jax.lax.stop_gradient(value - loss(drop_logits, anti)[0])
+  anti = _hard_drop(drop_logits, jax.tree.map(jnp.negative, noise))  # u -> 1 - u: noise -> -noise
+  half_difference = 0.5 * jax.lax.stop_gradient(value - loss(drop_logits, _keep(anti))[0])
   weights = jax.tree.map(
-    lambda t, k, a: half_difference * disarm_weight(t, 1.0 - k, 1.0 - a),
+    lambda t, d, a: half_difference * disarm_weight(t, d, a),
     jax.lax.stop_gradient(drop_logits),
-    keep,
+    drop,
     anti,
   )
   surrogate = sum(jax.tree.leaves(jax.tree.map(lambda w, t: w * t, weights, drop_logits)))
@@ -85,7 +88,6 @@ ESTIMATORS = {
   'disarm': _disarm,
 }
 NAMES = tuple(ESTIMATORS)
-RELAXED = ('concrete', 'hard_concrete', 'straight_through')  # those with a temperature
 
 
 def temperature(drop_config, total_steps: int) -> Callable:

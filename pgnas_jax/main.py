@@ -23,17 +23,8 @@ from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import (
-  compact,
-  errors,
-  estimators,
-  export,
-  finetune,
-  metric_writers,
-  parallel,
-  pareto,
-)
-from pgnas_jax import report, rng, samplers, search, supernets, train
+from pgnas_jax import compact, errors, export, finetune, metric_writers, parallel, pareto
+from pgnas_jax import estimators, report, rng, samplers, search, supernets, train
 from pgnas_jax import budget as budget_lib
 from pgnas_jax import lock as lock_lib
 from pgnas_jax import masks as masks_lib
