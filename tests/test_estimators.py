@@ -1,9 +1,9 @@
 """Gate estimators (``drop.estimator``) and the temperature schedule (``drop.final_tau``):
-the concrete masks are today's, bit for bit; hard concrete's atoms have the analytic
-probabilities; straight-through is hard forward with the concrete's logit gradient; DisARM's
-logit gradient is unbiased on a function small enough to enumerate (and a wrong variant is
-caught); every estimator trains a step reproducibly, with the ablations, on any device
-count; the schedule is step-indexed, so a resumed run keeps it."""
+the concrete masks are those from before the estimators, bit for bit; hard concrete's atoms
+have the analytic probabilities; straight-through is hard forward with the concrete's logit
+gradient; DisARM's logit gradient is unbiased on a function small enough to enumerate (and a
+wrong variant is caught); every estimator trains a step reproducibly, with the ablations, on
+any device count; the schedule is step-indexed, so a resumed run keeps it."""
 
 import itertools
 
@@ -31,16 +31,15 @@ def _logits(p=P):
   return jax.tree.map(lambda q: masks.logit(jnp.float32(q)), p)
 
 
-def _masks(name, key, batch, tau, logits=None, template=TEMPLATE):
-  """The masks estimator ``name`` trains on (the loss returns them as its aux)."""
-  logits = _logits() if logits is None else logits
-  noise = masks.logistic_noise(key, template, batch)
-  return estimators.ESTIMATORS[name](lambda t, m: (0.0, m), logits, noise, tau, True)[1]
+def _masks(name, key, batch, tau):
+  """The masks estimator ``name`` trains on at P (the loss returns them as its aux)."""
+  noise = masks.logistic_noise(key, TEMPLATE, batch)
+  return estimators.ESTIMATORS[name](lambda t, m: (0.0, m), _logits(), noise, tau, True)[1]
 
 
-def test_concrete_masks_are_todays():
-  """Today's (before issue 13) relaxed masks, written out per group: group i draws its
-  logistic noise from fold_in(key, i) and keeps 1 - sigmoid((theta + noise) / tau)."""
+def test_concrete_masks_are_those_from_before_the_estimators():
+  """The relaxed masks as they were drawn before issue 13, written out per group: group i
+  draws its logistic noise from fold_in(key, i) and keeps 1 - sigmoid((theta + noise) / tau)."""
   key, logits, tau = jax.random.key(3), _logits(), 0.2
   drawn = jax.jit(lambda k: _masks('concrete', k, 16, tau))(key)
   for i, (theta, leaf) in enumerate(zip(jax.tree.leaves(logits), jax.tree.leaves(drawn))):
