@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from pgnas_jax import budget, rng, samplers
+from pgnas_jax import budget, estimators, rng, samplers
 from pgnas_jax.errors import ConfigError
 from pgnas_jax.supernets import enas
 
@@ -314,10 +314,30 @@ FIELDS = (
   Field('drop.init_p', 0.1, 'initial drop probability of every group', check=PROBABILITY),
   Field('drop.random_p', 0.1, 'p0 of the `random` ablation', check=PROBABILITY),
   Field(
+    'drop.estimator',
+    estimators.DEFAULT,
+    'how the training masks are drawn and the drop logits get their gradient (SPEC '
+    'section 2, "Gate estimators"): `concrete` the relaxed Bernoulli mask (the paper\'s Eq. '
+    '16); `hard_concrete` it stretched to (-0.1, 1.1) and clipped, so exactly 0 or 1 with '
+    'positive probability (Louizos et al. 2018); `straight_through` the hard Bernoulli mask '
+    "forward, the concrete's gradient backward; `disarm` the hard mask, and an unbiased "
+    'logit gradient from an antithetic pair of them (Dong et al. 2020; two forward passes '
+    'per step). The KL terms use `p` and the search samples Bernoulli(`p`) with each',
+    choices=estimators.NAMES,
+  ),
+  Field(
     'drop.tau',
     0.2,
-    'temperature of the relaxed Bernoulli training masks',
+    'temperature of the relaxed training masks (`concrete`, `hard_concrete`, the backward '
+    "pass of `straight_through`; `disarm` has none); the first step's with `final_tau`",
     check=Check(lambda v: v > 0.0, '> 0'),
+  ),
+  Field(
+    'drop.final_tau',
+    0.0,
+    '0: `tau` throughout; > 0: the temperature of the last training step, reached '
+    'exponentially in the step, `tau * (final_tau / tau) ^ (t / (T - 1))` at step `t` of `T`',
+    check=NON_NEGATIVE,
   ),
   Field(
     'drop.logit_lr_multiplier',

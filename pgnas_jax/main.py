@@ -24,7 +24,7 @@ from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import compact, errors, export, finetune, metric_writers, parallel, pareto
-from pgnas_jax import report, rng, samplers, search, supernets, train
+from pgnas_jax import estimators, report, rng, samplers, search, supernets, train
 from pgnas_jax import budget as budget_lib
 from pgnas_jax import lock as lock_lib
 from pgnas_jax import masks as masks_lib
@@ -57,6 +57,8 @@ RESUMABLE_CHANGES = (
 # Fields added since runs were first made: a saved config without one ran as its value here.
 ADDED_FIELDS = {
   'rng.impl': rng.DEFAULT,
+  'drop.estimator': estimators.DEFAULT,
+  'drop.final_tau': 0.0,
   'search.sampler': samplers.DEFAULT,
   'search.stratified_block': 16,
 }

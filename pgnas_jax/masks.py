@@ -62,20 +62,28 @@ def _per_leaf(key: jax.Array, drop_logits: PyTree, template: PyTree, draw) -> Py
   return jax.tree.unflatten(treedef, out)
 
 
+def logistic_noise(key: jax.Array, template: PyTree, batch_size: int) -> PyTree:
+  """One Logistic(0, 1) draw per example and channel, leaf shape ``(batch_size, channels)``:
+  the noise every training mask is made from (Eq. 16; ``estimators.py``)."""
+  return leaf_draws(
+    key, template, lambda k, channels: jax.random.logistic(k, (batch_size, channels))
+  )
+
+
+def concrete_keep(drop_logits: PyTree, noise: PyTree, tau) -> PyTree:
+  """The relaxed-Bernoulli *keep* masks of ``noise``: drop = sigmoid((theta + noise) / tau),
+  keep = 1 - drop (SPEC section 2). As tau -> 0, keep -> 1[noise < -theta], i.e.
+  Bernoulli(1 - p). No 1/(1-p) rescale."""
+  return jax.tree.map(lambda t, n: 1.0 - jax.nn.sigmoid((t + n) / tau), drop_logits, noise)
+
+
 def relaxed_masks(
   key: jax.Array, drop_logits: PyTree, template: PyTree, batch_size: int, tau: float
 ) -> PyTree:
-  """Per-example relaxed-Bernoulli *keep* masks, leaf shape ``(batch_size, channels)``.
-
-  drop = sigmoid((theta + logistic noise) / tau), keep = 1 - drop (SPEC section 2).
-  As tau -> 0, keep -> 1[noise < -theta], i.e. Bernoulli(1 - p). No 1/(1-p) rescale.
-  """
-
-  def leaf(k, theta, channels):
-    noise = jax.random.logistic(k, (batch_size, channels))
-    return 1.0 - jax.nn.sigmoid((theta + noise) / tau)
-
-  return _per_leaf(key, drop_logits, template, leaf)
+  """Per-example relaxed-Bernoulli keep masks (``concrete_keep``) of a key, leaf shape
+  ``(batch_size, channels)``: the ``concrete`` estimator's training masks."""
+  chex.assert_trees_all_equal_structs(drop_logits, template)
+  return concrete_keep(drop_logits, logistic_noise(key, template, batch_size), tau)
 
 
 def leaf_draws(key: jax.Array, template: PyTree, draw) -> PyTree:

@@ -16,7 +16,7 @@ import optax
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import metric_writers, objective, observe, optim, parallel, rng
+from pgnas_jax import estimators, metric_writers, objective, observe, optim, parallel, rng
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax import xla_options
@@ -82,27 +82,28 @@ def initialise(
 
 
 def make_loss_fn(model, space: space_lib.SearchSpace, config: ml_collections.ConfigDict):
+  """``loss_fn(params, batch_stats, batch, key, tau=drop.tau) -> (loss, (LossParts, logits,
+  batch_stats))``: the step's negative ELBO under the masks of the estimator
+  ``drop.estimator`` (``estimators.py``), whose gradient is that estimator's; ``tau`` is the
+  step's temperature (``estimators.temperature``)."""
   learned = config.drop.mode == 'learned'
   masked_loss = objective.make_masked_loss(model, space.template, config, learned)
+  estimate = estimators.ESTIMATORS[config.drop.estimator]
 
-  def loss_fn(params, batch_stats, batch, key):
+  def loss_fn(params, batch_stats, batch, key, tau=config.drop.tau):
     drop_logits = params['drop_logits']
     if not learned:
       drop_logits = jax.lax.stop_gradient(drop_logits)
-    masks = masks_lib.relaxed_masks(
-      jax.random.fold_in(key, 0),
-      drop_logits,
-      space.template,
-      batch['images'].shape[0],
-      config.drop.tau,
+    noise = masks_lib.logistic_noise(
+      jax.random.fold_in(key, 0), space.template, batch['images'].shape[0]
     )
-    return masked_loss(
-      {'weights': params['weights'], 'drop_logits': drop_logits},
-      batch_stats,
-      masks,
-      batch,
-      jax.random.fold_in(key, 1),
-    )
+    shake_key = jax.random.fold_in(key, 1)  # the same in every pass of an estimator
+
+    def loss(drop_logits, masks):
+      weights = {'weights': params['weights'], 'drop_logits': drop_logits}
+      return masked_loss(weights, batch_stats, masks, batch, shake_key)
+
+    return estimate(loss, drop_logits, noise, tau, learned)
 
   return loss_fn
 
@@ -121,17 +122,24 @@ def make_train_step(
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
   mesh,
+  temperature: Callable | None = None,
 ) -> Callable:
   """``train_step(state, batch) -> (state, metrics)``, jitted over the mesh: state
   replicated, batch sharded over 'data', the state donated; on CPU compiled with
-  ``xla_options.CPU_TRAIN_OPTIONS``."""
+  ``xla_options.CPU_TRAIN_OPTIONS``. ``temperature`` is the run's tau schedule
+  (``TrainSetup.temperature``); None for a constant ``drop.tau``."""
+  if temperature is None:
+    if config.drop.final_tau:
+      raise ValueError("drop.final_tau needs the run's schedule: pass TrainSetup.temperature")
+    temperature = estimators.temperature(config.drop, total_steps=1)
   loss_fn = make_loss_fn(model, space, config)
 
   def train_step(state: TrainState, batch: dict):
     key = jax.random.fold_in(state.key('train'), state.step)
+    tau = temperature(state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (parts, logits, batch_stats)), grads = grad_fn(
-      state.params, state.batch_stats, batch, key
+      state.params, state.batch_stats, batch, key, tau
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -142,6 +150,7 @@ def make_train_step(
       'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['labels']),
       'learning_rate': schedule(state.step),
       'mean_p': mean_drop_probability(state.drop_logits, space.template),
+      'tau': jnp.float32(tau),
     }
     new_state = state.replace(
       step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
@@ -163,6 +172,7 @@ class TrainSetup(NamedTuple):
   steps_per_epoch: int
   schedule: optax.Schedule
   tx: optax.GradientTransformation
+  temperature: Callable  # tau of a step (estimators.temperature)
 
 
 def setup(config: ml_collections.ConfigDict, dataset: data_lib.Source) -> TrainSetup:
@@ -184,7 +194,13 @@ def setup(config: ml_collections.ConfigDict, dataset: data_lib.Source) -> TrainS
       f'{0.5 / per_epoch:.2g} epochs, or --config.train.num_steps'
     )
   schedule = optim.learning_rate_schedule(config.train, total, per_epoch)
-  return TrainSetup(total, per_epoch, schedule, optim.make_optimizer(config, schedule))
+  return TrainSetup(
+    total,
+    per_epoch,
+    schedule,
+    optim.make_optimizer(config, schedule),
+    estimators.temperature(config.drop, total),
+  )
 
 
 def check_finite(values: list, first_step: int, message: str) -> None:
@@ -232,7 +248,7 @@ def train(
   first = int(state.step)
   if first >= run.total_steps:
     return state, space
-  train_step = make_train_step(model, space, config, run.tx, run.schedule, mesh)
+  train_step = make_train_step(model, space, config, run.tx, run.schedule, mesh, run.temperature)
   batch_size = config.train.batch_size
   logging.info(
     'training: %d steps (%.2f epochs of %d images), %d searchable groups, '
