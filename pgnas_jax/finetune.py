@@ -12,6 +12,7 @@ zero) and stay as they were, so the pruned export of a fine-tuned network is exa
 """
 
 import logging
+import time
 from typing import Any
 
 import flax
@@ -127,9 +128,20 @@ class Finetuner:
       self._mesh,
     )
     losses = []
+    every, start = config.train.log_every_steps, time.time()
     for batch in batches:
       state, loss = self._step(state, mask, drop_logits, key, batch)
       losses.append(loss)
+      done = len(losses)
+      if done % every == 0 or done == self.steps:  # progress, as training shows it
+        seconds = time.time() - start
+        logging.info(
+          'fine-tune step %d/%d  loss %.4f  eta %.0fs',
+          done,
+          self.steps,
+          float(loss),
+          seconds / done * (self.steps - done),
+        )
       if guard is not None and parallel.any_process(guard.requested):
         raise Preempted(
           f'stopped by {guard.signal_name} at fine-tuning step {len(losses)} of '
