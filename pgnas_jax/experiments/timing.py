@@ -1,0 +1,81 @@
+"""Timing what the sampling study and the benchmarks (``benchmarks/``) both time: train steps
+of the project's ``train_step`` on a synthetic batch, several variants of a config timed in
+turn, and drawing a chunk of candidate masks. Every timing blocks on the result of each call.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pgnas_jax import masks, optim, parallel, search, train
+
+
+def synthetic_batch(batch_size: int, shape: tuple, classes: int, seed: int = 0) -> dict:
+  """Standard-normal images and uniform labels: speed does not depend on pixel values."""
+  rng = np.random.default_rng(seed)
+  return {
+    'images': rng.standard_normal((batch_size,) + tuple(shape), np.float32),
+    'labels': rng.integers(0, classes, batch_size).astype(np.int32),
+    'weights': np.ones(batch_size, np.float32),
+  }
+
+
+def train_state(config, model, shape, mesh):
+  """(state, space, train_step) for ``config`` with a one-epoch cosine schedule."""
+  schedule = optim.learning_rate_schedule(config.train, 1000, 100)
+  tx = optim.make_optimizer(config, schedule)
+  state, space = train.initialise(model, config, shape, tx, mesh)
+  step = train.make_train_step(model, space, config, tx, schedule, mesh)
+  return state, space, step
+
+
+def timed(fn, repeats: int) -> float:
+  """Seconds per call of ``fn`` (returning device arrays, or host values it waited for),
+  after one warm-up call."""
+  jax.block_until_ready(fn())
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeats
+
+
+def interleaved_step_times(
+  configs: dict, model, shape: tuple, classes: int, batch_size: int, rounds: int, mesh
+) -> dict:
+  """``{name: {'compile_s', 'step_ms'}}``: one train step of each config of ``configs``
+  (name -> config of the same ``model``) on one synthetic batch. Every step is compiled
+  first; then each round times one step of each in turn, so that a change of the machine's
+  load falls on all of them alike; ``step_ms`` is the median over ``rounds`` rounds, after
+  one warm-up round."""
+  steps, compile_s = {}, {}
+  data = synthetic_batch(batch_size, shape, classes)
+  batch = parallel.put_batch({'images': data['images'], 'labels': data['labels']}, mesh)
+  for name, config in configs.items():
+    state, _, step = train_state(config, model, shape, mesh)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s[name] = time.perf_counter() - start
+    steps[name] = [compiled, state]
+  seconds = {name: [] for name in configs}
+  for _ in range(rounds + 1):  # the first round warms up
+    for name, holder in steps.items():
+      start = time.perf_counter()
+      holder[1], metrics = holder[0](holder[1], batch)
+      jax.block_until_ready(metrics['loss'])
+      seconds[name].append(time.perf_counter() - start)
+  return {
+    name: {'compile_s': compile_s[name], 'step_ms': 1e3 * float(np.median(seconds[name][1:]))}
+    for name in configs
+  }
+
+
+def mask_draw_seconds(template, impl: str, sampler, chunk: int, repeats: int) -> float:
+  """Seconds to draw candidates 0..chunk-1 of ``template`` at p = 0.1 with the generator
+  ``impl`` and ``sampler`` (``search.draw_candidates``, compiled, after one warm-up)."""
+  key = jax.random.key(1, impl=impl)
+  logits = masks.init_drop_logits(template, 0.1)
+  indices = jnp.arange(chunk)
+  return timed(lambda: search.draw_candidates(key, indices, logits, template, sampler), repeats)
