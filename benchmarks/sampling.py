@@ -42,21 +42,17 @@ def _ei():
 def template_of(name: str):
   """(mask template, searchable channels) of a benchmark network, from shapes alone."""
   import jax
-  import jax.numpy as jnp
-  import numpy as np
 
   from benchmarks import harness
   from pgnas_jax import supernets
+  from pgnas_jax.experiments import timing
 
   if name == 'ei':
     config, shape, classes = _ei(), (32, 32, 3), 10
     model = supernets.build(config.model, classes)
   else:
     config, model, shape, classes, _ = harness.network(name)
-  shapes = jax.eval_shape(
-    lambda: model.init({'params': jax.random.key(0)}, jnp.zeros((1,) + shape), train=False)
-  )
-  template = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes['masks'])
+  template = timing.mask_template(model, shape)
   return template, sum(int(m.shape[-1]) for m in jax.tree.leaves(template))
 
 

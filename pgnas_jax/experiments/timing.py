@@ -22,12 +22,18 @@ def synthetic_batch(batch_size: int, shape: tuple, classes: int, seed: int = 0) 
   }
 
 
-def train_state(config, model, shape, mesh):
-  """(state, space, train_step) for ``config`` with a one-epoch cosine schedule."""
-  schedule = optim.learning_rate_schedule(config.train, 1000, 100)
-  tx = optim.make_optimizer(config, schedule)
+def train_state(config, model, shape, mesh, dataset=None):
+  """(state, space, train_step) for ``config``: with ``dataset``, the run's own step (its
+  optimiser, schedule and temperature: ``train.setup``), else one with a one-epoch cosine
+  schedule."""
+  if dataset is None:
+    schedule = optim.learning_rate_schedule(config.train, 1000, 100)
+    tx, temperature = optim.make_optimizer(config, schedule), None
+  else:
+    run = train.setup(config, dataset)
+    schedule, tx, temperature = run.schedule, run.tx, run.temperature
   state, space = train.initialise(model, config, shape, tx, mesh)
-  step = train.make_train_step(model, space, config, tx, schedule, mesh)
+  step = train.make_train_step(model, space, config, tx, schedule, mesh, temperature)
   return state, space, step
 
 
@@ -43,18 +49,23 @@ def timed(fn, repeats: int) -> float:
 
 
 def interleaved_step_times(
-  configs: dict, model, shape: tuple, classes: int, batch_size: int, rounds: int, mesh
+  configs: dict, model, shape: tuple, classes: int, batch_size: int, rounds: int, mesh, dataset=None
 ) -> dict:
   """``{name: {'compile_s', 'step_ms'}}``: one train step of each config of ``configs``
-  (name -> config of the same ``model``) on one synthetic batch. Every step is compiled
+  (name -> config of the same ``model``) on one synthetic batch, or with ``dataset`` on its
+  first training batch with the run's own step (``train_state``). Every step is compiled
   first; then each round times one step of each in turn, so that a change of the machine's
   load falls on all of them alike; ``step_ms`` is the median over ``rounds`` rounds, after
   one warm-up round."""
   steps, compile_s = {}, {}
-  data = synthetic_batch(batch_size, shape, classes)
+  if dataset is None:
+    data = synthetic_batch(batch_size, shape, classes)
+  else:
+    first = next(iter(configs.values()))
+    data = dataset.train_batch(first.data, first.seed, 0, batch_size)
   batch = parallel.put_batch({'images': data['images'], 'labels': data['labels']}, mesh)
   for name, config in configs.items():
-    state, _, step = train_state(config, model, shape, mesh)
+    state, _, step = train_state(config, model, shape, mesh, dataset)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s[name] = time.perf_counter() - start
@@ -70,6 +81,17 @@ def interleaved_step_times(
     name: {'compile_s': compile_s[name], 'step_ms': 1e3 * float(np.median(seconds[name][1:]))}
     for name in configs
   }
+
+
+def mask_template(model, image_shape: tuple):
+  """The super-network's mask template (ones, one leaf per searchable group), from shapes
+  alone."""
+  shapes = jax.eval_shape(
+    lambda: model.init(
+      {'params': jax.random.key(0)}, jnp.zeros((1,) + tuple(image_shape)), train=False
+    )
+  )
+  return jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes['masks'])
 
 
 def mask_draw_seconds(template, impl: str, sampler, chunk: int, repeats: int) -> float:
