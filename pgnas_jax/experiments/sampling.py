@@ -324,6 +324,7 @@ class Runner:
       study.timing_rounds,
       parallel.make_mesh(jax.devices()[:1]),
       self.dataset,
+      same_weights=True,  # only how the masks are drawn differs
     )
     template = timing.mask_template(model, self.dataset.image_shape)
     result = {

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgnas_jax import masks, optim, parallel, search, train
+from pgnas_jax import masks, optim, parallel, rng, search, train
 
 
 def synthetic_batch(batch_size: int, shape: tuple, classes: int, seed: int = 0) -> dict:
@@ -22,17 +22,24 @@ def synthetic_batch(batch_size: int, shape: tuple, classes: int, seed: int = 0) 
   }
 
 
-def train_state(config, model, shape, mesh, dataset=None):
+def train_state(config, model, shape, mesh, dataset=None, like=None):
   """(state, space, train_step) for ``config``: with ``dataset``, the run's own step (its
   optimiser, schedule and temperature: ``train.setup``), else one with a one-epoch cosine
-  schedule."""
+  schedule. With ``like`` (a (state, space) of the same model and optimiser), a copy of its
+  state with this config's root key instead of a fresh initialisation (no model
+  initialisation to compile; for timing, where the weights' values do not matter)."""
   if dataset is None:
     schedule = optim.learning_rate_schedule(config.train, 1000, 100)
     tx, temperature = optim.make_optimizer(config, schedule), None
   else:
     run = train.setup(config, dataset)
     schedule, tx, temperature = run.schedule, run.tx, run.temperature
-  state, space = train.initialise(model, config, shape, tx, mesh)
+  if like is None:
+    state, space = train.initialise(model, config, shape, tx, mesh)
+  else:  # a copy: every train step donates its state
+    state, space = like
+    key = parallel.put_replicated(rng.root_key(config.seed, config.rng.impl), mesh)
+    state = jax.tree.map(lambda x: x.copy(), state).replace(root_key=key)
   step = train.make_train_step(model, space, config, tx, schedule, mesh, temperature)
   return state, space, step
 
@@ -49,11 +56,22 @@ def timed(fn, repeats: int) -> float:
 
 
 def interleaved_step_times(
-  configs: dict, model, shape: tuple, classes: int, batch_size: int, rounds: int, mesh, dataset=None
+  configs: dict,
+  model,
+  shape: tuple,
+  classes: int,
+  batch_size: int,
+  rounds: int,
+  mesh,
+  dataset=None,
+  same_weights: bool = False,
 ) -> dict:
   """``{name: {'compile_s', 'step_ms'}}``: one train step of each config of ``configs``
   (name -> config of the same ``model``) on one synthetic batch, or with ``dataset`` on its
-  first training batch with the run's own step (``train_state``). Every step is compiled
+  first training batch with the run's own step (``train_state``); with ``same_weights``,
+  every config starts from the first config's initial weights (``train_state``'s ``like``:
+  for configs that differ only in how the masks are drawn, whose step time does not depend
+  on the weights, without initialising each). Every step is compiled
   first; then each round times one step of each in turn, so that a change of the machine's
   load falls on all of them alike; ``step_ms`` is the median over ``rounds`` rounds, after
   one warm-up round."""
@@ -64,8 +82,11 @@ def interleaved_step_times(
     first = next(iter(configs.values()))
     data = dataset.train_batch(first.data, first.seed, 0, batch_size)
   batch = parallel.put_batch({'images': data['images'], 'labels': data['labels']}, mesh)
+  like = None
   for name, config in configs.items():
-    state, _, step = train_state(config, model, shape, mesh, dataset)
+    state, space, step = train_state(config, model, shape, mesh, dataset, like)
+    if same_weights and like is None:
+      like = jax.tree.map(lambda x: x.copy(), state), space
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s[name] = time.perf_counter() - start
