@@ -155,6 +155,7 @@ def _fixed_results():
       'winner': {'index': 0, 'val_acc': acc, 'test_acc': acc, 'params': params},
       'supernet': {'params': 1000},
       'mean_p': 0.2,
+      'p': [0.1, params / 3000],
       'train_seconds': 10.0,
       'wall_seconds': 20.0,
     }
@@ -213,7 +214,7 @@ def test_report_tables_on_fixed_inputs(tmp_path):
   assert '| concrete | 100 | 0.500 | 0.316 | 1.58 | 0.956 | 2 | 10.0 | 10.0 |' in text
   assert '| disarm | 100 | 0.000 | 0.400 | 0.00 | 1.000 | 8 | 20.0 | 12.5 |' in text
   # winner error over two seeds: 10 and 8 %
-  assert '| concrete | 9.00 ± 1.41 | 800 | 0.200 | 10 | 20 |' in text
+  assert '| concrete | 9.00 ± 1.41 | 800 | 0.200 | 0.100 to 0.300 | 10 | 20 |' in text
   assert '| disarm | 15.00 ± 0.00 | 600 |' in text
   # best of 4 of (0.5, 0.6, 0.7, 0.8) resampled; mode has one candidate
   assert '| all | mode | 0.5000 [0.5000, 0.5000] | 0.5000 [0.5000, 0.5000] |' in text

@@ -101,13 +101,15 @@ def gradient_rows(results: dict) -> list:
 
 def training_rows(results: dict) -> list:
   """Per estimator: winner test accuracies, params, mean learned p, training and search
-  seconds (per seed), and the timed train step (ms)."""
+  seconds (per seed), the range of the groups' learned p over all seeds, and the timed
+  train step (ms)."""
   return [
     {
       'estimator': name,
       'test_acc': [r['winner']['test_acc'] for r in runs],
       'params': [r['winner']['params'] for r in runs],
       'mean_p': [r['mean_p'] for r in runs],
+      'p_range': (min(min(r['p']) for r in runs), max(max(r['p']) for r in runs)),
       'train_seconds': [r['train_seconds'] for r in runs],
       'wall_seconds': [r['wall_seconds'] for r in runs],
       'step_ms': results['timing']['estimators'][name]['step_ms'],
@@ -302,15 +304,17 @@ def markdown(results: dict) -> str:
     '## Training per estimator',
     '',
     f'The main job with each estimator: winner among {s["candidates"]} iid candidates, its test '
-    f'error and params; the mean learned drop probability; training time (compilation '
+    f'error and params; the mean learned drop probability (over channels) and the range of '
+    f"the groups' learned p over the seeds; training time (compilation "
     f'included) and the wall time of the whole run (training, search, test and export).',
     '',
-    '| estimator | winner test error (%) | winner params | mean learned p | training s | '
-    'run wall s |',
-    '|---|---|---|---|---|---|',
+    '| estimator | winner test error (%) | winner params | mean learned p | p of the groups | '
+    'training s | run wall s |',
+    '|---|---|---|---|---|---|---|',
     *[
       f'| {r["estimator"]} | {_percent(r["test_acc"])} | {np.mean(r["params"]):,.0f} | '
-      f'{np.mean(r["mean_p"]):.3f} | {np.mean(r["train_seconds"]):.0f} | '
+      f'{np.mean(r["mean_p"]):.3f} | {r["p_range"][0]:.3f} to {r["p_range"][1]:.3f} | '
+      f'{np.mean(r["train_seconds"]):.0f} | '
       f'{np.mean(r["wall_seconds"]):.0f} |'
       for r in training_rows(results)
     ],
