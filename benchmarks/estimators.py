@@ -12,7 +12,6 @@ one warm-up round). Writes ``results/estimators_train_step.{md,json}``.
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,39 +26,26 @@ def parse():
 
 def main():
   args = parse()
-  import jax
-  import numpy as np
 
   from benchmarks import harness
-  from pgnas_jax import estimators, parallel
+  from pgnas_jax import estimators
+  from pgnas_jax.experiments import timing
 
   names = args.estimators.split(',') if args.estimators else list(estimators.NAMES)
-  mesh = harness.mesh_of(1)
-  steps, compile_s = {}, {}
+  configs = {}
   for name in names:
     config, model, shape, classes, _ = harness.network(args.network)
     config.drop.estimator = name
-    state, _, step = harness.train_state(config, model, shape, mesh)
-    data = harness.synthetic_batch(128, shape, classes)
-    batch = parallel.put_batch({'images': data['images'], 'labels': data['labels']}, mesh)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s[name] = time.perf_counter() - start
-    steps[name] = [compiled, state, batch]
-  seconds = {name: [] for name in names}
-  for _ in range(args.rounds + 1):  # the first round warms up
-    for name, holder in steps.items():
-      start = time.perf_counter()
-      holder[1], metrics = holder[0](holder[1], holder[2])
-      jax.block_until_ready(metrics['loss'])
-      seconds[name].append(time.perf_counter() - start)
+    configs[name] = config
+  times = timing.interleaved_step_times(
+    configs, model, shape, classes, 128, args.rounds, harness.mesh_of(1)
+  )
   rows = [
     {
       'network': args.network,
       'estimator': name,
-      'compile_s': compile_s[name],
-      'step_ms': 1e3 * float(np.median(seconds[name][1:])),
-      'vs_concrete': float(np.median(seconds[name][1:]) / np.median(seconds[names[0]][1:])),
+      **times[name],
+      'vs_concrete': times[name]['step_ms'] / times[names[0]]['step_ms'],
     }
     for name in names
   ]

@@ -12,11 +12,11 @@ import time
 from typing import NamedTuple
 
 import jax
-import numpy as np
 
 from pgnas_jax import config as config_lib
-from pgnas_jax import optim, parallel, supernets, train
+from pgnas_jax import parallel, supernets
 from pgnas_jax import space as space_lib
+from pgnas_jax.experiments import timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
@@ -70,22 +70,10 @@ def network(name: str, compute_dtype: str = 'float32'):
   return config, supernets.build(config.model, classes), shape, classes, description
 
 
-def synthetic_batch(batch_size: int, shape: tuple, classes: int, seed: int = 0) -> dict:
-  rng = np.random.default_rng(seed)
-  return {
-    'images': rng.standard_normal((batch_size,) + tuple(shape), np.float32),
-    'labels': rng.integers(0, classes, batch_size).astype(np.int32),
-    'weights': np.ones(batch_size, np.float32),
-  }
-
-
-def train_state(config, model, shape, mesh):
-  """(state, space, train_step) for ``config`` with a one-epoch cosine schedule."""
-  schedule = optim.learning_rate_schedule(config.train, 1000, 100)
-  tx = optim.make_optimizer(config, schedule)
-  state, space = train.initialise(model, config, shape, tx, mesh)
-  step = train.make_train_step(model, space, config, tx, schedule, mesh)
-  return state, space, step
+# shared with the sampling study (pgnas_jax/experiments/timing.py)
+synthetic_batch = timing.synthetic_batch
+train_state = timing.train_state
+timed = timing.timed
 
 
 class StepTiming(NamedTuple):
@@ -127,17 +115,6 @@ def forward_flops(space: space_lib.SearchSpace) -> int:
   """FLOPs of one image through the full super-network: 2 per multiply-accumulate of its
   conv and dense layers (BatchNorm, activations and masks not counted)."""
   return 2 * int(space_lib.costs(space, space.template)[1])
-
-
-def timed(fn, repeats: int) -> float:
-  """Seconds per call of ``fn`` (returning device arrays, or host values it waited for),
-  after one warm-up call."""
-  jax.block_until_ready(fn())
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / repeats
 
 
 def peak_memory_bytes(compiled=None):

@@ -42,38 +42,18 @@ def _ei():
 def template_of(name: str):
   """(mask template, searchable channels) of a benchmark network, from shapes alone."""
   import jax
-  import jax.numpy as jnp
-  import numpy as np
 
   from benchmarks import harness
   from pgnas_jax import supernets
+  from pgnas_jax.experiments import timing
 
   if name == 'ei':
     config, shape, classes = _ei(), (32, 32, 3), 10
     model = supernets.build(config.model, classes)
   else:
     config, model, shape, classes, _ = harness.network(name)
-  shapes = jax.eval_shape(
-    lambda: model.init({'params': jax.random.key(0)}, jnp.zeros((1,) + shape), train=False)
-  )
-  template = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes['masks'])
+  template = timing.mask_template(model, shape)
   return template, sum(int(m.shape[-1]) for m in jax.tree.leaves(template))
-
-
-def time_masks(template, impl: str, sampler, chunk: int, repeats: int) -> float:
-  """Seconds to draw candidates 0..chunk-1 (compiled, after one warm-up)."""
-  import jax
-  import jax.numpy as jnp
-
-  from benchmarks import harness
-  from pgnas_jax import masks, search
-
-  key = jax.random.key(1, impl=impl)
-  logits = masks.init_drop_logits(template, 0.1)
-  indices = jnp.arange(chunk)
-  return harness.timed(
-    lambda: search.draw_candidates(key, indices, logits, template, sampler), repeats
-  )
 
 
 def time_train_step(impl: str, network: str, steps: int) -> float:
@@ -89,6 +69,7 @@ def main():
   args = parse()
   from benchmarks import harness
   from pgnas_jax import rng, samplers
+  from pgnas_jax.experiments import timing
 
   impls = args.impls.split(',') if args.impls else list(rng.IMPLEMENTATIONS)
   names = args.samplers.split(',') if args.samplers else list(samplers.NAMES)
@@ -99,7 +80,7 @@ def main():
       row = {'network': network, 'channels': channels, 'impl': impl}
       for name in names:
         sampler = samplers.Sampler(name, 16 if name == 'stratified' else 0)
-        seconds = time_masks(template, impl, sampler, args.chunk, args.repeats)
+        seconds = timing.mask_draw_seconds(template, impl, sampler, args.chunk, args.repeats)
         row[f'{name}_ms'] = 1e3 * seconds
       rows.append(row)
       print(row, flush=True)
