@@ -24,6 +24,7 @@ SMALL_MODELS = {
 
 def _config(family='shake_shake', compute_dtype='float32'):
   c = config_lib.get_config()
+  c.objective.weight_prior_l2 = 50.0  # the prior the tolerances below were set under
   c.model.family, c.model.compute_dtype = family, compute_dtype
   c.model[family].update(SMALL_MODELS[family])
   return c

@@ -125,7 +125,7 @@ def test_sigkill_at_random_points_then_resume_gives_identical_results(tmp_path, 
   workdir = tmp_path / 'killed'
   killed = 0
   for marker in kill_points:
-    returncode, log = _run_until(workdir, marker, rng.uniform(0.0, 0.4) if marker else 4.0)
+    returncode, log = _run_until(workdir, marker, rng.uniform(0.0, 0.4) if marker else 1.5)
     if returncode == -signal.SIGKILL:
       killed += 1
     else:  # the point was passed already because of resumption; it may not finish early

@@ -71,6 +71,7 @@ class Study:
   timing_rounds: int
   mask_chunk: int  # candidates per timed draw
   mask_repeats: int
+  weight_prior_l2: float = 85.0  # the embedded default's weight prior (README)
 
 
 FULL = Study(
