@@ -113,6 +113,7 @@ def _lines(path):
   return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.long(22)
 def test_a_budget_nothing_fits_stops_and_a_larger_one_reuses_the_candidates(tmp_path):
   result = tiny.main(tmp_path, *TINY, '--config.search.max_params=1')
   assert result.returncode == 2, result.stderr[-3000:]

@@ -152,6 +152,7 @@ def test_cifar_configs_hold_the_papers_setup(name, family, size, l2, candidates)
   ) == expected
 
 
+@pytest.mark.long(19)
 def test_cifar10_m_end_to_end_on_mock_data(tmp_path):
   c = _config_file('cifar10_m').get_config()
   c.model.shake_shake.stem_width = 4

@@ -188,6 +188,7 @@ def finished_run(tmp_path_factory):
 
 
 @pytest.mark.xdist_group('compact_run')  # shares a module fixture
+@pytest.mark.long(23)
 def test_main_job_writes_the_compact_winner(finished_run):
   import json
   import os

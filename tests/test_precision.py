@@ -90,6 +90,7 @@ def _train(dataset, compute_dtype, steps=120):
   return model, state, space, mesh, np.array(nll)
 
 
+@pytest.mark.long(36)
 def test_bfloat16_trains_and_ranks_like_float32(fashion_mnist):
   model, state32, space, mesh, nll32 = _train(fashion_mnist, 'float32')
   _, state16, _, _, nll16 = _train(fashion_mnist, 'bfloat16')

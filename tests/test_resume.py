@@ -113,6 +113,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.xdist_group('resume_reference')  # shares a module fixture
+@pytest.mark.long(60)
 def test_sigkill_at_random_points_then_resume_gives_identical_results(tmp_path, reference):
   rng = random.Random(20200207)
   train_points = sorted(rng.sample(range(2, 17, 2), 3))
@@ -200,6 +201,7 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
   assert _tree_hash(workdir) == before
 
 
+@pytest.mark.long(33)
 def test_workdir_of_another_config_is_refused_unless_starting_over(tmp_path):
   workdir = tmp_path / 'run'
   _run_until(workdir, 'train step 6/16', 0.0)
