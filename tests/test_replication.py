@@ -4,8 +4,6 @@ command line, resumed as a no-op; the report generator and p0's choice on fixed 
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,21 +24,7 @@ SECTIONS = (
 
 
 def _replicate(workdir):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as users run it
-  return subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'pgnas_jax.experiments.replicate',
-      f'--workdir={workdir}',
-      '--quick',
-      f'--data_dir={tiny.small_fashion_mnist()}',
-    ],
-    capture_output=True,
-    text=True,
-    timeout=900,
-    env=env,
-  )
+  return tiny.quick_study('replicate', workdir)
 
 
 @pytest.mark.long(50)

@@ -3,9 +3,6 @@ its command line, resumed as a no-op; its statistics (bootstrap of best-of-N, du
 and report on fixed inputs."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,21 +22,7 @@ SECTIONS = (
 
 
 def _study(workdir):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as users run it
-  return subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'pgnas_jax.experiments.sampling',
-      f'--workdir={workdir}',
-      '--quick',
-      f'--data_dir={tiny.small_fashion_mnist()}',
-    ],
-    capture_output=True,
-    text=True,
-    timeout=900,
-    env=env,
-  )
+  return tiny.quick_study('sampling', workdir)
 
 
 def _table_rows(text: str, section: str) -> list:

@@ -108,6 +108,25 @@ def main(workdir, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
   )
 
 
+def quick_study(module: str, workdir) -> subprocess.CompletedProcess:
+  """`python -m pgnas_jax.experiments.MODULE --workdir=WORKDIR --quick` on the small data set,
+  one device, as users run it."""
+  return subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      f'pgnas_jax.experiments.{module}',
+      f'--workdir={workdir}',
+      '--quick',
+      f'--data_dir={small_fashion_mnist()}',
+    ],
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env=ONE_DEVICE,
+  )
+
+
 def synthetic_dataset(n: int = 64):
   """Random 8x8x2 images of 3 classes, the input of conftest's ``tiny_net``: `n` training
   images, 16 each for validation and test, the same on every call."""

@@ -24,23 +24,21 @@ Arms (``Study`` sets the sizes; ``FULL`` is the committed study, ``QUICK`` the C
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
 from pgnas_jax import checkpoint as checkpoint_lib
-from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import errors, finetune, main, parallel, report, search, supernets, train
 from pgnas_jax import records as records_lib
 from pgnas_jax import workdir as workdir_lib
-from pgnas_jax.experiments import replication_report
+from pgnas_jax.experiments import replication_report, studies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,34 +396,14 @@ def run_study(study: Study, workdir: str, data_dir: str | None = None, command: 
 
 
 def cli():
-  workdir = flags.DEFINE_string(
-    'workdir',
-    None,
-    'Directory for the study: every run, results.json, replication.md and figures/.',
-  )
-  quick = flags.DEFINE_bool(
-    'quick',
-    False,
+  studies.cli(
+    'pgnas_jax.experiments.replicate',
+    run_study,
+    FULL,
+    QUICK,
+    'replication.md',
     'A tiny study (one seed, a few steps) that runs every arm, table and figure in a few minutes.',
   )
-  data_dir = flags.DEFINE_string(
-    'data_dir', None, 'Folder of the Fashion-MNIST IDX files (default: the config default).'
-  )
-  flags.mark_flag_as_required('workdir')
-
-  def run(argv):
-    logging.get_absl_handler().addFilter(cli_lib.quiet_libraries)
-    if len(argv) > 1:
-      cli_lib.fail(f'unexpected arguments {argv[1:]}')
-    cli_lib.exit_on_user_errors(
-      run_study,
-      QUICK if quick.value else FULL,
-      workdir.value,
-      data_dir.value,
-      ' '.join(['python -m pgnas_jax.experiments.replicate'] + sys.argv[1:]),
-    )
-
-  app.run(run)
 
 
 if __name__ == '__main__':

@@ -5,15 +5,13 @@ the report can be regenerated, and tested, without running anything:
     python -m pgnas_jax.experiments.replication_report DIR   (reads DIR/results.json)
 """
 
-import json
-import os
-import sys
-
 import matplotlib
 import numpy as np
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
+
+from pgnas_jax.experiments import studies
 
 # The paper's numbers that each table is set against (AAAI 2020 paper, Tables 3 to 6).
 PAPER = {
@@ -471,17 +469,8 @@ def markdown(results: dict) -> str:
 
 def write(results: dict, workdir: str) -> str:
   """Writes ``replication.md`` and ``figures/`` under ``workdir``; returns the markdown path."""
-  os.makedirs(os.path.join(workdir, 'figures'), exist_ok=True)
-  for name, plot in FIGURES.items():
-    plot(results, os.path.join(workdir, 'figures', name))
-  path = os.path.join(workdir, 'replication.md')
-  with open(path, 'w') as f:
-    f.write(markdown(results))
-  return path
+  return studies.write_report(results, workdir, 'replication.md', markdown, FIGURES)
 
 
 if __name__ == '__main__':
-  if len(sys.argv) != 2:
-    sys.exit(__doc__)
-  with open(os.path.join(sys.argv[1], 'results.json')) as f:
-    print(write(json.load(f), sys.argv[1]))
+  studies.rewrite_report(write, __doc__)

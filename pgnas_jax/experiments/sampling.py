@@ -31,23 +31,21 @@ study's sizes; a workdir holding a study of other sizes (``--quick`` or not) is 
 
 import dataclasses
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
 from pgnas_jax import checkpoint as checkpoint_lib
-from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import estimators, main, parallel, report, rng, samplers, search, supernets, train
 from pgnas_jax import records as records_lib
 from pgnas_jax import workdir as workdir_lib
-from pgnas_jax.experiments import replicate, sampling_report, timing
+from pgnas_jax.experiments import replicate, sampling_report, studies, timing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,30 +391,14 @@ def run_study(study: Study, workdir: str, data_dir: str | None = None, command: 
 
 
 def cli():
-  workdir = flags.DEFINE_string(
-    'workdir', None, 'Directory for the study: every run, results.json, sampling.md, figures/.'
+  studies.cli(
+    'pgnas_jax.experiments.sampling',
+    run_study,
+    FULL,
+    QUICK,
+    'sampling.md',
+    'A tiny study (one seed, a few steps) that runs every table and figure.',
   )
-  quick = flags.DEFINE_bool(
-    'quick', False, 'A tiny study (one seed, a few steps) that runs every table and figure.'
-  )
-  data_dir = flags.DEFINE_string(
-    'data_dir', None, 'Folder of the Fashion-MNIST IDX files (default: the config default).'
-  )
-  flags.mark_flag_as_required('workdir')
-
-  def run(argv):
-    logging.get_absl_handler().addFilter(cli_lib.quiet_libraries)
-    if len(argv) > 1:
-      cli_lib.fail(f'unexpected arguments {argv[1:]}')
-    cli_lib.exit_on_user_errors(
-      run_study,
-      QUICK if quick.value else FULL,
-      workdir.value,
-      data_dir.value,
-      ' '.join(['python -m pgnas_jax.experiments.sampling'] + sys.argv[1:]),
-    )
-
-  app.run(run)
 
 
 if __name__ == '__main__':

@@ -6,10 +6,6 @@ anything:
     python -m pgnas_jax.experiments.sampling_report DIR   (reads DIR/results.json)
 """
 
-import json
-import os
-import sys
-
 import jax
 import matplotlib
 import numpy as np
@@ -17,7 +13,7 @@ import numpy as np
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
-from pgnas_jax.experiments import replication_report
+from pgnas_jax.experiments import replication_report, studies
 
 REFERENCE = 'reference'
 
@@ -385,17 +381,8 @@ def markdown(results: dict) -> str:
 
 def write(results: dict, workdir: str) -> str:
   """Writes ``sampling.md`` and ``figures/`` under ``workdir``; returns the markdown path."""
-  os.makedirs(os.path.join(workdir, 'figures'), exist_ok=True)
-  for name, plot in FIGURES.items():
-    plot(results, os.path.join(workdir, 'figures', name))
-  path = os.path.join(workdir, 'sampling.md')
-  with open(path, 'w') as f:
-    f.write(markdown(results))
-  return path
+  return studies.write_report(results, workdir, 'sampling.md', markdown, FIGURES)
 
 
 if __name__ == '__main__':
-  if len(sys.argv) != 2:
-    sys.exit(__doc__)
-  with open(os.path.join(sys.argv[1], 'results.json')) as f:
-    print(write(json.load(f), sys.argv[1]))
+  studies.rewrite_report(write, __doc__)
