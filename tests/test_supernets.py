@@ -327,3 +327,25 @@ def test_bad_family_fields_are_refused(override, field):
 def test_every_family_is_a_config_choice():
   assert set(supernets.FAMILIES) == set(config_lib.CHOICES['model.family'])
   assert config_lib.get_config().model.family == 'shake_shake'
+
+
+def test_shake_mix_weights_forward_and_backward_independently():
+  """Shake-shake (SPEC section 5): in training the output is a per-image convex mix of the
+  branches with weights ``f``, the gradient reaches branch i with other weights ``b``
+  (drawn apart from ``f``); at evaluation it is the branches' mean."""
+  from pgnas_jax.supernets.shake_shake import ShakeMix
+
+  batch = 64
+  ones, zeros = jnp.ones((batch, 3, 3, 2)), jnp.zeros((batch, 3, 3, 2))
+  mix = ShakeMix()
+  rngs = {'shake': jax.random.key(5)}
+  f = mix.apply({}, [ones, zeros], True, rngs=rngs)[:, 0, 0, 0]  # branch 0's forward weight
+  assert np.all((f >= 0) & (f <= 1)) and np.std(f) > 0.1  # U(0, 1) per image: std 0.29
+  y0, y1 = 3.0 * ones, -2.0 * ones
+  out = mix.apply({}, [y0, y1], True, rngs=rngs)
+  np.testing.assert_allclose(out[:, 0, 0, 0], 3.0 * f - 2.0 * (1 - f), rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda a, b: jnp.sum(mix.apply({}, [a, b], True, rngs=rngs)), (0, 1))(y0, y1)
+  b = grads[0][:, 0, 0, 0]
+  np.testing.assert_allclose(grads[0] + grads[1], 1.0, rtol=1e-6)  # convex backward weights
+  assert np.all((b >= 0) & (b <= 1)) and np.max(np.abs(b - f)) > 0.1  # drawn apart from f
+  np.testing.assert_allclose(mix.apply({}, [y0, y1], False), 0.5 * (y0 + y1))
