@@ -11,8 +11,10 @@ sides at ``--threads`` threads:
     ``128 100 N 2 32 2 32 3``): relaxed per-example masks, the regulariser, SGD Nesterov;
   * ranking at eval batch 100: the peer scores one candidate at a time with a hard mask;
     pgnas_jax runs ``search.evaluate`` over ``search.make_chunk_scorer`` with the best of
-    ``--chunks`` (images/s counts every candidate's images);
+    ``--chunks`` candidates per device (images/s counts every candidate's images);
   * the plain forward at eval batch 100 (no masks, evaluation mode).
+pgnas_jax splits the ``--threads`` cores into devices as the main job does
+(``--cpu_devices``, ``pgnas_jax/host_devices.py``): batches split over them, as in a run.
 The PyTorch side runs the peer file in a subprocess with ``--torch_python``; without it, or
 when torch does not import there, only pgnas_jax is measured and a note says so. PyTorch is
 never a dependency of the project.
@@ -47,8 +49,15 @@ def parse():
   p.add_argument('--steps', type=int, default=12, help='train steps per round (3 windows)')
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--eval_batch', type=int, default=100)
-  p.add_argument('--chunks', default='1,2', help='pgnas_jax ranking: chunk sizes to try')
+  p.add_argument(
+    '--chunks', default='1,2', help='pgnas_jax ranking: candidates per device and call to try'
+  )
   p.add_argument('--threads', type=int, default=2)
+  p.add_argument(
+    '--cpu_devices',
+    default='auto',
+    help="pgnas_jax's devices on the --threads cores, as the main job's --cpu_devices",
+  )
   p.add_argument('--name', default='versus_torch', help='results/<name>.md and .json')
   return p.parse_args()
 
@@ -109,7 +118,7 @@ class JaxSide:
     from pgnas_jax import parallel, search
 
     config, model, shape, classes, _ = harness.network(network)
-    self.args, mesh = args, harness.mesh_of(1)
+    self.args, mesh = args, harness.mesh_of(len(jax.devices()))
     state, space, step = harness.train_state(config, model, shape, mesh)
     data = harness.synthetic_batch(args.batch, shape, classes)
     self.train_batch = parallel.put_batch(
@@ -119,10 +128,11 @@ class JaxSide:
     self.state = state
     weights = {'params': state.params['weights'], 'batch_stats': state.batch_stats}
     self.weights = parallel.put_replicated(weights, mesh)
-    self.batches = [
-      parallel.put_replicated(harness.synthetic_batch(args.eval_batch, shape, classes, i), mesh)
-      for i in range(5)
-    ]
+    evals = [harness.synthetic_batch(args.eval_batch, shape, classes, i) for i in range(5)]
+    # as the search places them: whole on every device for chunks of candidates, rows split
+    # over the devices for one network
+    self.batches = [parallel.put_replicated(b, mesh) for b in evals]
+    self.split_batches = [parallel.put_batch(b, mesh) for b in evals]
     self.scorer = search.make_chunk_scorer(model, mesh, 'float32')
     self.plain = search.make_full_scorer(model, mesh, 'float32')
     self.masks = {
@@ -132,7 +142,7 @@ class JaxSide:
         ),
         mesh,
       )
-      for k in (int(c) for c in args.chunks.split(','))
+      for k in (int(c) * mesh.devices.size for c in args.chunks.split(','))
     }
 
   def _train(self):
@@ -152,7 +162,7 @@ class JaxSide:
       ranking[k] = best_rate(score, k * n * args.eval_batch, 3)
     best = max(ranking, key=ranking.get)
     out['rank_one_img_s'], out['chunk'] = ranking[best], best
-    plain = lambda: search.evaluate(self.plain, (self.weights,), self.batches)
+    plain = lambda: search.evaluate(self.plain, (self.weights,), self.split_batches)
     plain()
     out['plain_fwd_img_s'] = best_rate(plain, n * args.eval_batch, 3)
     return out
@@ -183,9 +193,20 @@ def rows_of(args, measured: dict, torch_note: str) -> list:
   return rows
 
 
+def split_cpu(args) -> str:
+  """pgnas_jax's CPU devices, chosen and set as the main job does for the default config."""
+  from pgnas_jax import config as config_lib
+  from pgnas_jax import host_devices
+
+  count = host_devices.choose(args.cpu_devices, config_lib.get_config(), args.threads)
+  return host_devices.split_host_cpu(count, args.threads)
+
+
 def main():
   args = parse()
   set_threads(args.threads)
+  split = split_cpu(args)
+  print(split, flush=True)
   run_peer, torch_note = peer_runner(args)
   print(torch_note, flush=True)
 
@@ -200,13 +221,14 @@ def main():
       measured[n].append({'jax': ours, 'torch': theirs})
       print(f'round {r + 1} {n}: pgnas_jax {ours} | peer {theirs}', flush=True)
       load.append(os.getloadavg()[0])
-      write(args, measured, torch_note, load)  # an interrupted run keeps what it measured
+      write(args, measured, torch_note, load, split)  # an interrupted run keeps what it measured
 
 
-def write(args, measured: dict, torch_note: str, load: list) -> None:
+def write(args, measured: dict, torch_note: str, load: list, split: str) -> None:
   done = {n: rounds for n, rounds in measured.items() if rounds}
   notes = (
-    f'{args.threads} threads each; {args.rounds} alternating rounds, best round per side; '
+    f'{args.threads} threads each (pgnas_jax: {split}); '
+    f'{args.rounds} alternating rounds, best round per side; '
     f'rounds done: {", ".join(f"{n} {len(r)}" for n, r in done.items())}; '
     f'PyTorch: {torch_note}; 1-minute load average during the run '
     f'{min(load):.1f} to {max(load):.1f} on {os.cpu_count()} cores.'

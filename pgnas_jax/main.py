@@ -26,6 +26,7 @@ from pgnas_jax import data as data_lib
 from pgnas_jax import compact, errors, export, finetune, metric_writers, parallel, pareto
 from pgnas_jax import estimators, report, rng, samplers, search, supernets, train
 from pgnas_jax import budget as budget_lib
+from pgnas_jax import host_devices
 from pgnas_jax import lock as lock_lib
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import records as records_lib
@@ -530,8 +531,20 @@ def cli():
   process_id_flag = flags.DEFINE_integer(
     'process_id', None, 'Index of this process, 0 .. num_processes - 1.'
   )
+  cpu_devices_flag = flags.DEFINE_string(
+    'cpu_devices',
+    host_devices.AUTO,
+    'XLA devices to split the CPU of each process into: auto (one single-threaded device '
+    'per core, fewer when the config does not split over them; one in multi-process runs) '
+    'or a whole number. Accelerators are not affected.',
+  )
 
   def job(config):
+    config_lib.validate(config)  # bad input is answered before anything starts
+    cores = host_devices.usable_cores()
+    several = distributed_flag.value or num_processes_flag.value not in (None, 1)
+    count = host_devices.choose(cpu_devices_flag.value, config, cores, several)
+    split = host_devices.split_host_cpu(count, cores)  # before JAX starts its backends
     parallel.initialize_distributed(
       distributed_flag.value,
       coordinator_flag.value,
@@ -540,6 +553,7 @@ def cli():
     )
     if not parallel.is_main_process():  # one progress log for the run, process 0's
       logging.set_verbosity(logging.WARNING)
+    logging.info('%s', split)
     run(config, workdir_flag.value, start_over_flag.value)
 
   def main(argv):

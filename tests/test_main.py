@@ -143,6 +143,8 @@ def test_bad_config_values_are_refused_with_a_clear_message(
       ['--coordinator_address=127.0.0.1', '--num_processes=2', '--process_id=0'],
       "--coordinator_address='127.0.0.1' has no port",
     ),
+    (['--cpu_devices=two'], "--cpu_devices='two' is not valid: use auto or a whole number"),
+    (['--cpu_devices=3'], 'does not split over 3 devices: use a multiple of 3'),
   ],
 )
 def test_bad_flags_are_refused_with_a_clear_message(tmp_path, args, message):
