@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from pgnas_jax import compact
+from pgnas_jax import compact, host_devices
 
 BATCH_SIZES = (1, 128)
 WARMUP = 3
@@ -68,5 +68,13 @@ def measure(
 
 
 def describe_device() -> str:
-  d = jax.devices()[0]
-  return f'{d.device_kind} ({d.platform}, {os.cpu_count()} cores), jax {jax.__version__}'
+  """The device the latencies are measured on; on a CPU split into several devices
+  (``--cpu_devices``), one of them, single-threaded when the split says so."""
+  devices = jax.devices()
+  where = f'{devices[0].platform}, {os.cpu_count()} cores'
+  if devices[0].platform == 'cpu' and len(devices) > 1:
+    threads = (
+      'single-threaded ' if host_devices.ONE_THREAD_FLAG in os.environ.get('XLA_FLAGS', '') else ''
+    )
+    where += f', one {threads}device of {len(devices)}'
+  return f'{devices[0].device_kind} ({where}), jax {jax.__version__}'
