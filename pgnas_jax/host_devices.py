@@ -65,8 +65,8 @@ def _fits(config, count: int) -> bool:
 
 def split_host_cpu(count: int, cores: int) -> str:
   """Makes the CPU backend ``count`` devices, single-threaded when they take every core;
-  returns what was done, for the log. An ``XLA_FLAGS`` that already sets the device count
-  is the user's choice and is kept."""
+  returns what was done (benchmarks note it). An ``XLA_FLAGS`` that already sets the device
+  count is the user's choice and is kept."""
   if DEVICE_COUNT_FLAG in os.environ.get('XLA_FLAGS', ''):
     return f'CPU devices as XLA_FLAGS sets them ({DEVICE_COUNT_FLAG})'
   if count == 1:

@@ -544,7 +544,7 @@ def cli():
     cores = host_devices.usable_cores()
     several = distributed_flag.value or num_processes_flag.value not in (None, 1)
     count = host_devices.choose(cpu_devices_flag.value, config, cores, several)
-    split = host_devices.split_host_cpu(count, cores)  # before JAX starts its backends
+    host_devices.split_host_cpu(count, cores)  # before JAX starts its backends
     parallel.initialize_distributed(
       distributed_flag.value,
       coordinator_flag.value,
@@ -553,7 +553,6 @@ def cli():
     )
     if not parallel.is_main_process():  # one progress log for the run, process 0's
       logging.set_verbosity(logging.WARNING)
-    logging.info('%s', split)
     run(config, workdir_flag.value, start_over_flag.value)
 
   def main(argv):

@@ -31,23 +31,15 @@ class ShakeMix(nn.Module):
 
   @nn.compact
   def __call__(self, branches, train: bool):
+    stacked = jnp.stack(branches, axis=-1)
     n = len(branches)
     if not (train and self.shake):
-      return sum(branches[1:], branches[0]) / n
-    # Weighted sums branch by branch, not over a stacked axis of size n: a trailing axis of
-    # 2 is a slow layout on CPU (docs/benchmarks.md, issue 17).
-    batch, dtype = branches[0].shape[0], branches[0].dtype
-    forward = _mixing_weights(self.make_rng('shake'), batch, n).astype(dtype)
-    backward = _mixing_weights(self.make_rng('shake'), batch, n).astype(dtype)
-    with_backward = _weighted_sum(branches, backward)
-    correction = _weighted_sum(branches, forward - backward)
+      return jnp.mean(stacked, axis=-1)
+    forward = _mixing_weights(self.make_rng('shake'), stacked.shape[0], n).astype(stacked.dtype)
+    backward = _mixing_weights(self.make_rng('shake'), stacked.shape[0], n).astype(stacked.dtype)
+    with_backward = jnp.sum(stacked * backward, axis=-1)
+    correction = jnp.sum(stacked * (forward - backward), axis=-1)
     return with_backward + jax.lax.stop_gradient(correction)
-
-
-def _weighted_sum(branches, weights):
-  """sum_i weights[..., i] * branches[i], weights of shape [batch, 1, 1, 1, n]."""
-  terms = [b * weights[..., i] for i, b in enumerate(branches)]
-  return sum(terms[1:], terms[0])
 
 
 class Branch(nn.Module):
