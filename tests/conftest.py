@@ -4,8 +4,17 @@ need one device build their mesh from ``jax.devices()[:1]``."""
 import os
 import tempfile
 
-os.environ['XLA_FLAGS'] = (
-  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
+# The suite's programs are small and most are compiled once or twice: compiling is most of
+# its time, and without LLVM's optimisation passes it takes about half as long. The programs
+# compute the same IEEE float operations at either level (XLA:CPU uses no fast math), and
+# every process of the suite, the ones it starts included (`tiny.ONE_DEVICE`), runs at this
+# level, so each comparison a test makes is between runs compiled alike.
+os.environ['XLA_FLAGS'] = ' '.join(
+  [
+    os.environ.get('XLA_FLAGS', ''),
+    '--xla_backend_optimization_level=0',
+    '--xla_force_host_platform_device_count=4',
+  ]
 ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One persistent compilation cache for the suite and every process it starts (tiny runs of

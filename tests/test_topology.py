@@ -49,10 +49,9 @@ TIMEOUT = 240
 
 
 def _start(command, workdir, devices):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  env = {**tiny.ONE_DEVICE, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
   if devices > 1:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    env['XLA_FLAGS'] += f' --xla_force_host_platform_device_count={devices}'
   return subprocess.Popen(
     command + [f'--workdir={workdir}', *TINY],
     cwd=REPO,

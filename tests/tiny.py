@@ -70,8 +70,16 @@ def _tiny(overrides: dict | None) -> dict:
   return {**TINY, 'data.data_dir': small_fashion_mnist(), **(overrides or {})}
 
 
-# one CPU device, as users run the main job (the suite simulates four for sharding tests)
-ONE_DEVICE = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+# one CPU device, as users run the main job (the suite simulates four for sharding tests);
+# the suite's other XLA flags kept (tests/conftest.py)
+ONE_DEVICE = {
+  **os.environ,
+  'XLA_FLAGS': ' '.join(
+    f
+    for f in os.environ.get('XLA_FLAGS', '').split()
+    if not f.startswith('--xla_force_host_platform_device_count')
+  ),
+}
 
 
 def _flag_value(value) -> str:
