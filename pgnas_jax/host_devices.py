@@ -1,13 +1,15 @@
 """How a single-process run splits this host's CPU into XLA devices (``--cpu_devices``).
 
-XLA:CPU runs one device's program on a pool of threads, op after op; most ops of the
-project's small networks (elementwise passes, BatchNorm statistics, the scorer's convs on
-one candidate) use two threads poorly. Split into one single-threaded device per core, the
-same program runs data-parallel (the train step: rows of the batch; ranking: candidates of
-a chunk), every core busy with its own share. Measured on the project's 2-core machine
-(docs/benchmarks.md, issue 17): ranking 1.46x (default network) and 1.55x (m32), the plain
-forward 1.4x and 1.8x, the train step 1.03x to 1.12x. Results change only by the float
-order of the cross-device sums (parallel.py), as for any device count.
+XLA:CPU runs one device's program on a pool of threads; most ops of the project's small
+networks (elementwise passes, BatchNorm statistics, the scorer's convs on one candidate) use
+Eigen's intra-op threads poorly. Split into one device per core without intra-op threads,
+the same program runs data-parallel (the train step: rows of the batch; ranking: candidates
+of a chunk). Such a device is not confined to one core: XLA:CPU still runs independent ops
+of a program side by side, so one device's train step already keeps two cores busy and two
+devices' steps share them. Measured on the project's 2-core machine (docs/benchmarks.md,
+issue 17): ranking 1.46x (default network) and 1.55x (m32), the plain forward 1.4x and
+1.8x, the train step 1.03x to 1.12x. Results change only by the float order of the
+cross-device sums (parallel.py), as for any device count.
 
 It must be set before JAX starts its backends (the first device query). Accelerators are
 not affected: a GPU or TPU run's mesh holds the accelerators, whatever the CPU holds.
