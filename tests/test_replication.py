@@ -27,7 +27,7 @@ def _replicate(workdir):
   return tiny.quick_study('replicate', workdir)
 
 
-@pytest.mark.long(50)
+@pytest.mark.long(34)
 def test_quick_study_runs_every_arm_table_and_figure_and_resumes(tmp_path):
   result = _replicate(tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -37,7 +37,7 @@ def _table_rows(text: str, section: str) -> list:
   return rows
 
 
-@pytest.mark.long(73)
+@pytest.mark.long(39)
 def test_quick_study_runs_every_section_table_and_figure_and_resumes(tmp_path):
   result = _study(tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]

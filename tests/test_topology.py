@@ -113,7 +113,7 @@ def _dropped_lines(candidates):
 
 
 @pytest.mark.xdist_group('topology')  # shares a module fixture
-@pytest.mark.long(56)
+@pytest.mark.long(46)
 def test_loss_curve_masks_and_winner_do_not_depend_on_the_topology(runs):
   results, _ = runs
   metrics, candidates, arch = results['one device']
