@@ -83,6 +83,7 @@ def main(argv=None) -> None:
   import json
 
   from pgnas_jax import cli as cli_lib
+  from pgnas_jax import host_devices
   from pgnas_jax.compact import candidate
 
   parser = argparse.ArgumentParser(prog='python -m pgnas_jax.export', description=main.__doc__)
@@ -99,10 +100,21 @@ def main(argv=None) -> None:
     default=True,
     help='measure the latency of the compact, masked and full networks',
   )
-  args = parser.parse_args(argv)
-  described = cli_lib.exit_on_user_errors(
-    candidate.from_workdir, args.workdir, args.candidate, args.latency
+  parser.add_argument(
+    '--cpu_devices',
+    default=host_devices.AUTO,
+    help="XLA devices to split the CPU into, as the main job's flag (default auto: as the "
+    'run itself was split, so that latencies measured here and by the run compare)',
   )
+  args = parser.parse_args(argv)
+
+  def export_candidate():
+    config = candidate.finished_config(args.workdir)
+    cores = host_devices.usable_cores()
+    host_devices.split_host_cpu(host_devices.choose(args.cpu_devices, config, cores), cores)
+    return candidate.from_workdir(args.workdir, args.candidate, args.latency)
+
+  described = cli_lib.exit_on_user_errors(export_candidate)
   print(json.dumps({k: v for k, v in described.items() if k != 'latency_ms'}))
 
 

@@ -233,9 +233,42 @@ def test_export_cli_redraws_a_candidate_from_its_index(finished_run, capsys):
     (['--workdir', workdir, '--candidate', '5'], '--candidate=5 is not in'),
     (['--workdir', os.path.join(workdir, 'search')], 'holds no finished run'),
     (['--workdir', os.path.join(workdir, 'absent')], 'does not exist'),
+    (['--workdir', workdir, '--cpu_devices', 'zero'], "--cpu_devices='zero' is not valid"),
   ):
     with pytest.raises(SystemExit) as stopped:
       export.main(argv)
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('pgnas_jax: ') and message in err and err.count('\n') == 1
+
+
+@pytest.mark.xdist_group('compact_run')  # shares a module fixture
+def test_export_cli_splits_the_cpu_as_the_run_did(finished_run, tmp_path):
+  """In a fresh process, as users run it: latencies are measured on the devices the main
+  job would make of this CPU for the run's config, so the two compare."""
+  import json
+  import os
+  import shutil
+  import subprocess
+  import sys
+
+  from pgnas_jax import host_devices
+  from pgnas_jax.compact import candidate
+
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished_run[0], workdir)  # the shared run keeps its files
+  index = finished_run[1]['index']
+  subprocess.run(
+    [sys.executable, '-m', 'pgnas_jax.export', f'--workdir={workdir}', f'--candidate={index}'],
+    env=tiny.ONE_DEVICE,
+    check=True,
+    capture_output=True,
+  )
+  with open(os.path.join(workdir, 'search', f'candidate{index}_compact.json')) as f:
+    device = json.load(f)['latency_ms']['device']
+  config = candidate.finished_config(workdir)
+  count = host_devices.choose(host_devices.AUTO, config, host_devices.usable_cores())
+  if count > 1:
+    assert f'one single-threaded device of {count}' in device, device
+  else:
+    assert 'device of' not in device, device

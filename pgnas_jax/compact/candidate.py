@@ -42,7 +42,8 @@ def _read_json_lines(path: str) -> list:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _finished(workdir: str) -> ml_collections.ConfigDict:
+def finished_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config of the finished run in ``workdir``; anything else is refused in one line."""
   if not os.path.isdir(workdir):
     raise errors.ExportError(
       f'--workdir={workdir} does not exist; give the folder of a '
@@ -104,7 +105,7 @@ def restore(workdir: str, config: ml_collections.ConfigDict) -> tuple:
 def from_workdir(workdir: str, index=None, measure: bool = True) -> dict:
   """Exports candidate ``index`` (None: the winner) of a finished run as
   ``search/candidate<index>_compact.{npz,stablehlo,json}``; returns the description."""
-  config = _finished(workdir)
+  config = finished_config(workdir)
   record = _candidate(workdir, index)
   model, variables, drop_logits, search_key, template, image_shape = restore(workdir, config)
   if not compact.supports(model):
