@@ -19,6 +19,7 @@ import optax
 
 from pgnas_jax.errors import ConfigError, Preempted
 from pgnas_jax import budget as budget_lib
+from pgnas_jax import layers
 from pgnas_jax import metric_writers, parallel, precision, train
 from pgnas_jax import records as records_lib
 from pgnas_jax import samplers as samplers_lib
@@ -121,21 +122,32 @@ def make_chunk_scorer(model, mesh, compute_dtype: str, with_batch_stats: bool = 
   dtype) (a model is a hashable description of its module): searches of equal
   super-networks in one process share its compilations."""
 
-  def score_one(variables, mask, batch):
+  def score_one(variables, mask, batch, folded: bool):
     if with_batch_stats:
       mask, stats = mask
       variables = {**variables, 'batch_stats': stats}
-    logits = precision.apply(
-      model, {**variables, 'masks': mask}, batch['images'], compute_dtype, train=False
-    )
+    if folded:  # the hard mask zeroes the kernels' dropped input channels instead
+      variables = {**variables, 'params': layers.mask_params(variables['params'], mask, mask)}
+    else:
+      variables = {**variables, 'masks': mask}
+    logits = precision.apply(model, variables, batch['images'], compute_dtype, train=False)
     return _batch_scores(logits, batch)
 
-  def score(variables, masks, batch):
-    return jax.vmap(score_one, in_axes=(None, 0, None))(variables, masks, batch)
+  def score_on_device(variables, masks, batch):
+    """This device's candidates. One alone is scored with its mask folded into the kernels:
+    the same products and sums (a dropped channel adds x * 0 or 0 * w), so the same scores,
+    without a pass over every masked activation (7-9% faster on a CPU core)."""
+    if jax.tree.leaves(masks)[0].shape[0] == 1:
+      one = jax.tree.map(lambda m: m[0], masks)
+      return jax.tree.map(lambda s: s[None], score_one(variables, one, batch, folded=True))
+    return jax.vmap(functools.partial(score_one, folded=False), in_axes=(None, 0, None))(
+      variables, masks, batch
+    )
 
+  chunk, whole = jax.sharding.PartitionSpec(parallel.DATA_AXIS), jax.sharding.PartitionSpec()
   replicated = parallel.replicated(mesh)
   return jax.jit(
-    score,
+    jax.shard_map(score_on_device, mesh=mesh, in_specs=(whole, chunk, whole), out_specs=chunk),
     in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
     out_shardings=replicated,
   )
