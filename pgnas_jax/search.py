@@ -113,7 +113,8 @@ def recalibration_images(dataset, num_batches: int, batch_size: int, mesh) -> ja
 @functools.cache
 def make_chunk_scorer(model, mesh, compute_dtype: str, with_batch_stats: bool = False) -> Callable:
   """``score(variables, masks, batch) -> (correct[K], loss_sum[K])`` for a chunk of K hard
-  masks (leaves with a leading K axis), vmapped over the masks; with ``with_batch_stats``,
+  masks (leaves with a leading K axis), vmapped over a device's masks (a device's lone
+  candidate: its mask folded into the kernels, the same scores); with ``with_batch_stats``,
   ``masks`` is a pair (masks, batch_stats): each candidate with its own BatchNorm statistics
   (``make_chunk_recalibrator``). The chunk's candidates are
   split over the devices of every process (K a multiple of the device count), each device
