@@ -198,8 +198,7 @@ def split_cpu(args) -> str:
   from pgnas_jax import config as config_lib
   from pgnas_jax import host_devices
 
-  count = host_devices.choose(args.cpu_devices, config_lib.get_config(), args.threads)
-  return host_devices.split_host_cpu(count, args.threads)
+  return host_devices.split_for(args.cpu_devices, config_lib.get_config(), args.threads)
 
 
 def main():

@@ -109,9 +109,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
 
   def export_candidate():
-    config = candidate.finished_config(args.workdir)
-    cores = host_devices.usable_cores()
-    host_devices.split_host_cpu(host_devices.choose(args.cpu_devices, config, cores), cores)
+    host_devices.split_for(args.cpu_devices, candidate.finished_config(args.workdir))
     return candidate.from_workdir(args.workdir, args.candidate, args.latency)
 
   described = cli_lib.exit_on_user_errors(export_candidate)

@@ -65,6 +65,13 @@ def _fits(config, count: int) -> bool:
   return True
 
 
+def split_for(requested: str, config, cores: int | None = None, several_processes=False) -> str:
+  """``choose`` then ``split_host_cpu``, on ``cores`` (default: the usable ones): what the
+  main job, the export and the benchmarks do before JAX starts."""
+  cores = cores or usable_cores()
+  return split_host_cpu(choose(requested, config, cores, several_processes), cores)
+
+
 def split_host_cpu(count: int, cores: int) -> str:
   """Makes the CPU backend ``count`` devices, single-threaded when they take every core;
   returns what was done (benchmarks note it). An ``XLA_FLAGS`` that already sets the device

@@ -534,17 +534,16 @@ def cli():
   cpu_devices_flag = flags.DEFINE_string(
     'cpu_devices',
     host_devices.AUTO,
-    'XLA devices to split the CPU of each process into: auto (one single-threaded device '
-    'per core, fewer when the config does not split over them; one in multi-process runs) '
-    'or a whole number. Accelerators are not affected.',
+    'XLA devices to split the CPU of each process into: auto (one device per core without '
+    'intra-op threads, fewer when the config does not split over them; one in multi-process '
+    'runs) or a whole number. Accelerators are not affected.',
   )
 
   def job(config):
     config_lib.validate(config)  # bad input is answered before anything starts
-    cores = host_devices.usable_cores()
     several = distributed_flag.value or num_processes_flag.value not in (None, 1)
-    count = host_devices.choose(cpu_devices_flag.value, config, cores, several)
-    host_devices.split_host_cpu(count, cores)  # before JAX starts its backends
+    # before JAX starts its backends
+    host_devices.split_for(cpu_devices_flag.value, config, several_processes=several)
     parallel.initialize_distributed(
       distributed_flag.value,
       coordinator_flag.value,

@@ -16,6 +16,7 @@ import pytest
 from pgnas_jax import cli
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
+from pgnas_jax import host_devices
 from pgnas_jax import main as main_lib
 from pgnas_jax.data import fashion_mnist
 
@@ -77,7 +78,7 @@ ONE_DEVICE = {
   'XLA_FLAGS': ' '.join(
     f
     for f in os.environ.get('XLA_FLAGS', '').split()
-    if not f.startswith('--xla_force_host_platform_device_count')
+    if not f.startswith(host_devices.DEVICE_COUNT_FLAG)
   ),
 }
 
