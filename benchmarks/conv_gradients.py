@@ -1,14 +1,14 @@
-"""Where CPU training time goes: forward, input gradient and weight gradient of the
-convolutions of the default super-network, and an alternative weight gradient.
+"""Where CPU training time goes: forward, input gradient and kernel gradient of the
+convolutions of the default super-network on XLA:CPU and on oneDNN, and the whole train step.
 
     python benchmarks/conv_gradients.py [--batch 128] [--repeats 10]
 
-The alternative computes the weight gradient as one matmul over the k x k shifted (and
-strided) windows of the padded input, built from slices instead of XLA's patch extraction:
-``dW[i, j, c, f] = sum_{n, y, x} x_pad[n, s*y + i, s*x + j, c] * g[n, y, x, f]``. Its largest
-relative difference from XLA's weight gradient is in the table (float32 rounding only).
-The last rows time the whole train step of the default network against a plain forward and
-backward pass of the same network without masks or ELBO terms.
+Each convolution is timed as XLA compiles it (``jax.lax.conv_general_dilated``) and as the
+train step runs it on CPU (``pgnas_jax.cpu_convolution``, oneDNN), with the largest relative
+difference of oneDNN's results from XLA's (float32 rounding). Pin the process to one core
+(``taskset -c 0``) for per-core figures. The last rows time the whole train step of the
+default network against a plain forward and backward pass of the same network without masks
+or ELBO terms.
 """
 
 import argparse
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from pgnas_jax import parallel  # noqa: E402
+from pgnas_jax import cpu_convolution, parallel  # noqa: E402
 
 # (height = width, input channels, output channels, kernel, stride) of the default network's
 # searchable convs: stage 0 at 28x28, the strided first convs of stages 1 and 2, the rest
@@ -36,54 +36,44 @@ SHAPES = (
 )
 
 
-def conv(x, w, stride):
+def xla_conv(x, w, stride):
   return jax.lax.conv_general_dilated(
     x, w, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
   )
 
 
-def weight_gradient_by_windows(x, g, kernel, stride):
-  """The weight gradient of a SAME conv as one matmul over shifted windows of the input."""
-  _, h, w, c = x.shape
-  _, ho, wo, f = g.shape
-  pad_h, pad_w = max((ho - 1) * stride + kernel - h, 0), max((wo - 1) * stride + kernel - w, 0)
-  padded = jnp.pad(
-    x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+def onednn_conv(x, w, stride):
+  return cpu_convolution.conv(x, w, stride, 1)
+
+
+def timed_parts(conv, x, w, g, s, repeats):
+  """(forward, input gradient, kernel gradient): milliseconds and results."""
+  parts = (
+    jax.jit(lambda x, w, g: conv(x, w, s)),
+    jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w, s), x)[1](g)[0]),
+    jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w, s), w)[1](g)[0]),
   )
-  windows = jnp.stack(
-    [
-      padded[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
-      for i in range(kernel)
-      for j in range(kernel)
-    ],
-    axis=3,
-  )
-  return jnp.einsum('nhwkc,nhwf->kcf', windows, g).reshape(kernel, kernel, c, f)
+  return [(1e3 * harness.timed(lambda: f(x, w, g), repeats), f(x, w, g)) for f in parts]
 
 
 def conv_rows(batch, repeats):
   rng = np.random.default_rng(0)
+  mesh = harness.mesh_of(1)
   rows = []
   for size, c, f, k, s in SHAPES:
     x = jnp.asarray(rng.standard_normal((batch, size, size, c)), jnp.float32)
     w = jnp.asarray(0.1 * rng.standard_normal((k, k, c, f)), jnp.float32)
-    g = jnp.asarray(rng.standard_normal(conv(x, w, s).shape), jnp.float32)
-    forward = jax.jit(lambda x, w: conv(x, w, s))
-    input_grad = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w, s), x)[1](g)[0])
-    weight_grad = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w, s), w)[1](g)[0])
-    by_windows = jax.jit(lambda x, g: weight_gradient_by_windows(x, g, k, s))
-    reference = weight_grad(x, w, g)
-    error = float(jnp.max(jnp.abs(by_windows(x, g) - reference)) / jnp.max(jnp.abs(reference)))
-    ms = lambda fn, *a: 1e3 * harness.timed(lambda: fn(*a), repeats)
-    row = {
-      'conv': f'{batch}x{size}x{size}x{c} -> {f}, {k}x{k}/{s}',
-      'forward_ms': ms(forward, x, w),
-      'input_grad_ms': ms(input_grad, x, w, g),
-      'weight_grad_ms': ms(weight_grad, x, w, g),
-      'windows_weight_grad_ms': ms(by_windows, x, g),
-      'windows_rel_diff': error,
-    }
-    row['weight_grad_over_forward'] = row['weight_grad_ms'] / row['forward_ms']
+    g = jnp.asarray(rng.standard_normal(xla_conv(x, w, s).shape), jnp.float32)
+    xla = timed_parts(xla_conv, x, w, g, s, repeats)
+    with cpu_convolution.in_use(mesh):
+      onednn = timed_parts(onednn_conv, x, w, g, s, repeats)
+    row = {'conv': f'{batch}x{size}x{size}x{c} -> {f}, {k}x{k}/{s}'}
+    for name, (ms, _), (ms1, _) in zip(('forward', 'input_grad', 'kernel_grad'), xla, onednn):
+      row[f'xla_{name}_ms'], row[f'onednn_{name}_ms'] = ms, ms1
+    row['xla_over_onednn'] = sum(p[0] for p in xla) / sum(p[0] for p in onednn)
+    row['largest_rel_diff'] = max(
+      float(jnp.max(jnp.abs(a[1] - b[1])) / jnp.max(jnp.abs(a[1]))) for a, b in zip(xla, onednn)
+    )
     rows.append(row)
   return rows
 
@@ -132,8 +122,10 @@ def main():
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--repeats', type=int, default=10)
   args = p.parse_args()
+  if not cpu_convolution.available():
+    sys.exit(f"oneDNN's convolutions are unavailable: {cpu_convolution.INSTALL_HINT}")
   rows = conv_rows(args.batch, args.repeats)
-  harness.write_table('conv_gradients', 'Convolution gradients on XLA:CPU', list(rows[0]), rows)
+  harness.write_table('conv_gradients', 'Convolutions on XLA:CPU and oneDNN', list(rows[0]), rows)
   steps = step_rows(args.batch, args.repeats)
   harness.write_table(
     'train_step_parts',

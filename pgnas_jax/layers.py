@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from pgnas_jax import cpu_convolution
+
 PyTree = Any
 MASKS = 'masks'
 ARCHITECTURE = 'architecture'
@@ -40,6 +42,8 @@ def group_name(i: int) -> str:
 
 
 def _conv(x, kernel, strides, dilation, feature_groups=1):
+  if cpu_convolution.applies(x, kernel, feature_groups):
+    return cpu_convolution.conv(x, kernel, strides, dilation)
   return jax.lax.conv_general_dilated(
     x,
     kernel,

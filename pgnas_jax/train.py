@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from pgnas_jax import checkpoint as checkpoint_lib
+from pgnas_jax import cpu_convolution
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import estimators, metric_writers, objective, observe, optim, parallel, rng
@@ -126,8 +127,9 @@ def make_train_step(
 ) -> Callable:
   """``train_step(state, batch) -> (state, metrics)``, jitted over the mesh: state
   replicated, batch sharded over 'data', the state donated; on CPU compiled with
-  ``xla_options.CPU_TRAIN_OPTIONS``. ``temperature`` is the run's tau schedule
-  (``TrainSetup.temperature``); None for a constant ``drop.tau``."""
+  ``xla_options.CPU_TRAIN_OPTIONS``, its convolutions on oneDNN (``cpu_convolution``).
+  ``temperature`` is the run's tau schedule (``TrainSetup.temperature``); None for a
+  constant ``drop.tau``."""
   if temperature is None:
     if config.drop.final_tau:
       raise ValueError("drop.final_tau needs the run's schedule: pass TrainSetup.temperature")
@@ -138,9 +140,10 @@ def make_train_step(
     key = jax.random.fold_in(state.key('train'), state.step)
     tau = temperature(state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (parts, logits, batch_stats)), grads = grad_fn(
-      state.params, state.batch_stats, batch, key, tau
-    )
+    with cpu_convolution.in_use(mesh):
+      (loss, (parts, logits, batch_stats)), grads = grad_fn(
+        state.params, state.batch_stats, batch, key, tau
+      )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

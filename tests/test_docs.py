@@ -13,11 +13,11 @@ ROOT = os.path.join(os.path.dirname(__file__), '..')
 PAGES = sorted([os.path.join(ROOT, 'README.md')] + glob.glob(os.path.join(ROOT, 'docs', '*.md')))
 SET_UP_COMMANDS = (
   (
-    'apt-get update && apt-get install -y dataset-fashion-mnist && pip install -e . && '
+    'apt-get update && apt-get install -y dataset-fashion-mnist g++ && pip install -e . && '
     'python -m pgnas_jax.main --workdir=/tmp/pgnas_default'
   ),
   (
-    "apt-get update && apt-get install -y dataset-fashion-mnist && pip install -e '.[test]' && "
+    "apt-get update && apt-get install -y dataset-fashion-mnist g++ && pip install -e '.[test]' && "
     'ruff check . && ruff format --check . && python -m pytest -q -n 2 --dist loadgroup tests'
   ),
 )

@@ -1,0 +1,143 @@
+"""oneDNN's convolutions (pgnas_jax/cpu_convolution.py): the same results as XLA's within
+float32 rounding, forward and both gradients, on one device and on four; used exactly where
+the project hands convolutions to them; deterministic; and a run without them says why and
+keeps XLA's.
+
+Tolerances: oneDNN and XLA add a convolution's products in different orders; on inputs of
+unit scale the largest difference is a few float32 ulps of the largest value (measured below
+4e-6 relative), so 2e-5 relative to the largest magnitude. A wrong tap, stride, padding,
+dilation or layout moves results at the 1e-1 level."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pgnas_jax import cpu_convolution, layers, parallel
+
+# batch, size, in, out, kernel, stride, dilation: every kind the networks use (3x3 and 5x5,
+# strides 1 and 2, the stem's one input channel, 1x1 shortcuts, ENAS's dilated convs) and
+# odd sizes, where SAME pads one side more than the other. Batches split over 4 devices.
+GEOMETRIES = [
+  (4, 8, 3, 5, 3, 1, 1),
+  (4, 9, 4, 6, 3, 2, 1),
+  (4, 7, 1, 4, 3, 1, 1),
+  (4, 8, 6, 3, 1, 2, 1),
+  (4, 9, 3, 4, 5, 1, 2),
+  (8, 10, 5, 4, 5, 2, 1),
+]
+
+
+def _reference(x, kernel, stride, dilation):
+  return jax.lax.conv_general_dilated(
+    x, kernel, (stride, stride), 'SAME', rhs_dilation=(dilation, dilation),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )  # fmt: skip
+
+
+def _inputs(n, size, cin, cout, k):
+  kx, kk = jax.random.split(jax.random.key(0))
+  return jax.random.normal(kx, (n, size, size, cin)), jax.random.normal(kk, (k, k, cin, cout))
+
+
+def _value_and_grads(mesh, conv):
+  """Output and gradients of sum(sin(conv)) (a loss that weighs every output differently),
+  jitted over ``mesh`` with the batch rows sharded, as the train step is."""
+
+  def loss(x, kernel):
+    y = conv(x, kernel)
+    return jnp.sum(jnp.sin(y)), y
+
+  def run(x, kernel):
+    with cpu_convolution.in_use(mesh):
+      return jax.grad(loss, argnums=(0, 1), has_aux=True)(x, kernel)
+
+  return jax.jit(
+    run,
+    in_shardings=(parallel.batch_sharded(mesh), parallel.replicated(mesh)),
+  )
+
+
+def _relative(a, b):
+  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+def test_available_here():
+  """The project installs oneDNN and a compiler (setup.cfg, README): here they must work."""
+  assert cpu_convolution.available(), cpu_convolution._loaded()
+
+
+@pytest.mark.parametrize('devices', [1, 4])
+@pytest.mark.parametrize('geometry', GEOMETRIES, ids=lambda g: 'x'.join(map(str, g)))
+def test_matches_xla_forward_and_gradients(geometry, devices):
+  n, size, cin, cout, k, stride, dilation = geometry
+  x, kernel = _inputs(n, size, cin, cout, k)
+  mesh = parallel.make_mesh(jax.devices()[:devices])
+  ours = _value_and_grads(mesh, lambda a, b: layers._conv(a, b, stride, dilation))
+  assert 'pgnas_convolution_kernel_gradient' in ours.lower(x, kernel).as_text()
+  (dx, dkernel), y = ours(x, kernel)
+  (dx0, dkernel0), y0 = jax.jit(
+    jax.grad(lambda a, b: (lambda y: (jnp.sum(jnp.sin(y)), y))(_reference(a, b, stride, dilation)),
+             argnums=(0, 1), has_aux=True)
+  )(x, kernel)  # fmt: skip
+  assert y.shape == y0.shape
+  assert _relative(y, y0) < 2e-5
+  assert _relative(dx, dx0) < 2e-5
+  assert _relative(dkernel, dkernel0) < 2e-5
+
+
+def test_used_only_where_handed_over():
+  x, kernel = _inputs(2, 8, 4, 4, 3)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+
+  def hlo(fn, *args):
+    return jax.jit(fn).lower(*args).as_text()
+
+  def inside(fn):
+    def run(*args):
+      with cpu_convolution.in_use(mesh):
+        return fn(*args)
+
+    return run
+
+  assert 'pgnas_convolution_forward' in hlo(
+    inside(lambda a, b: layers._conv(a, b, 1, 1)), x, kernel
+  )
+  # outside the context, in bfloat16, with feature groups: XLA's convolution
+  assert 'pgnas_convolution' not in hlo(lambda a, b: layers._conv(a, b, 1, 1), x, kernel)
+  half = (x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert 'pgnas_convolution' not in hlo(inside(lambda a, b: layers._conv(a, b, 1, 1)), *half)
+  depthwise = jnp.ones((3, 3, 1, 4))
+  grouped = inside(lambda a, b: layers._conv(a, b, 1, 1, feature_groups=4))
+  assert 'pgnas_convolution' not in hlo(grouped, x, depthwise)
+
+
+def test_deterministic():
+  x, kernel = _inputs(8, 14, 16, 16, 3)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  step = _value_and_grads(mesh, lambda a, b: layers._conv(a, b, 1, 1))
+  first, second = step(x, kernel), step(x, kernel)
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_without_onednn_the_run_keeps_xla_and_says_why(monkeypatch, caplog):
+  def missing():
+    raise cpu_convolution.Unavailable('the package onednn-cpu-gomp is not installed')
+
+  monkeypatch.setattr(cpu_convolution, 'build', missing)
+  cpu_convolution._loaded.cache_clear()
+  try:
+    with caplog.at_level(logging.WARNING):
+      assert not cpu_convolution.available()
+    message = caplog.text
+    assert 'onednn-cpu-gomp is not installed' in message
+    assert "keeps XLA's convolutions" in message and 'pip install onednn-cpu-gomp' in message
+    x, kernel = _inputs(2, 8, 4, 4, 3)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    step = _value_and_grads(mesh, lambda a, b: layers._conv(a, b, 1, 1))
+    assert 'pgnas_convolution' not in step.lower(x, kernel).as_text()
+  finally:
+    cpu_convolution._loaded.cache_clear()
