@@ -4,7 +4,7 @@ convolutions of the default super-network on XLA:CPU and on oneDNN, and the whol
     python benchmarks/conv_gradients.py [--batch 128] [--repeats 10]
 
 Each convolution is timed as XLA compiles it (``jax.lax.conv_general_dilated``) and as the
-train step runs it on CPU (``pgnas_jax.cpu_convolution``, oneDNN), with the largest relative
+train step runs it on CPU (``pgnas_jax.cpu_kernels``, oneDNN), with the largest relative
 difference of oneDNN's results from XLA's (float32 rounding). Pin the process to one core
 (``taskset -c 0``) for per-core figures. The last rows time the whole train step of the
 default network against a plain forward and backward pass of the same network without masks
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from pgnas_jax import cpu_convolution, parallel  # noqa: E402
+from pgnas_jax import cpu_kernels, parallel  # noqa: E402
 
 # (height = width, input channels, output channels, kernel, stride) of the default network's
 # searchable convs: stage 0 at 28x28, the strided first convs of stages 1 and 2, the rest
@@ -43,7 +43,7 @@ def xla_conv(x, w, stride):
 
 
 def onednn_conv(x, w, stride):
-  return cpu_convolution.conv(x, w, stride, 1)
+  return cpu_kernels.conv(x, w, stride, 1)
 
 
 def timed_parts(conv, x, w, g, s, repeats):
@@ -65,7 +65,7 @@ def conv_rows(batch, repeats):
     w = jnp.asarray(0.1 * rng.standard_normal((k, k, c, f)), jnp.float32)
     g = jnp.asarray(rng.standard_normal(xla_conv(x, w, s).shape), jnp.float32)
     xla = timed_parts(xla_conv, x, w, g, s, repeats)
-    with cpu_convolution.in_use(mesh):
+    with cpu_kernels.in_use(mesh):
       onednn = timed_parts(onednn_conv, x, w, g, s, repeats)
     row = {'conv': f'{batch}x{size}x{size}x{c} -> {f}, {k}x{k}/{s}'}
     for name, (ms, _), (ms1, _) in zip(('forward', 'input_grad', 'kernel_grad'), xla, onednn):
@@ -122,8 +122,8 @@ def main():
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--repeats', type=int, default=10)
   args = p.parse_args()
-  if not cpu_convolution.available():
-    sys.exit(f"oneDNN's convolutions are unavailable: {cpu_convolution.INSTALL_HINT}")
+  if not cpu_kernels.available():
+    sys.exit(f"oneDNN's convolutions are unavailable: {cpu_kernels.INSTALL_HINT}")
   rows = conv_rows(args.batch, args.repeats)
   harness.write_table('conv_gradients', 'Convolutions on XLA:CPU and oneDNN', list(rows[0]), rows)
   steps = step_rows(args.batch, args.repeats)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from pgnas_jax import cpu_convolution
+from pgnas_jax import cpu_kernels
 
 PyTree = Any
 MASKS = 'masks'
@@ -42,8 +42,8 @@ def group_name(i: int) -> str:
 
 
 def _conv(x, kernel, strides, dilation, feature_groups=1):
-  if cpu_convolution.applies(x, kernel, feature_groups):
-    return cpu_convolution.conv(x, kernel, strides, dilation)
+  if cpu_kernels.applies(x, kernel, feature_groups):
+    return cpu_kernels.conv(x, kernel, strides, dilation)
   return jax.lax.conv_general_dilated(
     x,
     kernel,
@@ -172,8 +172,28 @@ class Dense(nn.Module):
     return y
 
 
+class BatchNorm(nn.BatchNorm):
+  """flax's BatchNorm; in a CPU train step (``cpu_kernels.in_use``), training mode in
+  float32 sums its statistics and their gradients with ``cpu_kernels.batch_norm``."""
+
+  @nn.compact
+  def __call__(self, x, use_running_average=None):
+    running = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
+    if running or not cpu_kernels.normalises(x) or self.is_initializing():
+      return super().__call__(x, use_running_average)
+    features = (x.shape[-1],)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
+    scale = self.param('scale', self.scale_init, features, self.param_dtype)
+    bias = self.param('bias', self.bias_init, features, self.param_dtype)
+    y, mean, var = cpu_kernels.batch_norm(x, scale, bias, self.epsilon)
+    ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+    ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y
+
+
 def batch_norm(train: bool, name: str | None = None):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def groups_by_conv(template: PyTree) -> dict:

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from pgnas_jax import checkpoint as checkpoint_lib
-from pgnas_jax import cpu_convolution
+from pgnas_jax import cpu_kernels
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import estimators, metric_writers, objective, observe, optim, parallel, rng
@@ -127,7 +127,7 @@ def make_train_step(
 ) -> Callable:
   """``train_step(state, batch) -> (state, metrics)``, jitted over the mesh: state
   replicated, batch sharded over 'data', the state donated; on CPU compiled with
-  ``xla_options.CPU_TRAIN_OPTIONS``, its convolutions on oneDNN (``cpu_convolution``).
+  ``xla_options.CPU_TRAIN_OPTIONS``, its convolutions on oneDNN (``cpu_kernels``).
   ``temperature`` is the run's tau schedule (``TrainSetup.temperature``); None for a
   constant ``drop.tau``."""
   if temperature is None:
@@ -140,7 +140,7 @@ def make_train_step(
     key = jax.random.fold_in(state.key('train'), state.step)
     tau = temperature(state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    with cpu_convolution.in_use(mesh):
+    with cpu_kernels.in_use(mesh):
       (loss, (parts, logits, batch_stats)), grads = grad_fn(
         state.params, state.batch_stats, batch, key, tau
       )

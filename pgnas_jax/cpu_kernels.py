@@ -1,25 +1,30 @@
-"""The CPU's convolutions through oneDNN: the train step's and a lone candidate's scoring.
+"""The CPU train step's convolutions on oneDNN and BatchNorm's sums in one pass, as XLA FFI
+calls.
 
 XLA:CPU runs a convolution on Eigen (or YNNPACK), and the weight gradient only after
-transposing its operands. oneDNN's convolutions, forward and both gradients, took a half to
-two thirds of their time on one core for every conv of the default network (docs/
-benchmarks.md, issue 17). ``cpu_convolution.cc`` wraps them as XLA FFI handlers; this module
-builds it once per source and library version with the host's C++ compiler (a few seconds,
-cached under ``~/.cache/pgnas_jax``), registers the handlers and offers ``conv``, a
-``jax.custom_vjp`` over the three calls.
+transposing its operands; it sums BatchNorm's statistics, forward and backward, through
+reduce-windows that took a fifth of the default network's train step per core. oneDNN's
+convolutions, forward and both gradients, took a half to two thirds of XLA's time per core
+on every conv of the default network; one pass over the rows gives a BatchNorm's sums
+(docs/benchmarks.md, issue 17). ``cpu_kernels.cc`` holds both as XLA FFI handlers; this
+module builds it once per source, library, compiler flags and CPU with the host's C++
+compiler (a few seconds, cached under ``~/.cache/pgnas_jax``), registers the handlers and
+offers ``conv`` and ``batch_norm``, each a ``jax.custom_vjp`` over its calls.
 
-Where: only while a function is traced inside ``in_use(mesh)`` (``train.make_train_step`` and
-``search.make_chunk_scorer``'s lone candidate), on a CPU mesh, for float32 convolutions
-without feature groups. Everything else (accelerators, bfloat16, ENAS's depthwise convs, the
-vmapped scorer, fine-tuning, the export) keeps XLA's convolutions. On a mesh of several
-devices the calls run per device (``shard_map`` over the batch rows) and the kernel
-gradient is summed across devices, as XLA's partitioned convolution does.
+Where: only while a function is traced inside ``in_use(mesh)`` (``train.make_train_step``
+and ``search.make_chunk_scorer``'s lone candidate), on a CPU mesh, in float32: convolutions
+without feature groups (``layers._conv``) and BatchNorm in training mode
+(``layers.BatchNorm``). Everything else (accelerators, bfloat16, ENAS's depthwise convs, the
+vmapped scorer, BatchNorm recalibration, fine-tuning, the export) keeps XLA's ops. On a mesh
+of several devices the calls run per device (``shard_map`` over the batch rows) and the
+kernel gradients and BatchNorm sums are summed across devices, as XLA's partitioned ops do.
 
-Numbers: oneDNN adds a convolution's products in another order than Eigen, so results
-change by float32 rounding against XLA's convolutions; they are deterministic for a given
-number of threads per call (one per device when the CPU is split into one device per core,
-``host_devices``). Without oneDNN or a compiler (``PGNAS_JAX_CPU_CONVOLUTION=xla`` forces
-that), the run keeps XLA's convolutions and says why once.
+Numbers: oneDNN and the one-pass sums add in another order than XLA, so results change by
+float32 rounding against XLA's ops (BatchNorm keeps flax's formulas: the fast variance
+``E[x^2] - E[x]^2`` and its normalisation, with sums accumulated in double); they are
+deterministic for a given number of threads per call (one per device when the CPU is split
+into one device per core, ``host_devices``). Without oneDNN or a compiler
+(``PGNAS_JAX_CPU_KERNELS=xla`` forces that), the run keeps XLA's ops and says why once.
 """
 
 import contextlib
@@ -42,12 +47,13 @@ from pgnas_jax import parallel
 
 RUNTIME_PACKAGE = 'onednn-cpu-gomp'
 HEADERS_PACKAGE = 'onednn-devel-cpu-gomp'
-SWITCH = 'PGNAS_JAX_CPU_CONVOLUTION'  # 'xla': keep XLA's convolutions
+SWITCH = 'PGNAS_JAX_CPU_KERNELS'  # 'xla': keep XLA's convolutions and BatchNorm
 SOURCE = pathlib.Path(__file__).with_suffix('.cc')
 TARGETS = {
   'forward': 'pgnas_convolution_forward',
   'input_gradient': 'pgnas_convolution_input_gradient',
   'kernel_gradient': 'pgnas_convolution_kernel_gradient',
+  'channel_sums': 'pgnas_channel_sums',
 }
 INSTALL_HINT = (
   f'pip install {RUNTIME_PACKAGE}==2023.2.0 {HEADERS_PACKAGE}==2023.2.0 (the project pins '
@@ -58,7 +64,7 @@ _state = threading.local()
 
 
 class Unavailable(RuntimeError):
-  """oneDNN's convolutions cannot be built or loaded here; the message says why."""
+  """The kernels cannot be built or loaded here; the message says why."""
 
 
 def _package_file(package: str, suffix: str) -> pathlib.Path:
@@ -70,6 +76,14 @@ def _package_file(package: str, suffix: str) -> pathlib.Path:
     if str(f).endswith(suffix):
       return pathlib.Path(f.locate()).resolve()
   raise Unavailable(f'the package {package} has no {suffix}')
+
+
+def _cpu_flags() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next((line for line in f if line.startswith('flags')), '')
+  except OSError:
+    return ''
 
 
 def _cache_dir() -> pathlib.Path:
@@ -85,19 +99,19 @@ def build() -> pathlib.Path:
   header = _package_file(HEADERS_PACKAGE, '/oneapi/dnnl/dnnl.hpp')
   library = _package_file(RUNTIME_PACKAGE, '/libdnnl.so.3')
   include_dir, library_dir = header.parents[2], library.parent
+  flags = ['-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w']
+  includes = [f'-I{include_dir}', f'-I{jax.ffi.include_dir()}']
+  links = [f'-L{library_dir}', '-l:libdnnl.so.3', f'-Wl,-rpath,{library_dir}']
   identity = hashlib.sha256(
-    SOURCE.read_bytes() + f'{jax.__version__}|{library}|{include_dir}|{compiler}'.encode()
-  ).hexdigest()[:16]
-  target = _cache_dir() / f'cpu_convolution-{identity}.so'
+    SOURCE.read_bytes()
+    + '|'.join([jax.__version__, compiler, *flags, *includes, *links, _cpu_flags()]).encode()
+  ).hexdigest()[:16]  # -march=native: a cache shared by different CPUs keeps one per CPU
+  target = _cache_dir() / f'cpu_kernels-{identity}.so'
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
   partial = target.with_suffix(f'.{os.getpid()}.partial')
-  command = [
-    compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w',
-    f'-I{include_dir}', f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(partial),
-    f'-L{library_dir}', '-l:libdnnl.so.3', f'-Wl,-rpath,{library_dir}',
-  ]  # fmt: skip
+  command = [compiler, *flags, *includes, str(SOURCE), '-o', str(partial), *links]
   done = subprocess.run(command, capture_output=True, text=True)
   if done.returncode:
     partial.unlink(missing_ok=True)
@@ -115,8 +129,8 @@ def _loaded() -> str | None:
     library = ctypes.CDLL(str(build()))
   except (Unavailable, OSError) as e:
     logging.warning(
-      "oneDNN's convolutions are unavailable (%s); this run keeps XLA's convolutions on "
-      'the CPU, which train about 1.3x slower. To use them: %s.',
+      "oneDNN's convolutions are unavailable (%s); this run keeps XLA's convolutions and "
+      'BatchNorm on the CPU, which train about 1.6x slower. To use them: %s.',
       e,
       INSTALL_HINT,
     )
@@ -137,9 +151,10 @@ def _threads_per_call() -> int:
 
 @contextlib.contextmanager
 def in_use(mesh, per_device: bool = False):
-  """While a function is traced in this context, ``layers``' float32 convolutions on a CPU
-  ``mesh`` go to oneDNN. ``per_device``: the caller is already per device (inside a
-  ``shard_map``); else the calls are split over the mesh's batch axis here."""
+  """While a function is traced in this context, ``layers``' float32 convolutions and
+  training-mode BatchNorms on a CPU ``mesh`` run here. ``per_device``: the caller is
+  already per device (inside a ``shard_map``); else the calls are split over the mesh's
+  batch axis here."""
   use = mesh.devices.flat[0].platform == 'cpu' and available()
   previous = getattr(_state, 'setting', (False, None))
   _state.setting = (use, None if per_device or mesh.size == 1 else mesh)
@@ -169,6 +184,11 @@ def _attributes(x_shape, kernel_shape, stride: int, dilation: int) -> dict:
     pad_right=right, threads=_threads_per_call(),
   )  # fmt: skip
   return {k: np.int64(v) for k, v in values.items()}
+
+
+def normalises(x: jax.Array) -> bool:
+  """Whether ``layers.BatchNorm`` in training mode sums its statistics here."""
+  return getattr(_state, 'setting', (False, None))[0] and x.dtype == jnp.float32
 
 
 def _call(kind: str, shape, *operands, **attributes):
@@ -224,3 +244,51 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int) -> jax.Arr
   """SAME-padded NHWC x HWIO convolution through oneDNN, differentiable; only where
   ``applies``."""
   return _conv(x, kernel, stride, dilation, _state.setting[1])
+
+
+def _channel_sums(a, b, center, mesh):
+  """Per channel: sum(a) and sum(a * (b - center)) over every axis but the last, [2, C]."""
+
+  def sums(a, b, center):
+    partial = _call('channel_sums', (2, center.shape[0]), a, b, center)
+    return partial if mesh is None else jax.lax.psum(partial, parallel.DATA_AXIS)
+
+  return _per_device(sums, mesh, (_ROWS, _ROWS, _WHOLE), _WHOLE)(a, b, center)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm(x, scale, bias, epsilon, mesh):
+  return _batch_norm_forward(x, scale, bias, epsilon, mesh)[0]
+
+
+def _batch_norm_forward(x, scale, bias, epsilon, mesh):
+  count = x.size // x.shape[-1]
+  sums = _channel_sums(x, x, jnp.zeros_like(scale), mesh)
+  mean = sums[0] / count
+  var = jnp.maximum(0.0, sums[1] / count - mean * mean)  # flax's fast variance
+  inv = jax.lax.rsqrt(var + epsilon)
+  y = (x - mean) * (inv * scale) + bias  # flax's order: (x - mean) * (rsqrt * scale) + bias
+  return (y, mean, var), (x, scale, mean, inv)
+
+
+def _batch_norm_backward(epsilon, mesh, residuals, cotangents):
+  x, scale, mean, inv = residuals
+  dy, dmean, dvar = cotangents
+  count = x.size // x.shape[-1]
+  sums = _channel_sums(dy, x, mean, mesh)
+  dbias = sums[0]
+  dscale = sums[1] * inv  # sum(dy * (x - mean) / std)
+  centered = x - mean
+  dx = (scale * inv) * (dy - dbias / count - centered * (inv * inv * sums[1] / count))
+  dx = dx + dmean / count + centered * (2 * dvar / count)  # through the returned statistics
+  return dx, dscale, dbias
+
+
+_batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
+
+
+def batch_norm(x, scale, bias, epsilon: float):
+  """BatchNorm in training mode with the batch's statistics: ``(y, mean, var)`` as flax
+  computes them (the fast variance), its sums over rows in one pass each, forward and
+  backward; only where ``normalises``."""
+  return _batch_norm(x, scale, bias, epsilon, _state.setting[1])

@@ -1,21 +1,24 @@
-"""oneDNN's convolutions (pgnas_jax/cpu_convolution.py): the same results as XLA's within
-float32 rounding, forward and both gradients, on one device and on four; used exactly where
-the project hands convolutions to them; deterministic; and a run without them says why and
-keeps XLA's.
+"""The CPU kernels (pgnas_jax/cpu_kernels.py): oneDNN's convolutions and the one-pass
+BatchNorm give XLA's and flax's results within float32 rounding, forward and every gradient,
+on one device and on four; they are used exactly where the project hands work to them;
+deterministic; and a run without them says why and keeps XLA's.
 
 Tolerances: oneDNN and XLA add a convolution's products in different orders; on inputs of
 unit scale the largest difference is a few float32 ulps of the largest value (measured below
-4e-6 relative), so 2e-5 relative to the largest magnitude. A wrong tap, stride, padding,
-dilation or layout moves results at the 1e-1 level."""
+4e-6 relative), so 2e-5 relative to the largest magnitude; the same for BatchNorm (measured
+below 4e-6). A wrong tap, stride, padding, dilation, layout or BatchNorm term moves results
+at the 1e-1 level."""
 
+import contextlib
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import pytest
 
-from pgnas_jax import cpu_convolution, layers, parallel
+from pgnas_jax import cpu_kernels, layers, parallel
 
 # batch, size, in, out, kernel, stride, dilation: every kind the networks use (3x3 and 5x5,
 # strides 1 and 2, the stem's one input channel, 1x1 shortcuts, ENAS's dilated convs) and
@@ -51,7 +54,7 @@ def _value_and_grads(mesh, conv):
     return jnp.sum(jnp.sin(y)), y
 
   def run(x, kernel):
-    with cpu_convolution.in_use(mesh):
+    with cpu_kernels.in_use(mesh):
       return jax.grad(loss, argnums=(0, 1), has_aux=True)(x, kernel)
 
   return jax.jit(
@@ -66,7 +69,7 @@ def _relative(a, b):
 
 def test_available_here():
   """The project installs oneDNN and a compiler (setup.cfg, README): here they must work."""
-  assert cpu_convolution.available(), cpu_convolution._loaded()
+  assert cpu_kernels.available(), cpu_kernels._loaded()
 
 
 @pytest.mark.parametrize('devices', [1, 4])
@@ -97,7 +100,7 @@ def test_used_only_where_handed_over():
 
   def inside(fn):
     def run(*args):
-      with cpu_convolution.in_use(mesh):
+      with cpu_kernels.in_use(mesh):
         return fn(*args)
 
     return run
@@ -125,13 +128,13 @@ def test_deterministic():
 
 def test_without_onednn_the_run_keeps_xla_and_says_why(monkeypatch, caplog):
   def missing():
-    raise cpu_convolution.Unavailable('the package onednn-cpu-gomp is not installed')
+    raise cpu_kernels.Unavailable('the package onednn-cpu-gomp is not installed')
 
-  monkeypatch.setattr(cpu_convolution, 'build', missing)
-  cpu_convolution._loaded.cache_clear()
+  monkeypatch.setattr(cpu_kernels, 'build', missing)
+  cpu_kernels._loaded.cache_clear()
   try:
     with caplog.at_level(logging.WARNING):
-      assert not cpu_convolution.available()
+      assert not cpu_kernels.available()
     message = caplog.text
     assert 'onednn-cpu-gomp is not installed' in message
     assert "keeps XLA's convolutions" in message and 'pip install onednn-cpu-gomp' in message
@@ -140,4 +143,64 @@ def test_without_onednn_the_run_keeps_xla_and_says_why(monkeypatch, caplog):
     step = _value_and_grads(mesh, lambda a, b: layers._conv(a, b, 1, 1))
     assert 'pgnas_convolution' not in step.lower(x, kernel).as_text()
   finally:
-    cpu_convolution._loaded.cache_clear()
+    cpu_kernels._loaded.cache_clear()
+
+
+@pytest.mark.parametrize('devices', [1, 4])
+def test_batch_norm_matches_flax(devices):
+  """Training-mode BatchNorm: output, running statistics and every gradient as flax's (an
+  input far from zero mean, where a careless variance or centring loses digits)."""
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (8, 6, 6, 5))
+  weights = jax.random.normal(jax.random.key(1), x.shape)
+  params = {
+    'scale': 1.0 + jax.random.normal(jax.random.key(2), (5,)),
+    'bias': jax.random.normal(jax.random.key(3), (5,)),
+  }
+  stats = {'mean': jnp.full((5,), 0.5), 'var': jnp.full((5,), 2.0)}
+  mesh = parallel.make_mesh(jax.devices()[:devices])
+
+  def grads(module):
+    def loss(p, x):
+      y, updates = module.apply(
+        {'params': p, 'batch_stats': stats}, x, mutable=['batch_stats']
+      )  # fmt: skip
+      new = updates['batch_stats']  # a loss through the statistics too: their gradients
+      extra = jnp.sum(new['mean'] * jnp.arange(5.0)) + jnp.sum(new['var'] * jnp.arange(5.0, 0, -1))
+      return jnp.sum(jnp.sin(y) * weights) + extra, (y, new)
+
+    def run(p, x):
+      with cpu_kernels.in_use(mesh):
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(p, x)
+
+    return jax.jit(run, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)))
+
+  arguments = dict(use_running_average=False, momentum=0.9, epsilon=1e-5)
+  ours = grads(layers.BatchNorm(**arguments))
+  assert 'pgnas_channel_sums' in ours.lower(params, x).as_text()
+  flax_bn = grads(nn.BatchNorm(**arguments))
+  assert 'pgnas_channel_sums' not in flax_bn.lower(params, x).as_text()
+  for a, b in zip(jax.tree.leaves(ours(params, x)), jax.tree.leaves(flax_bn(params, x))):
+    assert _relative(a, b) < 2e-5
+
+
+def test_batch_norm_elsewhere_is_flax():
+  """Evaluation mode, bfloat16 and outside the context: flax's BatchNorm, bit for bit."""
+  x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3))
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  for train, dtype, inside in ((False, jnp.float32, True), (True, jnp.bfloat16, True),
+                               (True, jnp.float32, False)):  # fmt: skip
+    arguments = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    variables = nn.BatchNorm(**arguments).init(jax.random.key(1), x)
+
+    def apply(module, x):
+      def run(x):
+        with cpu_kernels.in_use(mesh) if inside else contextlib.nullcontext():
+          return module.apply(variables, x, mutable=['batch_stats'])
+
+      return jax.jit(run).lower(x).as_text(), jax.jit(run)(x)
+
+    text, ours = apply(layers.BatchNorm(**arguments), x.astype(dtype))
+    assert 'pgnas_channel_sums' not in text
+    _, reference = apply(nn.BatchNorm(**arguments), x.astype(dtype))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+      np.testing.assert_array_equal(a, b)

@@ -1,13 +1,16 @@
-// The project's 2-D convolutions on the CPU through oneDNN, as XLA FFI handlers: the forward
-// pass, the gradient of the input and the gradient of the kernel. Activations NHWC and
-// kernels HWIO in float32, as pgnas_jax/layers.py lays them out; SAME-style padding given
-// explicitly. Built and loaded by pgnas_jax/cpu_convolution.py.
+// The CPU train step's kernels as XLA FFI handlers, built and loaded by
+// pgnas_jax/cpu_kernels.py:
+//  * 2-D convolutions through oneDNN: the forward pass, the gradient of the input and the
+//    gradient of the kernel. Activations NHWC and kernels HWIO in float32, as
+//    pgnas_jax/layers.py lays them out; SAME-style padding given explicitly.
+//  * BatchNorm's per-channel sums: sum(a) and sum(a * b) over every row in one pass.
 #include <omp.h>
 
 #include <cstdint>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -181,6 +184,40 @@ ffi::Error KernelGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
     stream.wait();
   });
 }
+
+// Per channel c, over the rows r of a and b (every axis but the last):
+// sums[0][c] = sum_r a[r][c] and sums[1][c] = sum_r a[r][c] * (b[r][c] - center[c]),
+// accumulated in double in row order.
+ffi::Error ChannelSums(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                       ffi::Buffer<ffi::F32> center, ffi::ResultBuffer<ffi::F32> sums) {
+  const int64_t channels = center.element_count();
+  const int64_t rows = channels ? a.element_count() / channels : 0;
+  const float* pa = a.typed_data();
+  const float* pb = b.typed_data();
+  const float* pc = center.typed_data();
+  std::vector<double> plain(channels, 0.0), products(channels, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* ra = pa + r * channels;
+    const float* rb = pb + r * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      plain[c] += ra[c];
+      products[c] += static_cast<double>(ra[c]) * (static_cast<double>(rb[c]) - pc[c]);
+    }
+  }
+  float* out = sums->typed_data();
+  for (int64_t c = 0; c < channels; ++c) {
+    out[c] = static_cast<float>(plain[c]);
+    out[channels + c] = static_cast<float>(products[c]);
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(pgnas_channel_sums, ChannelSums,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 #define PGNAS_CONVOLUTION_BINDING                                              \
   ffi::Ffi::Bind()                                                             \
