@@ -100,21 +100,24 @@ def root_ops(hlo_text: str) -> dict:
   described = {}
   for m in re.finditer(r'%(\S+) = .*?calls=%([\w.\-]+)', hlo_text):
     described[m.group(1)] = roots.get(m.group(2), '')[:160]
+  for m in re.finditer(r'%(\S+) = (\S+) custom-call\(.*?custom_call_target="([\w.]+)"', hlo_text):
+    described[m.group(1)] = f'{m.group(3)} -> {m.group(2)}'  # the CPU kernels' FFI calls
   return described
 
 
 def summary(title: str, times: collections.Counter, hlo_text: str, calls: int, top: int) -> str:
   total = sum(times.values())
+  described = root_ops(hlo_text)
   kinds = collections.Counter()
   for name, ns in times.items():
-    kinds[re.sub(r'[._]\d+$', '', name)] += ns
+    target = re.match(r'(pgnas_\w+) ->', described.get(name, ''))
+    kinds[target.group(1) if target else re.sub(r'[._]\d+$', '', name)] += ns
   lines = [f'#### pgnas_jax: {title} ({total / calls / 1e6:.0f} ms of op time per call)', '']
   lines += ['| op kind | ms per call | share |', '|---|---|---|']
   lines += [
     f'| {k} | {ns / calls / 1e6:.1f} | {100 * ns / total:.1f}% |'
     for k, ns in kinds.most_common(top)
   ]
-  described = root_ops(hlo_text)
   lines += ['', '| instruction | ms per call | share | what it computes |', '|---|---|---|---|']
   lines += [
     f'| {n} | {ns / calls / 1e6:.1f} | {100 * ns / total:.1f}% | `{described.get(n, "")}` |'
