@@ -99,6 +99,25 @@ ffi::Error guarded(int64_t threads, Run run) {
   return ffi::Error::Success();
 }
 
+// Runs a primitive that reads the kernel (forward, input gradient): the given HWIO kernel is
+// first reordered into the primitive's layout. `in` and `out` are the activations' roles.
+void run_with_kernel(const Geometry& g, const Primitive& p, const float* kernel, int in_arg,
+                     const dnnl::memory::desc& in_desc, const float* in, int out_arg,
+                     const dnnl::memory::desc& out_desc, float* out) {
+  dnnl::stream stream(engine());
+  dnnl::memory input(in_desc, engine(), const_cast<float*>(in));
+  dnnl::memory output(out_desc, engine(), out);
+  dnnl::memory given(g.weights(tag::hwio), engine(), const_cast<float*>(kernel));
+  dnnl::memory weights(p.kernel, engine());
+  dnnl::memory scratchpad(p.scratchpad, engine());
+  dnnl::reorder(given, weights).execute(stream, given, weights);
+  p.primitive.execute(stream, {{in_arg, input},
+                               {DNNL_ARG_WEIGHTS, weights},
+                               {out_arg, output},
+                               {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  stream.wait();
+}
+
 }  // namespace
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
@@ -112,18 +131,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
       auto pd = forward_desc(g);
       return Primitive{dnnl::convolution_forward(pd), pd.weights_desc(), pd.scratchpad_desc()};
     });
-    dnnl::stream stream(engine());
-    dnnl::memory src(g.src(), engine(), x.typed_data());
-    dnnl::memory dst(g.dst(), engine(), y->typed_data());
-    dnnl::memory given(g.weights(tag::hwio), engine(), kernel.typed_data());
-    dnnl::memory weights(p.kernel, engine());
-    dnnl::memory scratchpad(p.scratchpad, engine());
-    dnnl::reorder(given, weights).execute(stream, given, weights);
-    p.primitive.execute(stream, {{DNNL_ARG_SRC, src},
-                                 {DNNL_ARG_WEIGHTS, weights},
-                                 {DNNL_ARG_DST, dst},
-                                 {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    stream.wait();
+    run_with_kernel(g, p, kernel.typed_data(), DNNL_ARG_SRC, g.src(), x.typed_data(),
+                    DNNL_ARG_DST, g.dst(), y->typed_data());
   });
 }
 
@@ -141,18 +150,8 @@ ffi::Error InputGradient(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
       return Primitive{dnnl::convolution_backward_data(pd), pd.weights_desc(),
                        pd.scratchpad_desc()};
     });
-    dnnl::stream stream(engine());
-    dnnl::memory diff_dst(g.dst(), engine(), dy.typed_data());
-    dnnl::memory diff_src(g.src(), engine(), dx->typed_data());
-    dnnl::memory given(g.weights(tag::hwio), engine(), kernel.typed_data());
-    dnnl::memory weights(p.kernel, engine());
-    dnnl::memory scratchpad(p.scratchpad, engine());
-    dnnl::reorder(given, weights).execute(stream, given, weights);
-    p.primitive.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
-                                 {DNNL_ARG_WEIGHTS, weights},
-                                 {DNNL_ARG_DIFF_SRC, diff_src},
-                                 {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    stream.wait();
+    run_with_kernel(g, p, kernel.typed_data(), DNNL_ARG_DIFF_DST, g.dst(), dy.typed_data(),
+                    DNNL_ARG_DIFF_SRC, g.src(), dx->typed_data());
   });
 }
 
