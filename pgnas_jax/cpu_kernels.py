@@ -130,7 +130,7 @@ def _loaded() -> str | None:
   except (Unavailable, OSError) as e:
     logging.warning(
       "oneDNN's convolutions are unavailable (%s); this run keeps XLA's convolutions and "
-      'BatchNorm on the CPU, which train about 1.6x slower. To use them: %s.',
+      'BatchNorm on the CPU, which train about 1.7x slower. To use them: %s.',
       e,
       INSTALL_HINT,
     )
