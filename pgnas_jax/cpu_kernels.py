@@ -112,6 +112,7 @@ def build() -> pathlib.Path:
   target.parent.mkdir(parents=True, exist_ok=True)
   partial = target.with_suffix(f'.{os.getpid()}.partial')
   command = [compiler, *flags, *includes, str(SOURCE), '-o', str(partial), *links]
+  logging.info('building the CPU kernels once for this CPU: %s', target)
   done = subprocess.run(command, capture_output=True, text=True)
   if done.returncode:
     partial.unlink(missing_ok=True)
