@@ -23,18 +23,23 @@ namespace {
 
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, stride, dilation, pad_top, pad_bottom, pad_left,
-      pad_right;
+      pad_right, groups;
 
   std::string key(const char* kind) const {
     std::string k = kind;
     for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, stride, dilation, pad_top, pad_bottom,
-                      pad_left, pad_right})
+                      pad_left, pad_right, groups})
       k += "," + std::to_string(v);
     return k;
   }
   dnnl::memory::desc src() const { return {{n, c, h, w}, dt::f32, tag::nhwc}; }
   dnnl::memory::desc dst() const { return {{n, o, oh, ow}, dt::f32, tag::nhwc}; }
-  dnnl::memory::desc weights(tag t) const { return {{o, c, kh, kw}, dt::f32, t}; }
+  // The kernel as the project holds it (HWIO; with feature groups the O axis is group-major,
+  // so HWIO is oneDNN's hwigo), or in the layout the primitive chooses.
+  dnnl::memory::desc weights(bool given) const {
+    if (groups == 1) return {{o, c, kh, kw}, dt::f32, given ? tag::hwio : tag::any};
+    return {{groups, o / groups, c / groups, kh, kw}, dt::f32, given ? tag::hwigo : tag::any};
+  }
   dnnl::memory::dims strides() const { return {stride, stride}; }
   dnnl::memory::dims dilates() const { return {dilation - 1, dilation - 1}; }
   dnnl::memory::dims pad_l() const { return {pad_top, pad_left}; }
@@ -43,10 +48,11 @@ struct Geometry {
 
 Geometry geometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
                   ffi::Span<const int64_t> y, int64_t stride, int64_t dilation,
-                  int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
-  return Geometry{x[0],      x[1],  x[2],     x[3],    kernel[0],  kernel[1],
-                  kernel[3], y[1],  y[2],     stride,  dilation,   pad_top,
-                  pad_bottom, pad_left, pad_right};
+                  int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+                  int64_t groups) {
+  return Geometry{x[0],      x[1],       x[2],     x[3],      kernel[0], kernel[1],
+                  kernel[3], y[1],       y[2],     stride,    dilation,  pad_top,
+                  pad_bottom, pad_left, pad_right, groups};
 }
 
 dnnl::engine& engine() {
@@ -65,7 +71,7 @@ dnnl::primitive_attr attributes() {
 dnnl::convolution_forward::primitive_desc forward_desc(const Geometry& g) {
   return {engine(),         dnnl::prop_kind::forward_training,
           dnnl::algorithm::convolution_direct,
-          g.src(),          g.weights(tag::any),
+          g.src(),          g.weights(false),
           g.dst(),          g.strides(),
           g.dilates(),      g.pad_l(),
           g.pad_r(),        attributes()};
@@ -107,7 +113,7 @@ void run_with_kernel(const Geometry& g, const Primitive& p, const float* kernel,
   dnnl::stream stream(engine());
   dnnl::memory input(in_desc, engine(), const_cast<float*>(in));
   dnnl::memory output(out_desc, engine(), out);
-  dnnl::memory given(g.weights(tag::hwio), engine(), const_cast<float*>(kernel));
+  dnnl::memory given(g.weights(true), engine(), const_cast<float*>(kernel));
   dnnl::memory weights(p.kernel, engine());
   dnnl::memory scratchpad(p.scratchpad, engine());
   dnnl::reorder(given, weights).execute(stream, given, weights);
@@ -123,9 +129,9 @@ void run_with_kernel(const Geometry& g, const Primitive& p, const float* kernel,
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                    ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t dilation,
                    int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
-                   int64_t threads) {
+                   int64_t groups, int64_t threads) {
   Geometry g = geometry(x.dimensions(), kernel.dimensions(), y->dimensions(), stride,
-                        dilation, pad_top, pad_bottom, pad_left, pad_right);
+                        dilation, pad_top, pad_bottom, pad_left, pad_right, groups);
   return guarded(threads, [&] {
     const Primitive& p = cached(g.key("forward"), [&] {
       auto pd = forward_desc(g);
@@ -139,13 +145,13 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
 ffi::Error InputGradient(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
                          ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t dilation,
                          int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
-                         int64_t pad_right, int64_t threads) {
+                         int64_t pad_right, int64_t groups, int64_t threads) {
   Geometry g = geometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), stride,
-                        dilation, pad_top, pad_bottom, pad_left, pad_right);
+                        dilation, pad_top, pad_bottom, pad_left, pad_right, groups);
   return guarded(threads, [&] {
     const Primitive& p = cached(g.key("input_gradient"), [&] {
       dnnl::convolution_backward_data::primitive_desc pd(
-          engine(), dnnl::algorithm::convolution_direct, g.src(), g.weights(tag::any), g.dst(),
+          engine(), dnnl::algorithm::convolution_direct, g.src(), g.weights(false), g.dst(),
           g.strides(), g.dilates(), g.pad_l(), g.pad_r(), forward_desc(g), attributes());
       return Primitive{dnnl::convolution_backward_data(pd), pd.weights_desc(),
                        pd.scratchpad_desc()};
@@ -158,13 +164,14 @@ ffi::Error InputGradient(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
 ffi::Error KernelGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dkernel, int64_t stride,
                           int64_t dilation, int64_t pad_top, int64_t pad_bottom,
-                          int64_t pad_left, int64_t pad_right, int64_t threads) {
+                          int64_t pad_left, int64_t pad_right, int64_t groups,
+                          int64_t threads) {
   Geometry g = geometry(x.dimensions(), dkernel->dimensions(), dy.dimensions(), stride,
-                        dilation, pad_top, pad_bottom, pad_left, pad_right);
+                        dilation, pad_top, pad_bottom, pad_left, pad_right, groups);
   return guarded(threads, [&] {
     const Primitive& p = cached(g.key("kernel_gradient"), [&] {
       dnnl::convolution_backward_weights::primitive_desc pd(
-          engine(), dnnl::algorithm::convolution_direct, g.src(), g.weights(tag::any), g.dst(),
+          engine(), dnnl::algorithm::convolution_direct, g.src(), g.weights(false), g.dst(),
           g.strides(), g.dilates(), g.pad_l(), g.pad_r(), forward_desc(g), attributes());
       return Primitive{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
                        pd.scratchpad_desc()};
@@ -173,7 +180,7 @@ ffi::Error KernelGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
     dnnl::memory src(g.src(), engine(), x.typed_data());
     dnnl::memory diff_dst(g.dst(), engine(), dy.typed_data());
     dnnl::memory diff_weights(p.kernel, engine());
-    dnnl::memory given(g.weights(tag::hwio), engine(), dkernel->typed_data());
+    dnnl::memory given(g.weights(true), engine(), dkernel->typed_data());
     dnnl::memory scratchpad(p.scratchpad, engine());
     p.primitive.execute(stream, {{DNNL_ARG_SRC, src},
                                  {DNNL_ARG_DIFF_DST, diff_dst},
@@ -229,6 +236,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(pgnas_channel_sums, ChannelSums,
       .Attr<int64_t>("pad_bottom")                                             \
       .Attr<int64_t>("pad_left")                                               \
       .Attr<int64_t>("pad_right")                                              \
+      .Attr<int64_t>("groups")                                                 \
       .Attr<int64_t>("threads")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(pgnas_convolution_forward, Forward, PGNAS_CONVOLUTION_BINDING);

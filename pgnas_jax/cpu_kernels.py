@@ -13,10 +13,10 @@ offers ``conv`` and ``batch_norm``, each a ``jax.custom_vjp`` over its calls.
 
 Where: only while a function is traced inside ``in_use(mesh)`` (``train.make_train_step``
 and ``search.make_chunk_scorer``'s lone candidate), on a CPU mesh, in float32: convolutions
-without feature groups (``layers._conv``) and BatchNorm in training mode
-(``layers.BatchNorm``). Everything else (accelerators, bfloat16, ENAS's depthwise convs, the
-vmapped scorer, BatchNorm recalibration, fine-tuning, the export) keeps XLA's ops. On a mesh
-of several devices the calls run per device (``shard_map`` over the batch rows) and the
+(``layers._conv``, grouped and depthwise ones included) and BatchNorm in training mode
+(``layers.BatchNorm``). Everything else (accelerators, bfloat16, the vmapped scorer,
+BatchNorm recalibration, fine-tuning, the export) keeps XLA's ops. On a mesh of several
+devices the calls run per device (``shard_map`` over the batch rows) and the
 kernel gradients and BatchNorm sums are summed across devices, as XLA's partitioned ops do.
 
 Numbers: oneDNN and the one-pass sums add in another order than XLA, so results change by
@@ -167,22 +167,22 @@ def in_use(mesh, per_device: bool = False):
 
 def applies(x: jax.Array, kernel: jax.Array, feature_groups: int) -> bool:
   """Whether ``layers`` hands this convolution to oneDNN."""
+  del feature_groups  # every grouping: plain, grouped and depthwise convolutions
   return (
     getattr(_state, 'setting', (False, None))[0]
-    and feature_groups == 1
     and x.dtype == jnp.float32
     and kernel.dtype == jnp.float32
   )
 
 
-def _attributes(x_shape, kernel_shape, stride: int, dilation: int) -> dict:
+def _attributes(x_shape, kernel_shape, stride: int, dilation: int, groups: int) -> dict:
   window = tuple((k - 1) * dilation + 1 for k in kernel_shape[:2])
   (top, bottom), (left, right) = jax.lax.padtype_to_pads(
     x_shape[1:3], window, (stride, stride), 'SAME'
   )
   values = dict(
     stride=stride, dilation=dilation, pad_top=top, pad_bottom=bottom, pad_left=left,
-    pad_right=right, threads=_threads_per_call(),
+    pad_right=right, groups=groups, threads=_threads_per_call(),
   )  # fmt: skip
   return {k: np.int64(v) for k, v in values.items()}
 
@@ -206,25 +206,25 @@ def _per_device(fn, mesh, in_specs, out_specs):
 _ROWS, _WHOLE = jax.sharding.PartitionSpec(parallel.DATA_AXIS), jax.sharding.PartitionSpec()
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, kernel, stride, dilation, mesh):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, kernel, stride, dilation, groups, mesh):
   def forward(x, kernel):
     n, h, w, _ = x.shape
     shape = (n, -(-h // stride), -(-w // stride), kernel.shape[3])  # SAME: ceil(size / stride)
     return _call(
-      'forward', shape, x, kernel, **_attributes(x.shape, kernel.shape, stride, dilation)
+      'forward', shape, x, kernel, **_attributes(x.shape, kernel.shape, stride, dilation, groups)
     )
 
   return _per_device(forward, mesh, (_ROWS, _WHOLE), _ROWS)(x, kernel)
 
 
-def _conv_forward(x, kernel, stride, dilation, mesh):
-  return _conv(x, kernel, stride, dilation, mesh), (x, kernel)
+def _conv_forward(x, kernel, stride, dilation, groups, mesh):
+  return _conv(x, kernel, stride, dilation, groups, mesh), (x, kernel)
 
 
-def _conv_backward(stride, dilation, mesh, residuals, dy):
+def _conv_backward(stride, dilation, groups, mesh, residuals, dy):
   x, kernel = residuals
-  attributes = _attributes(x.shape, kernel.shape, stride, dilation)
+  attributes = _attributes(x.shape, kernel.shape, stride, dilation, groups)
 
   def input_gradient(dy, kernel, x):
     return _call('input_gradient', x.shape, dy, kernel, **attributes)
@@ -241,10 +241,10 @@ def _conv_backward(stride, dilation, mesh, residuals, dy):
 _conv.defvjp(_conv_forward, _conv_backward)
 
 
-def conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int) -> jax.Array:
+def conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int, groups: int = 1) -> jax.Array:
   """SAME-padded NHWC x HWIO convolution through oneDNN, differentiable; only where
   ``applies``."""
-  return _conv(x, kernel, stride, dilation, _state.setting[1])
+  return _conv(x, kernel, stride, dilation, groups, _state.setting[1])
 
 
 def _channel_sums(a, b, center, mesh):

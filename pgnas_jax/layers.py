@@ -43,7 +43,7 @@ def group_name(i: int) -> str:
 
 def _conv(x, kernel, strides, dilation, feature_groups=1):
   if cpu_kernels.applies(x, kernel, feature_groups):
-    return cpu_kernels.conv(x, kernel, strides, dilation)
+    return cpu_kernels.conv(x, kernel, strides, dilation, feature_groups)
   return jax.lax.conv_general_dilated(
     x,
     kernel,
