@@ -77,6 +77,13 @@ dnnl::convolution_forward::primitive_desc forward_desc(const Geometry& g) {
           g.pad_r(),        attributes()};
 }
 
+// The descriptor of a backward primitive (input or kernel gradient), hinted by the forward's.
+template <typename Desc>
+Desc backward_desc(const Geometry& g) {
+  return Desc(engine(), dnnl::algorithm::convolution_direct, g.src(), g.weights(false), g.dst(),
+              g.strides(), g.dilates(), g.pad_l(), g.pad_r(), forward_desc(g), attributes());
+}
+
 // A primitive is created (and its kernel generated) once per shape and kind.
 struct Primitive {
   dnnl::primitive primitive;
@@ -150,9 +157,7 @@ ffi::Error InputGradient(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
                         dilation, pad_top, pad_bottom, pad_left, pad_right, groups);
   return guarded(threads, [&] {
     const Primitive& p = cached(g.key("input_gradient"), [&] {
-      dnnl::convolution_backward_data::primitive_desc pd(
-          engine(), dnnl::algorithm::convolution_direct, g.src(), g.weights(false), g.dst(),
-          g.strides(), g.dilates(), g.pad_l(), g.pad_r(), forward_desc(g), attributes());
+      auto pd = backward_desc<dnnl::convolution_backward_data::primitive_desc>(g);
       return Primitive{dnnl::convolution_backward_data(pd), pd.weights_desc(),
                        pd.scratchpad_desc()};
     });
@@ -170,9 +175,7 @@ ffi::Error KernelGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                         dilation, pad_top, pad_bottom, pad_left, pad_right, groups);
   return guarded(threads, [&] {
     const Primitive& p = cached(g.key("kernel_gradient"), [&] {
-      dnnl::convolution_backward_weights::primitive_desc pd(
-          engine(), dnnl::algorithm::convolution_direct, g.src(), g.weights(false), g.dst(),
-          g.strides(), g.dilates(), g.pad_l(), g.pad_r(), forward_desc(g), attributes());
+      auto pd = backward_desc<dnnl::convolution_backward_weights::primitive_desc>(g);
       return Primitive{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
                        pd.scratchpad_desc()};
     });

@@ -150,6 +150,11 @@ def _threads_per_call() -> int:
   return max(1, len(os.sched_getaffinity(0)) // cpus)
 
 
+def _setting() -> tuple:
+  """(whether the kernels are in use, the mesh to split calls over or None) while tracing."""
+  return getattr(_state, 'setting', (False, None))
+
+
 @contextlib.contextmanager
 def in_use(mesh, per_device: bool = False):
   """While a function is traced in this context, ``layers``' float32 convolutions and
@@ -157,7 +162,7 @@ def in_use(mesh, per_device: bool = False):
   already per device (inside a ``shard_map``); else the calls are split over the mesh's
   batch axis here."""
   use = mesh.devices.flat[0].platform == 'cpu' and available()
-  previous = getattr(_state, 'setting', (False, None))
+  previous = _setting()
   _state.setting = (use, None if per_device or mesh.size == 1 else mesh)
   try:
     yield
@@ -165,14 +170,10 @@ def in_use(mesh, per_device: bool = False):
     _state.setting = previous
 
 
-def applies(x: jax.Array, kernel: jax.Array, feature_groups: int) -> bool:
-  """Whether ``layers`` hands this convolution to oneDNN."""
-  del feature_groups  # every grouping: plain, grouped and depthwise convolutions
-  return (
-    getattr(_state, 'setting', (False, None))[0]
-    and x.dtype == jnp.float32
-    and kernel.dtype == jnp.float32
-  )
+def applies(*operands: jax.Array) -> bool:
+  """Whether ``layers`` hands an op on these operands here: inside ``in_use``, float32
+  (convolutions of every grouping, BatchNorm in training mode)."""
+  return _setting()[0] and all(a.dtype == jnp.float32 for a in operands)
 
 
 def _attributes(x_shape, kernel_shape, stride: int, dilation: int, groups: int) -> dict:
@@ -187,11 +188,6 @@ def _attributes(x_shape, kernel_shape, stride: int, dilation: int, groups: int) 
   return {k: np.int64(v) for k, v in values.items()}
 
 
-def normalises(x: jax.Array) -> bool:
-  """Whether ``layers.BatchNorm`` in training mode sums its statistics here."""
-  return getattr(_state, 'setting', (False, None))[0] and x.dtype == jnp.float32
-
-
 def _call(kind: str, shape, *operands, **attributes):
   result = jax.ShapeDtypeStruct(shape, jnp.float32)
   return jax.ffi.ffi_call(TARGETS[kind], result)(*operands, **attributes)
@@ -201,6 +197,11 @@ def _per_device(fn, mesh, in_specs, out_specs):
   if mesh is None:
     return fn
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def _summed_over_devices(partial, mesh):
+  """A device's partial sum (inside ``_per_device``), summed over the mesh's devices."""
+  return partial if mesh is None else jax.lax.psum(partial, parallel.DATA_AXIS)
 
 
 _ROWS, _WHOLE = jax.sharding.PartitionSpec(parallel.DATA_AXIS), jax.sharding.PartitionSpec()
@@ -230,8 +231,7 @@ def _conv_backward(stride, dilation, groups, mesh, residuals, dy):
     return _call('input_gradient', x.shape, dy, kernel, **attributes)
 
   def kernel_gradient(x, dy):
-    partial = _call('kernel_gradient', kernel.shape, x, dy, **attributes)
-    return partial if mesh is None else jax.lax.psum(partial, parallel.DATA_AXIS)
+    return _summed_over_devices(_call('kernel_gradient', kernel.shape, x, dy, **attributes), mesh)
 
   dx = _per_device(input_gradient, mesh, (_ROWS, _WHOLE, _ROWS), _ROWS)(dy, kernel, x)
   dkernel = _per_device(kernel_gradient, mesh, (_ROWS, _ROWS), _WHOLE)(x, dy)
@@ -244,15 +244,14 @@ _conv.defvjp(_conv_forward, _conv_backward)
 def conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int, groups: int = 1) -> jax.Array:
   """SAME-padded NHWC x HWIO convolution through oneDNN, differentiable; only where
   ``applies``."""
-  return _conv(x, kernel, stride, dilation, groups, _state.setting[1])
+  return _conv(x, kernel, stride, dilation, groups, _setting()[1])
 
 
 def _channel_sums(a, b, center, mesh):
   """Per channel: sum(a) and sum(a * (b - center)) over every axis but the last, [2, C]."""
 
   def sums(a, b, center):
-    partial = _call('channel_sums', (2, center.shape[0]), a, b, center)
-    return partial if mesh is None else jax.lax.psum(partial, parallel.DATA_AXIS)
+    return _summed_over_devices(_call('channel_sums', (2, center.shape[0]), a, b, center), mesh)
 
   return _per_device(sums, mesh, (_ROWS, _ROWS, _WHOLE), _WHOLE)(a, b, center)
 
@@ -291,5 +290,5 @@ _batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
 def batch_norm(x, scale, bias, epsilon: float):
   """BatchNorm in training mode with the batch's statistics: ``(y, mean, var)`` as flax
   computes them (the fast variance), its sums over rows in one pass each, forward and
-  backward; only where ``normalises``."""
-  return _batch_norm(x, scale, bias, epsilon, _state.setting[1])
+  backward; only where ``applies``."""
+  return _batch_norm(x, scale, bias, epsilon, _setting()[1])

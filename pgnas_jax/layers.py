@@ -42,7 +42,7 @@ def group_name(i: int) -> str:
 
 
 def _conv(x, kernel, strides, dilation, feature_groups=1):
-  if cpu_kernels.applies(x, kernel, feature_groups):
+  if cpu_kernels.applies(x, kernel):
     return cpu_kernels.conv(x, kernel, strides, dilation, feature_groups)
   return jax.lax.conv_general_dilated(
     x,
@@ -179,7 +179,7 @@ class BatchNorm(nn.BatchNorm):
   @nn.compact
   def __call__(self, x, use_running_average=None):
     running = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
-    if running or not cpu_kernels.normalises(x) or self.is_initializing():
+    if running or not cpu_kernels.applies(x) or self.is_initializing():
       return super().__call__(x, use_running_average)
     features = (x.shape[-1],)
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)

@@ -127,7 +127,7 @@ def make_train_step(
 ) -> Callable:
   """``train_step(state, batch) -> (state, metrics)``, jitted over the mesh: state
   replicated, batch sharded over 'data', the state donated; on CPU compiled with
-  ``xla_options.CPU_TRAIN_OPTIONS``, its convolutions on oneDNN (``cpu_kernels``).
+  ``xla_options.CPU_TRAIN_OPTIONS``, its convolutions and BatchNorm on ``cpu_kernels``.
   ``temperature`` is the run's tau schedule (``TrainSetup.temperature``); None for a
   constant ``drop.tau``."""
   if temperature is None:
