@@ -4,10 +4,18 @@
 //    gradient of the kernel. Activations NHWC and kernels HWIO in float32, as
 //    pgnas_jax/layers.py lays them out; SAME-style padding given explicitly.
 //  * BatchNorm's per-channel sums: sum(a) and sum(a * b) over every row in one pass.
+// A convolution call with the attribute `checked` set hands oneDNN a fenced copy of every
+// buffer (Fenced below) and fails, naming the buffer, when the primitive wrote outside one
+// of them or into an input: the run's one-time self-check and the tests call them so.
 #include <omp.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -25,8 +33,8 @@ struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, stride, dilation, pad_top, pad_bottom, pad_left,
       pad_right, groups;
 
-  std::string key(const char* kind) const {
-    std::string k = kind;
+  std::string key(const char* kind, int64_t threads) const {
+    std::string k = std::string(kind) + "," + std::to_string(threads);
     for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, stride, dilation, pad_top, pad_bottom,
                       pad_left, pad_right, groups})
       k += "," + std::to_string(v);
@@ -84,12 +92,125 @@ Desc backward_desc(const Geometry& g) {
               g.strides(), g.dilates(), g.pad_l(), g.pad_r(), forward_desc(g), attributes());
 }
 
-// A primitive is created (and its kernel generated) once per shape and kind.
+// A primitive is created (and its kernel generated) once per shape, kind and thread count:
+// oneDNN sizes its scratchpad for the threads it may use.
 struct Primitive {
   dnnl::primitive primitive;
-  dnnl::memory::desc kernel;  // the primitive's own kernel layout
+  std::string implementation;  // oneDNN's name for the kernel it chose
+  dnnl::memory::desc in, out;  // the activations it reads and writes, as it wants them
+  dnnl::memory::desc kernel;   // the primitive's own kernel layout
   dnnl::memory::desc scratchpad;
 };
+
+template <typename Kind>
+Primitive primitive(const typename Kind::primitive_desc& pd, const dnnl::memory::desc& in,
+                    const dnnl::memory::desc& out, const dnnl::memory::desc& kernel) {
+  return Primitive{Kind(pd), pd.impl_info_str(), in, out, kernel, pd.scratchpad_desc()};
+}
+
+// oneDNN's error for a primitive that needs other buffers than XLA gives, or that wrote
+// outside them in a checked call.
+struct Misbehaved : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// A buffer fenced by canary bytes on both sides, and unmapped pages beyond them. The data
+// start is 64-byte aligned (oneDNN's alignment) and no more, so code that aligns a pointer
+// up further than that, and has not booked the room, runs into the canaries.
+class Fenced {
+ public:
+  Fenced(size_t bytes, const void* contents) : bytes_(bytes) {
+    const size_t page = sysconf(_SC_PAGESIZE);
+    const size_t inner = (2 * kCanary + kShift + bytes + page - 1) / page * page;
+    total_ = inner + 2 * page;
+    void* base = mmap(nullptr, total_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) throw std::bad_alloc();
+    base_ = static_cast<unsigned char*>(base);
+    mprotect(base_, page, PROT_NONE);
+    mprotect(base_ + page + inner, page, PROT_NONE);
+    lo_ = base_ + page;
+    hi_ = base_ + page + inner;
+    std::memset(lo_, kPattern, inner);
+    data_ = lo_ + kCanary + kShift;
+    if (contents) std::memcpy(data_, contents, bytes);
+  }
+  ~Fenced() { munmap(base_, total_); }
+  Fenced(const Fenced&) = delete;
+  Fenced& operator=(const Fenced&) = delete;
+  void* data() { return data_; }
+  // Bytes written before (negative) or after the buffer; 0 when the canaries are intact.
+  int64_t overrun() const {
+    for (const unsigned char* p = lo_; p < data_; ++p)
+      if (*p != kPattern) return -static_cast<int64_t>(data_ - p);
+    for (const unsigned char* p = hi_ - 1; p >= data_ + bytes_; --p)
+      if (*p != kPattern) return static_cast<int64_t>(p - data_ - bytes_ + 1);
+    return 0;
+  }
+
+ private:
+  static constexpr size_t kCanary = 16384, kShift = 64;
+  static constexpr unsigned char kPattern = 0xA5;
+  size_t bytes_, total_;
+  unsigned char *base_, *lo_, *hi_, *data_;
+};
+
+// The buffers of one call. Unchecked, oneDNN works on XLA's buffers and allocates its own;
+// checked, on fenced copies, which `verify` checks and copies back to XLA's outputs.
+class Buffers {
+ public:
+  explicit Buffers(bool checked) : checked_(checked) {}
+  dnnl::memory input(const char* name, const dnnl::memory::desc& desc, const void* data) {
+    return add(name, desc, const_cast<void*>(data), true);
+  }
+  dnnl::memory output(const char* name, const dnnl::memory::desc& desc, void* data) {
+    return add(name, desc, data, false);
+  }
+  dnnl::memory own(const char* name, const dnnl::memory::desc& desc) {
+    return add(name, desc, nullptr, false);
+  }
+  // Checked: throws Misbehaved unless `p` kept to its buffers, then fills XLA's outputs.
+  void verify(const Primitive& p) {
+    for (Entry& e : entries_) {
+      const int64_t overrun = e.fenced->overrun();
+      if (overrun)
+        throw Misbehaved(p.implementation + " wrote " +
+                         std::to_string(overrun < 0 ? -overrun : overrun) + " bytes " +
+                         (overrun < 0 ? "before" : "past") + " its " + e.name + " buffer");
+      if (e.input && std::memcmp(e.fenced->data(), e.xla, e.bytes))
+        throw Misbehaved(p.implementation + " wrote into its input " + e.name);
+    }
+    for (Entry& e : entries_)
+      if (!e.input && e.xla) std::memcpy(e.xla, e.fenced->data(), e.bytes);
+  }
+
+ private:
+  struct Entry {
+    std::string name;
+    std::unique_ptr<Fenced> fenced;
+    void* xla;
+    size_t bytes;
+    bool input;
+  };
+  dnnl::memory add(const char* name, const dnnl::memory::desc& desc, void* xla, bool input) {
+    if (!checked_) return xla ? dnnl::memory(desc, engine(), xla) : dnnl::memory(desc, engine());
+    const size_t bytes = desc.get_size();
+    entries_.push_back({name, std::make_unique<Fenced>(bytes, input ? xla : nullptr), xla,
+                        bytes, input});
+    return dnnl::memory(desc, engine(), entries_.back().fenced->data());
+  }
+  bool checked_;
+  std::vector<Entry> entries_;
+};
+
+// The primitive must want XLA's plain layout of a buffer, and XLA's buffer must hold it.
+void expect(const Primitive& p, const char* name, const dnnl::memory::desc& wanted,
+            const dnnl::memory::desc& plain, size_t bytes) {
+  if (wanted != plain)
+    throw Misbehaved(p.implementation + " wants its " + name + " in another layout");
+  if (plain.get_size() != bytes)
+    throw Misbehaved(p.implementation + " wants " + std::to_string(plain.get_size()) +
+                     " bytes of " + name + ", XLA holds " + std::to_string(bytes));
+}
 
 template <typename Make>
 const Primitive& cached(const std::string& key, Make make) {
@@ -108,27 +229,35 @@ ffi::Error guarded(int64_t threads, Run run) {
     run();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  } catch (const Misbehaved& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN's ") + e.what());
   }
   return ffi::Error::Success();
 }
 
 // Runs a primitive that reads the kernel (forward, input gradient): the given HWIO kernel is
 // first reordered into the primitive's layout. `in` and `out` are the activations' roles.
-void run_with_kernel(const Geometry& g, const Primitive& p, const float* kernel, int in_arg,
-                     const dnnl::memory::desc& in_desc, const float* in, int out_arg,
-                     const dnnl::memory::desc& out_desc, float* out) {
+void run_with_kernel(const Geometry& g, const Primitive& p, ffi::Buffer<ffi::F32> kernel,
+                     int in_arg, ffi::Buffer<ffi::F32> in, int out_arg,
+                     ffi::ResultBuffer<ffi::F32> out, bool checked) {
+  const bool forward = in_arg == DNNL_ARG_SRC;
+  expect(p, "input", p.in, forward ? g.src() : g.dst(), in.size_bytes());
+  expect(p, "output", p.out, forward ? g.dst() : g.src(), out->size_bytes());
+  expect(p, "kernel", g.weights(true), g.weights(true), kernel.size_bytes());
+  Buffers buffers(checked);
   dnnl::stream stream(engine());
-  dnnl::memory input(in_desc, engine(), const_cast<float*>(in));
-  dnnl::memory output(out_desc, engine(), out);
-  dnnl::memory given(g.weights(true), engine(), const_cast<float*>(kernel));
-  dnnl::memory weights(p.kernel, engine());
-  dnnl::memory scratchpad(p.scratchpad, engine());
+  dnnl::memory input = buffers.input("input", p.in, in.typed_data());
+  dnnl::memory given = buffers.input("kernel", g.weights(true), kernel.typed_data());
+  dnnl::memory output = buffers.output("output", p.out, out->typed_data());
+  dnnl::memory weights = buffers.own("reordered kernel", p.kernel);
+  dnnl::memory scratchpad = buffers.own("scratchpad", p.scratchpad);
   dnnl::reorder(given, weights).execute(stream, given, weights);
   p.primitive.execute(stream, {{in_arg, input},
                                {DNNL_ARG_WEIGHTS, weights},
                                {out_arg, output},
                                {DNNL_ARG_SCRATCHPAD, scratchpad}});
   stream.wait();
+  buffers.verify(p);
 }
 
 }  // namespace
@@ -136,33 +265,32 @@ void run_with_kernel(const Geometry& g, const Primitive& p, const float* kernel,
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                    ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t dilation,
                    int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
-                   int64_t groups, int64_t threads) {
+                   int64_t groups, int64_t threads, bool checked) {
   Geometry g = geometry(x.dimensions(), kernel.dimensions(), y->dimensions(), stride,
                         dilation, pad_top, pad_bottom, pad_left, pad_right, groups);
   return guarded(threads, [&] {
-    const Primitive& p = cached(g.key("forward"), [&] {
+    const Primitive& p = cached(g.key("forward", threads), [&] {
       auto pd = forward_desc(g);
-      return Primitive{dnnl::convolution_forward(pd), pd.weights_desc(), pd.scratchpad_desc()};
+      return primitive<dnnl::convolution_forward>(pd, pd.src_desc(), pd.dst_desc(),
+                                                 pd.weights_desc());
     });
-    run_with_kernel(g, p, kernel.typed_data(), DNNL_ARG_SRC, g.src(), x.typed_data(),
-                    DNNL_ARG_DST, g.dst(), y->typed_data());
+    run_with_kernel(g, p, kernel, DNNL_ARG_SRC, x, DNNL_ARG_DST, y, checked);
   });
 }
 
 ffi::Error InputGradient(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
                          ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t dilation,
                          int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
-                         int64_t pad_right, int64_t groups, int64_t threads) {
+                         int64_t pad_right, int64_t groups, int64_t threads, bool checked) {
   Geometry g = geometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), stride,
                         dilation, pad_top, pad_bottom, pad_left, pad_right, groups);
   return guarded(threads, [&] {
-    const Primitive& p = cached(g.key("input_gradient"), [&] {
+    const Primitive& p = cached(g.key("input_gradient", threads), [&] {
       auto pd = backward_desc<dnnl::convolution_backward_data::primitive_desc>(g);
-      return Primitive{dnnl::convolution_backward_data(pd), pd.weights_desc(),
-                       pd.scratchpad_desc()};
+      return primitive<dnnl::convolution_backward_data>(pd, pd.diff_dst_desc(),
+                                                       pd.diff_src_desc(), pd.weights_desc());
     });
-    run_with_kernel(g, p, kernel.typed_data(), DNNL_ARG_DIFF_DST, g.dst(), dy.typed_data(),
-                    DNNL_ARG_DIFF_SRC, g.src(), dx->typed_data());
+    run_with_kernel(g, p, kernel, DNNL_ARG_DIFF_DST, dy, DNNL_ARG_DIFF_SRC, dx, checked);
   });
 }
 
@@ -170,27 +298,32 @@ ffi::Error KernelGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dkernel, int64_t stride,
                           int64_t dilation, int64_t pad_top, int64_t pad_bottom,
                           int64_t pad_left, int64_t pad_right, int64_t groups,
-                          int64_t threads) {
+                          int64_t threads, bool checked) {
   Geometry g = geometry(x.dimensions(), dkernel->dimensions(), dy.dimensions(), stride,
                         dilation, pad_top, pad_bottom, pad_left, pad_right, groups);
   return guarded(threads, [&] {
-    const Primitive& p = cached(g.key("kernel_gradient"), [&] {
+    const Primitive& p = cached(g.key("kernel_gradient", threads), [&] {
       auto pd = backward_desc<dnnl::convolution_backward_weights::primitive_desc>(g);
-      return Primitive{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
-                       pd.scratchpad_desc()};
+      return primitive<dnnl::convolution_backward_weights>(pd, pd.src_desc(), pd.diff_dst_desc(),
+                                                          pd.diff_weights_desc());
     });
+    expect(p, "input", p.in, g.src(), x.size_bytes());
+    expect(p, "output gradient", p.out, g.dst(), dy.size_bytes());
+    expect(p, "kernel gradient", g.weights(true), g.weights(true), dkernel->size_bytes());
+    Buffers buffers(checked);
     dnnl::stream stream(engine());
-    dnnl::memory src(g.src(), engine(), x.typed_data());
-    dnnl::memory diff_dst(g.dst(), engine(), dy.typed_data());
-    dnnl::memory diff_weights(p.kernel, engine());
-    dnnl::memory given(g.weights(true), engine(), dkernel->typed_data());
-    dnnl::memory scratchpad(p.scratchpad, engine());
+    dnnl::memory src = buffers.input("input", p.in, x.typed_data());
+    dnnl::memory diff_dst = buffers.input("output gradient", p.out, dy.typed_data());
+    dnnl::memory diff_weights = buffers.own("kernel gradient in its layout", p.kernel);
+    dnnl::memory given = buffers.output("kernel gradient", g.weights(true), dkernel->typed_data());
+    dnnl::memory scratchpad = buffers.own("scratchpad", p.scratchpad);
     p.primitive.execute(stream, {{DNNL_ARG_SRC, src},
                                  {DNNL_ARG_DIFF_DST, diff_dst},
                                  {DNNL_ARG_DIFF_WEIGHTS, diff_weights},
                                  {DNNL_ARG_SCRATCHPAD, scratchpad}});
     dnnl::reorder(diff_weights, given).execute(stream, diff_weights, given);
     stream.wait();
+    buffers.verify(p);
   });
 }
 
@@ -240,7 +373,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(pgnas_channel_sums, ChannelSums,
       .Attr<int64_t>("pad_left")                                               \
       .Attr<int64_t>("pad_right")                                              \
       .Attr<int64_t>("groups")                                                 \
-      .Attr<int64_t>("threads")
+      .Attr<int64_t>("threads")                                                \
+      .Attr<bool>("checked")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(pgnas_convolution_forward, Forward, PGNAS_CONVOLUTION_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(pgnas_convolution_input_gradient, InputGradient,

@@ -25,6 +25,18 @@ float32 rounding against XLA's ops (BatchNorm keeps flax's formulas: the fast va
 deterministic for a given number of threads per call (one per device when the CPU is split
 into one device per core, ``host_devices``). Without oneDNN or a compiler
 (``PGNAS_JAX_CPU_KERNELS=xla`` forces that), the run keeps XLA's ops and says why once.
+
+Trust: oneDNN picks its kernels by instruction set, so a kernel this machine runs may never
+have run where the project was tested. Before a convolution or a BatchNorm's sums is handed
+over, its per-device geometry passes a one-time self-check (``_self_check``): oneDNN's calls
+on random inputs, each on fenced copies of its buffers (``cpu_kernels.cc``: a write outside
+a buffer or into an input fails the call), must match XLA's within ``SELF_CHECK_TOLERANCE``.
+One that fails keeps XLA's op, with one logged line saying why. ``PGNAS_JAX_CPU_KERNELS=checked``
+runs every call fenced (slow; for tests and for hunting a fault). Strided 1x1 convolutions
+are handed over as unstrided ones on every stride-th pixel (``_as_handed``): oneDNN 3.2's
+own reduction to unit stride writes past its scratchpad when a 1x1 kernel gradient has
+fewer input channels than its channel block (8 with AVX2, 16 with AVX-512; oneDNN issue
+6035), and the subsampled convolution is the same arithmetic.
 """
 
 import contextlib
@@ -47,7 +59,9 @@ from pgnas_jax import parallel
 
 RUNTIME_PACKAGE = 'onednn-cpu-gomp'
 HEADERS_PACKAGE = 'onednn-devel-cpu-gomp'
-SWITCH = 'PGNAS_JAX_CPU_KERNELS'  # 'xla': keep XLA's convolutions and BatchNorm
+SWITCH = 'PGNAS_JAX_CPU_KERNELS'  # 'xla': keep XLA's ops; 'checked': fence every call
+EXTRA_FLAGS = 'PGNAS_JAX_CPU_KERNELS_FLAGS'  # more compiler flags, e.g. -fsanitize=address
+SELF_CHECK_TOLERANCE = 1e-3  # of the largest magnitude; float32 reordering stays below 1e-5
 SOURCE = pathlib.Path(__file__).with_suffix('.cc')
 TARGETS = {
   'forward': 'pgnas_convolution_forward',
@@ -91,27 +105,34 @@ def _cache_dir() -> pathlib.Path:
   return pathlib.Path(root) / 'pgnas_jax'
 
 
+def compiler() -> str:
+  """The C++ compiler that builds the library: $CXX, else g++ or c++ on the PATH."""
+  found = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+  if not found:
+    raise Unavailable('no C++ compiler (g++) on the PATH')
+  return found
+
+
 def build() -> pathlib.Path:
   """The handlers' shared library, compiled on first use; raises ``Unavailable``."""
-  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
-  if not compiler:
-    raise Unavailable('no C++ compiler (g++) on the PATH')
+  compiler_path = compiler()
   header = _package_file(HEADERS_PACKAGE, '/oneapi/dnnl/dnnl.hpp')
   library = _package_file(RUNTIME_PACKAGE, '/libdnnl.so.3')
   include_dir, library_dir = header.parents[2], library.parent
   flags = ['-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w']
+  flags += os.environ.get(EXTRA_FLAGS, '').split()
   includes = [f'-I{include_dir}', f'-I{jax.ffi.include_dir()}']
   links = [f'-L{library_dir}', '-l:libdnnl.so.3', f'-Wl,-rpath,{library_dir}']
   identity = hashlib.sha256(
     SOURCE.read_bytes()
-    + '|'.join([jax.__version__, compiler, *flags, *includes, *links, _cpu_flags()]).encode()
+    + '|'.join([jax.__version__, compiler_path, *flags, *includes, *links, _cpu_flags()]).encode()
   ).hexdigest()[:16]  # -march=native: a cache shared by different CPUs keeps one per CPU
   target = _cache_dir() / f'cpu_kernels-{identity}.so'
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
   partial = target.with_suffix(f'.{os.getpid()}.partial')
-  command = [compiler, *flags, *includes, str(SOURCE), '-o', str(partial), *links]
+  command = [compiler_path, *flags, *includes, str(SOURCE), '-o', str(partial), *links]
   logging.info('building the CPU kernels once for this CPU: %s', target)
   done = subprocess.run(command, capture_output=True, text=True)
   if done.returncode:
@@ -170,13 +191,132 @@ def in_use(mesh, per_device: bool = False):
     _state.setting = previous
 
 
-def applies(*operands: jax.Array) -> bool:
-  """Whether ``layers`` hands an op on these operands here: inside ``in_use``, float32
-  (convolutions of every grouping, BatchNorm in training mode)."""
+def _applies(*operands: jax.Array) -> bool:
+  """Inside ``in_use``, float32."""
   return _setting()[0] and all(a.dtype == jnp.float32 for a in operands)
 
 
-def _attributes(x_shape, kernel_shape, stride: int, dilation: int, groups: int) -> dict:
+def _per_device_rows(rows: int) -> int:
+  mesh = _setting()[1]
+  return rows if mesh is None else rows // mesh.size
+
+
+def _as_handed(x_shape, kernel_shape, stride: int):
+  """The input shape and stride a convolution is handed to oneDNN with: a strided 1x1 as an
+  unstrided one on every stride-th pixel (SAME pads a 1x1 by nothing), see the docstring."""
+  if tuple(kernel_shape[:2]) == (1, 1) and stride > 1:
+    n, h, w, c = x_shape
+    return (n, -(-h // stride), -(-w // stride), c), 1
+  return tuple(x_shape), stride
+
+
+def handles_conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int, groups: int) -> bool:
+  """Whether ``conv`` runs this convolution here: inside ``in_use``, float32, and its
+  per-device geometry passed the self-check on this CPU."""
+  if not _applies(x, kernel):
+    return False
+  x_shape, handed_stride = _as_handed(x.shape, kernel.shape, stride)
+  x_shape = (_per_device_rows(x_shape[0]), *x_shape[1:])
+  return _passes('convolution', x_shape, tuple(kernel.shape), handed_stride, dilation, groups)
+
+
+def handles_batch_norm(x: jax.Array) -> bool:
+  """Whether ``batch_norm`` runs this training-mode BatchNorm here (as ``handles_conv``)."""
+  if not _applies(x):
+    return False
+  return _passes('BatchNorm sums', (_per_device_rows(x.shape[0]), *x.shape[1:]))
+
+
+@functools.cache
+def _passes(kind: str, *geometry) -> bool:
+  with jax.ensure_compile_time_eval():  # concrete calls, also while a step is traced
+    why = _self_check(*geometry) if kind == 'convolution' else _self_check_sums(*geometry)
+  if why:
+    logging.warning(
+      "oneDNN's %s of %s failed its self-check on this CPU (%s): this run keeps XLA's op "
+      'there, correct and slower.',
+      kind,
+      _described(*geometry),
+      why,
+    )
+  return not why
+
+
+def _described(x_shape, kernel_shape=None, stride=None, dilation=None, groups=None) -> str:
+  text = f'an input of {"x".join(map(str, x_shape))} per device'
+  if kernel_shape is None:
+    return text
+  kernel = 'x'.join(map(str, kernel_shape))
+  return f'{text}, kernel {kernel}, stride {stride}, dilation {dilation}, groups {groups}'
+
+
+def _relative_error(ours, reference) -> float:
+  ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+  return float(np.max(np.abs(ours - reference)) / max(np.max(np.abs(reference)), 1e-30))
+
+
+def _on_cpu(*arrays):
+  return jax.device_put(arrays, jax.local_devices(backend='cpu')[0])
+
+
+def _self_check(x_shape, kernel_shape, stride: int, dilation: int, groups: int) -> str | None:
+  """None when oneDNN's forward, input gradient and kernel gradient of this per-device
+  convolution, called fenced on random inputs, match XLA's; else what went wrong."""
+  rng = np.random.default_rng(0)
+  y_shape = _output_shape(x_shape, kernel_shape, stride)
+  x, kernel, dy = _on_cpu(
+    *(rng.standard_normal(s, np.float32) for s in (x_shape, kernel_shape, y_shape))
+  )
+  attributes = _attributes(x_shape, kernel_shape, stride, dilation, groups, checked=True)
+
+  def both(x, kernel, dy):
+    y, vjp = jax.vjp(lambda a, b: xla_conv(a, b, stride, dilation, groups), x, kernel)
+    ours = (
+      _call('forward', y_shape, x, kernel, **attributes),
+      _call('input_gradient', x_shape, dy, kernel, **attributes),
+      _call('kernel_gradient', kernel_shape, x, dy, **attributes),
+    )
+    return ours, (y, *vjp(dy))
+
+  try:
+    ours, xla = jax.block_until_ready(jax.jit(both)(x, kernel, dy))
+  except jax.errors.JaxRuntimeError as e:
+    return str(e).splitlines()[0]
+  for name, a, b in zip(('forward', 'input gradient', 'kernel gradient'), ours, xla):
+    error = _relative_error(a, b)
+    if not error < SELF_CHECK_TOLERANCE:
+      return f"its {name} is off XLA's by {error:.1e} of the largest value"
+  return None
+
+
+def _self_check_sums(x_shape) -> str | None:
+  """None when the one-pass sums of this per-device shape match numpy's; else how not."""
+  rng = np.random.default_rng(0)
+  a, b = (rng.standard_normal(x_shape, np.float32) for _ in range(2))
+  center = rng.standard_normal(x_shape[-1], np.float32)
+  got = jax.jit(lambda *v: _call('channel_sums', (2, x_shape[-1]), *v))(*_on_cpu(a, b, center))
+  rows = (-1, x_shape[-1])
+  a, b = a.reshape(rows).astype(np.float64), b.reshape(rows).astype(np.float64)
+  want = np.stack([a.sum(0), (a * (b - center)).sum(0)])
+  error = _relative_error(got, want)
+  return None if error < SELF_CHECK_TOLERANCE else f'they are off by {error:.1e}'
+
+
+def xla_conv(x, kernel, stride: int, dilation: int, groups: int = 1):
+  """XLA's SAME-padded NHWC x HWIO convolution: what runs wherever ``conv`` does not, and its
+  reference."""
+  return jax.lax.conv_general_dilated(
+    x, kernel, (stride, stride), 'SAME', rhs_dilation=(dilation, dilation),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups,
+  )  # fmt: skip
+
+
+def _output_shape(x_shape, kernel_shape, stride: int):
+  n, h, w, _ = x_shape
+  return (n, -(-h // stride), -(-w // stride), kernel_shape[3])  # SAME: ceil(size / stride)
+
+
+def _attributes(x_shape, kernel_shape, stride: int, dilation: int, groups: int, checked=False):
   window = tuple((k - 1) * dilation + 1 for k in kernel_shape[:2])
   (top, bottom), (left, right) = jax.lax.padtype_to_pads(
     x_shape[1:3], window, (stride, stride), 'SAME'
@@ -185,7 +325,8 @@ def _attributes(x_shape, kernel_shape, stride: int, dilation: int, groups: int) 
     stride=stride, dilation=dilation, pad_top=top, pad_bottom=bottom, pad_left=left,
     pad_right=right, groups=groups, threads=_threads_per_call(),
   )  # fmt: skip
-  return {k: np.int64(v) for k, v in values.items()}
+  fenced = checked or os.environ.get(SWITCH, '').lower() == 'checked'
+  return {**{k: np.int64(v) for k, v in values.items()}, 'checked': fenced}
 
 
 def _call(kind: str, shape, *operands, **attributes):
@@ -210,8 +351,7 @@ _ROWS, _WHOLE = jax.sharding.PartitionSpec(parallel.DATA_AXIS), jax.sharding.Par
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, kernel, stride, dilation, groups, mesh):
   def forward(x, kernel):
-    n, h, w, _ = x.shape
-    shape = (n, -(-h // stride), -(-w // stride), kernel.shape[3])  # SAME: ceil(size / stride)
+    shape = _output_shape(x.shape, kernel.shape, stride)
     return _call(
       'forward', shape, x, kernel, **_attributes(x.shape, kernel.shape, stride, dilation, groups)
     )
@@ -243,7 +383,9 @@ _conv.defvjp(_conv_forward, _conv_backward)
 
 def conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int, groups: int = 1) -> jax.Array:
   """SAME-padded NHWC x HWIO convolution through oneDNN, differentiable; only where
-  ``applies``."""
+  ``handles_conv``."""
+  if _as_handed(x.shape, kernel.shape, stride)[1] != stride:
+    x, stride = x[:, ::stride, ::stride], 1
   return _conv(x, kernel, stride, dilation, groups, _setting()[1])
 
 
@@ -290,5 +432,5 @@ _batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
 def batch_norm(x, scale, bias, epsilon: float):
   """BatchNorm in training mode with the batch's statistics: ``(y, mean, var)`` as flax
   computes them (the fast variance), its sums over rows in one pass each, forward and
-  backward; only where ``applies``."""
+  backward; only where ``handles_batch_norm``."""
   return _batch_norm(x, scale, bias, epsilon, _setting()[1])

@@ -42,17 +42,9 @@ def group_name(i: int) -> str:
 
 
 def _conv(x, kernel, strides, dilation, feature_groups=1):
-  if cpu_kernels.applies(x, kernel):
+  if cpu_kernels.handles_conv(x, kernel, strides, dilation, feature_groups):
     return cpu_kernels.conv(x, kernel, strides, dilation, feature_groups)
-  return jax.lax.conv_general_dilated(
-    x,
-    kernel,
-    (strides, strides),
-    'SAME',
-    rhs_dilation=(dilation, dilation),
-    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-    feature_group_count=feature_groups,
-  )
+  return cpu_kernels.xla_conv(x, kernel, strides, dilation, feature_groups)
 
 
 def _macs(y_shape, kernel_shape) -> int:
@@ -179,7 +171,7 @@ class BatchNorm(nn.BatchNorm):
   @nn.compact
   def __call__(self, x, use_running_average=None):
     running = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
-    if running or not cpu_kernels.applies(x) or self.is_initializing():
+    if running or self.is_initializing() or not cpu_kernels.handles_batch_norm(x):
       return super().__call__(x, use_running_average)
     features = (x.shape[-1],)
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)

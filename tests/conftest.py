@@ -1,8 +1,13 @@
 """Four simulated CPU devices for every test, so multi-device code paths run here; tests that
 need one device build their mesh from ``jax.devices()[:1]``."""
 
+import faulthandler
 import os
+import signal
+import sys
 import tempfile
+import threading
+import time
 
 # The suite's programs are small and most are compiled once or twice: compiling is most of
 # its time. LLVM's first optimisation level compiles them in about two thirds of the CPU time
@@ -32,6 +37,70 @@ import jax
 import pytest
 
 from pgnas_jax.supernets.shake_shake import ShakeShakeNet
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+    '--time-limit',
+    type=float,
+    default=None,
+    help='seconds the whole run may take; past them it names the tests still running, '
+    'kills the workers and fails',
+  )
+
+
+_RUNNING = {}  # node id -> location, of the tests started and not finished (workers' too)
+
+
+def pytest_runtest_logstart(nodeid, location):
+  _RUNNING[nodeid] = location
+
+
+def pytest_runtest_logfinish(nodeid, location):
+  _RUNNING.pop(nodeid, None)
+
+
+def _children(pid: int) -> list[int]:
+  try:
+    tasks = os.listdir(f'/proc/{pid}/task')
+  except OSError:
+    return []
+  found = []
+  for task in tasks:
+    with open(f'/proc/{pid}/task/{task}/children') as f:
+      found += [int(c) for c in f.read().split()]
+  return found + [g for c in found for g in _children(c)]
+
+
+def _out_of_time(limit: float):
+  running = ', '.join(sorted(_RUNNING)) or 'none (the workers were idle)'
+  sys.__stderr__.write(
+    f'\nThe test run passed its --time-limit of {limit:.0f} s. Still running: {running}\n'
+  )
+  workers = _children(os.getpid())
+  for sig in (signal.SIGUSR1, signal.SIGKILL):  # the workers print their stacks, then end
+    for child in workers:
+      try:
+        os.kill(child, sig)
+      except ProcessLookupError:
+        pass
+    time.sleep(2)
+  os._exit(3)
+
+
+def pytest_configure(config):
+  if hasattr(config, 'workerinput'):  # an xdist worker: its stacks on the controller's signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def pytest_sessionstart(session):
+  """The controlling process (not an xdist worker) ends a run that outlasts --time-limit: CI
+  then fails with the names of the tests that hung instead of running into its own limit."""
+  limit = session.config.getoption('--time-limit')
+  if limit and not hasattr(session.config, 'workerinput'):
+    timer = threading.Timer(limit, _out_of_time, (limit,))
+    timer.daemon = True
+    timer.start()
 
 
 def pytest_collection_modifyitems(items):

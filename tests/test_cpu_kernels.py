@@ -3,6 +3,12 @@ BatchNorm give XLA's and flax's results within float32 rounding, forward and eve
 on one device and on four; they are used exactly where the project hands work to them;
 deterministic; and a run without them says why and keeps XLA's.
 
+oneDNN picks its kernels by instruction set, so the same tests run again in subprocesses
+(a crash there fails one test) with every call fenced (``PGNAS_JAX_CPU_KERNELS=checked``:
+a write outside a buffer fails the call) under ``ONEDNN_MAX_CPU_ISA`` = SSE41, AVX2 and this
+machine's best, and once with the library built with AddressSanitizer. A kernel that fails
+its self-check is not used.
+
 Tolerances: oneDNN and XLA add a convolution's products in different orders; on inputs of
 unit scale the largest difference is a few float32 ulps of the largest value (measured below
 4e-6 relative), so 2e-5 relative to the largest magnitude; the same for BatchNorm (measured
@@ -10,7 +16,11 @@ below 4e-6). A wrong tap, stride, padding, dilation, layout or BatchNorm term mo
 at the 1e-1 level."""
 
 import contextlib
+import ctypes
 import logging
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +31,20 @@ import pytest
 from pgnas_jax import cpu_kernels, layers, parallel
 
 # batch, size, in, out, kernel, stride, dilation: every kind the networks use (3x3 and 5x5,
-# strides 1 and 2, the stem's one input channel, 1x1 shortcuts, ENAS's dilated convs) and
-# odd sizes, where SAME pads one side more than the other. Batches split over 4 devices.
+# strides 1 and 2, the stem's one input channel, ImageNet's 7x7 stem at stride 2, 1x1
+# shortcuts and strided 1x1 projections with fewer input channels than oneDNN's channel
+# blocks of 8 (AVX2) and 16 (AVX-512), ENAS's dilated convs) and odd sizes and channel counts,
+# where SAME pads one side more than the other. Batches split over 4 devices: a batch of 4
+# leaves one image per device.
 GEOMETRIES = [
   (4, 8, 3, 5, 3, 1, 1),
   (4, 9, 4, 6, 3, 2, 1),
   (4, 7, 1, 4, 3, 1, 1),
   (4, 8, 6, 3, 1, 2, 1),
+  (8, 8, 6, 3, 1, 2, 1),
+  (4, 9, 13, 24, 1, 2, 1),
+  (8, 7, 5, 12, 1, 1, 1),
+  (4, 16, 3, 8, 7, 2, 1),
   (4, 9, 3, 4, 5, 1, 2),
   (8, 10, 5, 4, 5, 2, 1),
 ]
@@ -80,7 +97,7 @@ def test_available_here():
   assert cpu_kernels.available(), cpu_kernels._loaded()
 
 
-@pytest.mark.parametrize('devices', [1, 4])
+@pytest.mark.parametrize('devices', [1, 4], ids=['1_device', '4_devices'])
 @pytest.mark.parametrize(
   'geometry', [g + (1,) for g in GEOMETRIES] + GROUPED, ids=lambda g: 'x'.join(map(str, g))
 )
@@ -89,7 +106,9 @@ def test_matches_xla_forward_and_gradients(geometry, devices):
   x, kernel = _inputs(n, size, cin, cout, k, groups)
   mesh = parallel.make_mesh(jax.devices()[:devices])
   ours = _value_and_grads(mesh, lambda a, b: layers._conv(a, b, stride, dilation, groups))
-  assert 'pgnas_convolution_kernel_gradient' in ours.lower(x, kernel).as_text()
+  program = ours.lower(x, kernel).as_text()
+  assert 'pgnas_convolution_kernel_gradient' in program
+  assert ('checked = true' in program) == (os.environ.get(cpu_kernels.SWITCH) == 'checked')
   (dx, dkernel), y = ours(x, kernel)
 
   def reference_loss(a, b):
@@ -155,7 +174,7 @@ def test_without_onednn_the_run_keeps_xla_and_says_why(monkeypatch, caplog):
     cpu_kernels._loaded.cache_clear()
 
 
-@pytest.mark.parametrize('devices', [1, 4])
+@pytest.mark.parametrize('devices', [1, 4], ids=['1_device', '4_devices'])
 def test_batch_norm_matches_flax(devices):
   """Training-mode BatchNorm: output, running statistics and every gradient as flax's (an
   input far from zero mean, where a careless variance or centring loses digits)."""
@@ -213,3 +232,119 @@ def test_batch_norm_elsewhere_is_flax():
     _, reference = apply(nn.BatchNorm(**arguments), x.astype(dtype))
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
       np.testing.assert_array_equal(a, b)
+
+
+# oneDNN's values of dnnl_get_effective_cpu_isa() for the ONEDNN_MAX_CPU_ISA names used here
+_ISA_CODES = {'SSE41': 0x1, 'AVX2': 0x7}
+_ROOT = os.path.join(os.path.dirname(__file__), '..')
+_SANITIZED = '-fsanitize=address -fno-omit-frame-pointer -O1'
+_KERNEL_TESTS = 'matches_xla or batch_norm_matches or kernels_as_asked'
+
+
+def test_kernels_as_asked():
+  """In the subprocesses below: oneDNN dispatches to the instruction set asked for, and the
+  library is the one built with AddressSanitizer when asked."""
+  onednn = ctypes.CDLL(str(cpu_kernels._package_file(cpu_kernels.RUNTIME_PACKAGE, '/libdnnl.so.3')))
+  asked, isa = os.environ.get('ONEDNN_MAX_CPU_ISA'), onednn.dnnl_get_effective_cpu_isa()
+  if asked:
+    assert isa == _ISA_CODES[asked]
+  elif ' avx2 ' in cpu_kernels._cpu_flags():  # no limit: the CPU's best, AVX2 or above
+    assert isa >= _ISA_CODES['AVX2']
+  sanitized = b'libasan' in cpu_kernels.build().read_bytes()  # among the needed libraries
+  assert sanitized == ('-fsanitize=address' in os.environ.get(cpu_kernels.EXTRA_FLAGS, ''))
+
+
+def _kernel_tests_in_subprocess(selection=_KERNEL_TESTS, **environment):
+  """This file's kernel tests in a fresh process, every call fenced; a crash fails here
+  (captured at the Python level only, so a native crash report reaches its stderr)."""
+  env = {**os.environ, cpu_kernels.SWITCH: 'checked', **environment}
+  pytest = [sys.executable, '-m', 'pytest', '-q', '--capture=sys', '-p', 'no:cacheprovider']
+  done = subprocess.run(
+    [*pytest, __file__, '-k', selection], env=env, cwd=_ROOT, capture_output=True, text=True
+  )
+  assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-12000:]
+  assert ' passed' in done.stdout and 'skipped' not in done.stdout
+
+
+@pytest.mark.long(30)
+@pytest.mark.parametrize('isa', ['SSE41', 'AVX2', 'best'])
+def test_under_instruction_set(isa):
+  _kernel_tests_in_subprocess(**({} if isa == 'best' else {'ONEDNN_MAX_CPU_ISA': isa}))
+
+
+def _compiler_file(name: str) -> str:
+  found = subprocess.run(
+    [cpu_kernels.compiler(), f'-print-file-name={name}'], capture_output=True, text=True
+  )
+  return found.stdout.strip()
+
+
+@pytest.mark.long(40)
+def test_under_address_sanitizer():
+  """The library built with AddressSanitizer (its own code checked on every access, oneDNN's
+  calls fenced), preloaded with the C++ runtime, whose exceptions it must intercept; on 4
+  devices, where every handler runs (and XLA compiles about 4x slower under it)."""
+  _kernel_tests_in_subprocess(
+    f'({_KERNEL_TESTS}) and not 1_device',
+    **{cpu_kernels.EXTRA_FLAGS: _SANITIZED},
+    LD_PRELOAD=f'{_compiler_file("libasan.so")} {_compiler_file("libstdc++.so")}',
+    ASAN_OPTIONS='detect_leaks=0',  # Python's and XLA's caches live until exit
+  )
+
+
+def test_fence_catches_onednn_strided_1x1_overrun():
+  """The fence finds the fault it was built for: oneDNN 3.2's AVX2 kernel gradient of a
+  strided 1x1 convolution with 6 input channels (below its block of 8), handed over as it is
+  (without ``_as_handed``), writes past its scratchpad; the self-check says so."""
+  code = (
+    'from pgnas_jax import cpu_kernels; assert cpu_kernels.available(); '
+    'print(cpu_kernels._self_check((2, 8, 8, 6), (1, 1, 6, 3), 2, 1, 1))'
+  )
+  env = {**os.environ, 'ONEDNN_MAX_CPU_ISA': 'AVX2'}
+  done = subprocess.run(
+    [sys.executable, '-c', code], env=env, cwd=_ROOT, capture_output=True, text=True
+  )
+  assert done.returncode == 0, done.stderr[-4000:]
+  assert 'jit_1x1:avx2 wrote' in done.stdout and 'past its scratchpad buffer' in done.stdout
+
+
+def test_kernel_failing_its_self_check_is_not_used(monkeypatch, caplog):
+  """One line names the geometry and why; the program keeps XLA's convolution there, with
+  XLA's results; the other geometries stay on oneDNN."""
+  refused = (4, 9, 4, 6, 3, 2, 1)
+  n, size, cin, cout, k, stride, dilation = refused
+  real_check = cpu_kernels._self_check
+
+  def check(*geometry):
+    if geometry == ((n, size, size, cin), (k, k, cin, cout), stride, dilation, 1):
+      return 'a refusal for this test'
+    return real_check(*geometry)
+
+  monkeypatch.setattr(cpu_kernels, '_self_check', check)
+  cpu_kernels._passes.cache_clear()
+  try:
+    x, kernel = _inputs(n, size, cin, cout, k)
+    x2, kernel2 = _inputs(n, size, cin, cout, 3)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+
+    def two_convs(a, b):
+      return layers._conv(a, b, stride, dilation) + layers._conv(x2, kernel2, 2, 2)
+
+    with caplog.at_level(logging.WARNING):
+      ours = _value_and_grads(mesh, two_convs)
+      program = ours.lower(x, kernel).as_text()
+      ours.lower(x, kernel)  # traced again: no second line
+    assert program.count('pgnas_convolution_forward') == 1  # the other conv
+    lines = [r.getMessage() for r in caplog.records if 'self-check' in r.getMessage()]
+    assert len(lines) == 1 and 'a refusal for this test' in lines[0] and "keeps XLA's" in lines[0]
+    assert f'{n}x{size}x{size}x{cin}' in lines[0]
+    (dx, dkernel), _ = ours(x, kernel)
+
+    def reference_loss(a, b):
+      y = _reference(a, b, stride, dilation) + _reference(x2, kernel2, 2, 2)
+      return jnp.sum(jnp.sin(y)), y
+
+    (dx0, dkernel0), _ = jax.jit(jax.grad(reference_loss, argnums=(0, 1), has_aux=True))(x, kernel)
+    assert _relative(dx, dx0) < 2e-5 and _relative(dkernel, dkernel0) < 2e-5
+  finally:
+    cpu_kernels._passes.cache_clear()

@@ -18,7 +18,8 @@ SET_UP_COMMANDS = (
   ),
   (
     "apt-get update && apt-get install -y dataset-fashion-mnist g++ && pip install -e '.[test]' && "
-    'ruff check . && ruff format --check . && python -m pytest -q -n 2 --dist loadgroup tests'
+    'ruff check . && ruff format --check . && python -m pytest -q -n 2 --dist loadgroup '
+    '--max-worker-restart=0 --time-limit=1500 tests'
   ),
 )
 _LINK = re.compile(r'\[[^\]]*\]\(([^)\s]+)\)')
