@@ -60,6 +60,10 @@ def pytest_runtest_logfinish(nodeid, location):
   _RUNNING.pop(nodeid, None)
 
 
+def pytest_handlecrashitem(crashitem, report, sched):
+  _RUNNING.pop(crashitem, None)  # the test a dead worker was running: failed, not running
+
+
 def _children(pid: int) -> list[int]:
   try:
     tasks = os.listdir(f'/proc/{pid}/task')
@@ -72,11 +76,14 @@ def _children(pid: int) -> list[int]:
   return found + [g for c in found for g in _children(c)]
 
 
-def _out_of_time(limit: float):
+CRASH_GRACE = 30  # seconds the other workers may go on after one died
+
+
+def _end_run(why: str):
+  """Names the tests still running, has the workers print their stacks, ends them and the
+  run (exit status 3)."""
   running = ', '.join(sorted(_RUNNING)) or 'none (the workers were idle)'
-  sys.__stderr__.write(
-    f'\nThe test run passed its --time-limit of {limit:.0f} s. Still running: {running}\n'
-  )
+  sys.__stderr__.write(f'\n{why}. Still running: {running}\n')
   workers = _children(os.getpid())
   for sig in (signal.SIGUSR1, signal.SIGKILL):  # the workers print their stacks, then end
     for child in workers:
@@ -93,14 +100,26 @@ def pytest_configure(config):
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
+def _end_run_in(seconds: float, why: str):
+  timer = threading.Timer(seconds, _end_run, (why,))
+  timer.daemon = True
+  timer.start()
+
+
 def pytest_sessionstart(session):
   """The controlling process (not an xdist worker) ends a run that outlasts --time-limit: CI
   then fails with the names of the tests that hung instead of running into its own limit."""
   limit = session.config.getoption('--time-limit')
   if limit and not hasattr(session.config, 'workerinput'):
-    timer = threading.Timer(limit, _out_of_time, (limit,))
-    timer.daemon = True
-    timer.start()
+    _end_run_in(limit, f'The test run passed its --time-limit of {limit:.0f} s')
+
+
+def pytest_testnodedown(node, error):
+  """A worker died (with --max-worker-restart=0 xdist fails the test it was running and
+  starts no other): the run ends once the others finish their queues, or CRASH_GRACE
+  seconds from now, whichever comes first."""
+  if error:
+    _end_run_in(CRASH_GRACE, f'Worker {node.gateway.id} died {CRASH_GRACE} s ago ({error})')
 
 
 def pytest_collection_modifyitems(items):
