@@ -333,6 +333,11 @@ ffi::Error KernelGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 ffi::Error ChannelSums(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                        ffi::Buffer<ffi::F32> center, ffi::ResultBuffer<ffi::F32> sums) {
   const int64_t channels = center.element_count();
+  if (b.element_count() != a.element_count() || sums->element_count() != 2 * channels ||
+      (channels ? a.element_count() % channels : a.element_count()))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "channel sums: a and b must hold the same rows of as many channels as "
+                      "center, and sums two rows of them");
   const int64_t rows = channels ? a.element_count() / channels : 0;
   const float* pa = a.typed_data();
   const float* pb = b.typed_data();
