@@ -9,7 +9,6 @@ from typing import NamedTuple
 from pgnas_jax import records as records_lib
 from pgnas_jax.errors import BudgetError
 
-FIELDS = ('max_params', 'max_flops')
 _PERCENT = re.compile(r'^\s*(\d+(\.\d*)?|\.\d+)\s*%\s*$')
 
 

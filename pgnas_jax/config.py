@@ -61,11 +61,30 @@ def _is_json_object(text) -> bool:
     return False
 
 
+# What resuming a run with another value of a field does (``Field.on_resume``, ``resume.py``)
+REFUSED = 'refused'  # it changes results: the run resumes only with the value it began with
+KEPT = 'kept'  # it changes no result (logging, checkpoint cadence, a timing): resumed as is
+RECHOOSE = 'rechoose'  # it changes only the choice among the scored candidates: chosen again
+RESCORE = 'rescore'  # it changes the candidates, not the training: they are scored again
+
+
+class _Original:
+  """``Field.older_runs`` of a field every run has had."""
+
+  def __repr__(self):
+    return 'ORIGINAL'
+
+
+ORIGINAL = _Original()
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
   """One config field. ``doc`` is its row in docs/config.md; ``choices`` or ``check`` what
   ``validate`` accepts; ``any_type`` lets a value of another type replace the default (the
-  command line then parses it as a Python literal)."""
+  command line then parses it as a Python literal). ``on_resume``: what resuming a run with
+  another value does (``REFUSED``, ``KEPT``, ``RECHOOSE``, ``RESCORE``); ``older_runs``: for
+  a field added after runs were first made, the value a saved config without it ran with."""
 
   name: str  # dotted path, e.g. 'train.batch_size'
   default: Any
@@ -73,6 +92,8 @@ class Field:
   choices: tuple = ()
   check: Check | None = None
   any_type: bool = False
+  on_resume: str = REFUSED
+  older_runs: Any = ORIGINAL
 
 
 FIELDS = (
@@ -90,6 +111,7 @@ FIELDS = (
     'cannot compile them on several); `rbg` and `unsafe_rbg` are refused: under `vmap` '
     'over keys they draw from the first key only ([sampling](sampling.md#generators))',
     choices=rng.IMPLEMENTATIONS,
+    older_runs=rng.DEFAULT,
   ),
   # data
   Field(
@@ -324,6 +346,7 @@ FIELDS = (
     'logit gradient from an antithetic pair of them (Dong et al. 2020; two forward passes '
     'per step). The KL terms use `p` and the search samples Bernoulli(`p`) with each',
     choices=estimators.NAMES,
+    older_runs=estimators.DEFAULT,
   ),
   Field(
     'drop.tau',
@@ -338,6 +361,7 @@ FIELDS = (
     '0: `tau` throughout; > 0: the temperature of the last training step, reached '
     'exponentially in the step, `tau * (final_tau / tau) ^ (t / (T - 1))` at step `t` of `T`',
     check=NON_NEGATIVE,
+    older_runs=0.0,
   ),
   Field(
     'drop.logit_lr_multiplier',
@@ -419,7 +443,11 @@ FIELDS = (
   ),
   Field('train.nesterov', True, 'Nesterov momentum, weights and logits alike'),
   Field(
-    'train.log_every_steps', 50, 'metrics line and progress every this many steps', check=POSITIVE
+    'train.log_every_steps',
+    50,
+    'metrics line and progress every this many steps',
+    check=POSITIVE,
+    on_resume=KEPT,
   ),
   # checkpoints
   Field(
@@ -427,8 +455,9 @@ FIELDS = (
     500,
     'save the training state every this many steps (also at the end of training and on SIGTERM)',
     check=POSITIVE,
+    on_resume=KEPT,
   ),
-  Field('checkpoint.max_to_keep', 3, 'checkpoints kept', check=POSITIVE),
+  Field('checkpoint.max_to_keep', 3, 'checkpoints kept', check=POSITIVE, on_resume=KEPT),
   # search
   Field(
     'search.num_candidates',
@@ -446,6 +475,8 @@ FIELDS = (
     '`p < 0.5`), so `num_candidates` counts as 1. A rerun with another sampler keeps the '
     'training and scores again',
     choices=samplers.NAMES,
+    on_resume=RESCORE,
+    older_runs=samplers.DEFAULT,
   ),
   Field(
     'search.stratified_block',
@@ -453,6 +484,8 @@ FIELDS = (
     "`sampler='stratified'`: candidates per block; each channel's uniforms in a block are "
     'its `stratified_block` strata in a random order, each jittered',
     check=Check(lambda v: type(v) is int and v >= 1, 'a whole number >= 1'),
+    on_resume=RESCORE,
+    older_runs=16,
   ),
   Field(
     'search.chunk_size',
@@ -483,6 +516,8 @@ FIELDS = (
     '`search/candidates.jsonl`); a rerun with another budget reuses them',
     check=Check(budget.is_valid, budget.RULE),
     any_type=True,
+    on_resume=RECHOOSE,
+    older_runs=0,
   ),
   Field(
     'search.max_flops',
@@ -490,6 +525,8 @@ FIELDS = (
     'FLOPs (MACs) budget, in the forms of `max_params`; with both, a candidate must fit both',
     check=Check(budget.is_valid, budget.RULE),
     any_type=True,
+    on_resume=RECHOOSE,
+    older_runs=0,
   ),
   Field(
     'search.bn_recalibration_batches',
@@ -530,6 +567,7 @@ FIELDS = (
     '`report.md`; False: skip it (a timing, not a result: the only field of the workdir '
     'that differs between two runs of one config)',
     check=Check(lambda v: type(v) is bool, 'True or False'),
+    on_resume=KEPT,
   ),
   # what a run shows besides its results (docs/observability.md)
   Field(
@@ -539,6 +577,7 @@ FIELDS = (
     'installed (the `tensorboard` extra); without it the run is unchanged and the log '
     'says how to get them; False: never',
     check=Check(lambda v: type(v) is bool, 'True or False'),
+    on_resume=KEPT,
   ),
   Field(
     'log.profile_steps',
@@ -550,6 +589,7 @@ FIELDS = (
       lambda v: all(type(s) is int and s >= 1 for s in v),
       'a tuple of training steps, each a whole number >= 1, e.g. (11, 12)',
     ),
+    on_resume=KEPT,
   ),
 )
 

@@ -27,8 +27,10 @@ that is not among the allowed values below, or fields that do not fit together a
 with a one-line message naming the field and the fix, and the workdir is left untouched.
 
 Adding a field is one `Field(name, default, doc, choices=..., check=...)` entry in `FIELDS`
-(`pgnas_jax/config.py`): `get_config()`, `validate()` and this page all follow from it
-(regenerate this page with the command above).
+(`pgnas_jax/config.py`): `get_config()`, `validate()`, resuming and this page all follow from
+it (regenerate this page with the command above). A field that changes no result, or that a
+run can redo, says so with `on_resume`; a new field gives `older_runs`, the value runs made
+before it had, so that their workdirs still resume.
 
 """
 
@@ -77,9 +79,38 @@ def _constraints() -> str:
   return '\n'.join(lines) + '\n'
 
 
+_ON_RESUME = (
+  (config_lib.KEPT, 'change no result; a run resumes with new values as it is'),
+  (
+    config_lib.RECHOOSE,
+    'change only the choice among the scored candidates; a run (finished or not) resumed '
+    'with new values keeps its training and scored candidates and chooses again',
+  ),
+  (
+    config_lib.RESCORE,
+    'change the candidates, not the training; a run (finished or not) resumed with new '
+    'values keeps its training and scores the candidates again',
+  ),
+)
+
+
+def _resuming() -> str:
+  lines = [
+    '## Changing fields when resuming',
+    '',
+    'Running the same command again on a workdir resumes its run. A field not listed here '
+    'must keep its value (another is refused, naming the field); these may change:',
+    '',
+  ]
+  for kind, what in _ON_RESUME:
+    names = ', '.join(f'`{f.name}`' for f in config_lib.FIELDS if f.on_resume == kind)
+    lines.append(f'- {names}: {what}')
+  return '\n'.join(lines) + '\n'
+
+
 def render() -> str:
   """The whole of docs/config.md."""
-  return _INTRO + _fields_table() + '\n' + _constraints()
+  return _INTRO + _fields_table() + '\n' + _constraints() + '\n' + _resuming()
 
 
 if __name__ == '__main__':

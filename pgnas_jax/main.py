@@ -17,187 +17,23 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
-from flax import traverse_util
 
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import compact, errors, export, finetune, metric_writers, parallel, pareto
-from pgnas_jax import estimators, report, rng, samplers, search, supernets, train
+from pgnas_jax import report, samplers, search, supernets, train
 from pgnas_jax import budget as budget_lib
 from pgnas_jax import host_devices
 from pgnas_jax import lock as lock_lib
+from pgnas_jax import resume
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import records as records_lib
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.compact import candidate
 from pgnas_jax.supernets import custom
-
-# Fields that change only the choice among the scored candidates: a run (finished or not)
-# resumed with other values reuses its training and scored candidates and chooses again.
-RECHOOSING_CHANGES = tuple(f'search.{name}' for name in budget_lib.FIELDS)
-# Fields that change the candidates but not the training, like another search key: a run
-# (finished or not) resumed with other values keeps its training and scores again.
-RESCORING_CHANGES = ('search.sampler', 'search.stratified_block')
-# Fields that may change between a run and its resumption: they do not change any result but
-# the choice (RECHOOSING_CHANGES) or the candidates (RESCORING_CHANGES).
-RESUMABLE_CHANGES = (
-  (
-    'train.log_every_steps',
-    'checkpoint.every_steps',
-    'checkpoint.max_to_keep',
-    'log.tensorboard',
-    'log.profile_steps',
-    'export.latency',
-  )
-  + RECHOOSING_CHANGES
-  + RESCORING_CHANGES
-)
-# Fields added since runs were first made: a saved config without one ran as its value here.
-ADDED_FIELDS = {
-  'rng.impl': rng.DEFAULT,
-  'drop.estimator': estimators.DEFAULT,
-  'drop.final_tau': 0.0,
-  'search.sampler': samplers.DEFAULT,
-  'search.stratified_block': 16,
-}
-
-
-def _saved_config(workdir: str) -> dict:
-  """The config.json of the run in ``workdir``; a damaged one is refused in one line."""
-  path = workdir_lib.path(workdir, workdir_lib.CONFIG)
-  try:
-    saved = workdir_lib.read_json(path)
-  except ValueError as e:
-    raise errors.WorkdirError(
-      f'{path} is empty or damaged ({type(e).__name__}: {cli_lib.one_line(e)}), so the run '
-      f'in --workdir={workdir} cannot be checked against this config; restore it, or add '
-      f"--start_over to delete the run's outputs and start again"
-    ) from None
-  if not isinstance(saved, dict):
-    raise errors.WorkdirError(
-      f'{path} holds no config (a JSON {type(saved).__name__}), so the run in '
-      f'--workdir={workdir} cannot be checked against this config; restore it, or add '
-      f"--start_over to delete the run's outputs and start again"
-    )
-  return saved
-
-
-def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """A workdir holding a run may only be resumed with the config that started it."""
-  before = {**ADDED_FIELDS, **traverse_util.flatten_dict(_saved_config(workdir), sep='.')}
-  as_saved = json.loads(workdir_lib.to_json(config.to_dict()))  # as in the file: lists, nulls
-  now = traverse_util.flatten_dict(as_saved, sep='.')
-  changed = [
-    k
-    for k in sorted(set(before) | set(now))
-    if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES
-  ]
-  if changed:
-    shown = ', '.join(
-      f'{k}: {before.get(k)!r} in the workdir, {now.get(k)!r} now' for k in changed[:3]
-    )
-    raise errors.IncompatibleWorkdirError(
-      f'--workdir={workdir} holds a run made with another config ({shown}); nothing was '
-      f'changed. Rerun with its config to resume it, choose a new --workdir, or add '
-      f'--start_over to delete its outputs and start again'
-    )
-
-
-def _budget_changed(workdir: str, config: ml_collections.ConfigDict) -> bool:
-  """Whether a run is resumed with another budget: it then chooses again among its scored
-  candidates (RECHOOSING_CHANGES)."""
-  before = _saved_config(workdir)['search']
-  return any(before.get(k, 0) != config.search[k] for k in budget_lib.FIELDS)
-
-
-def _sampler_changed(workdir: str, config: ml_collections.ConfigDict) -> bool:
-  """Whether a run is resumed with another candidate sampler: it then scores its
-  candidates again (RESCORING_CHANGES)."""
-  saved = traverse_util.flatten_dict(_saved_config(workdir), sep='.')
-  before = ml_collections.ConfigDict(
-    {k.split('.')[1]: saved.get(k, v) for k, v in ADDED_FIELDS.items() if k.startswith('search.')}
-  )
-  return samplers.from_config(before) != samplers.from_config(config.search)
-
-
-def _start_over(workdir: str) -> None:
-  """Deletes an earlier run's outputs, config.json last: a kill part way never leaves
-  checkpoints or candidates without the config that made them."""
-  for name in sorted(workdir_lib.OUTPUTS, key=lambda name: name == workdir_lib.CONFIG):
-    path = workdir_lib.path(workdir, name)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    elif os.path.exists(path):
-      os.remove(path)
-
-
-def _plan(workdir: str, config: ml_collections.ConfigDict, start_over: bool) -> str:
-  """What to do with the workdir: 'finished' (nothing to do), 'resume', or 'fresh' (after
-  deleting an earlier run's outputs when ``start_over``). Refuses, touching nothing, a
-  workdir whose state the run cannot continue from, naming what to remove."""
-  if not os.path.exists(workdir_lib.path(workdir, workdir_lib.CONFIG)):
-    left = [
-      name
-      for name in workdir_lib.OUTPUTS
-      if name != workdir_lib.METRICS and os.path.exists(workdir_lib.path(workdir, name))
-    ]
-    if left and not start_over:
-      raise errors.WorkdirError(
-        f'--workdir={workdir} holds outputs of a run ({", ".join(left)}) but no '
-        f'{workdir_lib.CONFIG}, so the config that made them is unknown; remove '
-        f'{workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)} to train again with this '
-        f'config (the other outputs are made again), or add --start_over'
-      )
-    return 'fresh'
-  finished = os.path.exists(workdir_lib.path(workdir, workdir_lib.REPORT))
-  if start_over:
-    # a --start_over run that was stopped resumes when the same command runs again
-    began_it = os.path.exists(workdir_lib.path(workdir, workdir_lib.STARTED_OVER))
-    if finished or not began_it or not _resumable_with(workdir, config):
-      return 'fresh'
-  _check_resumable(workdir, config)
-  if not finished:
-    return 'resume'
-  rescore = _sampler_changed(workdir, config)
-  if rescore or _budget_changed(workdir, config):
-    # a finished run resumed with another budget or sampler is not finished: its report (the
-    # finished mark) goes, and the run chooses again from its checkpoint and its recorded
-    # candidates, which another sampler's run id makes it score again (records.resume)
-    logging.info(
-      'the %s changed: %s',
-      'sampler' if rescore else 'budget',
-      'scoring the candidates again, keeping the training'
-      if rescore
-      else 'choosing the winner again among the scored candidates',
-    )
-    parallel.barrier('report seen')  # by every process, before process 0 removes it
-    if parallel.is_main_process():
-      os.remove(workdir_lib.path(workdir, workdir_lib.REPORT))
-    return 'resume'
-  missing = [
-    name
-    for name in workdir_lib.FINISHED_OUTPUTS
-    if not os.path.exists(workdir_lib.path(workdir, name))
-  ]
-  if not missing:
-    return 'finished'
-  logging.warning(
-    '%s holds a finished run without %s: finishing it again from its checkpoints',
-    workdir,
-    ', '.join(missing),
-  )
-  return 'resume'
-
-
-def _resumable_with(workdir: str, config: ml_collections.ConfigDict) -> bool:
-  try:
-    _check_resumable(workdir, config)
-  except errors.UserFacingError:
-    return False
-  return True
 
 
 def run(
@@ -221,7 +57,7 @@ def run(
 def _run_locked(
   config, workdir: str, mesh, start_over: bool, held: lock_lib.WorkdirLock, model, dataset
 ) -> dict:
-  plan = _plan(workdir, config, start_over)
+  plan = resume.plan(workdir, config, start_over)
   if plan == 'finished':
     logging.info('%s holds a finished run (%s); nothing to do', workdir, workdir_lib.REPORT)
     return workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.ARCH))
@@ -262,11 +98,11 @@ def _run_locked(
 
 def _prepare(workdir: str, config, fresh_start: bool) -> None:
   if fresh_start:
-    _start_over(workdir)
+    resume.start_over(workdir)
   os.makedirs(workdir_lib.path(workdir, workdir_lib.SEARCH), exist_ok=True)
   os.makedirs(workdir_lib.path(workdir, workdir_lib.PLOTS), exist_ok=True)
   workdir_lib.write_json(workdir_lib.path(workdir, workdir_lib.CONFIG), config.to_dict())
-  if fresh_start:  # marks the run as --start_over's, see _plan
+  if fresh_start:  # marks the run as --start_over's, see resume.plan
     workdir_lib.write_atomically(workdir_lib.path(workdir, workdir_lib.STARTED_OVER), '')
 
 

@@ -9,7 +9,8 @@ from flax import traverse_util
 from ml_collections import config_flags
 
 from pgnas_jax import config as config_lib
-from pgnas_jax import config_doc, errors
+from pgnas_jax import config_doc, errors, resume
+from pgnas_jax import workdir as workdir_lib
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 NAMES = sorted(n[:-3] for n in os.listdir(CONFIGS) if n.endswith('.py') and n != 'common.py')
@@ -107,3 +108,69 @@ def test_a_field_with_choices_refuses_others(monkeypatch):
   c.train.writer = 'csv'
   with pytest.raises(errors.ConfigError, match=r"train\.writer='csv' is not one of"):
     config_lib.validate(c)
+
+
+def _saved_run(tmp_path, config, drop=()):
+  """A workdir whose config.json is ``config`` without the dotted fields ``drop``."""
+  saved = _flat(config)
+  for name in drop:
+    del saved[name]
+  workdir_lib.write_json(
+    str(tmp_path / 'config.json'), traverse_util.unflatten_dict(saved, sep='.')
+  )
+  return str(tmp_path)
+
+
+def test_fields_declare_how_they_resume(tmp_path):
+  """Each field says what resuming with another value does: a KEPT, RECHOOSE or RESCORE
+  field may change, any other is refused by name; a run saved before a field existed resumes
+  as its ``older_runs``, and is refused when the field now has another value."""
+  kinds = {config_lib.REFUSED, config_lib.KEPT, config_lib.RECHOOSE, config_lib.RESCORE}
+  assert {f.on_resume for f in config_lib.FIELDS} == kinds
+  config = config_lib.get_config()
+  workdir = _saved_run(tmp_path, config)
+  for field in config_lib.FIELDS:
+    changed = _with_another_value(field)
+    if field.on_resume == config_lib.REFUSED:
+      with pytest.raises(errors.IncompatibleWorkdirError, match=field.name):
+        resume.check_resumable(workdir, changed)
+    else:
+      resume.check_resumable(workdir, changed)
+  added = [f for f in config_lib.FIELDS if f.older_runs is not config_lib.ORIGINAL]
+  assert {f.name for f in added} >= {'rng.impl', 'drop.estimator', 'search.sampler'}
+  older = tmp_path / 'older'
+  older.mkdir()
+  workdir = _saved_run(older, config, drop=[f.name for f in added])
+  assert all(f.older_runs == f.default for f in added)  # so the default config resumes it
+  resume.check_resumable(workdir, config)
+  for field in (f for f in added if f.on_resume == config_lib.REFUSED):
+    changed = _with_another_value(field)
+    with pytest.raises(
+      errors.IncompatibleWorkdirError, match=f'{field.name}: {field.older_runs!r}'
+    ):
+      resume.check_resumable(workdir, changed)
+
+
+def _with_another_value(field):
+  """The default config with ``field`` at another of its valid values."""
+  config = config_lib.get_config()
+  *sections, key = field.name.split('.')
+  node = config
+  for section in sections:
+    node = node[section]
+  node[key] = _another_value(field)
+  return config
+
+
+def _another_value(field):
+  """A valid value of ``field`` other than its default."""
+  if field.choices:
+    return next(c for c in field.choices if c != field.default)
+  default = field.default
+  if type(default) is bool:
+    return not default
+  if type(default) in (int, float):
+    return default + 1 if field.check is None or field.check.test(default + 1) else default / 2
+  if type(default) is tuple:
+    return (*default, 1) if field.check is None or field.check.test((*default, 1)) else ()
+  return default + '_other'

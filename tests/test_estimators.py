@@ -15,7 +15,7 @@ import pytest
 import tiny
 
 from pgnas_jax import config as config_lib
-from pgnas_jax import errors, estimators, main, masks, parallel, train
+from pgnas_jax import errors, estimators, masks, parallel, resume, train
 from pgnas_jax import workdir as workdir_lib
 
 TEMPLATE = {'a': {'group0': jnp.ones(50)}, 'b': {'group0': jnp.ones(50), 'group1': jnp.ones(50)}}
@@ -317,7 +317,7 @@ def test_a_run_saved_before_the_estimator_fields_resumes(tmp_path):
   saved = config.to_dict()
   del saved['drop']['estimator'], saved['drop']['final_tau']
   workdir_lib.write_json(str(tmp_path / 'config.json'), saved)
-  main._check_resumable(str(tmp_path), config)
+  resume.check_resumable(str(tmp_path), config)
   config.drop.estimator = 'disarm'
   with pytest.raises(errors.IncompatibleWorkdirError, match="drop.estimator: 'concrete' in the"):
-    main._check_resumable(str(tmp_path), config)
+    resume.check_resumable(str(tmp_path), config)

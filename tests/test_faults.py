@@ -17,7 +17,7 @@ import pytest
 import tiny
 
 from pgnas_jax import checkpoint as checkpoint_lib
-from pgnas_jax import cli, errors, lock, main
+from pgnas_jax import cli, errors, lock, main, resume
 from pgnas_jax import config as config_lib
 from pgnas_jax import workdir as workdir_lib
 
@@ -203,7 +203,7 @@ def test_start_over_deletes_config_json_last(tmp_path, monkeypatch):
   deleted = []
   monkeypatch.setattr(main.os, 'remove', lambda p: deleted.append(os.path.basename(p)))
   monkeypatch.setattr(main.shutil, 'rmtree', lambda p: deleted.append(os.path.basename(p)))
-  main._start_over(str(tmp_path))
+  resume.start_over(str(tmp_path))
   assert deleted[-1] == 'config.json' and len(deleted) == len(workdir_lib.OUTPUTS)
 
 

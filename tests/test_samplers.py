@@ -17,7 +17,7 @@ import tiny
 
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import config as config_lib
-from pgnas_jax import errors, main, masks, parallel, records, rng, samplers, search, train
+from pgnas_jax import errors, main, masks, parallel, records, resume, rng, samplers, search, train
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 
@@ -296,12 +296,12 @@ def test_a_run_saved_before_the_generator_and_sampler_fields_resumes(tmp_path):
   saved = config.to_dict()
   del saved['rng'], saved['search']['sampler'], saved['search']['stratified_block']
   workdir_lib.write_json(str(tmp_path / 'config.json'), saved)
-  main._check_resumable(str(tmp_path), config)
-  assert not main._sampler_changed(str(tmp_path), config)
+  resume.check_resumable(str(tmp_path), config)
+  assert not resume.sampler_changed(str(tmp_path), config)
   config.search.stratified_block = 8  # no change of candidates while the sampler is iid
-  assert not main._sampler_changed(str(tmp_path), config)
+  assert not resume.sampler_changed(str(tmp_path), config)
   config.search.sampler = 'stratified'
-  assert main._sampler_changed(str(tmp_path), config)
+  assert resume.sampler_changed(str(tmp_path), config)
   config.rng.impl = 'threefry4x32'
   with pytest.raises(errors.IncompatibleWorkdirError, match="rng.impl: 'threefry2x32' in the"):
-    main._check_resumable(str(tmp_path), config)
+    resume.check_resumable(str(tmp_path), config)
