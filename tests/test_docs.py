@@ -1,6 +1,7 @@
 """The documentation: an entry-page README, links that resolve, a config page that matches the
 config schema."""
 
+import ast
 import glob
 import os
 import re
@@ -80,3 +81,69 @@ def test_config_page_is_generated_from_the_schema():
   assert _read(os.path.join(ROOT, 'docs', 'config.md')) == config_doc.render(), (
     'docs/config.md is out of date: run python -m pgnas_jax.config_doc > docs/config.md'
   )
+
+
+def _layout_rows() -> list[tuple[str, str]]:
+  """docs/layout.md's table: (first cell's path, the whole row), in order."""
+  text = _read(os.path.join(ROOT, 'docs', 'layout.md'))
+  return [(m.group(2), m.group(1)) for m in re.finditer(r'(?m)^(\| `([^`]+)`.*)$', text)]
+
+
+def _row_of(module: str, rows) -> int | None:
+  """The row that lists ``module`` (a path under pgnas_jax/): its own, or its package's row
+  naming its file; the C++ source goes with its Python module's row."""
+  name = module[: -len('.cc')] + '.py' if module.endswith('.cc') else module
+  for i, (path, row) in enumerate(rows):
+    if path == name or (
+      path.endswith('/') and name.startswith(path) and f'`{os.path.basename(name)}`' in row
+    ):
+      return i
+  return None
+
+
+def _modules() -> list[str]:
+  """Every module of pgnas_jax/ (an empty package marker is none), relative to the root."""
+  found = []
+  for folder, _, files in os.walk(os.path.join(ROOT, 'pgnas_jax')):
+    for name in files:
+      path = os.path.join(folder, name)
+      if name.endswith(('.py', '.cc')) and os.path.getsize(path):
+        found.append(os.path.relpath(path, ROOT))
+  return sorted(found)
+
+
+def _imported(module: str) -> set[str]:
+  """The pgnas_jax modules ``module`` imports (anywhere in it), as paths."""
+
+  def path(dotted):
+    base = os.path.join(*dotted.split('.'))
+    if os.path.exists(os.path.join(ROOT, base + '.py')):
+      return base + '.py'
+    if os.path.isdir(os.path.join(ROOT, base)):
+      return os.path.join(base, '__init__.py')
+    return None
+
+  found = set()
+  for node in ast.walk(ast.parse(_read(os.path.join(ROOT, module)))):
+    if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('pgnas_jax'):
+      for alias in node.names:
+        found.add(path(f'{node.module}.{alias.name}') or path(node.module))
+    elif isinstance(node, ast.Import):
+      found |= {path(a.name) for a in node.names if a.name.startswith('pgnas_jax.')}
+  return found - {None, 'pgnas_jax/__init__.py'}
+
+
+def test_layout_lists_every_module_and_its_layering_holds():
+  rows = _layout_rows()
+  modules = _modules()
+  assert len(modules) > 50
+  missing = [m for m in modules if _row_of(m, rows) is None]
+  assert not missing, f'docs/layout.md does not list {missing}'
+  upward = [
+    (m, target)
+    for m in modules
+    if m.endswith('.py')
+    for target in _imported(m)
+    if _row_of(target, rows) > _row_of(m, rows)
+  ]
+  assert not upward, f'modules importing rows below their own in docs/layout.md: {upward}'
