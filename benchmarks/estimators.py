@@ -37,9 +37,8 @@ def main():
     config, model, shape, classes, _ = harness.network(args.network)
     config.drop.estimator = name
     configs[name] = config
-  times = timing.interleaved_step_times(
-    configs, model, shape, classes, 128, args.rounds, harness.mesh_of(1)
-  )
+  batch = timing.synthetic_batch(128, shape, classes)
+  times = timing.interleaved_step_times(configs, model, batch, args.rounds, harness.mesh_of(1))
   rows = [
     {
       'network': args.network,

@@ -37,7 +37,7 @@ from PIL import Image
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import optim, parallel, supernets, train
+from pgnas_jax import parallel, supernets, train
 from pgnas_jax.data import imagenet, stream
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
@@ -220,10 +220,9 @@ def train_step_rows(quick):
   ):
     config = make()
     model = supernets.build(config.model, classes)
-    schedule = optim.learning_rate_schedule(config.train, 100, 10)
-    tx = optim.make_optimizer(config, schedule)
-    state, space = train.initialise(model, config, shape, tx, mesh)
-    step = train.make_train_step(model, space, config, tx, schedule, mesh)
+    run = train.fixed_setup(config, 100, 10)
+    state, space = train.initialise(model, config, shape, run.tx, mesh)
+    step = train.make_train_step(model, space, config, run, mesh)
     rng = np.random.default_rng(0)
     batch = parallel.put_batch(
       {

@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from pgnas_jax import optim, parallel, supernets, train
+from pgnas_jax import parallel, supernets, train
 from pgnas_jax import space as space_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -45,10 +45,9 @@ def main(argv):
   mesh = parallel.make_mesh()
   model = supernets.build(config.model, _CLASSES.value)
   total = _STEPS.value + 2
-  schedule = optim.learning_rate_schedule(config.train, total, total)
-  tx = optim.make_optimizer(config, schedule)
-  state, space = train.initialise(model, config, image, tx, mesh)
-  step_fn = train.make_train_step(model, space, config, tx, schedule, mesh)
+  run = train.fixed_setup(config, total, total)
+  state, space = train.initialise(model, config, image, run.tx, mesh)
+  step_fn = train.make_train_step(model, space, config, run, mesh)
   rng = np.random.default_rng(0)
   batch = parallel.put_batch(
     {

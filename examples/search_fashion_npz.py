@@ -60,7 +60,7 @@ def make_config(args: argparse.Namespace, num_train: int):
   return config
 
 
-def main(argv=None) -> dict:
+def main(argv=None):
   parser = argparse.ArgumentParser(
     prog='python -m examples.search_fashion_npz', description=__doc__.split('\n')[0]
   )
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
 
 def _cli(argv):
   logging.get_absl_handler().addFilter(cli.quiet_libraries)  # the main job's progress log
-  print(json.dumps(main(argv[1:])))
+  print(json.dumps(main(argv[1:]).arch))
 
 
 def _absl_defaults(argv):

@@ -8,10 +8,10 @@ __all__ = ['Conv', 'Dense', 'SearchableConv', 'batch_norm', 'from_arrays', 'sear
 
 
 def __getattr__(name: str):
-  # Imported on first use: importing pgnas_jax.main here would make `python -m
-  # pgnas_jax.main` (and .export) warn that the module ran after being imported.
+  # Imported on first use: the pipeline imports every module of the package, and importing
+  # any one of them runs this file first.
   if name == 'search_network':
-    from pgnas_jax.main import search_network
+    from pgnas_jax.pipeline import search_network
 
     return search_network
   raise AttributeError(f'module pgnas_jax has no attribute {name!r}')

@@ -83,21 +83,30 @@ def negative_elbo(
   template: PyTree,
   objective: ml_collections.ConfigDict,
   learned: bool,
-  auxiliary_logits: Sequence[jax.Array] = (),
 ) -> tuple:
-  """Total loss and its ``LossParts``; ``params`` holds the network's ``weights`` and the
-  ``drop_logits``, as the train state does."""
+  """Total loss and its ``LossParts`` (``auxiliary`` zero: ``with_auxiliary`` adds it);
+  ``params`` holds the network's ``weights`` and the ``drop_logits``, as the train state
+  does."""
   weights, drop_logits = params['weights'], params['drop_logits']
   nll = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
   prior, entropy = regulariser(weights, drop_logits, template, objective, learned)
   decay = fixed_weight_decay(weights, template, objective.weight_decay)
-  auxiliary = jnp.float32(0.0)
-  if auxiliary_logits:
-    auxiliary = objective.auxiliary_weight * sum(
-      jnp.mean(optax.softmax_cross_entropy_with_integer_labels(a, labels)) for a in auxiliary_logits
-    )
-  parts = LossParts(nll=nll, prior=prior, entropy=entropy, weight_decay=decay, auxiliary=auxiliary)
-  return nll + prior + entropy + decay + auxiliary, parts
+  parts = LossParts(nll, prior, entropy, weight_decay=decay, auxiliary=jnp.float32(0.0))
+  return nll + prior + entropy + decay, parts
+
+
+def with_auxiliary(
+  loss: tuple, auxiliary_logits: Sequence[jax.Array], labels: jax.Array, weight: float
+) -> tuple:
+  """``loss`` (total, ``LossParts``) with the auxiliary heads' cross-entropy (ENAS), times
+  ``weight`` (``objective.auxiliary_weight``), added; unchanged without auxiliary heads."""
+  if not auxiliary_logits:
+    return loss
+  total, parts = loss
+  auxiliary = weight * sum(
+    jnp.mean(optax.softmax_cross_entropy_with_integer_labels(a, labels)) for a in auxiliary_logits
+  )
+  return total + auxiliary, parts._replace(auxiliary=auxiliary)
 
 
 def make_masked_loss(
@@ -125,8 +134,11 @@ def make_masked_loss(
     ]
     if prior_weights is not None:
       params = {**params, 'weights': prior_weights}
-    total, parts = negative_elbo(
-      logits, batch['labels'], params, template, config.objective, learned, auxiliary_logits
+    total, parts = with_auxiliary(
+      negative_elbo(logits, batch['labels'], params, template, config.objective, learned),
+      auxiliary_logits,
+      batch['labels'],
+      config.objective.auxiliary_weight,
     )
     return total, (parts, logits, updates.get('batch_stats', {}))  # none without BatchNorm
 

@@ -51,10 +51,11 @@ def _checksum(record: dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def make(
-  run: str, index: int, val_acc: float, val_loss: float, params: int, flops: int, dropped: dict
-) -> dict:
-  """A candidate's record as it is written and read back (a non-finite loss is None)."""
+def make(run: str, index: int, scores: tuple, costs: tuple, dropped: dict) -> dict:
+  """A candidate's record as it is written and read back: its ``scores`` (validation
+  accuracy, mean loss; a non-finite loss is None), ``costs`` (params, FLOPs) and the
+  channels ``dropped`` per group."""
+  (val_acc, val_loss), (params, flops) = scores, costs
   record = workdir_lib.finite(
     {
       'index': index,

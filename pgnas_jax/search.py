@@ -306,29 +306,48 @@ def candidate_mask(
   return jax.tree.map(lambda m: np.asarray(m[0]), masks)
 
 
+class Validation(NamedTuple):
+  """The split candidates are ranked on: its batches (``data.replicated_batches``) and, when
+  BatchNorm statistics are re-estimated per candidate, the images for that
+  (``recalibration_images``)."""
+
+  batches: Any
+  recalibration: jax.Array | None = None
+
+
+class RankingLog(NamedTuple):
+  """Where a ranking goes: its candidates file (``search/candidates.jsonl``), the stop
+  requests it obeys, the writer of its best accuracy so far."""
+
+  path: str
+  guard: Any  # checkpoint.PreemptionGuard
+  writer: metric_writers.MetricWriter = metric_writers.NO_WRITER
+
+
+def budget(search_config, space: space_lib.SearchSpace) -> budget_lib.Budget:
+  """The search's budget (``search.max_params``, ``search.max_flops``) for this space."""
+  full_params, full_flops = space_lib.costs(space, space.template)
+  return budget_lib.Budget.from_config(search_config, full_params, full_flops)
+
+
 def rank_candidates(
   scorer: Scorer,
   state: train.TrainState,
   space: space_lib.SearchSpace,
-  validation,
+  validation: Validation,
   search_config,
-  out_path: str,
-  guard,
-  writer: metric_writers.MetricWriter = metric_writers.NO_WRITER,
-  budget: budget_lib.Budget = budget_lib.UNLIMITED,
-  recalibration: jax.Array | None = None,
+  log: RankingLog,
 ) -> list:
   """Scores candidates 0..C-1 of the posterior that training left in ``state`` on the
-  validation split, continuing after the valid lines of this run already in ``out_path``
+  validation split, continuing after the valid lines of this run already in ``log.path``
   (``records.resume``); each chunk's lines are appended durably (flush + fsync) once
   scored, by process 0. Every process scores every chunk (its validation rows on its
-  devices) and gets all the records. A candidate's mask is
-  not kept: it follows from (search key, index) and ``search.sampler``, see
-  ``candidate_mask``. ``writer`` gets the
-  best validation accuracy so far against the number of candidates scored, after each
-  chunk. Every candidate is scored; ``fits`` records whether it fits ``budget``. With
-  ``recalibration`` (``recalibration_images``) each candidate's BatchNorm statistics are
-  re-estimated before it is scored."""
+  devices) and gets all the records. A candidate's mask is not kept: it follows from
+  (search key, index) and ``search.sampler``, see ``candidate_mask``. ``log.writer`` gets
+  the best validation accuracy so far against the number of candidates scored, after each
+  chunk. Every candidate is scored; ``fits`` records whether it fits the search's budget.
+  With ``validation.recalibration`` each candidate's BatchNorm statistics are re-estimated
+  before it is scored."""
   sampler = samplers_lib.from_config(search_config)
   num, chunk = sampler.num_candidates(search_config.num_candidates), search_config.chunk_size
   if num < search_config.num_candidates:
@@ -338,12 +357,12 @@ def rank_candidates(
       search_config.num_candidates,
     )
   if chunk == 'auto':
-    chunk = scorer.auto_chunk_size(state.variables, space, next(iter(validation)), num)
+    chunk = scorer.auto_chunk_size(state.variables, space, next(iter(validation.batches)), num)
     logging.info('search: chunk size %d (auto)', chunk)
   search_key = state.key('search')
-  names = space_lib.group_names(space)
   run = records_lib.run_id(search_key, state.drop_logits, state.variables, sampler.id)
-  records = records_lib.resume(out_path, run)
+  records = records_lib.resume(log.path, run)
+  limits = budget(search_config, space)
   if records:
     logging.info('search: resuming after %d recorded candidates', len(records))
   resumed, start = len(records), time.time()
@@ -353,44 +372,54 @@ def rank_candidates(
     masks = jax.device_get(
       draw_candidates(search_key, indices, state.drop_logits, space.template, sampler)
     )
-    acc, loss = scorer.candidates(state.variables, masks, validation, recalibration)
-    params, macs = space_lib.costs(space, masks)
-    dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)
-    new = [
-      records_lib.make(
-        run,
-        first + j,
-        float(acc[j]),
-        float(loss[j]),
-        int(params[j]),
-        int(macs[j]),
-        dict(zip(names, dropped[j].tolist())),
-      )
-      for j in range(min(chunk, num - first))
-    ]
-    new = budget_lib.mark(new, budget)
+    scores = scorer.candidates(state.variables, masks, *validation)
+    new = _records(run, first, scores, space, masks, min(chunk, num - first))
+    new = budget_lib.mark(new, limits)
     if parallel.is_main_process():
-      records_lib.append(out_path, new)
+      records_lib.append(log.path, new)
     records += new
     done = first + len(new)
-    rate = (done - resumed) / (time.time() - start)
-    best = max(records, key=lambda r: r['val_acc'])
-    writer.write_scalars(done, {'best_val_acc': best['val_acc']})
-    logging.info(
-      'search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
-      done,
-      num,
-      best['val_acc'],
-      best['index'],
-      rate,
-      (num - done) / rate,
-    )
-    if parallel.any_process(guard.requested) and done < num:
+    _show_progress(log, records, done, num, (done - resumed) / (time.time() - start))
+    if parallel.any_process(log.guard.requested) and done < num:
       raise Preempted(
-        f'stopped by {guard.signal_name} after {done} scored candidates, all recorded in '
-        f'{out_path}. Run the same command again to resume'
+        f'stopped by {log.guard.signal_name} after {done} scored candidates, all recorded in '
+        f'{log.path}. Run the same command again to resume'
       )
   return records
+
+
+def _records(run: str, first: int, scores: tuple, space, masks, count: int) -> list:
+  """Records of the ``count`` candidates from ``first`` on, of a chunk whose ``masks`` the
+  scorer gave ``scores`` (accuracies, mean losses)."""
+  acc, loss = scores
+  params, macs = space_lib.costs(space, masks)
+  dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(masks)
+  names = space_lib.group_names(space)
+  return [
+    records_lib.make(
+      run,
+      first + j,
+      (float(acc[j]), float(loss[j])),
+      (int(params[j]), int(macs[j])),
+      dict(zip(names, dropped[j].tolist())),
+    )
+    for j in range(count)
+  ]
+
+
+def _show_progress(log: RankingLog, records: list, done: int, num: int, rate: float) -> None:
+  """The best validation accuracy so far to ``log.writer``, and a progress line."""
+  best = max(records, key=lambda r: r['val_acc'])
+  log.writer.write_scalars(done, {'best_val_acc': best['val_acc']})
+  logging.info(
+    'search %d/%d candidates  best val acc %.4f (#%d)  %.2f cand/s  eta %.0fs',
+    done,
+    num,
+    best['val_acc'],
+    best['index'],
+    rate,
+    (num - done) / rate,
+  )
 
 
 def ranking_key(record: dict) -> tuple:

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from pgnas_jax import checkpoint as checkpoint_lib
+from pgnas_jax import context as context_lib
 from pgnas_jax import cpu_kernels
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
@@ -117,23 +117,13 @@ def mean_drop_probability(drop_logits: PyTree, template: PyTree) -> jax.Array:
 
 
 def make_train_step(
-  model,
-  space: space_lib.SearchSpace,
-  config: ml_collections.ConfigDict,
-  tx: optax.GradientTransformation,
-  schedule: optax.Schedule,
-  mesh,
-  temperature: Callable | None = None,
+  model, space: space_lib.SearchSpace, config: ml_collections.ConfigDict, run: 'TrainSetup', mesh
 ) -> Callable:
-  """``train_step(state, batch) -> (state, metrics)``, jitted over the mesh: state
-  replicated, batch sharded over 'data', the state donated; on CPU compiled with
-  ``xla_options.CPU_TRAIN_OPTIONS``, its convolutions and BatchNorm on ``cpu_kernels``.
-  ``temperature`` is the run's tau schedule (``TrainSetup.temperature``); None for a
-  constant ``drop.tau``."""
-  if temperature is None:
-    if config.drop.final_tau:
-      raise ValueError("drop.final_tau needs the run's schedule: pass TrainSetup.temperature")
-    temperature = estimators.temperature(config.drop, total_steps=1)
+  """``train_step(state, batch) -> (state, metrics)`` of the run set up as ``run`` (its
+  optimiser, learning-rate and tau schedules), jitted over the mesh: state replicated,
+  batch sharded over 'data', the state donated; on CPU compiled with
+  ``xla_options.CPU_TRAIN_OPTIONS``, its convolutions and BatchNorm on ``cpu_kernels``."""
+  tx, schedule, temperature = run.tx, run.schedule, run.temperature
   loss_fn = make_loss_fn(model, space, config)
 
   def train_step(state: TrainState, batch: dict):
@@ -196,13 +186,21 @@ def setup(config: ml_collections.ConfigDict, dataset: data_lib.Source) -> TrainS
       f'{per_epoch} steps per epoch of batch {config.train.batch_size}): use at least '
       f'{0.5 / per_epoch:.2g} epochs, or --config.train.num_steps'
     )
-  schedule = optim.learning_rate_schedule(config.train, total, per_epoch)
+  return fixed_setup(config, total, per_epoch)
+
+
+def fixed_setup(
+  config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int
+) -> TrainSetup:
+  """The setup of a run of ``total_steps`` steps, epochs of ``steps_per_epoch``, whatever
+  the data (``setup`` counts them from the data set)."""
+  schedule = optim.learning_rate_schedule(config.train, total_steps, steps_per_epoch)
   return TrainSetup(
-    total,
-    per_epoch,
+    total_steps,
+    steps_per_epoch,
     schedule,
     optim.make_optimizer(config, schedule),
-    estimators.temperature(config.drop, total),
+    estimators.temperature(config.drop, total_steps),
   )
 
 
@@ -229,30 +227,21 @@ def _check_finite(pending: list, first_step: int) -> None:
   )
 
 
-def train(
-  model,
-  config: ml_collections.ConfigDict,
-  dataset: data_lib.Source,
-  workdir: str,
-  mesh,
-  checkpointer: checkpoint_lib.Checkpointer,
-  guard: checkpoint_lib.PreemptionGuard,
-) -> tuple:
-  """Trains to the end, resuming from the newest checkpoint in the workdir; writes
-  ``metrics.jsonl`` (and TensorBoard's ``tensorboard/train/``, profiler traces on request)
-  and checkpoints. Returns (state, search space)."""
+def resume(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, mesh, checkpointer):
+  """(TrainState, SearchSpace) of the run whose checkpoints ``checkpointer`` keeps: its newest
+  readable checkpoint, or the initial state where there is none. Every restore of a trained
+  run goes through here: the training loop's, the export command's and the studies'
+  (``trained.restore``)."""
   run = setup(config, dataset)
   state, space = initialise(model, config, dataset.image_shape, run.tx, mesh)
-  logging.info('%s', observe.parameter_overview(state.params['weights'], space.template))
   restored = checkpointer.restore_latest(state)
   if restored is not None:
     state = restored
     logging.info('resuming from the checkpoint at step %d', int(state.step))
-  first = int(state.step)
-  if first >= run.total_steps:
-    return state, space
-  train_step = make_train_step(model, space, config, run.tx, run.schedule, mesh, run.temperature)
-  batch_size = config.train.batch_size
+  return state, space
+
+
+def _announce(run: TrainSetup, dataset: data_lib.Source, space, mesh) -> None:
   logging.info(
     'training: %d steps (%.2f epochs of %d images), %d searchable groups, '
     '%d channels, %d devices in %d processes',
@@ -264,14 +253,48 @@ def train(
     mesh.devices.size,
     jax.process_count(),
   )
+
+
+def _show_progress(
+  done: int, total: int, summary: dict, images_per_second: float, batch_size: int
+) -> None:
+  logging.info(
+    'train step %d/%d  loss %.4f  nll %.4f  acc %.3f  mean p %.3f  lr %.4f  %.0f img/s  eta %.0fs',
+    done,
+    total,
+    summary['loss'],
+    summary['nll'],
+    summary['train_accuracy'],
+    summary['mean_p'],
+    summary['learning_rate'],
+    images_per_second,
+    (total - done) * batch_size / images_per_second,
+  )
+
+
+def train(ctx: context_lib.Context) -> tuple:
+  """Trains to the end, resuming from the newest checkpoint in the workdir; writes
+  ``metrics.jsonl`` (and TensorBoard's ``tensorboard/train/``, profiler traces on request)
+  and checkpoints. Returns (state, search space)."""
+  model, config, dataset, mesh = ctx.model, ctx.config, ctx.dataset, ctx.mesh
+  checkpointer, guard = ctx.checkpointer, ctx.guard
+  run = setup(config, dataset)
+  state, space = resume(model, config, dataset, mesh, checkpointer)
+  logging.info('%s', observe.parameter_overview(state.params['weights'], space.template))
+  first = int(state.step)
+  if first >= run.total_steps:
+    return state, space
+  train_step = make_train_step(model, space, config, run, mesh)
+  batch_size = config.train.batch_size
+  _announce(run, dataset, space, mesh)
   pending, start, last = [], time.time(), time.time()
   profiler = observe.StepProfiler(
-    workdir_lib.path(workdir, workdir_lib.PROFILE),
+    workdir_lib.path(ctx.workdir, workdir_lib.PROFILE),
     config.log.profile_steps,
     run.total_steps,
     enabled=parallel.is_main_process(),
   )
-  with metric_writers.for_training(workdir, first, config.log) as writer, profiler:
+  with metric_writers.for_training(ctx.workdir, first, config.log) as writer, profiler:
     batches = data_lib.train_batches(
       dataset, config.data, config.seed, range(first, run.total_steps), batch_size, mesh
     )
@@ -296,19 +319,7 @@ def train(
         )
         now = time.time()
         rate = len(pending) * batch_size / (now - last)
-        logging.info(
-          'train step %d/%d  loss %.4f  nll %.4f  acc %.3f  mean p %.3f  '
-          'lr %.4f  %.0f img/s  eta %.0fs',
-          done,
-          run.total_steps,
-          summary['loss'],
-          summary['nll'],
-          summary['train_accuracy'],
-          summary['mean_p'],
-          summary['learning_rate'],
-          rate,
-          (run.total_steps - done) * batch_size / rate,
-        )
+        _show_progress(done, run.total_steps, summary, rate, batch_size)
         pending, last = [], now
       if stop:
         checkpointer.wait()

@@ -181,10 +181,10 @@ def test_exported_files_run_without_pgnas_jax(family, tmp_path):
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   """A tiny main job run to the end, its latency timed."""
-  from pgnas_jax import main
+  from pgnas_jax import pipeline
 
   workdir = tmp_path_factory.mktemp('run')
-  return str(workdir), main.run(tiny.config({'export.latency': True}), str(workdir))
+  return str(workdir), pipeline.run(tiny.config({'export.latency': True}), str(workdir)).arch
 
 
 @pytest.mark.xdist_group('compact_run')  # shares a module fixture

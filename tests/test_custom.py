@@ -16,7 +16,7 @@ import pgnas_jax
 from examples import search_fashion_npz, tiny_cnn
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, export, main
+from pgnas_jax import errors, export, pipeline
 
 DATA_DIR = '/usr/share/datasets/fashion-mnist'
 MODULE = 'examples.tiny_cnn:SmallVGG'
@@ -97,7 +97,7 @@ def test_python_entry_records_the_module_and_exports_its_pruned_weights(tmp_path
   # that the run resumes and export rebuilds it; the caller's config is left as it was
   config, data = _config(TINY), _small_data()
   module = tiny_cnn.SmallVGG(num_classes=10, widths=(4, 6))
-  arch = pgnas_jax.search_network(module, data, config, str(tmp_path))
+  arch = pgnas_jax.search_network(module, data, config, str(tmp_path)).arch
   assert config.model.family == 'shake_shake'
   saved = json.loads((tmp_path / 'config.json').read_text())['model']
   assert saved['family'] == 'custom'
@@ -111,7 +111,7 @@ def test_python_entry_records_the_module_and_exports_its_pruned_weights(tmp_path
   assert accuracy == pytest.approx(arch['test_acc'], abs=1e-6)
   assert sum(np.size(x) for x in jax.tree.leaves(pruned['params'])) == arch['params']
   # resuming the finished run with the same module and data does nothing
-  assert pgnas_jax.search_network(module, data, config, str(tmp_path)) == arch
+  assert pgnas_jax.search_network(module, data, config, str(tmp_path)).arch == arch
 
 
 class NoSearchable(nn.Module):
@@ -211,7 +211,7 @@ def test_a_config_naming_a_bad_module_is_refused(tmp_path, custom, message):
   (tmp_path / 'notes.txt').write_text('mine')
   config = _config({**TINY, 'model.family': 'custom', **custom})
   with pytest.raises(errors.ConfigError) as e:
-    main.run(config, str(tmp_path))
+    pipeline.run(config, str(tmp_path))
   assert message in str(e.value) and '\n' not in str(e.value)
   assert [p.name for p in tmp_path.iterdir()] == ['notes.txt']
 
@@ -305,7 +305,7 @@ def test_example_searches_its_cnn_on_an_npz(tmp_path):
       '--candidates=4',
       '--eval_batch_size=100',
     ]
-  )
+  ).arch
   with np.load(npz) as f:
     assert f['x_train'].shape == (60000, 28, 28) and f['y_test'].shape == (10000,)
   candidates = [

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, main
+from pgnas_jax import errors, pipeline
 from pgnas_jax.data import checks, npz, stream, tfds_source
 
 FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
@@ -233,7 +233,7 @@ def test_npz_from_fashion_mnist_trains_end_to_end(tmp_path):
   path = npz.from_fashion_mnist(str(tmp_path / 'fashion.npz'), 600, 200)
   c = _npz_config(path, validation_size=100)
   c.train.batch_size, c.train.num_steps = 32, 4
-  arch = main.run(c, str(tmp_path / 'workdir'))
+  arch = pipeline.run(c, str(tmp_path / 'workdir')).arch
   assert (tmp_path / 'workdir' / 'report.md').exists()
   assert 0.0 <= arch['test_acc'] <= 1.0
   with np.load(path) as f:

@@ -223,9 +223,7 @@ def _trainer(tiny_net, config, devices):
     return train.initialise(tiny_net, config, (8, 8, 2), run.tx, mesh)
 
   state, space = fresh()
-  step_fn = train.make_train_step(
-    tiny_net, space, config, run.tx, run.schedule, mesh, run.temperature
-  )
+  step_fn = train.make_train_step(tiny_net, space, config, run, mesh)
 
   def steps(state, first, count):
     history = []

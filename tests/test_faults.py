@@ -17,7 +17,7 @@ import pytest
 import tiny
 
 from pgnas_jax import checkpoint as checkpoint_lib
-from pgnas_jax import cli, errors, lock, main, resume
+from pgnas_jax import cli, errors, lock, pipeline, resume
 from pgnas_jax import config as config_lib
 from pgnas_jax import workdir as workdir_lib
 
@@ -107,7 +107,7 @@ def test_a_workdir_that_cannot_hold_a_run_is_refused(tmp_path, make, message):
   if not workdir.exists():
     workdir = tmp_path / 'file' / 'run'
   with pytest.raises(errors.WorkdirError, match=re.escape(message)):
-    main.run(_tiny(), str(workdir))
+    pipeline.run(_tiny(), str(workdir))
 
 
 def test_a_config_that_gives_no_training_step_is_refused_before_the_workdir(tmp_path):
@@ -118,7 +118,7 @@ def test_a_config_that_gives_no_training_step_is_refused_before_the_workdir(tmp_
   with pytest.raises(
     errors.ConfigError, match=rf'num_epochs=1e-06 gives no training step \({per_epoch} steps per '
   ):
-    main.run(c, str(workdir))
+    pipeline.run(c, str(workdir))
   assert sorted(p.name for p in workdir.iterdir()) == ['notes.txt']
 
 
@@ -180,7 +180,7 @@ def test_a_damaged_config_json_is_refused_in_one_line(tmp_path, content, message
   workdir = _users_workdir(tmp_path)
   (workdir / 'config.json').write_text(content)
   with pytest.raises(errors.WorkdirError, match=re.escape(message)):
-    main.run(_tiny(), str(workdir))
+    pipeline.run(_tiny(), str(workdir))
   assert (workdir / 'config.json').read_text() == content
   assert sorted(p.name for p in workdir.iterdir()) == ['config.json', 'notes.txt']
 
@@ -191,7 +191,7 @@ def test_checkpoints_without_their_config_are_refused_naming_what_to_remove(tmp_
   with pytest.raises(
     errors.WorkdirError, match=f'no config.json.*remove {workdir}/checkpoints to train again'
   ):
-    main.run(_tiny(), str(workdir))
+    pipeline.run(_tiny(), str(workdir))
   assert sorted(p.name for p in workdir.iterdir()) == ['checkpoints', 'notes.txt']
 
 
@@ -201,8 +201,8 @@ def test_start_over_deletes_config_json_last(tmp_path, monkeypatch):
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_text('x')
   deleted = []
-  monkeypatch.setattr(main.os, 'remove', lambda p: deleted.append(os.path.basename(p)))
-  monkeypatch.setattr(main.shutil, 'rmtree', lambda p: deleted.append(os.path.basename(p)))
+  monkeypatch.setattr(resume.os, 'remove', lambda p: deleted.append(os.path.basename(p)))
+  monkeypatch.setattr(resume.shutil, 'rmtree', lambda p: deleted.append(os.path.basename(p)))
   resume.start_over(str(tmp_path))
   assert deleted[-1] == 'config.json' and len(deleted) == len(workdir_lib.OUTPUTS)
 
@@ -220,7 +220,7 @@ def test_a_full_disk_is_one_line_saying_how_much_the_run_needs(tmp_path, monkeyp
     r'\d+ MB there \(\d+ MB free now\); free some and run the same '
     r'command again to resume',
   ):
-    main.run(_tiny(), str(workdir))
+    pipeline.run(_tiny(), str(workdir))
   assert (workdir / 'notes.txt').read_text() == 'mine'
 
 

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, main
+from pgnas_jax import errors, pipeline
 from pgnas_jax.data import crops, imagenet, stream
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
@@ -209,7 +209,7 @@ def test_imagenet_d121_end_to_end_on_mock_data(tmp_path):
   c.search.chunk_size = 4
   c.search.eval_batch_size = 16
   with tfds.testing.mock_data(num_examples=48):
-    arch = main.run(c, str(tmp_path))
+    arch = pipeline.run(c, str(tmp_path)).arch
   assert (tmp_path / 'report.md').exists()
   metrics = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').open()]
   assert [m['step'] for m in metrics] == [2, 4]

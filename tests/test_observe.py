@@ -19,10 +19,9 @@ import pytest
 import tiny
 from tensorboardX.proto import event_pb2
 
-from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import cli, masks, metric_writers, observe, parallel, search, train
+from pgnas_jax import cli, masks, metric_writers, observe, parallel, search
 from pgnas_jax import space as space_lib
 
 STEPS, LOG_EVERY, PROFILED = 4, 2, 3
@@ -54,20 +53,7 @@ def _train(model, workdir):
   c = config_lib.get_config()
   c.train.batch_size, c.train.num_steps, c.train.log_every_steps = 8, STEPS, LOG_EVERY
   c.log.profile_steps = (PROFILED,)
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  checkpointer = checkpoint_lib.Checkpointer(str(workdir), c.checkpoint)
-  try:
-    state, space = train.train(
-      model,
-      c,
-      tiny.synthetic_dataset(),
-      str(workdir),
-      mesh,
-      checkpointer,
-      types.SimpleNamespace(requested=False),
-    )
-  finally:
-    checkpointer.close()
+  state, space = tiny.trained(model, c, workdir)
   return jax.device_get(state.params['drop_logits']), space
 
 
@@ -198,7 +184,10 @@ def test_search_writes_best_so_far_against_candidates_scored(tiny_net, tiny_vari
   for num in (4, 10):  # the second call resumes after the four recorded candidates
     config = config_lib.get_config().search
     config.num_candidates, config.chunk_size = num, 4
-    records = search.rank_candidates(scorer, state, space, validation, config, out, guard, written)
+    log = search.RankingLog(out, guard, written)
+    records = search.rank_candidates(
+      scorer, state, space, search.Validation(validation), config, log
+    )
   accs = [r['val_acc'] for r in records]
   assert written.rows == [(n, max(accs[:n])) for n in (4, 8, 10)]
 

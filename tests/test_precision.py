@@ -81,7 +81,7 @@ def _train(dataset, compute_dtype, steps=120):
   model = supernets.build(config.model, dataset.num_classes)
   run = train.setup(config, dataset)
   state, space = train.initialise(model, config, dataset.train.images.shape[1:], run.tx, mesh)
-  step_fn = train.make_train_step(model, space, config, run.tx, run.schedule, mesh)
+  step_fn = train.make_train_step(model, space, config, run, mesh)
   nll = []
   for s in range(steps):
     batch = dataset.train_batch(config.data, config.seed, s, 64)

@@ -31,7 +31,9 @@ def _strict(text):
 def _lines(n, run=RUN):
   return [
     records.to_line(
-      records.make(run, i, 0.5 + i / 100, 1.0 - i / 100, 100 - i, 200 - i, {'stage0/group0': i % 3})
+      records.make(
+        run, i, (0.5 + i / 100, 1.0 - i / 100), (100 - i, 200 - i), {'stage0/group0': i % 3}
+      )
     )
     for i in range(n)
   ]
@@ -52,7 +54,7 @@ def test_json_files_hold_null_for_non_finite_values(tmp_path):
     'loss': None,
     'mean_p': 0.1,
   }
-  record = records.make(RUN, 0, 0.1, float('nan'), 1, 2, {})
+  record = records.make(RUN, 0, (0.1, float('nan')), (1, 2), {})
   assert record['val_loss'] is None  # in memory as on disk
   assert _strict(records.to_line(record)) == record
 
@@ -202,11 +204,11 @@ def _tiny_config():
 def test_a_damaged_candidates_file_is_cut_back_and_the_run_ends_as_an_uninterrupted_one(
   tmp_path, caplog, one_device
 ):
-  from pgnas_jax import main
+  from pgnas_jax import pipeline
 
   config = _tiny_config()
   whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
-  arch = main.run(config, str(whole))
+  arch = pipeline.run(config, str(whole)).arch
   shutil.copytree(whole, resumed)
   # as if killed during the search, after another run's line and a NaN had got in
   for name in ('report.md', 'timings.json', 'search/arch.json'):
@@ -215,7 +217,7 @@ def test_a_damaged_candidates_file_is_cut_back_and_the_run_ends_as_an_uninterrup
   nan = lines[3].replace(f'"val_acc": {json.loads(lines[3])["val_acc"]}', '"val_acc": NaN')
   (resumed / 'search' / 'candidates.jsonl').write_text(''.join(lines[:3]) + nan + lines[4])
   with caplog.at_level(logging.WARNING):
-    again = main.run(config, str(resumed))
+    again = pipeline.run(config, str(resumed)).arch
   assert (
     'line 4 is not a JSON record (NaN, which pgnas_jax never writes); cut back to the 3 '
     'valid lines before it, the search scores again from candidate 3'

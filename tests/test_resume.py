@@ -227,7 +227,7 @@ def test_nan_at_a_given_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
   import jax
   from pgnas_jax import config as config_lib
   from pgnas_jax import data as data_lib
-  from pgnas_jax import errors, main
+  from pgnas_jax import errors, pipeline
 
   config = config_lib.get_config()
   config.model.shake_shake.stem_width, config.model.shake_shake.widths = 4, (4, 8)
@@ -246,7 +246,7 @@ def test_nan_at_a_given_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
   with pytest.raises(
     errors.NonFiniteLossError, match='non-finite loss or gradient at training step 10 '
   ):
-    main.run(config, str(tmp_path))
+    pipeline.run(config, str(tmp_path))
   assert sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints')) == [4, 8]
   state = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '8' / 'default')
   assert int(state['step']) == 8

@@ -15,9 +15,9 @@ import pytest
 
 import tiny
 
-from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import config as config_lib
-from pgnas_jax import errors, main, masks, parallel, records, resume, rng, samplers, search, train
+from pgnas_jax import errors, masks, parallel, pipeline, records, resume, rng, samplers
+from pgnas_jax import search, supernets, train
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 
@@ -204,14 +204,7 @@ class _Guard:
 
 
 def _train(tiny_net, config, workdir, guard):
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  checkpointer = checkpoint_lib.Checkpointer(str(workdir), config.checkpoint)
-  try:
-    return train.train(
-      tiny_net, config, tiny.synthetic_dataset(), str(workdir), mesh, checkpointer, guard
-    )[0]
-  finally:
-    checkpointer.close()
+  return tiny.trained(tiny_net, config, workdir, guard)[0]
 
 
 @pytest.mark.parametrize('impl', rng.IMPLEMENTATIONS)
@@ -238,7 +231,7 @@ def _recorded_by(workdir, config, count):
   """The dropped channels per group of candidates 0..count-1 that ``config``'s sampler draws
   from the trained state in ``workdir``'s last checkpoint, as search/candidates.jsonl
   records them."""
-  model = main.supernets.build(config.model, 3)
+  model = supernets.build(config.model, 3)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 2)), train=False)
   space = space_lib.from_variables(variables)
   restored = ocp.StandardCheckpointer().restore(
@@ -268,14 +261,14 @@ def test_another_sampler_scores_again_and_keeps_the_training(tmp_path, monkeypat
   monkeypatch.setattr(jax, 'devices', lambda *a: jax.local_devices()[:1])
   caplog.set_level(logging.INFO)
   workdir, dataset = str(tmp_path), tiny.synthetic_dataset()
-  main.run(_config(), workdir, dataset=dataset)
+  pipeline.run(_config(), workdir, dataset=dataset)
   iid = _candidates(workdir)
   checkpoints = sorted(os.listdir(tmp_path / 'checkpoints'))
   assert [c['dropped'] for c in iid] == _recorded_by(workdir, _config(), 6)
   for name, count in (('antithetic', 6), ('mode', 1)):
     caplog.clear()
     config = _config(sampler=name, stratified_block=4)
-    main.run(config, workdir, dataset=dataset)
+    pipeline.run(config, workdir, dataset=dataset)
     assert 'the sampler changed: scoring the candidates again' in caplog.text
     assert 'resuming from the checkpoint at step 4' in caplog.text  # no training step again
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == checkpoints
@@ -286,7 +279,7 @@ def test_another_sampler_scores_again_and_keeps_the_training(tmp_path, monkeypat
   assert all(sum(c['dropped'].values()) == 0 for c in drawn)  # p near 0.1: the mode keeps all
   # the generator changes every result, like the seed: refused, nothing touched
   with pytest.raises(errors.IncompatibleWorkdirError, match='rng.impl'):
-    main.run(_config('threefry4x32', sampler='mode'), workdir, dataset=dataset)
+    pipeline.run(_config('threefry4x32', sampler='mode'), workdir, dataset=dataset)
   assert _candidates(workdir) == drawn
 
 

@@ -128,7 +128,9 @@ def test_group_sq_norms_follow_group_order():
 
 def test_recorded_candidates_drop_a_partly_written_last_line(tmp_path, caplog):
   path = tmp_path / 'candidates.jsonl'
-  lines = [records.to_line(records.make('run', i, 0.5, 1.0, 10, 20, {'g': 0})) for i in range(3)]
+  lines = [
+    records.to_line(records.make('run', i, (0.5, 1.0), (10, 20), {'g': 0})) for i in range(3)
+  ]
   path.write_text(''.join(lines) + '{"index": 3, "val_a')
   recorded = records.resume(str(path), 'run')
   assert [r['index'] for r in recorded] == [0, 1, 2]

@@ -263,10 +263,10 @@ def test_auxiliary_loss_is_weighted_cross_entropy():
   objective = config_lib.get_config().objective
   objective.auxiliary_weight = 0.7
   args = ({'weights': {}, 'drop_logits': {}}, {}, objective, True)
-  without, _ = objective_lib.negative_elbo(jnp.asarray(logits), labels, *args)
-  total, parts = objective_lib.negative_elbo(
-    jnp.asarray(logits), labels, *args, auxiliary_logits=[jnp.asarray(aux)]
-  )
+  loss = objective_lib.negative_elbo(jnp.asarray(logits), labels, *args)
+  without = loss[0]
+  total, parts = objective_lib.with_auxiliary(loss, [jnp.asarray(aux)], labels, 0.7)
+  assert objective_lib.with_auxiliary(loss, [], labels, 0.7) is loss
   log_p = aux - np.log(np.sum(np.exp(aux), axis=1, keepdims=True))
   expected = -0.7 * np.mean(log_p[np.arange(5), labels])
   np.testing.assert_allclose(float(parts.auxiliary), expected, rtol=1e-5)

@@ -29,7 +29,7 @@ def _run_steps(tiny_net, config, devices, steps=2):
   dataset = tiny.synthetic_dataset()
   run = train.setup(config, dataset)
   state, space = train.initialise(tiny_net, config, (8, 8, 2), run.tx, mesh)
-  step_fn = train.make_train_step(tiny_net, space, config, run.tx, run.schedule, mesh)
+  step_fn = train.make_train_step(tiny_net, space, config, run, mesh)
   history = []
   for s in range(steps):
     batch = dataset.train_batch(config.data, config.seed, s, config.train.batch_size)

@@ -10,14 +10,18 @@ import subprocess
 import sys
 import tempfile
 
+import types
+
+import jax
 import numpy as np
 import pytest
 
+from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import cli
+from pgnas_jax import context as context_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import host_devices
-from pgnas_jax import main as main_lib
+from pgnas_jax import host_devices, parallel, pipeline, train
 from pgnas_jax.data import fashion_mnist
 
 FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
@@ -159,10 +163,26 @@ def refused(config, workdir, capsys) -> str:
   (workdir / 'notes.txt').write_text('mine')
   capsys.readouterr()
   with pytest.raises(SystemExit) as e:
-    cli.exit_on_user_errors(main_lib.run, config, str(workdir))
+    cli.exit_on_user_errors(pipeline.run, config, str(workdir))
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith('pgnas_jax: ') and err.count('\n') == 1, err
   assert [p.name for p in workdir.iterdir()] == ['notes.txt']
   assert (workdir / 'notes.txt').read_text() == 'mine'
   return err
+
+
+NO_STOP = types.SimpleNamespace(requested=False, signal_name=None)
+
+
+def trained(model, config, workdir, guard=NO_STOP, dataset=None) -> tuple:
+  """(state, space) of ``train.train`` on one device, in ``workdir``, on ``dataset`` (default:
+  ``synthetic_dataset()``), obeying ``guard``'s stop requests."""
+  dataset = synthetic_dataset() if dataset is None else dataset
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  checkpointer = checkpoint_lib.Checkpointer(str(workdir), config.checkpoint)
+  try:
+    ctx = context_lib.Context(config, str(workdir), mesh, dataset, model, checkpointer, guard, True)
+    return train.train(ctx)
+  finally:
+    checkpointer.close()

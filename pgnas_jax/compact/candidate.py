@@ -13,24 +13,22 @@ import os
 import jax
 import ml_collections
 
-from pgnas_jax import checkpoint as checkpoint_lib
-from pgnas_jax import compact, errors, parallel, samplers, search, supernets, train
-from pgnas_jax import config as config_lib
+from pgnas_jax import compact, errors, parallel, samplers, trained
 from pgnas_jax import data as data_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.compact import files, latency
 
 
 def deploy(
-  model, variables: dict, mask, image_shape: tuple, folder: str, name: str, measure: bool = True
+  model, variables: dict, mask, image_shape: tuple, stem: str, measure: bool = True
 ) -> dict:
-  """Writes the compact network as ``<name>.npz`` and ``<name>.stablehlo`` in ``folder``;
-  returns arch.json's fields for it (counts, files and, if ``measure``, latency)."""
+  """Writes the compact network as ``<stem>.npz`` and ``<stem>.stablehlo``; returns
+  arch.json's fields for it (counts, files and, if ``measure``, latency)."""
   net = compact.build(model, variables, mask, image_shape)
   out = {
     'compact_params': compact.num_params(net),
     'compact_flops': compact.macs(net),
-    'compact_files': files.save(net, folder, name),
+    'compact_files': files.save(net, *os.path.split(stem)),
   }
   if measure:
     out['latency_ms'] = latency.measure(model, variables, mask, net)
@@ -74,56 +72,29 @@ def _candidate(workdir: str, index) -> dict:
   return records[index]
 
 
-def restore(workdir: str, config: ml_collections.ConfigDict) -> tuple:
-  """(model, trained variables, drop logits, search key, mask template, image shape) of a
-  finished run, from its newest checkpoint."""
-  config_lib.validate(config)
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  dataset = data_lib.load(config.data)
-  image_shape = dataset.image_shape
-  model = supernets.build(config.model, dataset.num_classes)
-  run = train.setup(config, dataset)
-  state, space = train.initialise(model, config, image_shape, run.tx, mesh)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
-  try:
-    restored = checkpointer.restore_latest(state)
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise errors.ExportError(f'{workdir} has no readable checkpoint to export from')
-  state = jax.device_get(restored)
-  return (
-    model,
-    state.variables,
-    state.drop_logits,
-    state.key('search'),
-    space.template,
-    image_shape,
-  )
-
-
 def from_workdir(workdir: str, index=None, measure: bool = True) -> dict:
   """Exports candidate ``index`` (None: the winner) of a finished run as
   ``search/candidate<index>_compact.{npz,stablehlo,json}``; returns the description."""
   config = finished_config(workdir)
   record = _candidate(workdir, index)
-  model, variables, drop_logits, search_key, template, image_shape = restore(workdir, config)
-  if not compact.supports(model):
+  dataset = data_lib.load(config.data)
+  run = trained.restore(workdir, config, dataset, parallel.make_mesh(jax.devices()[:1]))
+  if not compact.supports(run.model):
     raise errors.ExportError(
       f'{workdir} searched a custom module ({config.model.custom.module}): there is no '
       f"compact network for it; its winner's input-sliced pruned weights are in "
       f'search/winner_weights.msgpack'
     )
-  sampler = samplers.from_config(config.search)
-  mask = search.candidate_mask(search_key, record['index'], drop_logits, template, sampler)
+  mask = run.mask(record['index'], samplers.from_config(config.search))
   name = f'candidate{record["index"]}_compact'
   folder = workdir_lib.path(workdir, workdir_lib.SEARCH)
+  variables = jax.device_get(run.state.variables)
   described = {
     'index': record['index'],
     'val_acc': record['val_acc'],
     'input_slice_params': record['params'],
     'input_slice_flops': record['flops'],
-    **deploy(model, variables, mask, image_shape, folder, name, measure),
+    **deploy(run.model, variables, mask, dataset.image_shape, os.path.join(folder, name), measure),
   }
   workdir_lib.write_json(os.path.join(folder, name + '.json'), described)
   logging.info('candidate %d exported to %s', record['index'], folder)

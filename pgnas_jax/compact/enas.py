@@ -103,7 +103,9 @@ def _sep_op(p, s, mask, captured, live_src, cols):
   }
 
 
-def _cell(p, s, mask, captured, arc, reduction, f):
+def _cell(variables: tuple, mask, captured, arc, reduction, f):
+  """(plan, weights) of one cell, from its (params, BatchNorm statistics) ``variables``."""
+  p, s = variables
   needed = _needed(arc, reduction, mask, f)
   weights, plan = {}, {'computed': tuple(i for i, n in enumerate(needed) if len(n))}
   live = list(needed)
@@ -153,9 +155,8 @@ def compact(model, variables, mask, captured):
   plan, f = {}, model.filters
   for name, arc, reduction in _cells(model):
     f = 2 * f if reduction else f
-    plan[name], weights[name] = _cell(
-      p[name], s[name], mask[name], captured[name], arc, reduction, f
-    )
+    cell = (p[name], s[name])
+    plan[name], weights[name] = _cell(cell, mask[name], captured[name], arc, reduction, f)
   return plan, weights
 
 

@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from pgnas_jax import cli as cli_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import search
+from pgnas_jax import trained as trained_lib
 from pgnas_jax.experiments import replicate, replication_report
 
 RECALIBRATION_BATCHES = (0, 1, 4)  # 0: the trained running statistics (the paper)
@@ -66,9 +67,9 @@ def measure(study: replicate.Study, workdir: str, data_dir: str | None = None) -
   run = runner.arm('pgnas', study.seeds[0], study.candidate_counts, None)
   fidelity = runner.fidelity(run)
   config = replicate.arm_config(study, 'pgnas', study.seeds[0], data_dir)
-  trained = replicate._Trained(
-    config, runner.run_dir('pgnas', study.seeds[0]), runner.dataset, runner.mesh
-  )  # pylint: disable=protected-access
+  trained = trained_lib.restore(
+    runner.run_dir('pgnas', study.seeds[0]), config, runner.dataset, runner.mesh
+  )
   scorer = search.Scorer(trained.model, runner.mesh, config.model.compute_dtype)
   batch_size = config.search.eval_batch_size
   validation = data_lib.replicated_batches(

@@ -4,7 +4,7 @@ the SupNet-M family (the embedded default's in the full study), with one command
     python -m pgnas_jax.experiments.replicate --workdir=DIR [--quick]
 
 writes ``DIR/replication.md``, ``DIR/results.json`` and the figures under ``DIR/figures/``.
-Every training and search is the main job (``pgnas_jax.main.run``) in its own workdir,
+Every training and search is the main job (``pipeline.run``) in its own workdir,
 ``DIR/runs/<arm>/seed<s>``; what the study adds (winners among the first C candidates, their
 test accuracy, fine-tuning, the ranking-fidelity check) reuses the project's search and
 fine-tuning code and is cached beside each run in ``study.json``. Run the same command again
@@ -32,11 +32,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, finetune, main, parallel, report, search, supernets, train
+from pgnas_jax import errors, finetune, parallel, pipeline, report, search
 from pgnas_jax import records as records_lib
+from pgnas_jax import trained as trained_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.experiments import replication_report, studies
 
@@ -166,27 +166,6 @@ def choose_random_p(pgnas_runs: list, candidates: int) -> float:
   return float(np.clip(round(1.0 - float(np.mean(shares)), 2), 0.01, 0.95))
 
 
-class _Trained:
-  """A finished run's trained super-network, restored from its last checkpoint."""
-
-  def __init__(self, config, workdir: str, dataset, mesh):
-    self.model = supernets.build(config.model, dataset.num_classes)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
-    try:
-      with checkpoint_lib.PreemptionGuard() as guard:
-        state, self.space = train.train(
-          self.model, config, dataset, workdir, mesh, checkpointer, guard
-        )
-    finally:
-      checkpointer.close()
-    self.state = state
-
-  def mask(self, index: int):
-    return search.candidate_mask(
-      self.state.key('search'), index, self.state.drop_logits, self.space.template
-    )
-
-
 class Runner:
   """Runs and analyses the arms of one study under ``workdir``, skipping what is done."""
 
@@ -206,11 +185,11 @@ class Runner:
   def run_dir(self, arm: str, seed: int) -> str:
     return os.path.join(self.workdir, 'runs', arm, f'seed{seed}')
 
-  def _test_accuracy(self, trained: _Trained, variables: dict, mask) -> float:
+  def _test_accuracy(self, trained: trained_lib.Trained, variables: dict, mask) -> float:
     scorer = search.Scorer(trained.model, self.mesh, self._compute_dtype)
     return scorer.architecture(variables, mask, self._test)[0]
 
-  def _finetuner(self, config, trained: _Trained) -> Callable:
+  def _finetuner(self, config, trained: trained_lib.Trained) -> Callable:
     """``tune(mask) -> test accuracy after the study's fine-tuning`` for one run: its seed's
     batches after its last training step, its objective (compiled once per run)."""
     config = config.copy_and_resolve_references()
@@ -221,6 +200,24 @@ class Runner:
       return self._test_accuracy(trained, tuner.tune(trained.state, mask), mask)
 
     return tune
+
+  def _tested_winners(self, winners: dict, arch: dict, trained) -> dict:
+    """Per C of ``winners`` (C -> record), the winner among the first C candidates with its
+    test accuracy (the run's own winner's from ``arch``, others tested on ``trained``)."""
+    tested = {arch['index']: arch['test_acc']}
+    for w in winners.values():
+      if w['index'] not in tested:
+        variables, mask = trained.state.variables, trained.mask(w['index'])
+        tested[w['index']] = self._test_accuracy(trained, variables, mask)
+    return {
+      str(C): {
+        'index': w['index'],
+        'val_acc': w['val_acc'],
+        'params': w['params'],
+        'test_acc': tested[w['index']],
+      }
+      for C, w in winners.items()
+    }
 
   def arm(
     self, arm: str, seed: int, counts: tuple, finetune_at: int | None, random_p: float | None = None
@@ -243,41 +240,24 @@ class Runner:
       seed,
       (start - self._start) / 60,
     )
-    arch = main.run(config, workdir)
-    records = records_lib.read(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
-    posterior = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.POSTERIOR))
-    timings = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.TIMINGS))
-    winners = {C: search.choose_winner(records[:C]) for C in counts}
+    done = pipeline.run(config, workdir)
+    winners = {C: search.choose_winner(done.records[:C]) for C in counts}
     needs_model = finetune_at is not None or any(
-      w['index'] != arch['index'] for w in winners.values()
+      w['index'] != done.arch['index'] for w in winners.values()
     )
-    trained = _Trained(config, workdir, self.dataset, self.mesh) if needs_model else None
-    tested = {arch['index']: arch['test_acc']}
-    for w in winners.values():
-      if w['index'] not in tested:
-        tested[w['index']] = self._test_accuracy(
-          trained, trained.state.variables, trained.mask(w['index'])
-        )
+    trained = trained_lib.restore(workdir, config, self.dataset, self.mesh) if needs_model else None
     result = {
       'arm': arm,
       'seed': seed,
       'config': config.to_dict(),
-      'supernet': arch['supernet'],
+      'supernet': done.arch['supernet'],
       'fixed_params': None if trained is None else int(trained.space.fixed_params),
-      'mean_p': report.mean_drop_probability(posterior),
-      'winners': {
-        str(C): {
-          'index': w['index'],
-          'val_acc': w['val_acc'],
-          'params': w['params'],
-          'test_acc': tested[w['index']],
-        }
-        for C, w in winners.items()
-      },
-      'val_accs': [r['val_acc'] for r in records],
-      'num_candidates': len(records),
-      'train_seconds': timings['train'],
-      'search_seconds': timings['search'],
+      'mean_p': report.mean_drop_probability(done.posterior),
+      'winners': self._tested_winners(winners, done.arch, trained),
+      'val_accs': [r['val_acc'] for r in done.records],
+      'num_candidates': len(done.records),
+      'train_seconds': done.timings['train'],
+      'search_seconds': done.timings['search'],
     }
     if finetune_at is not None:
       index = winners[finetune_at]['index']
@@ -313,7 +293,7 @@ class Runner:
     if not todo:
       return done
     config = arm_config(self.study, 'pgnas', seed, self.data_dir)
-    trained = _Trained(config, workdir, self.dataset, self.mesh)
+    trained = trained_lib.restore(workdir, config, self.dataset, self.mesh)
     tune = self._finetuner(config, trained)
     for place, record in todo:
       start = time.time()

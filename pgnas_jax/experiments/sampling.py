@@ -8,7 +8,7 @@ writes ``DIR/sampling.md``, ``DIR/results.json`` and the figures under ``DIR/fig
 (``sampling_report.py``). What it measures:
 
   * training, per estimator (``drop.estimator``) and seed: the main job
-    (``pgnas_jax.main.run``) in ``DIR/runs/<estimator>/seed<s>``, one fixed budget of steps;
+    (``pipeline.run``) in ``DIR/runs/<estimator>/seed<s>``, one fixed budget of steps;
     its winner among ``candidates`` iid candidates (test accuracy, params), the learned
     drop probabilities and the wall time, cached in the run's ``study.json``;
   * candidates, per sampler (``search.sampler``), on each of those trained super-networks:
@@ -42,8 +42,19 @@ from absl import logging
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import estimators, main, parallel, report, rng, samplers, search, supernets, train
+from pgnas_jax import (
+  estimators,
+  parallel,
+  pipeline,
+  report,
+  rng,
+  samplers,
+  search,
+  supernets,
+  train,
+)
 from pgnas_jax import records as records_lib
+from pgnas_jax import trained as trained_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.experiments import replicate, sampling_report, studies, timing
 
@@ -131,12 +142,18 @@ def run_config(study: Study, estimator: str, seed: int, data_dir: str | None):
 
 
 def logit_gradient_moments(
-  model, space, config: ml_collections.ConfigDict, state, batch: dict, key, draws: int, chunk: int
+  trained: trained_lib.Trained,
+  config: ml_collections.ConfigDict,
+  batch: dict,
+  key,
+  draws: int,
+  chunk: int,
 ) -> dict:
   """Mean and variance (over ``draws`` keys ``fold_in(key, i)``) of the drop-logit gradient
-  that the estimator of ``config`` gives on ``batch`` at ``state``'s weights and logits, one
-  value per group in the order of the logit tree's leaves; ``seconds`` per draw."""
-  loss_fn = train.make_loss_fn(model, space, config)
+  that the estimator of ``config`` gives on ``batch`` at the ``trained`` weights and logits,
+  one value per group in the order of the logit tree's leaves; ``seconds`` per draw."""
+  state = trained.state
+  loss_fn = train.make_loss_fn(trained.model, trained.space, config)
 
   def one(params, batch_stats, batch, key, i):
     k = jax.random.fold_in(key, i)
@@ -182,8 +199,8 @@ class Runner:
       workdir_lib.write_json(path, obj)
 
   def _trained(self, estimator: str, seed: int):
-    return replicate._Trained(
-      self.config(estimator, seed), self.run_dir(estimator, seed), self.dataset, self.mesh
+    return trained_lib.restore(
+      self.run_dir(estimator, seed), self.config(estimator, seed), self.dataset, self.mesh
     )
 
   def training(self, estimator: str, seed: int) -> dict:
@@ -202,9 +219,8 @@ class Runner:
       (time.time() - self._start) / 60,
     )
     start = time.time()
-    arch = main.run(self.config(estimator, seed), workdir)
-    posterior = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.POSTERIOR))
-    timings = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.TIMINGS))
+    done = pipeline.run(self.config(estimator, seed), workdir)
+    arch, posterior, timings = done.arch, done.posterior, done.timings
     result = {
       'estimator': estimator,
       'seed': seed,
@@ -244,8 +260,9 @@ class Runner:
         path = os.path.join(workdir, 'samplers', f'{name}.jsonl')
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with checkpoint_lib.PreemptionGuard() as guard:
+          log = search.RankingLog(path, guard)
           records = search.rank_candidates(
-            scorer, trained.state, trained.space, validation, search_config, path, guard
+            scorer, trained.state, trained.space, search.Validation(validation), search_config, log
           )
       drawn = search.draw_candidates(
         trained.state.key('search'),
@@ -282,10 +299,8 @@ class Runner:
       c.drop.estimator = 'disarm' if name == REFERENCE else name
       draws = study.reference_draws if name == REFERENCE else study.gradient_draws
       result[name] = logit_gradient_moments(
-        trained.model,
-        trained.space,
+        trained,
         c,
-        trained.state,
         batch,
         jax.random.key(GRADIENT_KEYS.get(name, 0)),
         draws,
@@ -314,16 +329,11 @@ class Runner:
     for impl in rng.IMPLEMENTATIONS[1:]:  # the first is the default, in configs already
       configs[impl] = config.copy_and_resolve_references()
       configs[impl].rng.impl = impl
+    # the runs' batch size: their compiled steps are reused
+    batch = self.dataset.train_batch(config.data, config.seed, 0, study.batch_size)
+    one_device = parallel.make_mesh(jax.devices()[:1])
     steps = timing.interleaved_step_times(
-      configs,
-      model,
-      self.dataset.image_shape,
-      self.dataset.num_classes,
-      study.batch_size,  # the runs' batch: their compiled steps are reused
-      study.timing_rounds,
-      parallel.make_mesh(jax.devices()[:1]),
-      self.dataset,
-      same_weights=True,  # only how the masks are drawn differs
+      configs, model, batch, study.timing_rounds, one_device, self.dataset
     )
     template = timing.mask_template(model, self.dataset.image_shape)
     result = {

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgnas_jax import masks, optim, parallel, rng, search, train
+from pgnas_jax import masks, parallel, rng, search, train
 
 
 def synthetic_batch(batch_size: int, shape: tuple, classes: int, seed: int = 0) -> dict:
@@ -28,19 +28,14 @@ def train_state(config, model, shape, mesh, dataset=None, like=None):
   schedule. With ``like`` (a (state, space) of the same model and optimiser), a copy of its
   state with this config's root key instead of a fresh initialisation (no model
   initialisation to compile; for timing, where the weights' values do not matter)."""
-  if dataset is None:
-    schedule = optim.learning_rate_schedule(config.train, 1000, 100)
-    tx, temperature = optim.make_optimizer(config, schedule), None
-  else:
-    run = train.setup(config, dataset)
-    schedule, tx, temperature = run.schedule, run.tx, run.temperature
+  run = train.fixed_setup(config, 1000, 100) if dataset is None else train.setup(config, dataset)
   if like is None:
-    state, space = train.initialise(model, config, shape, tx, mesh)
+    state, space = train.initialise(model, config, shape, run.tx, mesh)
   else:  # a copy: every train step donates its state
     state, space = like
     key = parallel.put_replicated(rng.root_key(config.seed, config.rng.impl), mesh)
     state = jax.tree.map(lambda x: x.copy(), state).replace(root_key=key)
-  step = train.make_train_step(model, space, config, tx, schedule, mesh, temperature)
+  step = train.make_train_step(model, space, config, run, mesh)
   return state, space, step
 
 
@@ -56,36 +51,23 @@ def timed(fn, repeats: int) -> float:
 
 
 def interleaved_step_times(
-  configs: dict,
-  model,
-  shape: tuple,
-  classes: int,
-  batch_size: int,
-  rounds: int,
-  mesh,
-  dataset=None,
-  same_weights: bool = False,
+  configs: dict, model, batch: dict, rounds: int, mesh, dataset=None
 ) -> dict:
   """``{name: {'compile_s', 'step_ms'}}``: one train step of each config of ``configs``
-  (name -> config of the same ``model``) on one synthetic batch, or with ``dataset`` on its
-  first training batch with the run's own step (``train_state``); with ``same_weights``,
-  every config starts from the first config's initial weights (``train_state``'s ``like``:
-  for configs that differ only in how the masks are drawn, whose step time does not depend
-  on the weights, without initialising each). Every step is compiled
-  first; then each round times one step of each in turn, so that a change of the machine's
-  load falls on all of them alike; ``step_ms`` is the median over ``rounds`` rounds, after
-  one warm-up round."""
+  (name -> config of the same ``model`` and optimiser) on the host ``batch`` (images and
+  labels: ``synthetic_batch``, or a data set's training batch), with ``dataset`` the run's
+  own step (``train_state``). Every config starts from the first config's initial weights
+  (``train_state``'s ``like``: the step time does not depend on their values). Every step
+  is compiled first; then each round times one step of each in turn, so that a change of
+  the machine's load falls on all of them alike; ``step_ms`` is the median over ``rounds``
+  rounds, after one warm-up round."""
   steps, compile_s = {}, {}
-  if dataset is None:
-    data = synthetic_batch(batch_size, shape, classes)
-  else:
-    first = next(iter(configs.values()))
-    data = dataset.train_batch(first.data, first.seed, 0, batch_size)
-  batch = parallel.put_batch({'images': data['images'], 'labels': data['labels']}, mesh)
+  shape = batch['images'].shape[1:]
+  batch = parallel.put_batch({'images': batch['images'], 'labels': batch['labels']}, mesh)
   like = None
   for name, config in configs.items():
     state, space, step = train_state(config, model, shape, mesh, dataset, like)
-    if same_weights and like is None:
+    if like is None:
       like = jax.tree.map(lambda x: x.copy(), state), space
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
