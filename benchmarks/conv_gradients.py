@@ -4,7 +4,7 @@ convolutions of the default super-network on XLA:CPU and on oneDNN, and the whol
     python benchmarks/conv_gradients.py [--batch 128] [--repeats 10]
 
 Each convolution is timed as XLA compiles it (``jax.lax.conv_general_dilated``) and as the
-train step runs it on CPU (``pgnas_jax.cpu_kernels``, oneDNN), with the largest relative
+train step runs it on CPU (``pgnas_jax.backends.cpu``, oneDNN), with the largest relative
 difference of oneDNN's results from XLA's (float32 rounding). Pin the process to one core
 (``taskset -c 0``) for per-core figures. The last rows time the whole train step of the
 default network against a plain forward and backward pass of the same network without masks
@@ -23,7 +23,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from pgnas_jax import cpu_kernels, parallel  # noqa: E402
+from pgnas_jax import parallel  # noqa: E402
+from pgnas_jax.backends.cpu import kernels as cpu_kernels  # noqa: E402
+from pgnas_jax.backends.cpu import ops as cpu_ops  # noqa: E402
 
 # (height = width, input channels, output channels, kernel, stride) of the default network's
 # searchable convs: stage 0 at 28x28, the strided first convs of stages 1 and 2, the rest
@@ -43,7 +45,7 @@ def xla_conv(x, w, stride):
 
 
 def onednn_conv(x, w, stride):
-  return cpu_kernels.conv(x, w, stride, 1)
+  return cpu_kernels.conv(x, w, stride, 1, 1, None)
 
 
 def timed_parts(conv, x, w, g, s, repeats):
@@ -58,15 +60,13 @@ def timed_parts(conv, x, w, g, s, repeats):
 
 def conv_rows(batch, repeats):
   rng = np.random.default_rng(0)
-  mesh = harness.mesh_of(1)
   rows = []
   for size, c, f, k, s in SHAPES:
     x = jnp.asarray(rng.standard_normal((batch, size, size, c)), jnp.float32)
     w = jnp.asarray(0.1 * rng.standard_normal((k, k, c, f)), jnp.float32)
     g = jnp.asarray(rng.standard_normal(xla_conv(x, w, s).shape), jnp.float32)
     xla = timed_parts(xla_conv, x, w, g, s, repeats)
-    with cpu_kernels.in_use(mesh):
-      onednn = timed_parts(onednn_conv, x, w, g, s, repeats)
+    onednn = timed_parts(onednn_conv, x, w, g, s, repeats)
     row = {'conv': f'{batch}x{size}x{size}x{c} -> {f}, {k}x{k}/{s}'}
     for name, (ms, _), (ms1, _) in zip(('forward', 'input_grad', 'kernel_grad'), xla, onednn):
       row[f'xla_{name}_ms'], row[f'onednn_{name}_ms'] = ms, ms1
@@ -100,7 +100,7 @@ def step_rows(batch, repeats):
 
   def as_trained(fn):  # the CPU kernels, as in the train step
     def run(*args):
-      with cpu_kernels.in_use(mesh):
+      with cpu_ops.in_use(mesh):
         return fn(*args)
 
     return jax.jit(run)

@@ -196,7 +196,7 @@ def rows_of(args, measured: dict, torch_note: str) -> list:
 def split_cpu(args) -> str:
   """pgnas_jax's CPU devices, chosen and set as the main job does for the default config."""
   from pgnas_jax import config as config_lib
-  from pgnas_jax import host_devices
+  from pgnas_jax.backends.cpu import host_devices
 
   return host_devices.split_for(args.cpu_devices, config_lib.get_config(), args.threads)
 

@@ -83,7 +83,7 @@ def main(argv=None) -> None:
   import json
 
   from pgnas_jax import cli as cli_lib
-  from pgnas_jax import host_devices
+  from pgnas_jax.backends.cpu import host_devices
   from pgnas_jax.compact import candidate
 
   parser = argparse.ArgumentParser(prog='python -m pgnas_jax.export', description=main.__doc__)

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from pgnas_jax import cpu_kernels
 
 PyTree = Any
 MASKS = 'masks'
@@ -41,10 +40,20 @@ def group_name(i: int) -> str:
   return f'group{i}'
 
 
-def _conv(x, kernel, strides, dilation, feature_groups=1):
-  if cpu_kernels.handles_conv(x, kernel, strides, dilation, feature_groups):
-    return cpu_kernels.conv(x, kernel, strides, dilation, feature_groups)
-  return cpu_kernels.xla_conv(x, kernel, strides, dilation, feature_groups)
+def xla_conv(x, kernel, stride: int, dilation: int, groups: int = 1):
+  """XLA's SAME-padded NHWC x HWIO convolution."""
+  return jax.lax.conv_general_dilated(
+    x, kernel, (stride, stride), 'SAME', rhs_dilation=(dilation, dilation),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups,
+  )  # fmt: skip
+
+
+class Convolving(nn.Module):
+  """A layer whose convolutions go through ``convolve``: XLA's, unless a step builder
+  chooses another implementation for what it traces (``backends.cpu.ops.in_use``)."""
+
+  def convolve(self, x, kernel, stride: int, dilation: int, groups: int):
+    return xla_conv(x, kernel, stride, dilation, groups)
 
 
 def _macs(y_shape, kernel_shape) -> int:
@@ -59,7 +68,7 @@ def _apply_keep_mask(x, keep):
   return x * keep.astype(x.dtype)[:, None, None, :]  # per-example masks in training
 
 
-class SearchableConv(nn.Module):
+class SearchableConv(Convolving):
   """Conv (no bias, SAME padding) whose input channel groups can be dropped."""
 
   features: int
@@ -78,13 +87,13 @@ class SearchableConv(nn.Module):
       return {'depthwise': window + (channels, 1), 'pointwise': (1, 1, channels, self.features)}
     return {'kernel': window + (channels, self.features)}
 
-  def _op(self, x, kernels: dict):
+  def _op(self, x, kernels: dict, convolve):
     kernels = {n: k.astype(x.dtype) for n, k in kernels.items()}
     if self.separable:
       depthwise = jnp.swapaxes(kernels['depthwise'], 2, 3)
-      x = _conv(x, depthwise, self.strides, self.dilation, feature_groups=x.shape[-1])
-      return _conv(x, kernels['pointwise'], 1, 1)
-    return _conv(x, kernels['kernel'], self.strides, self.dilation)
+      x = convolve(x, depthwise, self.strides, self.dilation, x.shape[-1])
+      return convolve(x, kernels['pointwise'], 1, 1, 1)
+    return convolve(x, kernels['kernel'], self.strides, self.dilation, 1)
 
   @nn.compact
   def __call__(self, x):
@@ -105,8 +114,9 @@ class SearchableConv(nn.Module):
       }
       if kept.shape[0] == 0:  # every input dropped: the operation is removed
         full = {n: jnp.zeros(s, x.dtype) for n, s in self._kernel_shapes(x.shape[-1]).items()}
-        return jnp.zeros(jax.eval_shape(lambda a: self._op(a, full), x).shape, x.dtype)
-      return self._op(jnp.take(x, kept, axis=-1), kernels)
+        shape = jax.eval_shape(lambda a: self._op(a, full, xla_conv), x).shape
+        return jnp.zeros(shape, x.dtype)
+      return self._op(jnp.take(x, kept, axis=-1), kernels, self.convolve)
 
     kernels = {
       n: self.param(n, _kernel_init(n), s) for n, s in self._kernel_shapes(x.shape[-1]).items()
@@ -114,7 +124,7 @@ class SearchableConv(nn.Module):
     if all(self.has_variable(MASKS, n) for n in names):
       keep = jnp.concatenate([self.get_variable(MASKS, n) for n in names], axis=-1)
       x = _apply_keep_mask(x, keep)
-    y = self._op(x, kernels)
+    y = self._op(x, kernels, self.convolve)
 
     if self.is_initializing():
       # one input channel costs its kernel slices; each weight is one MAC per output pixel
@@ -134,7 +144,7 @@ def _kernel_init(name: str):
   return conv_init
 
 
-class Conv(nn.Module):
+class Conv(Convolving):
   """A plain (not searchable) conv, no bias, SAME padding, that records its MACs."""
 
   features: int
@@ -145,7 +155,7 @@ class Conv(nn.Module):
   def __call__(self, x):
     window = (self.kernel_size, self.kernel_size)
     kernel = self.param('kernel', conv_init, window + (x.shape[-1], self.features))
-    y = _conv(x, kernel.astype(x.dtype), self.strides, 1)
+    y = self.convolve(x, kernel.astype(x.dtype), self.strides, 1, 1)
     if self.is_initializing():
       self.variable(FIXED_MACS, 'macs', lambda: jnp.array(_macs(y.shape, kernel.shape), jnp.int32))
     return y
@@ -164,28 +174,8 @@ class Dense(nn.Module):
     return y
 
 
-class BatchNorm(nn.BatchNorm):
-  """flax's BatchNorm; in a CPU train step (``cpu_kernels.in_use``), training mode in
-  float32 sums its statistics and their gradients with ``cpu_kernels.batch_norm``."""
-
-  @nn.compact
-  def __call__(self, x, use_running_average=None):
-    running = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
-    if running or self.is_initializing() or not cpu_kernels.handles_batch_norm(x):
-      return super().__call__(x, use_running_average)
-    features = (x.shape[-1],)
-    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
-    ra_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
-    scale = self.param('scale', self.scale_init, features, self.param_dtype)
-    bias = self.param('bias', self.bias_init, features, self.param_dtype)
-    y, mean, var = cpu_kernels.batch_norm(x, scale, bias, self.epsilon)
-    ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-    ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    return y
-
-
 def batch_norm(train: bool, name: str | None = None):
-  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def groups_by_conv(template: PyTree) -> dict:

@@ -12,7 +12,8 @@ from absl import app, flags, logging
 
 from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
-from pgnas_jax import host_devices, parallel, pipeline
+from pgnas_jax import parallel, pipeline
+from pgnas_jax.backends.cpu import host_devices
 
 
 def cli():

@@ -14,13 +14,13 @@ import numpy as np
 import optax
 
 from pgnas_jax import context as context_lib
-from pgnas_jax import cpu_kernels
+from pgnas_jax.backends.cpu import ops as cpu_ops
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import estimators, metric_writers, objective, observe, optim, parallel, rng
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
-from pgnas_jax import xla_options
+from pgnas_jax.backends.cpu import xla_options
 from pgnas_jax.errors import ConfigError, NonFiniteLossError, Preempted
 
 PyTree = Any
@@ -122,7 +122,8 @@ def make_train_step(
   """``train_step(state, batch) -> (state, metrics)`` of the run set up as ``run`` (its
   optimiser, learning-rate and tau schedules), jitted over the mesh: state replicated,
   batch sharded over 'data', the state donated; on CPU compiled with
-  ``xla_options.CPU_TRAIN_OPTIONS``, its convolutions and BatchNorm on ``cpu_kernels``."""
+  ``xla_options.CPU_TRAIN_OPTIONS``, its convolutions and BatchNorm on the CPU kernels
+  (``backends.cpu.ops.in_use``)."""
   tx, schedule, temperature = run.tx, run.schedule, run.temperature
   loss_fn = make_loss_fn(model, space, config)
 
@@ -130,7 +131,7 @@ def make_train_step(
     key = jax.random.fold_in(state.key('train'), state.step)
     tau = temperature(state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    with cpu_kernels.in_use(mesh):
+    with cpu_ops.in_use(mesh):
       (loss, (parts, logits, batch_stats)), grads = grad_fn(
         state.params, state.batch_stats, batch, key, tau
       )

@@ -252,7 +252,7 @@ def test_export_cli_splits_the_cpu_as_the_run_did(finished_run, tmp_path):
   import subprocess
   import sys
 
-  from pgnas_jax import host_devices
+  from pgnas_jax.backends.cpu import host_devices
   from pgnas_jax.compact import candidate
 
   workdir = str(tmp_path / 'run')

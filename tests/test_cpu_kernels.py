@@ -1,4 +1,4 @@
-"""The CPU kernels (pgnas_jax/cpu_kernels.py): oneDNN's convolutions and the one-pass
+"""The CPU kernels (pgnas_jax/backends/cpu/): oneDNN's convolutions and the one-pass
 BatchNorm give XLA's and flax's results within float32 rounding, forward and every gradient,
 on one device and on four; they are used exactly where the project hands work to them;
 deterministic; and a run without them says why and keeps XLA's.
@@ -28,7 +28,9 @@ import numpy as np
 import flax.linen as nn
 import pytest
 
-from pgnas_jax import cpu_kernels, layers, parallel
+from pgnas_jax import layers, parallel
+from pgnas_jax.backends.cpu import kernels as cpu_kernels
+from pgnas_jax.backends.cpu import ops as cpu_ops
 
 # batch, size, in, out, kernel, stride, dilation: every kind the networks use (3x3 and 5x5,
 # strides 1 and 2, the stem's one input channel, ImageNet's 7x7 stem at stride 2, 1x1
@@ -64,6 +66,21 @@ def _reference(x, kernel, stride, dilation, groups=1):
   )  # fmt: skip
 
 
+class _Convolution(layers.Convolving):
+  """A layer that convolves its input with a given kernel, as the project's layers do."""
+
+  stride: int
+  dilation: int = 1
+  groups: int = 1
+
+  def __call__(self, x, kernel):
+    return self.convolve(x, kernel, self.stride, self.dilation, self.groups)
+
+
+def _conv(x, kernel, stride, dilation, groups=1):
+  return _Convolution(stride, dilation, groups).apply({}, x, kernel)
+
+
 def _inputs(n, size, cin, cout, k, groups=1):
   kx, kk = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (n, size, size, cin))
@@ -79,7 +96,7 @@ def _value_and_grads(mesh, conv):
     return jnp.sum(jnp.sin(y)), y
 
   def run(x, kernel):
-    with cpu_kernels.in_use(mesh):
+    with cpu_ops.in_use(mesh):
       return jax.grad(loss, argnums=(0, 1), has_aux=True)(x, kernel)
 
   return jax.jit(
@@ -105,7 +122,7 @@ def test_matches_xla_forward_and_gradients(geometry, devices):
   n, size, cin, cout, k, stride, dilation, groups = geometry
   x, kernel = _inputs(n, size, cin, cout, k, groups)
   mesh = parallel.make_mesh(jax.devices()[:devices])
-  ours = _value_and_grads(mesh, lambda a, b: layers._conv(a, b, stride, dilation, groups))
+  ours = _value_and_grads(mesh, lambda a, b: _conv(a, b, stride, dilation, groups))
   program = ours.lower(x, kernel).as_text()
   assert 'pgnas_convolution_kernel_gradient' in program
   assert ('checked = true' in program) == (os.environ.get(cpu_kernels.SWITCH) == 'checked')
@@ -131,24 +148,22 @@ def test_used_only_where_handed_over():
 
   def inside(fn):
     def run(*args):
-      with cpu_kernels.in_use(mesh):
+      with cpu_ops.in_use(mesh):
         return fn(*args)
 
     return run
 
-  assert 'pgnas_convolution_forward' in hlo(
-    inside(lambda a, b: layers._conv(a, b, 1, 1)), x, kernel
-  )
+  assert 'pgnas_convolution_forward' in hlo(inside(lambda a, b: _conv(a, b, 1, 1)), x, kernel)
   # outside the context and in bfloat16: XLA's convolution
-  assert 'pgnas_convolution' not in hlo(lambda a, b: layers._conv(a, b, 1, 1), x, kernel)
+  assert 'pgnas_convolution' not in hlo(lambda a, b: _conv(a, b, 1, 1), x, kernel)
   half = (x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
-  assert 'pgnas_convolution' not in hlo(inside(lambda a, b: layers._conv(a, b, 1, 1)), *half)
+  assert 'pgnas_convolution' not in hlo(inside(lambda a, b: _conv(a, b, 1, 1)), *half)
 
 
 def test_deterministic():
   x, kernel = _inputs(8, 14, 16, 16, 3)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  step = _value_and_grads(mesh, lambda a, b: layers._conv(a, b, 1, 1))
+  step = _value_and_grads(mesh, lambda a, b: _conv(a, b, 1, 1))
   first, second = step(x, kernel), step(x, kernel)
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
     np.testing.assert_array_equal(a, b)
@@ -168,7 +183,7 @@ def test_without_onednn_the_run_keeps_xla_and_says_why(monkeypatch, caplog):
     assert "keeps XLA's convolutions" in message and 'pip install onednn-cpu-gomp' in message
     x, kernel = _inputs(2, 8, 4, 4, 3)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    step = _value_and_grads(mesh, lambda a, b: layers._conv(a, b, 1, 1))
+    step = _value_and_grads(mesh, lambda a, b: _conv(a, b, 1, 1))
     assert 'pgnas_convolution' not in step.lower(x, kernel).as_text()
   finally:
     cpu_kernels._loaded.cache_clear()
@@ -187,7 +202,7 @@ def test_batch_norm_matches_flax(devices):
   stats = {'mean': jnp.full((5,), 0.5), 'var': jnp.full((5,), 2.0)}
   mesh = parallel.make_mesh(jax.devices()[:devices])
 
-  def grads(module):
+  def grads(module, inside=True):
     def loss(p, x):
       y, updates = module.apply(
         {'params': p, 'batch_stats': stats}, x, mutable=['batch_stats']
@@ -197,41 +212,52 @@ def test_batch_norm_matches_flax(devices):
       return jnp.sum(jnp.sin(y) * weights) + extra, (y, new)
 
     def run(p, x):
-      with cpu_kernels.in_use(mesh):
+      with cpu_ops.in_use(mesh) if inside else contextlib.nullcontext():
         return jax.grad(loss, argnums=(0, 1), has_aux=True)(p, x)
 
     return jax.jit(run, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)))
 
-  arguments = dict(use_running_average=False, momentum=0.9, epsilon=1e-5)
-  ours = grads(layers.BatchNorm(**arguments))
+  ours = grads(layers.batch_norm(train=True))
   assert 'pgnas_channel_sums' in ours.lower(params, x).as_text()
-  flax_bn = grads(nn.BatchNorm(**arguments))
+  flax_bn = grads(layers.batch_norm(train=True), inside=False)
   assert 'pgnas_channel_sums' not in flax_bn.lower(params, x).as_text()
   for a, b in zip(jax.tree.leaves(ours(params, x)), jax.tree.leaves(flax_bn(params, x))):
     assert _relative(a, b) < 2e-5
 
 
-def test_batch_norm_elsewhere_is_flax():
-  """Evaluation mode, bfloat16 and outside the context: flax's BatchNorm, bit for bit."""
-  x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3))
+@pytest.mark.parametrize(
+  'case',
+  [
+    dict(train=False),  # running statistics
+    dict(dtype=jnp.bfloat16),  # bfloat16 input
+    dict(inside=False),  # no step builder chose the kernels
+    dict(use_bias=False),  # the kernels' path needs a bias and a scale...
+    dict(use_scale=False),
+    dict(use_fast_variance=False),  # ... flax's fast variance ...
+    dict(bn_dtype=jnp.bfloat16),  # ... and a float32 output
+  ],
+  ids=lambda case: ','.join(f'{k}={getattr(v, "__name__", v)}' for k, v in case.items()),
+)
+def test_batch_norm_elsewhere_is_flax(case):
+  """Wherever the kernels do not compute what a BatchNorm asks for, flax's own code runs,
+  bit for bit, whatever its attributes."""
+  case = {'train': True, 'dtype': jnp.float32, 'inside': True, **case}
+  x = (3.0 + jax.random.normal(jax.random.key(0), (4, 5, 5, 3))).astype(case.pop('dtype'))
+  train, inside = case.pop('train'), case.pop('inside')
+  attributes = {'dtype': case.pop('bn_dtype', None), **case}
+  module = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, **attributes)
+  variables = module.init(jax.random.key(1), x)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  for train, dtype, inside in ((False, jnp.float32, True), (True, jnp.bfloat16, True),
-                               (True, jnp.float32, False)):  # fmt: skip
-    arguments = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5)
-    variables = nn.BatchNorm(**arguments).init(jax.random.key(1), x)
 
-    def apply(module, x):
-      def run(x):
-        with cpu_kernels.in_use(mesh) if inside else contextlib.nullcontext():
-          return module.apply(variables, x, mutable=['batch_stats'])
+  def run(x, kernels):
+    with cpu_ops.in_use(mesh) if kernels else contextlib.nullcontext():
+      return module.apply(variables, x, mutable=['batch_stats'])
 
-      return jax.jit(run).lower(x).as_text(), jax.jit(run)(x)
-
-    text, ours = apply(layers.BatchNorm(**arguments), x.astype(dtype))
-    assert 'pgnas_channel_sums' not in text
-    _, reference = apply(nn.BatchNorm(**arguments), x.astype(dtype))
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
-      np.testing.assert_array_equal(a, b)
+  ours = jax.jit(lambda x: run(x, inside))
+  assert 'pgnas_channel_sums' not in ours.lower(x).as_text()
+  reference = jax.jit(lambda x: run(x, False))(x)
+  for a, b in zip(jax.tree.leaves(ours(x)), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(a, b)
 
 
 # oneDNN's values of dnnl_get_effective_cpu_isa() for the ONEDNN_MAX_CPU_ISA names used here
@@ -297,8 +323,8 @@ def test_fence_catches_onednn_strided_1x1_overrun():
   strided 1x1 convolution with 6 input channels (below its block of 8), handed over as it is
   (without ``_as_handed``), writes past its scratchpad; the self-check says so."""
   code = (
-    'from pgnas_jax import cpu_kernels; assert cpu_kernels.available(); '
-    'print(cpu_kernels._self_check((2, 8, 8, 6), (1, 1, 6, 3), 2, 1, 1))'
+    'from pgnas_jax.backends.cpu import kernels; assert kernels.available(); '
+    'print(kernels._self_check((2, 8, 8, 6), (1, 1, 6, 3), 2, 1, 1))'
   )
   env = {**os.environ, 'ONEDNN_MAX_CPU_ISA': 'AVX2'}
   done = subprocess.run(
@@ -328,7 +354,7 @@ def test_kernel_failing_its_self_check_is_not_used(monkeypatch, caplog):
     mesh = parallel.make_mesh(jax.devices()[:1])
 
     def two_convs(a, b):
-      return layers._conv(a, b, stride, dilation) + layers._conv(x2, kernel2, 2, 2)
+      return _conv(a, b, stride, dilation) + _conv(x2, kernel2, 2, 2)
 
     with caplog.at_level(logging.WARNING):
       ours = _value_and_grads(mesh, two_convs)

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from pgnas_jax import config as config_lib
-from pgnas_jax import errors, host_devices, rng
+from pgnas_jax import errors, rng
+from pgnas_jax.backends.cpu import host_devices
 
 ONE_DEVICE_IMPL = next(iter(rng.ONE_DEVICE_ONLY))  # a generator XLA compiles for one device
 
@@ -52,7 +53,7 @@ def test_a_count_is_taken_as_given_and_checked():
 def test_split_host_cpu_makes_single_threaded_devices_before_jax_starts():
   """In a fresh process (the split must come before JAX's backends start)."""
   code = (
-    'import os, jax; from pgnas_jax import host_devices; '
+    'import os, jax; from pgnas_jax.backends.cpu import host_devices; '
     'print(host_devices.split_host_cpu(2, 2)); print(len(jax.devices("cpu"))); '
     'print(os.environ["XLA_FLAGS"])'
   )

@@ -132,7 +132,7 @@ def test_loss_curve_masks_and_winner_do_not_depend_on_the_topology(runs):
         atol=1e-7,
         err_msg=f'{name}, step {a["step"]}',
       )
-      # On CPU the weight gradients' convolutions run on Eigen (pgnas_jax/xla_options.py),
+      # On CPU the weight gradients' convolutions run on Eigen (backends/cpu/xla_options.py),
       # which sums a device's share of the batch in another order than the whole batch:
       # float32 rounding of about 1e-5 of the norm at the first step. A gradient that missed
       # another device's share would be off by far more.

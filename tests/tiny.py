@@ -21,7 +21,8 @@ from pgnas_jax import cli
 from pgnas_jax import context as context_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import host_devices, parallel, pipeline, train
+from pgnas_jax import parallel, pipeline, train
+from pgnas_jax.backends.cpu import host_devices
 from pgnas_jax.data import fashion_mnist
 
 FASHION_MNIST = '/usr/share/datasets/fashion-mnist'

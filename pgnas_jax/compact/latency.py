@@ -13,7 +13,8 @@ import time
 import jax
 import numpy as np
 
-from pgnas_jax import compact, host_devices
+from pgnas_jax import compact
+from pgnas_jax.backends.cpu import host_devices
 
 BATCH_SIZES = (1, 128)
 WARMUP = 3

@@ -6,7 +6,7 @@ own Eigen convolution: on the default network the four 16->16 weight gradients o
 45-48% of the train step (docs/benchmarks.md, issue 17). With no YNN fusion types
 every convolution of the program runs on Eigen; training ran 1.5 to 2.3 times faster on the
 default and m32 networks (ranking, forward only, gained nothing beyond noise and keeps the
-defaults). Accelerators compile without these options. Where ``cpu_kernels`` runs the
+defaults). Accelerators compile without these options. Where ``kernels`` runs the
 step's convolutions on oneDNN, the options still keep YNNPACK off its elementwise fusions
 (measured 1.5x slower with them) and apply wherever the kernels are unavailable.
 """

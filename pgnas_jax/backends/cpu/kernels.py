@@ -6,18 +6,25 @@ transposing its operands; it sums BatchNorm's statistics, forward and backward, 
 reduce-windows that took a fifth of the default network's train step per core. oneDNN's
 convolutions, forward and both gradients, took a half to two thirds of XLA's time per core
 on every conv of the default network; one pass over the rows gives a BatchNorm's sums
-(docs/benchmarks.md, issue 17). ``cpu_kernels.cc`` holds both as XLA FFI handlers; this
+(docs/benchmarks.md, issue 17). ``kernels.cc`` holds both as XLA FFI handlers; this
 module builds it once per source, library, compiler flags and CPU with the host's C++
 compiler (a few seconds, cached under ``~/.cache/pgnas_jax``), registers the handlers and
 offers ``conv`` and ``batch_norm``, each a ``jax.custom_vjp`` over its calls.
 
-Where: only while a function is traced inside ``in_use(mesh)`` (``train.make_train_step``
-and ``search.make_chunk_scorer``'s lone candidate), on a CPU mesh, in float32: convolutions
-(``layers._conv``, grouped and depthwise ones included) and BatchNorm in training mode
-(``layers.BatchNorm``). Everything else (accelerators, bfloat16, the vmapped scorer,
-BatchNorm recalibration, fine-tuning, the export) keeps XLA's ops. On a mesh of several
-devices the calls run per device (``shard_map`` over the batch rows) and the
-kernel gradients and BatchNorm sums are summed across devices, as XLA's partitioned ops do.
+Where: ``ops.in_use(mesh)`` chooses them for what a step builder traces in it
+(``train.make_train_step``, and ``search.make_chunk_scorer``'s lone candidate), on a CPU
+mesh, in float32: every ``layers.Convolving`` convolution (grouped and depthwise ones
+included) and flax BatchNorms in training mode. Everything else (accelerators, bfloat16,
+the vmapped scorer, BatchNorm recalibration, fine-tuning, the export) keeps XLA's ops. On a
+mesh of several devices the calls run per device (``shard_map`` over the batch rows) and
+the kernel gradients and BatchNorm sums are summed across devices, as XLA's partitioned ops
+do.
+
+Built on first use, not at install time: ``-march=native`` ties the library to the CPU that
+builds it, and one installation (a shared home, a container image, a cluster's virtual
+environment) runs on hosts of several CPU kinds; the cache keeps one library per CPU
+(measured: a build takes 8 to 9 s on an AMD EPYC (AVX2), paid once per CPU and
+source version, against a 20-minute default run).
 
 Numbers: oneDNN and the one-pass sums add in another order than XLA, so results change by
 float32 rounding against XLA's ops (BatchNorm keeps flax's formulas: the fast variance
@@ -29,7 +36,7 @@ into one device per core, ``host_devices``). Without oneDNN or a compiler
 Trust: oneDNN picks its kernels by instruction set, so a kernel this machine runs may never
 have run where the project was tested. Before a convolution or a BatchNorm's sums is handed
 over, its per-device geometry passes a one-time self-check (``_self_check``): oneDNN's calls
-on random inputs, each on fenced copies of its buffers (``cpu_kernels.cc``: a write outside
+on random inputs, each on fenced copies of its buffers (``kernels.cc``: a write outside
 a buffer or into an input fails the call), must match XLA's within ``SELF_CHECK_TOLERANCE``.
 One that fails keeps XLA's op, with one logged line saying why. ``PGNAS_JAX_CPU_KERNELS=checked``
 runs every call fenced (slow; for tests and for hunting a fault). Strided 1x1 convolutions
@@ -39,7 +46,6 @@ fewer input channels than its channel block (8 with AVX2, 16 with AVX-512; oneDN
 6035), and the subsampled convolution is the same arithmetic.
 """
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -49,13 +55,12 @@ import os
 import pathlib
 import shutil
 import subprocess
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgnas_jax import parallel
+from pgnas_jax import layers, parallel
 
 RUNTIME_PACKAGE = 'onednn-cpu-gomp'
 HEADERS_PACKAGE = 'onednn-devel-cpu-gomp'
@@ -73,8 +78,6 @@ INSTALL_HINT = (
   f'pip install {RUNTIME_PACKAGE}==2023.2.0 {HEADERS_PACKAGE}==2023.2.0 (the project pins '
   'them on x86-64 Linux) and a C++ compiler (apt-get install g++)'
 )
-
-_state = threading.local()
 
 
 class Unavailable(RuntimeError):
@@ -171,33 +174,7 @@ def _threads_per_call() -> int:
   return max(1, len(os.sched_getaffinity(0)) // cpus)
 
 
-def _setting() -> tuple:
-  """(whether the kernels are in use, the mesh to split calls over or None) while tracing."""
-  return getattr(_state, 'setting', (False, None))
-
-
-@contextlib.contextmanager
-def in_use(mesh, per_device: bool = False):
-  """While a function is traced in this context, ``layers``' float32 convolutions and
-  training-mode BatchNorms on a CPU ``mesh`` run here. ``per_device``: the caller is
-  already per device (inside a ``shard_map``); else the calls are split over the mesh's
-  batch axis here."""
-  use = mesh.devices.flat[0].platform == 'cpu' and available()
-  previous = _setting()
-  _state.setting = (use, None if per_device or mesh.size == 1 else mesh)
-  try:
-    yield
-  finally:
-    _state.setting = previous
-
-
-def _applies(*operands: jax.Array) -> bool:
-  """Inside ``in_use``, float32."""
-  return _setting()[0] and all(a.dtype == jnp.float32 for a in operands)
-
-
-def _per_device_rows(rows: int) -> int:
-  mesh = _setting()[1]
+def _per_device_rows(rows: int, mesh) -> int:
   return rows if mesh is None else rows // mesh.size
 
 
@@ -210,21 +187,21 @@ def _as_handed(x_shape, kernel_shape, stride: int):
   return tuple(x_shape), stride
 
 
-def handles_conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int, groups: int) -> bool:
-  """Whether ``conv`` runs this convolution here: inside ``in_use``, float32, and its
-  per-device geometry passed the self-check on this CPU."""
-  if not _applies(x, kernel):
+def handles_conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int, groups: int, mesh):
+  """Whether ``conv`` runs this convolution here, split over ``mesh`` (None: the caller is
+  per device): float32, and its per-device geometry passed the self-check on this CPU."""
+  if not all(a.dtype == jnp.float32 for a in (x, kernel)):
     return False
   x_shape, handed_stride = _as_handed(x.shape, kernel.shape, stride)
-  x_shape = (_per_device_rows(x_shape[0]), *x_shape[1:])
+  x_shape = (_per_device_rows(x_shape[0], mesh), *x_shape[1:])
   return _passes('convolution', x_shape, tuple(kernel.shape), handed_stride, dilation, groups)
 
 
-def handles_batch_norm(x: jax.Array) -> bool:
+def handles_batch_norm(x: jax.Array, mesh) -> bool:
   """Whether ``batch_norm`` runs this training-mode BatchNorm here (as ``handles_conv``)."""
-  if not _applies(x):
+  if x.dtype != jnp.float32:
     return False
-  return _passes('BatchNorm sums', (_per_device_rows(x.shape[0]), *x.shape[1:]))
+  return _passes('BatchNorm sums', (_per_device_rows(x.shape[0], mesh), *x.shape[1:]))
 
 
 @functools.cache
@@ -270,7 +247,7 @@ def _self_check(x_shape, kernel_shape, stride: int, dilation: int, groups: int) 
   attributes = _attributes(x_shape, kernel_shape, stride, dilation, groups, checked=True)
 
   def both(x, kernel, dy):
-    y, vjp = jax.vjp(lambda a, b: xla_conv(a, b, stride, dilation, groups), x, kernel)
+    y, vjp = jax.vjp(lambda a, b: layers.xla_conv(a, b, stride, dilation, groups), x, kernel)
     ours = (
       _call('forward', y_shape, x, kernel, **attributes),
       _call('input_gradient', x_shape, dy, kernel, **attributes),
@@ -300,15 +277,6 @@ def _self_check_sums(x_shape) -> str | None:
   want = np.stack([a.sum(0), (a * (b - center)).sum(0)])
   error = _relative_error(got, want)
   return None if error < SELF_CHECK_TOLERANCE else f'they are off by {error:.1e}'
-
-
-def xla_conv(x, kernel, stride: int, dilation: int, groups: int = 1):
-  """XLA's SAME-padded NHWC x HWIO convolution: what runs wherever ``conv`` does not, and its
-  reference."""
-  return jax.lax.conv_general_dilated(
-    x, kernel, (stride, stride), 'SAME', rhs_dilation=(dilation, dilation),
-    dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups,
-  )  # fmt: skip
 
 
 def _output_shape(x_shape, kernel_shape, stride: int):
@@ -381,12 +349,12 @@ def _conv_backward(stride, dilation, groups, mesh, residuals, dy):
 _conv.defvjp(_conv_forward, _conv_backward)
 
 
-def conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int, groups: int = 1) -> jax.Array:
-  """SAME-padded NHWC x HWIO convolution through oneDNN, differentiable; only where
-  ``handles_conv``."""
+def conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int, groups: int, mesh):
+  """SAME-padded NHWC x HWIO convolution through oneDNN, differentiable, split over ``mesh``
+  (None: the caller is per device); only where ``handles_conv``."""
   if _as_handed(x.shape, kernel.shape, stride)[1] != stride:
     x, stride = x[:, ::stride, ::stride], 1
-  return _conv(x, kernel, stride, dilation, groups, _setting()[1])
+  return _conv(x, kernel, stride, dilation, groups, mesh)
 
 
 def _channel_sums(a, b, center, mesh):
@@ -429,8 +397,8 @@ def _batch_norm_backward(epsilon, mesh, residuals, cotangents):
 _batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
 
 
-def batch_norm(x, scale, bias, epsilon: float):
+def batch_norm(x, scale, bias, epsilon: float, mesh):
   """BatchNorm in training mode with the batch's statistics: ``(y, mean, var)`` as flax
   computes them (the fast variance), its sums over rows in one pass each, forward and
-  backward; only where ``handles_batch_norm``."""
-  return _batch_norm(x, scale, bias, epsilon, _setting()[1])
+  backward, split over ``mesh`` as ``conv``; only where ``handles_batch_norm``."""
+  return _batch_norm(x, scale, bias, epsilon, mesh)
