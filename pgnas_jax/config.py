@@ -1,10 +1,12 @@
 """The config schema: every field, its default (the embedded default run), and validation.
 
-``FIELDS`` is the one place a field is declared: its dotted name, default, allowed values
-and one-line meaning. ``get_config()`` (the embedded default: SupNet-M family at a size that
-trains usefully on 2 CPU cores, on Fashion-MNIST from Debian's ``dataset-fashion-mnist``
-package), ``validate`` (run once at start) and the table in ``docs/config.md``
-(``pgnas_jax.config_doc``) are all built from it, so a new field is one ``Field`` entry.
+``FIELDS`` is the one place a field of the run is declared: its dotted name, default,
+allowed values and one-line meaning; a super-network family declares its own
+(``supernets``), and ``fields()`` is all of them. ``get_config()`` (the embedded default:
+SupNet-M family at a size that trains usefully on 2 CPU cores, on Fashion-MNIST from
+Debian's ``dataset-fashion-mnist`` package), ``validate`` (run once at start) and the table
+in ``docs/config.md`` (``pgnas_jax.config_doc``) are all built from them, so a new field is
+one ``Field`` entry.
 Config files in ``configs/`` start from ``get_config()`` and override fields.
 """
 
@@ -13,44 +15,33 @@ import importlib.util
 import json
 import os
 import types
-from collections.abc import Callable
-from typing import Any
 
 import ml_collections
-import numpy as np
 
-from pgnas_jax import budget, estimators, rng, samplers
+from pgnas_jax import budget, estimators, rng, samplers, supernets
+from pgnas_jax import data as data_lib
 from pgnas_jax.errors import ConfigError
-from pgnas_jax.supernets import enas
-
-
-@dataclasses.dataclass(frozen=True)
-class Check:
-  """A test a field's value must pass, and what it must be (for the message and the docs)."""
-
-  test: Callable[[Any], bool]
-  what: str
-
-
-POSITIVE = Check(lambda v: v > 0, '> 0')
-NON_NEGATIVE = Check(lambda v: v >= 0, '>= 0')
-# in float32, where the drop logits live: 1e-46 is 0 there, 1 - 1e-9 is 1
-PROBABILITY = Check(
-  lambda v: 0.0 < np.float32(v) < 1.0 and 0.0 < v < 1.0,
-  'in (0, 1), and neither 0 nor 1 in float32 (about 1.4e-45 .. 1 - 6e-8)',
+from pgnas_jax.schema import (  # noqa: F401  (the schema's names, re-exported)
+  EACH_ODD,
+  EACH_POSITIVE,
+  KEPT,
+  NON_NEGATIVE,
+  ORIGINAL,
+  POSITIVE,
+  PROBABILITY,
+  RECHOOSE,
+  REFUSED,
+  RESCORE,
+  Check,
+  Field,
 )
-EACH_POSITIVE = Check(lambda v: len(v) > 0 and all(x > 0 for x in v), 'non-empty, each > 0')
-EACH_ODD = Check(
-  lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v), 'non-empty, each an odd number > 0'
-)
-ENAS_ARC = Check(enas.is_valid_arc, enas.ARC_RULE)
+
+
 DATA_NAME = Check(
-  lambda v: (
-    v in ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012', 'npz')
-    or (isinstance(v, str) and v.startswith('tfds:') and len(v) > len('tfds:'))
-  ),
-  "one of 'fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012', 'npz', or 'tfds:NAME' "
-  '(NAME a tensorflow-datasets image-classification data set)',
+  data_lib.known,
+  'one of '
+  + ', '.join(repr(n) for n in data_lib.names() if not n.endswith(':'))
+  + ", or 'tfds:NAME' (NAME a tensorflow-datasets image-classification data set)",
 )
 
 
@@ -59,41 +50,6 @@ def _is_json_object(text) -> bool:
     return isinstance(json.loads(text), dict)
   except (TypeError, ValueError):
     return False
-
-
-# What resuming a run with another value of a field does (``Field.on_resume``, ``resume.py``)
-REFUSED = 'refused'  # it changes results: the run resumes only with the value it began with
-KEPT = 'kept'  # it changes no result (logging, checkpoint cadence, a timing): resumed as is
-RECHOOSE = 'rechoose'  # it changes only the choice among the scored candidates: chosen again
-RESCORE = 'rescore'  # it changes the candidates, not the training: they are scored again
-
-
-class _Original:
-  """``Field.older_runs`` of a field every run has had."""
-
-  def __repr__(self):
-    return 'ORIGINAL'
-
-
-ORIGINAL = _Original()
-
-
-@dataclasses.dataclass(frozen=True)
-class Field:
-  """One config field. ``doc`` is its row in docs/config.md; ``choices`` or ``check`` what
-  ``validate`` accepts; ``any_type`` lets a value of another type replace the default (the
-  command line then parses it as a Python literal). ``on_resume``: what resuming a run with
-  another value does (``REFUSED``, ``KEPT``, ``RECHOOSE``, ``RESCORE``); ``older_runs``: for
-  a field added after runs were first made, the value a saved config without it ran with."""
-
-  name: str  # dotted path, e.g. 'train.batch_size'
-  default: Any
-  doc: str
-  choices: tuple = ()
-  check: Check | None = None
-  any_type: bool = False
-  on_resume: str = REFUSED
-  older_runs: Any = ORIGINAL
 
 
 FIELDS = (
@@ -179,7 +135,7 @@ FIELDS = (
     'super-network family (see [super-networks](supernets.md)); its fields are in '
     '`model.<family>`; `custom`: your own module (`model.custom`, see '
     '[library](library.md))',
-    choices=('shake_shake', 'enas', 'resnet', 'densenet', 'custom'),
+    choices=supernets.names(),  # as registered when read: see fields()
   ),
   Field(
     'model.compute_dtype',
@@ -188,127 +144,6 @@ FIELDS = (
     'in bf16, parameters, optimiser state, BatchNorm statistics, drop logits, masks and '
     'the loss in float32 (`pgnas_jax/precision.py`)',
     choices=('float32', 'bfloat16'),
-  ),
-  Field(
-    'model.shake_shake.stem_width',
-    16,
-    'SupNet-M family (SPEC section 5): channels of the stem conv',
-    check=POSITIVE,
-  ),
-  Field(
-    'model.shake_shake.widths',
-    (16, 32, 64),
-    'channels per stage (SupNet-M: 96, 192, 384)',
-    check=EACH_POSITIVE,
-  ),
-  Field(
-    'model.shake_shake.blocks_per_stage',
-    1,
-    'residual blocks per stage (SupNet-M: 4)',
-    check=POSITIVE,
-  ),
-  Field(
-    'model.shake_shake.kernel_sizes',
-    (3, 3),
-    'one kernel size per branch; the number of entries is the number of branches',
-    check=EACH_ODD,
-  ),
-  Field(
-    'model.shake_shake.shake',
-    True,
-    'shake-shake mixing of the branches in training (equal weights at test)',
-  ),
-  Field(
-    'model.enas.filters',
-    36,
-    "SupNet-E family (SPEC section 5): `F`, the first stage's cell width, doubled by each "
-    'reduction cell (SupNet-E: 36, SupNet-EI: 72)',
-    check=POSITIVE,
-  ),
-  Field(
-    'model.enas.normal_cells_per_stage',
-    5,
-    'normal cells in each of the 3 stages; a reduction cell precedes stages 2 and 3 '
-    '(ENAS: 15 layers, reductions at 5 and 11)',
-    check=POSITIVE,
-  ),
-  Field(
-    'model.enas.normal_arc',
-    enas.NORMAL_ARC,
-    "ENAS's CIFAR-10 normal cell: per node `input, op, input, op`; inputs 0 and 1 are the "
-    "cell's inputs, node `j` >= 2 the `j`-th built; ops 0 sep3x3, 1 sep5x5, 2 avg3x3, "
-    '3 max3x3, 4 identity',
-    check=ENAS_ARC,
-  ),
-  Field(
-    'model.enas.reduction_arc',
-    enas.REDUCTION_ARC,
-    "ENAS's CIFAR-10 reduction cell, written as `normal_arc`",
-    check=ENAS_ARC,
-  ),
-  Field(
-    'model.enas.auxiliary_head',
-    True,
-    "ENAS's auxiliary classifier after the first cell of the last stage, trained with "
-    'weight `objective.auxiliary_weight`, never used at evaluation',
-  ),
-  Field(
-    'model.resnet.stem_width',
-    64,
-    'SupNet-R-50 family: channels of the conv7x7/2 stem',
-    check=POSITIVE,
-  ),
-  Field(
-    'model.resnet.widths',
-    (64, 128, 256, 512),
-    'bottleneck widths per stage (block outputs are 4x); each a multiple of the number of branches',
-    check=EACH_POSITIVE,
-  ),
-  Field(
-    'model.resnet.blocks_per_stage',
-    (3, 4, 6, 3),
-    'bottleneck blocks per stage',
-    check=EACH_POSITIVE,
-  ),
-  Field(
-    'model.resnet.kernel_sizes',
-    (1, 3, 3, 5),
-    'one entry per branch of the multi-kernel block that replaces every 3x3 conv; each '
-    'branch has `width / branches` output channels',
-    check=EACH_ODD,
-  ),
-  Field(
-    'model.resnet.dilations',
-    (1, 1, 2, 2),
-    'the dilation of each branch, one per entry of `kernel_sizes`',
-    check=EACH_POSITIVE,
-  ),
-  Field(
-    'model.densenet.stem_width',
-    64,
-    'SupNet-D-121 family: channels of the conv7x7/2 stem',
-    check=POSITIVE,
-  ),
-  Field(
-    'model.densenet.blocks', (6, 12, 24, 16), 'dense layers per dense block', check=EACH_POSITIVE
-  ),
-  Field(
-    'model.densenet.growth_rate',
-    32,
-    "channels each dense layer adds (its 3x3 conv's output)",
-    check=POSITIVE,
-  ),
-  Field(
-    'model.densenet.bottleneck_width',
-    128,
-    "output channels of a dense layer's 1x1 conv",
-    check=POSITIVE,
-  ),
-  Field(
-    'model.densenet.compression',
-    0.5,
-    'share of channels a transition keeps',
-    check=Check(lambda v: 0.0 < v <= 1.0, 'in (0, 1]'),
   ),
   Field(
     'model.custom.module',
@@ -593,8 +428,34 @@ FIELDS = (
   ),
 )
 
-# the allowed values of each field that has few, by name
-CHOICES = {field.name: field.choices for field in FIELDS if field.choices}
+FAMILY_FIELDS_AFTER = 'model.compute_dtype'  # the families' sections follow this field
+
+
+def fields() -> tuple:
+  """Every field: ``FIELDS`` with each registered family's own (``supernets.FAMILIES``,
+  ``model.<family>.*``) after ``FAMILY_FIELDS_AFTER``, and ``model.family`` choosing among
+  the families registered now."""
+  families = tuple(
+    dataclasses.replace(f, name=f'model.{name}.{f.name}')
+    for name, family in supernets.FAMILIES.items()
+    for f in family.fields
+  )
+  at = 1 + next(i for i, f in enumerate(FIELDS) if f.name == FAMILY_FIELDS_AFTER)
+  every = FIELDS[:at] + families + FIELDS[at:]
+  return tuple(
+    dataclasses.replace(f, choices=supernets.names()) if f.name == 'model.family' else f
+    for f in every
+  )
+
+
+def constraints() -> tuple:
+  """``CONSTRAINTS`` and each registered family's checks across its fields."""
+  return CONSTRAINTS + tuple(
+    (tuple(f'model.{name}.{k}' for k in keys), test, what)
+    for name, family in supernets.FAMILIES.items()
+    for keys, test, what in family.constraints
+  )
+
 
 # checks across fields: (fields, test of their values, what must hold)
 CONSTRAINTS = (
@@ -616,21 +477,6 @@ CONSTRAINTS = (
     ("data.num_classes is for data.name='npz' only (the other data sets know theirs): leave it 0"),
   ),
   (
-    ('model.resnet.kernel_sizes', 'model.resnet.dilations'),
-    lambda k, d: len(k) == len(d),
-    'one dilation per kernel size',
-  ),
-  (
-    ('model.resnet.widths', 'model.resnet.blocks_per_stage'),
-    lambda w, b: len(w) == len(b),
-    'one number of blocks per width',
-  ),
-  (
-    ('model.resnet.widths', 'model.resnet.kernel_sizes'),
-    lambda w, k: all(x % len(k) == 0 for x in w),
-    'every width a multiple of the number of branches (each gets an equal share)',
-  ),
-  (
     ('model.family', 'model.custom.module'),
     lambda family, module: family != 'custom' or bool(module),
     (
@@ -646,9 +492,9 @@ SPLIT_OVER_DEVICES = ('train.batch_size', 'search.eval_batch_size', 'search.chun
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The embedded default: every field of FIELDS at its default."""
+  """The embedded default: every field (``fields()``) at its default."""
   c = ml_collections.ConfigDict()
-  for field in FIELDS:
+  for field in fields():
     *parents, leaf = field.name.split('.')
     node = c
     for part in parents:
@@ -706,18 +552,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f'--config.rng.impl={config.rng.impl!r} is not offered: {rng.REFUSED[config.rng.impl]}'
     )
   # every choice before any range, as the message for a config with several faults says
-  for field in FIELDS:
+  every = fields()
+  for field in every:
     if field.choices and _get(config, field.name) not in field.choices:
       raise ConfigError(
         f'--config.{field.name}={_get(config, field.name)!r} is not one of {field.choices}'
       )
-  for field in FIELDS:
+  for field in every:
     if field.check and not field.check.test(_get(config, field.name)):
       raise ConfigError(
         f'--config.{field.name}={_get(config, field.name)!r} is out of range: '
         f'it must be {field.check.what}'
       )
-  for keys, ok, what in CONSTRAINTS:
+  for keys, ok, what in constraints():
     if not ok(*(_get(config, k) for k in keys)):
       values = ', '.join(f'--config.{k}={_get(config, k)!r}' for k in keys)
       raise ConfigError(f'{values} do not fit together: {what}')

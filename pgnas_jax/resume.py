@@ -1,7 +1,7 @@
 """Whether and how a run continues from its workdir: finished (nothing to do), resumed
 (from its checkpoints and recorded candidates, choosing or scoring again where a field that
 allows it changed), or begun afresh (``--start_over``, or an empty workdir). What resuming
-with another value of a field does is the field's own ``on_resume`` (``config.FIELDS``), and
+with another value of a field does is the field's own ``on_resume`` (``config.fields()``), and
 the value an older run without a field had is its ``older_runs``."""
 
 import json
@@ -42,7 +42,7 @@ def _as_run(workdir: str) -> dict:
   """The flat config the run in ``workdir`` ran with: its config.json, and for each field
   added since it was made, the value a run without it had."""
   older = {
-    f.name: f.older_runs for f in config_lib.FIELDS if f.older_runs is not config_lib.ORIGINAL
+    f.name: f.older_runs for f in config_lib.fields() if f.older_runs is not config_lib.ORIGINAL
   }
   return {**older, **traverse_util.flatten_dict(saved_config(workdir), sep='.')}
 
@@ -55,7 +55,7 @@ def _as_saved(config: ml_collections.ConfigDict) -> dict:
 def _changed(before: dict, now: dict, on_resume: str) -> list[str]:
   """The fields of kind ``on_resume`` (``REFUSED``: also keys no field declares) whose value
   differs between the flat configs ``before`` and ``now``."""
-  kinds = {f.name: f.on_resume for f in config_lib.FIELDS}
+  kinds = {f.name: f.on_resume for f in config_lib.fields()}
   return [
     k
     for k in sorted(set(before) | set(now))

@@ -74,7 +74,7 @@ def test_a_config_file_loads_as_the_command_line_loads_it(name, tmp_path, monkey
 
 
 def test_field_names_are_unique():
-  names = [field.name for field in config_lib.FIELDS]
+  names = [field.name for field in config_lib.fields()]
   assert len(names) == len(set(names))
 
 
@@ -126,17 +126,17 @@ def test_fields_declare_how_they_resume(tmp_path):
   field may change, any other is refused by name; a run saved before a field existed resumes
   as its ``older_runs``, and is refused when the field now has another value."""
   kinds = {config_lib.REFUSED, config_lib.KEPT, config_lib.RECHOOSE, config_lib.RESCORE}
-  assert {f.on_resume for f in config_lib.FIELDS} == kinds
+  assert {f.on_resume for f in config_lib.fields()} == kinds
   config = config_lib.get_config()
   workdir = _saved_run(tmp_path, config)
-  for field in config_lib.FIELDS:
+  for field in config_lib.fields():
     changed = _with_another_value(field)
     if field.on_resume == config_lib.REFUSED:
       with pytest.raises(errors.IncompatibleWorkdirError, match=field.name):
         resume.check_resumable(workdir, changed)
     else:
       resume.check_resumable(workdir, changed)
-  added = [f for f in config_lib.FIELDS if f.older_runs is not config_lib.ORIGINAL]
+  added = [f for f in config_lib.fields() if f.older_runs is not config_lib.ORIGINAL]
   assert {f.name for f in added} >= {'rng.impl', 'drop.estimator', 'search.sampler'}
   older = tmp_path / 'older'
   older.mkdir()

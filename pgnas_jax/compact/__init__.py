@@ -22,6 +22,7 @@ parameter count is the sum of their sizes.
 """
 
 import functools
+import importlib
 from typing import Any, NamedTuple
 
 import jax
@@ -29,16 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgnas_jax import supernets
-from pgnas_jax.compact import densenet, enas, ops, resnet, shake_shake
+from pgnas_jax.compact import ops
 
 PyTree = Any
-
-_FAMILIES = {
-  supernets.ShakeShakeNet: ('shake_shake', shake_shake),
-  supernets.MultiKernelResNet: ('resnet', resnet),
-  supernets.SearchableDenseNet: ('densenet', densenet),
-  supernets.EnasNet: ('enas', enas),
-}
 
 
 class CompactNet(NamedTuple):
@@ -51,13 +45,15 @@ class CompactNet(NamedTuple):
 
 def supports(model) -> bool:
   """Whether ``model`` is of a family with a compact network (not a custom module)."""
-  return isinstance(model, tuple(_FAMILIES))
+  family = supernets.family_of(model)
+  return family is not None and family.compact is not None
 
 
 def _family(model):
-  for cls, (name, module) in _FAMILIES.items():
-    if isinstance(model, cls):
-      return name, module
+  """(family name, the module building its compact network) of ``model``."""
+  for name, family in supernets.FAMILIES.items():
+    if family.compact and isinstance(model, family.module):
+      return name, importlib.import_module(family.compact)
   raise TypeError(f'no compact network for {type(model).__name__}')
 
 

@@ -16,7 +16,7 @@ answer one interface (``Source``), and ``placement`` puts their batches on the d
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import ml_collections
 import numpy as np
@@ -113,35 +113,75 @@ class Dataset(NamedTuple):
       yield {'images': normalise(images, self), 'labels': labels, 'weights': weights}
 
 
-# What ``load`` returns. Both types have the splits ``train``, ``validation`` and ``test``
-# (each with ``num_examples``), ``num_classes``, ``mean``, ``std``, ``image_shape``,
-# ``in_memory``, ``train_batch(data, seed, step, batch_size, process_index, process_count)``
-# and ``eval_batches(split, batch_size, process_index, process_count)``.
-Source = Dataset | stream.Streamed
+class Source(Protocol):
+  """What ``load`` returns and the pipeline reads: ``Dataset`` (held in memory) and
+  ``stream.Streamed`` (read while used) both answer it, and so may a user's own."""
+
+  train: Any  # each split with ``num_examples``
+  validation: Any
+  test: Any
+  num_classes: int
+  mean: np.ndarray  # per channel, in [0, 1] units
+  std: np.ndarray
+  in_memory: bool  # whether the evaluation splits may be placed on the devices once
+
+  @property
+  def image_shape(self) -> tuple: ...
+
+  def train_batch(
+    self, data, seed: int, step: int, batch_size: int, process_index: int, process_count: int
+  ) -> dict: ...
+
+  def eval_batches(
+    self, split, batch_size: int, process_index: int, process_count: int
+  ) -> Iterator[dict]: ...
 
 
-def _read(data: ml_collections.ConfigDict) -> tuple:
-  """(train ``checks.Raw``, test ``checks.Raw``, number of classes, image shape or None)
-  as the source holds them."""
-  if data.name == 'fashion_mnist':
-    return (
-      fashion_mnist.read(data.data_dir, 'train'),
-      fashion_mnist.read(data.data_dir, 'test'),
-      fashion_mnist.NUM_CLASSES,
-      None,
-    )
-  if data.name in cifar.NUM_CLASSES:
-    return (
-      cifar.read(data.name, data.data_dir, 'train'),
-      cifar.read(data.name, data.data_dir, 'test'),
-      cifar.NUM_CLASSES[data.name],
-      None,
-    )
-  if data.name == 'npz':
-    return (*npz.read(data.path, data.num_classes), None)
-  if data.name.startswith(tfds_images.PREFIX):
-    return tfds_images.read(data.name, data.data_dir)
-  raise ConfigError(f'unknown data.name {data.name!r}')
+def _fashion_mnist(data: ml_collections.ConfigDict) -> tuple:
+  return (
+    fashion_mnist.read(data.data_dir, 'train'),
+    fashion_mnist.read(data.data_dir, 'test'),
+    fashion_mnist.NUM_CLASSES,
+    None,
+  )
+
+
+def _cifar(data: ml_collections.ConfigDict) -> tuple:
+  return (
+    cifar.read(data.name, data.data_dir, 'train'),
+    cifar.read(data.name, data.data_dir, 'test'),
+    cifar.NUM_CLASSES[data.name],
+    None,
+  )
+
+
+def _npz(data: ml_collections.ConfigDict) -> tuple:
+  return (*npz.read(data.path, data.num_classes), None)
+
+
+def _tfds(data: ml_collections.ConfigDict) -> tuple:
+  return tfds_images.read(data.name, data.data_dir)
+
+
+# data.name -> the reader of a data set held in memory: the ``data`` config -> (train
+# ``checks.Raw``, test ``checks.Raw``, number of classes, image shape or None) as the
+# source holds them; names ending in ':' take any suffix (``tfds:NAME``)
+IN_MEMORY = {
+  'fashion_mnist': _fashion_mnist,
+  'cifar10': _cifar,
+  'cifar100': _cifar,
+  'npz': _npz,
+  tfds_images.PREFIX: _tfds,
+}
+
+
+def _reader(name: str):
+  if name in IN_MEMORY and not name.endswith(':'):
+    return IN_MEMORY[name]
+  prefix = name.split(':', 1)[0] + ':'
+  if ':' in name and prefix in IN_MEMORY and len(name) > len(prefix):
+    return IN_MEMORY[prefix]
+  return None
 
 
 def _carve(num_examples: int, validation_size: int) -> tuple:
@@ -176,11 +216,28 @@ def _stream(data: ml_collections.ConfigDict) -> stream.Streamed:
   )
 
 
+# data.name -> the opener of a data set read while it is used: the ``data`` config -> Source
+STREAMED = {imagenet.NAME: _stream}
+
+
+def names() -> tuple:
+  """Every value ``data.name`` takes (``tfds:`` followed by a name for ``tfds:NAME``)."""
+  return (*IN_MEMORY, *STREAMED)
+
+
+def known(name) -> bool:
+  """Whether ``name`` is a data set ``load`` reads."""
+  return isinstance(name, str) and (name in STREAMED or _reader(name) is not None)
+
+
 def load(data: ml_collections.ConfigDict) -> Source:
   """The data set ``data`` names, its values checked (``checks``): faults raise DataError."""
-  if data.name == imagenet.NAME:
-    return _stream(data)
-  train_raw, test_raw, num_classes, shape = _read(data)
+  if data.name in STREAMED:
+    return STREAMED[data.name](data)
+  read = _reader(data.name)
+  if read is None:
+    raise ConfigError(f'unknown data.name {data.name!r}; choose one of {names()}')
+  train_raw, test_raw, num_classes, shape = read(data)
   images, labels = checks.checked_split(train_raw, num_classes, shape)
   test = Split(*checks.checked_split(test_raw, num_classes, images.shape[1:]))
   val, train = _carve(images.shape[0], data.validation_size)

@@ -1,55 +1,75 @@
-"""Super-networks by family. Each is a flax.linen module ``model.apply(variables, images,
-train=...)`` whose searchable convs read masks from the ``masks`` collection; its fields come
-from the config's ``model.<family>`` sub-config; ``custom`` is the user's own module
-(``supernets/custom.py``)."""
+"""Super-networks by family, in a registry. A family is one unit: its module (a flax.linen
+module ``model.apply(variables, images, train=...)`` whose searchable convs read masks
+from the ``masks`` collection), its config fields (``model.<family>.*``, each a field of the
+module of the same name, so the model is built from its own config section by keyword),
+checks across them, and the module that builds its compact network. The config, ``build``,
+the compact export and ``docs/config.md`` all read ``FAMILIES``; adding a family is its own
+file(s) and one ``register`` line. ``custom`` is the user's own module
+(``supernets/custom.py``), built from a class path instead."""
+
+import dataclasses
 
 import ml_collections
 
-from pgnas_jax.supernets import custom
+from pgnas_jax.supernets import custom, densenet, enas, resnet, shake_shake
 from pgnas_jax.supernets.densenet import SearchableDenseNet
 from pgnas_jax.supernets.enas import EnasNet
 from pgnas_jax.supernets.resnet import MultiKernelResNet
 from pgnas_jax.supernets.shake_shake import ShakeShakeNet
 
-_BUILDERS = {
-  'shake_shake': lambda c, n: ShakeShakeNet(
-    num_classes=n,
-    stem_width=c.stem_width,
-    widths=tuple(c.widths),
-    blocks_per_stage=c.blocks_per_stage,
-    kernel_sizes=tuple(c.kernel_sizes),
-    shake=c.shake,
-  ),
-  'enas': lambda c, n: EnasNet(
-    num_classes=n,
-    filters=c.filters,
-    normal_cells_per_stage=c.normal_cells_per_stage,
-    normal_arc=tuple(c.normal_arc),
-    reduction_arc=tuple(c.reduction_arc),
-    auxiliary_head=c.auxiliary_head,
-  ),
-  'resnet': lambda c, n: MultiKernelResNet(
-    num_classes=n,
-    stem_width=c.stem_width,
-    widths=tuple(c.widths),
-    blocks_per_stage=tuple(c.blocks_per_stage),
-    kernel_sizes=tuple(c.kernel_sizes),
-    dilations=tuple(c.dilations),
-  ),
-  'densenet': lambda c, n: SearchableDenseNet(
-    num_classes=n,
-    stem_width=c.stem_width,
-    blocks=tuple(c.blocks),
-    growth_rate=c.growth_rate,
-    bottleneck_width=c.bottleneck_width,
-    compression=c.compression,
-  ),
-  'custom': custom.build,
-}
-FAMILIES = tuple(_BUILDERS)
+CUSTOM = 'custom'
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  module: type  # the flax.linen module, built as module(num_classes=..., **its fields)
+  fields: tuple  # schema.Field, named as the module's fields, under model.<family>
+  # the module building its compact network: compact(model, variables, mask, captured) ->
+  # (plan, weights) and apply(model, plan, weights, images) (see compact/__init__.py)
+  compact: str | None = None
+  constraints: tuple = ()  # (field names, test of their values, what must hold)
+
+
+FAMILIES: dict = {}
+
+
+def register(name: str, family: Family) -> None:
+  """Makes ``model.family=name`` build ``family`` (its fields: ``model.<name>.*``)."""
+  if name == CUSTOM or not name.isidentifier():
+    raise ValueError(f'a family cannot be named {name!r}')
+  FAMILIES[name] = family
+
+
+register('shake_shake', Family(ShakeShakeNet, shake_shake.FIELDS, 'pgnas_jax.compact.shake_shake'))
+register('enas', Family(EnasNet, enas.FIELDS, 'pgnas_jax.compact.enas'))
+register(
+  'resnet',
+  Family(MultiKernelResNet, resnet.FIELDS, 'pgnas_jax.compact.resnet', resnet.CONSTRAINTS),
+)
+register('densenet', Family(SearchableDenseNet, densenet.FIELDS, 'pgnas_jax.compact.densenet'))
+
+
+def names() -> tuple:
+  """Every value of ``model.family``: the registered families, then ``custom``."""
+  return (*FAMILIES, CUSTOM)
+
+
+def _value(v):
+  return tuple(v) if isinstance(v, list | tuple) else v
 
 
 def build(model_config: ml_collections.ConfigDict, num_classes: int):
-  if model_config.family not in _BUILDERS:
-    raise ValueError(f'unknown model.family {model_config.family!r}; choose one of {FAMILIES}')
-  return _BUILDERS[model_config.family](model_config[model_config.family], num_classes)
+  """The super-network ``model_config.family`` names, from its section of the config."""
+  name = model_config.family
+  if name == CUSTOM:
+    return custom.build(model_config.custom, num_classes)
+  if name not in FAMILIES:
+    raise ValueError(f'unknown model.family {name!r}; choose one of {names()}')
+  family, section = FAMILIES[name], model_config[name]
+  kwargs = {f.name: _value(section[f.name]) for f in family.fields}
+  return family.module(num_classes=num_classes, **kwargs)
+
+
+def family_of(model) -> Family | None:
+  """The registered family ``model`` is an instance of; None for a custom module."""
+  return next((f for f in FAMILIES.values() if isinstance(model, f.module)), None)

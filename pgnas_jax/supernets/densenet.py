@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pgnas_jax import layers
+from pgnas_jax.schema import EACH_POSITIVE, POSITIVE, Check, Field
 from pgnas_jax.supernets import common
 
 
@@ -73,3 +74,33 @@ class SearchableDenseNet(nn.Module):
         x = Transition(int(x.shape[-1] * self.compression), name=f'transition{b}')(x, train)
     x = jnp.mean(nn.relu(layers.batch_norm(train, 'final_bn')(x)), axis=(1, 2))
     return layers.Dense(self.num_classes, name='classifier')(x)
+
+
+# model.densenet.*: this family's config fields, its module's fields of the same names
+FIELDS = (
+  Field(
+    'stem_width',
+    64,
+    'SupNet-D-121 family: channels of the conv7x7/2 stem',
+    check=POSITIVE,
+  ),
+  Field('blocks', (6, 12, 24, 16), 'dense layers per dense block', check=EACH_POSITIVE),
+  Field(
+    'growth_rate',
+    32,
+    "channels each dense layer adds (its 3x3 conv's output)",
+    check=POSITIVE,
+  ),
+  Field(
+    'bottleneck_width',
+    128,
+    "output channels of a dense layer's 1x1 conv",
+    check=POSITIVE,
+  ),
+  Field(
+    'compression',
+    0.5,
+    'share of channels a transition keeps',
+    check=Check(lambda v: 0.0 < v <= 1.0, 'in (0, 1]'),
+  ),
+)

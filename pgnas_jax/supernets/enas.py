@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pgnas_jax import layers
+from pgnas_jax.schema import POSITIVE, Check, Field
 from pgnas_jax.supernets import common
 
 # ENAS's published CIFAR-10 micro cells (SPEC section 5): per node, input, op, input, op;
@@ -194,3 +195,45 @@ class EnasNet(nn.Module):
             self.sow(layers.AUXILIARY_LOGITS, 'auxiliary_head_logits', logits)
     x = jnp.mean(nn.relu(prev), axis=(1, 2))
     return layers.Dense(self.num_classes, name='classifier')(x)
+
+
+ARC = Check(is_valid_arc, ARC_RULE)
+
+
+# model.enas.*: this family's config fields, its module's fields of the same names
+FIELDS = (
+  Field(
+    'filters',
+    36,
+    "SupNet-E family (SPEC section 5): `F`, the first stage's cell width, doubled by each "
+    'reduction cell (SupNet-E: 36, SupNet-EI: 72)',
+    check=POSITIVE,
+  ),
+  Field(
+    'normal_cells_per_stage',
+    5,
+    'normal cells in each of the 3 stages; a reduction cell precedes stages 2 and 3 '
+    '(ENAS: 15 layers, reductions at 5 and 11)',
+    check=POSITIVE,
+  ),
+  Field(
+    'normal_arc',
+    NORMAL_ARC,
+    "ENAS's CIFAR-10 normal cell: per node `input, op, input, op`; inputs 0 and 1 are the "
+    "cell's inputs, node `j` >= 2 the `j`-th built; ops 0 sep3x3, 1 sep5x5, 2 avg3x3, "
+    '3 max3x3, 4 identity',
+    check=ARC,
+  ),
+  Field(
+    'reduction_arc',
+    REDUCTION_ARC,
+    "ENAS's CIFAR-10 reduction cell, written as `normal_arc`",
+    check=ARC,
+  ),
+  Field(
+    'auxiliary_head',
+    True,
+    "ENAS's auxiliary classifier after the first cell of the last stage, trained with "
+    'weight `objective.auxiliary_weight`, never used at evaluation',
+  ),
+)

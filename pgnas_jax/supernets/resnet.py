@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pgnas_jax import layers
+from pgnas_jax.schema import EACH_ODD, EACH_POSITIVE, POSITIVE, Field
 from pgnas_jax.supernets import common
 
 EXPANSION = 4  # a bottleneck's output has 4x its width
@@ -89,3 +90,54 @@ class MultiKernelResNet(nn.Module):
           width, strides, tuple(self.kernel_sizes), tuple(self.dilations), name=f'stage{s}_block{b}'
         )(x, train)
     return layers.Dense(self.num_classes, name='classifier')(jnp.mean(x, axis=(1, 2)))
+
+
+# model.resnet.*: this family's config fields, its module's fields of the same names
+FIELDS = (
+  Field(
+    'stem_width',
+    64,
+    'SupNet-R-50 family: channels of the conv7x7/2 stem',
+    check=POSITIVE,
+  ),
+  Field(
+    'widths',
+    (64, 128, 256, 512),
+    'bottleneck widths per stage (block outputs are 4x); each a multiple of the number of branches',
+    check=EACH_POSITIVE,
+  ),
+  Field(
+    'blocks_per_stage',
+    (3, 4, 6, 3),
+    'bottleneck blocks per stage',
+    check=EACH_POSITIVE,
+  ),
+  Field(
+    'kernel_sizes',
+    (1, 3, 3, 5),
+    'one entry per branch of the multi-kernel block that replaces every 3x3 conv; each '
+    'branch has `width / branches` output channels',
+    check=EACH_ODD,
+  ),
+  Field(
+    'dilations',
+    (1, 1, 2, 2),
+    'the dilation of each branch, one per entry of `kernel_sizes`',
+    check=EACH_POSITIVE,
+  ),
+)
+
+# checks across this family's fields: (fields, test of their values, what must hold)
+CONSTRAINTS = (
+  (('kernel_sizes', 'dilations'), lambda k, d: len(k) == len(d), 'one dilation per kernel size'),
+  (
+    ('widths', 'blocks_per_stage'),
+    lambda w, b: len(w) == len(b),
+    'one number of blocks per width',
+  ),
+  (
+    ('widths', 'kernel_sizes'),
+    lambda w, k: all(x % len(k) == 0 for x in w),
+    'every width a multiple of the number of branches (each gets an equal share)',
+  ),
+)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from pgnas_jax import layers
+from pgnas_jax.schema import EACH_ODD, EACH_POSITIVE, POSITIVE, Field
 from pgnas_jax.supernets import common
 
 
@@ -98,3 +99,37 @@ class ShakeShakeNet(nn.Module):
         )
     x = jnp.mean(nn.relu(x), axis=(1, 2))
     return layers.Dense(self.num_classes, name='classifier')(x)
+
+
+# model.shake_shake.*: this family's config fields, its module's fields of the same names
+FIELDS = (
+  Field(
+    'stem_width',
+    16,
+    'SupNet-M family (SPEC section 5): channels of the stem conv',
+    check=POSITIVE,
+  ),
+  Field(
+    'widths',
+    (16, 32, 64),
+    'channels per stage (SupNet-M: 96, 192, 384)',
+    check=EACH_POSITIVE,
+  ),
+  Field(
+    'blocks_per_stage',
+    1,
+    'residual blocks per stage (SupNet-M: 4)',
+    check=POSITIVE,
+  ),
+  Field(
+    'kernel_sizes',
+    (3, 3),
+    'one kernel size per branch; the number of entries is the number of branches',
+    check=EACH_ODD,
+  ),
+  Field(
+    'shake',
+    True,
+    'shake-shake mixing of the branches in training (equal weights at test)',
+  ),
+)
