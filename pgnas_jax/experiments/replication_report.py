@@ -467,10 +467,9 @@ def markdown(results: dict) -> str:
   return '\n'.join(lines)
 
 
-def write(results: dict, workdir: str) -> str:
-  """Writes ``replication.md`` and ``figures/`` under ``workdir``; returns the markdown path."""
-  return studies.write_report(results, workdir, 'replication.md', markdown, FIGURES)
+REPORT = studies.Report('replication.md', markdown, FIGURES)
+write = REPORT.write  # (results, workdir) -> the markdown path
 
 
 if __name__ == '__main__':
-  studies.rewrite_report(write, __doc__)
+  REPORT.rewrite(__doc__)

@@ -379,10 +379,9 @@ def markdown(results: dict) -> str:
   return '\n'.join(lines)
 
 
-def write(results: dict, workdir: str) -> str:
-  """Writes ``sampling.md`` and ``figures/`` under ``workdir``; returns the markdown path."""
-  return studies.write_report(results, workdir, 'sampling.md', markdown, FIGURES)
+REPORT = studies.Report('sampling.md', markdown, FIGURES)
+write = REPORT.write  # (results, workdir) -> the markdown path
 
 
 if __name__ == '__main__':
-  studies.rewrite_report(write, __doc__)
+  REPORT.rewrite(__doc__)

@@ -4,6 +4,7 @@ is written from ``results.json``."""
 import json
 import os
 import sys
+from typing import NamedTuple
 from collections.abc import Callable
 
 from absl import app, flags, logging
@@ -39,23 +40,27 @@ def cli(module: str, run_study: Callable, full, quick, report: str, quick_help: 
   app.run(run)
 
 
-def write_report(
-  results: dict, workdir: str, report: str, markdown: Callable, figures: dict
-) -> str:
-  """Writes ``report`` (``markdown(results)``) and ``figures/`` (``{name: plot(results,
-  path)}``) under ``workdir``; returns the markdown path."""
-  os.makedirs(os.path.join(workdir, 'figures'), exist_ok=True)
-  for name, plot in figures.items():
-    plot(results, os.path.join(workdir, 'figures', name))
-  path = os.path.join(workdir, report)
-  with open(path, 'w') as f:
-    f.write(markdown(results))
-  return path
+class Report(NamedTuple):
+  """A study's report: the markdown file ``name`` (``markdown(results)``) and the figures
+  (``{file name: plot(results, path)}``) it shows."""
 
+  name: str
+  markdown: Callable
+  figures: dict
 
-def rewrite_report(write: Callable, usage: str) -> None:
-  """``python -m REPORT_MODULE DIR``: the report again from ``DIR/results.json``."""
-  if len(sys.argv) != 2:
-    sys.exit(usage)
-  with open(os.path.join(sys.argv[1], 'results.json')) as f:
-    print(write(json.load(f), sys.argv[1]))
+  def write(self, results: dict, workdir: str) -> str:
+    """Writes the report and ``figures/`` under ``workdir``; returns the markdown path."""
+    os.makedirs(os.path.join(workdir, 'figures'), exist_ok=True)
+    for name, plot in self.figures.items():
+      plot(results, os.path.join(workdir, 'figures', name))
+    path = os.path.join(workdir, self.name)
+    with open(path, 'w') as f:
+      f.write(self.markdown(results))
+    return path
+
+  def rewrite(self, usage: str) -> None:
+    """``python -m REPORT_MODULE DIR``: the report again from ``DIR/results.json``."""
+    if len(sys.argv) != 2:
+      sys.exit(usage)
+    with open(os.path.join(sys.argv[1], 'results.json')) as f:
+      print(self.write(json.load(f), sys.argv[1]))
