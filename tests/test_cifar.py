@@ -1,20 +1,18 @@
-"""CIFAR-10/100 through tfds' mock data (no files, no TensorFlow), cutout, the CIFAR configs."""
+"""CIFAR-10/100 through tfds' mock data (no files, no TensorFlow), cutout, the CIFAR configs
+(end to end in test_tfds_end_to_end.py)."""
 
-import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import tiny
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, pipeline
+from pgnas_jax import errors
 from pgnas_jax.data import cifar
-
-ROOT = os.path.join(os.path.dirname(__file__), '..')
 
 
 def _data(name, validation_size, data_dir=''):
@@ -59,7 +57,7 @@ def test_fashion_mnist_path_does_not_import_tfds():
     'import sys, pgnas_jax.main, pgnas_jax.data; '
     'assert "tensorflow_datasets" not in sys.modules, "tfds imported"'
   )
-  subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT)
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=tiny.ROOT)
 
 
 def _windows(size, h, w, rng):
@@ -116,10 +114,6 @@ def test_cutout_applies_to_training_batches_only():
   )
 
 
-def _config_file(name):
-  return config_lib.read_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
-
-
 @pytest.mark.parametrize(
   'name, family, size, l2, candidates',
   [
@@ -131,7 +125,7 @@ def _config_file(name):
   ],
 )
 def test_cifar_configs_hold_the_papers_setup(name, family, size, l2, candidates):
-  module = _config_file(name)
+  module = tiny.config_file(name)
   assert f'python -m pgnas_jax.main --config=configs/{name}.py' in module.__doc__
   c = module.get_config()
   config_lib.validate(c)
@@ -150,24 +144,3 @@ def test_cifar_configs_hold_the_papers_setup(name, family, size, l2, candidates)
     c.train.learning_rate,
     c.train.schedule,
   ) == expected
-
-
-@pytest.mark.long(19)
-def test_cifar10_m_end_to_end_on_mock_data(tmp_path):
-  c = _config_file('cifar10_m').get_config()
-  c.model.shake_shake.stem_width = 4
-  c.model.shake_shake.widths = (4, 8)
-  c.model.shake_shake.blocks_per_stage = 1
-  c.train.batch_size = 8
-  c.train.num_steps = 4
-  c.train.log_every_steps = 2
-  c.data.validation_size = 16
-  c.search.num_candidates = 4
-  c.search.chunk_size = 4
-  c.search.eval_batch_size = 16
-  with tfds.testing.mock_data(num_examples=48):
-    arch = pipeline.run(c, str(tmp_path)).arch
-  assert (tmp_path / 'report.md').exists()
-  records = [json.loads(line) for line in (tmp_path / 'search' / 'candidates.jsonl').open()]
-  assert len(records) == 4 and 0.0 <= arch['test_acc'] <= 1.0
-  assert json.loads((tmp_path / 'config.json').read_text())['data']['cutout'] == 16

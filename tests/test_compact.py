@@ -9,18 +9,11 @@ own size (the unmasked super-network differs by more than 1e-4, checked below).
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny
-from test_supernets import (  # tiny families
-  REMOVED_CONV,
-  _apply,
-  _tiny,
-  _trained_looking,
-)
 
-from pgnas_jax import compact, masks
+from pgnas_jax import compact
 from pgnas_jax import space as space_lib
 
 # More removals per family, each a different case: a whole branch or layer, the first conv
@@ -33,43 +26,22 @@ ALSO_REMOVED = {
 }
 
 
-def _mask(space, p=0.4, seed=4):
-  logits = masks.init_drop_logits(space.template, p)
-  drawn = masks.candidate_masks(jax.random.key(seed), jnp.arange(1), logits, space.template)
-  return jax.tree.map(lambda m: np.array(m[0]), drawn)
-
-
-def _remove(mask, path):
-  node = mask
-  for name in path:
-    node = node[name]
-  for group in node:
-    node[group] = np.zeros_like(node[group])
-
-
-def _setup(family):
-  model, init_variables, image_shape = _tiny(family)
-  variables = _trained_looking(init_variables)
-  images = np.asarray(jax.random.normal(jax.random.key(5), (3,) + image_shape))
-  return model, init_variables, variables, space_lib.from_variables(init_variables), images
-
-
 def _check_equal(model, variables, mask, image_shape, images):
-  masked = _apply(model, {**variables, 'masks': mask}, images)
+  masked = tiny.apply(model, {**variables, 'masks': mask}, images)
   net = compact.build(model, variables, mask, image_shape)
   out = jax.jit(compact.inference_fn(net))(net.weights, images)
   np.testing.assert_allclose(np.asarray(out), np.asarray(masked), rtol=1e-5, atol=1e-5)
   return net, masked
 
 
-@pytest.mark.parametrize('family', sorted(REMOVED_CONV))
+@pytest.mark.parametrize('family', sorted(tiny.REMOVED_CONV))
 def test_compact_logits_equal_masked_supernet_with_convs_removed(family):
-  model, _, variables, space, images = _setup(family)
-  mask = _mask(space)
-  for path in [REMOVED_CONV[family]] + ALSO_REMOVED[family]:
-    _remove(mask, path)
+  model, _, variables, space, images = tiny.family_case(family)
+  mask = tiny.candidate_mask(space)
+  for path in [tiny.REMOVED_CONV[family]] + ALSO_REMOVED[family]:
+    tiny.remove_conv(mask, path)
   net, masked = _check_equal(model, variables, mask, images.shape[1:], images)
-  full = _apply(model, variables, images)
+  full = tiny.apply(model, variables, images)
   assert not np.allclose(np.asarray(full), np.asarray(masked), atol=1e-4)
   # what the compact network stores is what it counts, and less than the input slices
   sizes = sum(np.size(a) for a in jax.tree.leaves(net.weights))
@@ -78,13 +50,13 @@ def test_compact_logits_equal_masked_supernet_with_convs_removed(family):
   # every removed conv's weights are gone: a removed first conv of a pair takes the pair
   flat = jax.tree_util.tree_flatten_with_path(net.weights)[0]
   names = {'/'.join(str(k.key) for k in path) for path, _ in flat}
-  for path in [REMOVED_CONV[family]] + ALSO_REMOVED[family]:
+  for path in [tiny.REMOVED_CONV[family]] + ALSO_REMOVED[family]:
     assert not any(n.startswith('/'.join(path) + '/') for n in names), path
 
 
-@pytest.mark.parametrize('family', sorted(REMOVED_CONV))
+@pytest.mark.parametrize('family', sorted(tiny.REMOVED_CONV))
 def test_full_mask_is_the_supernet_and_counts_its_macs(family):
-  model, init_variables, variables, space, images = _setup(family)
+  model, init_variables, variables, space, images = tiny.family_case(family)
   net, _ = _check_equal(model, variables, space.template, images.shape[1:], images)
   training_only = sum(
     int(v) for v in jax.tree.leaves(init_variables['fixed_macs'].get('auxiliary_head', {}))
@@ -93,9 +65,9 @@ def test_full_mask_is_the_supernet_and_counts_its_macs(family):
 
 
 def test_shake_shake_compact_params_by_hand():
-  model, _, variables, space, images = _setup('shake_shake')
-  mask = _mask(space)
-  _remove(mask, REMOVED_CONV['shake_shake'])  # stage1_block0/branch1: a constant of 8
+  model, _, variables, space, images = tiny.family_case('shake_shake')
+  mask = tiny.candidate_mask(space)
+  tiny.remove_conv(mask, tiny.REMOVED_CONV['shake_shake'])  # stage1_block0/branch1: a constant of 8
   net, _ = _check_equal(model, variables, mask, images.shape[1:], images)
   n = lambda path: int(np.sum(mask[path[0]][path[1]][path[2]]['group0']))
   expected = 3 * 3 * 3 * 4 + 4 + 8 * 3 + 3  # stem (folded BN: a bias), classifier
@@ -111,8 +83,8 @@ def test_shake_shake_compact_params_by_hand():
 
 
 def test_densenet_channel_kept_by_some_readers_only():
-  model, _, variables, space, images = _setup('densenet')
-  mask = jax.tree.map(np.ones_like, _mask(space))
+  model, _, variables, space, images = tiny.family_case('densenet')
+  mask = jax.tree.map(np.ones_like, tiny.candidate_mask(space))
   # block 1's input channel 3: dropped by its layer 1, kept by layers 0 and 2; channel 5
   # dropped by layers 0 and 1; layer 0's chunk channel 1 dropped by layer 1 only
   mask['block1_layer1']['conv1x1']['group0'][3] = 0
@@ -141,17 +113,17 @@ np.save(sys.argv[3], out)
 """
 
 
-@pytest.mark.parametrize('family', sorted(REMOVED_CONV))
+@pytest.mark.parametrize('family', sorted(tiny.REMOVED_CONV))
 def test_exported_files_run_without_pgnas_jax(family, tmp_path):
   import subprocess
   import sys
 
   from pgnas_jax.compact import files
 
-  model, _, variables, space, images = _setup(family)
-  mask = _mask(space)
-  _remove(mask, REMOVED_CONV[family])
-  masked = np.asarray(_apply(model, {**variables, 'masks': mask}, images))
+  model, _, variables, space, images = tiny.family_case(family)
+  mask = tiny.candidate_mask(space)
+  tiny.remove_conv(mask, tiny.REMOVED_CONV[family])
+  masked = np.asarray(tiny.apply(model, {**variables, 'masks': mask}, images))
   net = compact.build(model, variables, mask, images.shape[1:])
   written = files.save(net, str(tmp_path), 'winner_compact')
   assert sorted(written.values()) == ['winner_compact.npz', 'winner_compact.stablehlo']

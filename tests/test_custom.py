@@ -2,8 +2,6 @@
 checks that refuse a module the pipeline cannot use, and the example."""
 
 import json
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -39,17 +37,6 @@ IDENTICAL = (
 )
 
 
-def _config(overrides: dict):
-  c = config_lib.get_config()
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return c
-
-
 def _small_data(num_classes=10):
   rng = np.random.default_rng(0)
   return pgnas_jax.from_arrays(
@@ -71,17 +58,11 @@ def test_command_line_and_python_entry_give_identical_workdirs(tmp_path):
     'model.custom.kwargs': '{"widths": [4, 8]}',
   }
   args = [f'--config.{k}={v}' for k, v in overrides.items()]
-  result = subprocess.run(
-    [sys.executable, '-m', 'pgnas_jax.main', f'--workdir={tmp_path / "cli"}', *args],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
-  )
+  result = tiny.main(tmp_path / 'cli', *args)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'no compact network for a custom module' in result.stderr
 
-  config = _config(overrides)
+  config = tiny.default_config(overrides)
   module = tiny_cnn.SmallVGG(num_classes=10, widths=(4, 8))
   pgnas_jax.search_network(module, data_lib.load(config.data), config, str(tmp_path / 'py'))
   for name in IDENTICAL:
@@ -95,7 +76,7 @@ def test_command_line_and_python_entry_give_identical_workdirs(tmp_path):
 def test_python_entry_records_the_module_and_exports_its_pruned_weights(tmp_path):
   # the config names another family: config.json must describe the module that ran, so
   # that the run resumes and export rebuilds it; the caller's config is left as it was
-  config, data = _config(TINY), _small_data()
+  config, data = tiny.default_config(TINY), _small_data()
   module = tiny_cnn.SmallVGG(num_classes=10, widths=(4, 6))
   arch = pgnas_jax.search_network(module, data, config, str(tmp_path)).arch
   assert config.model.family == 'shake_shake'
@@ -173,11 +154,11 @@ class Features(nn.Module):
   ],
 )
 def test_a_module_the_pipeline_cannot_use_is_refused(tmp_path, module, message):
-  (tmp_path / 'notes.txt').write_text('mine')
+  tiny.users_workdir(tmp_path)
   with pytest.raises(errors.ConfigError) as e:
-    pgnas_jax.search_network(module, _small_data(), _config(TINY), str(tmp_path))
+    pgnas_jax.search_network(module, _small_data(), tiny.default_config(TINY), str(tmp_path))
   assert message in str(e.value) and '\n' not in str(e.value)
-  assert [p.name for p in tmp_path.iterdir()] == ['notes.txt']
+  tiny.left_alone(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -208,35 +189,22 @@ def test_a_module_the_pipeline_cannot_use_is_refused(tmp_path, module, message):
   ],
 )
 def test_a_config_naming_a_bad_module_is_refused(tmp_path, custom, message):
-  (tmp_path / 'notes.txt').write_text('mine')
-  config = _config({**TINY, 'model.family': 'custom', **custom})
+  tiny.users_workdir(tmp_path)
+  config = tiny.default_config({**TINY, 'model.family': 'custom', **custom})
   with pytest.raises(errors.ConfigError) as e:
     pipeline.run(config, str(tmp_path))
   assert message in str(e.value) and '\n' not in str(e.value)
-  assert [p.name for p in tmp_path.iterdir()] == ['notes.txt']
+  tiny.left_alone(tmp_path)
 
 
 def test_the_command_line_answers_a_bad_module_in_one_line(tmp_path):
-  (tmp_path / 'notes.txt').write_text('mine')
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'pgnas_jax.main',
-      f'--workdir={tmp_path}',
-      '--config.model.family=custom',
-      f'--config.model.custom.module={MODULE}',
-      '--config.model.custom.kwargs={"widths": [4, 8], "colour": 1}',
-    ],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
+  err = tiny.main_refuses(
+    tmp_path,
+    '--config.model.family=custom',
+    f'--config.model.custom.module={MODULE}',
+    '--config.model.custom.kwargs={"widths": [4, 8], "colour": 1}',
   )
-  assert result.returncode == 2
-  assert result.stderr.startswith('pgnas_jax: ') and result.stderr.count('\n') == 1
-  assert "unexpected keyword argument 'colour'" in result.stderr
-  assert [p.name for p in tmp_path.iterdir()] == ['notes.txt']
+  assert "unexpected keyword argument 'colour'" in err
 
 
 @pytest.mark.parametrize(
@@ -308,10 +276,7 @@ def test_example_searches_its_cnn_on_an_npz(tmp_path):
   ).arch
   with np.load(npz) as f:
     assert f['x_train'].shape == (60000, 28, 28) and f['y_test'].shape == (10000,)
-  candidates = [
-    json.loads(line)
-    for line in (tmp_path / 'run' / 'search' / 'candidates.jsonl').read_text().splitlines()
-  ]
+  candidates = tiny.candidates(tmp_path / 'run')
   assert len(candidates) == 4
   assert arch['val_acc'] == max(c['val_acc'] for c in candidates)
   assert (tmp_path / 'run' / 'report.md').exists()

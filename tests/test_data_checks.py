@@ -3,9 +3,6 @@ before training: each bad input is one line naming the file or split and the fix
 status 2, and a workdir holding only what the user put there."""
 
 import gzip
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -38,16 +35,18 @@ def _save(path, arrays) -> str:
   return str(path)
 
 
-def _tiny(c):
-  """A tiny run, so a case that is wrongly not refused costs seconds."""
-  c.model.shake_shake.stem_width, c.model.shake_shake.widths = 4, (4, 8)
-  c.train.batch_size, c.train.num_steps, c.train.log_every_steps = 8, 2, 2
-  c.search.num_candidates, c.search.chunk_size, c.search.eval_batch_size = 4, 4, 100
-  return c
+SMALL_RUN = {  # a tiny run, so a case that is wrongly not refused costs seconds
+  **tiny.NET,
+  'train.num_steps': 2,
+  'train.log_every_steps': 2,
+  'search.num_candidates': 4,
+  'search.chunk_size': 4,
+  'search.eval_batch_size': 100,
+}
 
 
 def _npz_config(path, validation_size=10, num_classes=0):
-  c = _tiny(config_lib.get_config())
+  c = tiny.default_config(SMALL_RUN)
   c.data.name, c.data.path = 'npz', str(path)
   c.data.validation_size, c.data.num_classes = validation_size, num_classes
   return c
@@ -319,7 +318,7 @@ SPOILED = [
 @pytest.mark.parametrize('case, name, spoil, message', SPOILED, ids=[c[0] for c in SPOILED])
 def test_spoiled_fashion_mnist_files_are_one_line(tmp_path, capsys, case, name, spoil, message):
   folder = _fashion_dir(tmp_path, lambda n, body: spoil(body) if n == name else body)
-  c = _tiny(config_lib.get_config())
+  c = tiny.default_config(SMALL_RUN)
   c.data.data_dir, c.data.validation_size = folder, 8
   assert message.format(dir=folder) in tiny.refused(c, tmp_path / 'workdir', capsys)
 
@@ -335,7 +334,7 @@ def test_intact_tiny_fashion_mnist_files_load(tmp_path):
 
 
 def _tfds_config(name, data_dir='', validation_size=10):
-  c = _tiny(config_lib.get_config())
+  c = tiny.default_config(SMALL_RUN)
   c.data.name, c.data.data_dir, c.data.validation_size = name, data_dir, validation_size
   return c
 
@@ -438,27 +437,11 @@ def test_streamed_labels_are_checked_as_read():
 # through the command line: one case per class (values, damaged files, sizes)
 
 
-def _main(workdir, *args):
-  os.makedirs(workdir, exist_ok=True)
-  (workdir / 'notes.txt').write_text('mine')
-  result = subprocess.run(
-    [sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}', *args],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
-  assert result.returncode == 2
-  assert result.stderr.startswith('pgnas_jax: ') and result.stderr.count('\n') == 1
-  assert [p.name for p in workdir.iterdir()] == ['notes.txt']
-  return result.stderr
-
-
 def test_command_line_refuses_bad_labels_damaged_files_and_oversized_batches(tmp_path):
   arrays = _arrays()
   _label(arrays, 'test', 5, 7)
   bad = _save(tmp_path / 'bad.npz', arrays)
-  err = _main(
+  err = tiny.main_refuses(
     tmp_path / 'w1',
     '--config.data.name=npz',
     f'--config.data.path={bad}',
@@ -467,10 +450,10 @@ def test_command_line_refuses_bad_labels_damaged_files_and_oversized_batches(tmp
   )
   assert f"{bad}, key 'y_test': label 7 of example 5 is outside [0, 3)" in err
   cut = _damaged(tmp_path, 'truncated')
-  err = _main(tmp_path / 'w2', '--config.data.name=npz', f'--config.data.path={cut}')
+  err = tiny.main_refuses(tmp_path / 'w2', '--config.data.name=npz', f'--config.data.path={cut}')
   assert f'{cut} cannot be read as an .npz file of arrays' in err
   good = _save(tmp_path / 'good.npz', _arrays())
-  err = _main(
+  err = tiny.main_refuses(
     tmp_path / 'w3',
     '--config.data.name=npz',
     f'--config.data.path={good}',

@@ -15,7 +15,7 @@ import pytest
 import tiny
 
 from pgnas_jax import config as config_lib
-from pgnas_jax import errors, estimators, masks, parallel, resume, train
+from pgnas_jax import errors, estimators, masks, parallel, resume
 from pgnas_jax import workdir as workdir_lib
 
 TEMPLATE = {'a': {'group0': jnp.ones(50)}, 'b': {'group0': jnp.ones(50), 'group1': jnp.ones(50)}}
@@ -204,46 +204,17 @@ def test_temperature_schedule():
   assert float(estimators.temperature(drop, 1)(jnp.int32(0))) == pytest.approx(0.5)
 
 
-def _config(**drop):
-  c = config_lib.get_config()
-  c.model.shake_shake.stem_width, c.model.shake_shake.widths = 4, (4, 8)
-  c.train.batch_size = 8
-  c.train.num_steps = 4
-  c.objective.num_train_effective = 64.0  # large enough terms to matter in the gradients
-  c.drop.update(drop)
-  return c
-
-
-def _trainer(tiny_net, config, devices):
-  mesh = parallel.make_mesh(devices)
-  dataset = tiny.synthetic_dataset()
-  run = train.setup(config, dataset)
-
-  def fresh():
-    return train.initialise(tiny_net, config, (8, 8, 2), run.tx, mesh)
-
-  state, space = fresh()
-  step_fn = train.make_train_step(tiny_net, space, config, run, mesh)
-
-  def steps(state, first, count):
-    history = []
-    for s in range(first, first + count):
-      batch = dataset.train_batch(config.data, config.seed, s, config.train.batch_size)
-      state, metrics = step_fn(state, parallel.put_batch(batch, mesh))
-      history.append(jax.device_get(metrics))
-    return state, history
-
-  return fresh, steps
+NUM_STEPS = 4  # the run's length, which the temperature schedule spans
 
 
 @pytest.mark.parametrize('mode, prior', [('learned', 'posterior'), ('random', 'constant')])
 @pytest.mark.parametrize('name', estimators.NAMES)
 def test_a_train_step_with_each_estimator_is_finite_and_reproducible(tiny_net, name, mode, prior):
-  config = _config(estimator=name, mode=mode, init_p=0.2, random_p=0.3)
+  config = tiny.steps_config(NUM_STEPS, estimator=name, mode=mode, init_p=0.2, random_p=0.3)
   config.objective.prior = prior
-  fresh, steps = _trainer(tiny_net, config, jax.devices()[:1])
-  before = jax.device_get(fresh()[0].params['drop_logits'])
-  (a, history), (b, _) = (steps(fresh()[0], 0, 1) for _ in range(2))
+  steps = tiny.Stepper(tiny_net, config, jax.devices()[:1])
+  before = jax.device_get(steps.state.params['drop_logits'])
+  (a, history), (b, _) = steps(steps.state, 0, 1), steps(steps.fresh(), 0, 1)
   a, b = jax.device_get(a.params), jax.device_get(b.params)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
@@ -262,27 +233,16 @@ def test_in_the_random_ablation_straight_through_and_disarm_train_alike(tiny_net
   frozen logits (and DisARM skips its second pass)."""
   params = []
   for name in ('straight_through', 'disarm'):
-    fresh, steps = _trainer(tiny_net, _config(estimator=name, mode='random'), jax.devices()[:1])
-    params.append(jax.tree.leaves(jax.device_get(steps(fresh()[0], 0, 2)[0].params)))
+    config = tiny.steps_config(NUM_STEPS, estimator=name, mode='random')
+    steps = tiny.Stepper(tiny_net, config, jax.devices()[:1])
+    params.append(jax.tree.leaves(jax.device_get(steps(steps.state, 0, 2)[0].params)))
   for a, b in zip(*params):
     np.testing.assert_array_equal(a, b)
 
 
 def test_disarm_gradients_on_four_devices_equal_one_device(tiny_net):
-  config = _config(estimator='disarm')
-  grads = {}
-  for n in (1, 4):
-    mesh = parallel.make_mesh(jax.devices()[:n])
-    dataset = tiny.synthetic_dataset()
-    run = train.setup(config, dataset)
-    state, space = train.initialise(tiny_net, config, (8, 8, 2), run.tx, mesh)
-    loss_fn = train.make_loss_fn(tiny_net, space, config)
-    grad_fn = jax.jit(
-      jax.grad(lambda p, b: loss_fn(p, state.batch_stats, b, jax.random.key(7))[0]),
-      in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-    )
-    batch = parallel.put_batch(dataset.train_batch(config.data, 0, 0, 8), mesh)
-    grads[n] = jax.device_get(grad_fn(state.params, batch))
+  config = tiny.steps_config(NUM_STEPS, estimator='disarm')
+  grads = {n: tiny.gradients(tiny_net, config, jax.devices()[:n]) for n in (1, 4)}
   for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[4])):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
   assert any(abs(float(g)) > 0 for g in jax.tree.leaves(grads[1]['drop_logits']))
@@ -291,16 +251,15 @@ def test_disarm_gradients_on_four_devices_equal_one_device(tiny_net):
 def test_a_resumed_run_keeps_the_temperature_schedule(tiny_net):
   """The schedule reads the state's step: a run stopped after 2 of 4 steps and continued by
   a new train step (as a new process would) is the uninterrupted run, bit for bit."""
-  config = _config(estimator='straight_through', tau=0.5, final_tau=0.05)
-  fresh, steps = _trainer(tiny_net, config, jax.devices()[:1])
-  whole, history = steps(fresh()[0], 0, 4)
+  config = tiny.steps_config(NUM_STEPS, estimator='straight_through', tau=0.5, final_tau=0.05)
+  steps = tiny.Stepper(tiny_net, config, jax.devices()[:1])
+  whole, history = steps(steps.state, 0, 4)
   taus = [float(h['tau']) for h in history]
   np.testing.assert_allclose(taus, [0.5 * 0.1 ** (t / 3) for t in range(4)], rtol=1e-6)
-  half, _ = steps(fresh()[0], 0, 2)
+  half, _ = steps(steps.fresh(), 0, 2)
   saved = jax.device_get(half)
-  _, resumed_steps = _trainer(tiny_net, config, jax.devices()[:1])
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  resumed, rest = resumed_steps(parallel.put_replicated(saved, mesh), 2, 2)
+  resumed_steps = tiny.Stepper(tiny_net, config, jax.devices()[:1])
+  resumed, rest = resumed_steps(parallel.put_replicated(saved, resumed_steps.mesh), 2, 2)
   assert [float(h['tau']) for h in rest] == taus[2:]
   for a, b in zip(
     jax.tree.leaves(jax.device_get(whole.params)), jax.tree.leaves(jax.device_get(resumed.params))

@@ -32,15 +32,7 @@ HOLD = (
 )
 
 
-def _tiny():
-  return tiny.config({'train.num_steps': 4, 'search.num_candidates': 4})
-
-
-def _users_workdir(tmp_path):
-  workdir = tmp_path / 'run'
-  workdir.mkdir()
-  (workdir / 'notes.txt').write_text('mine')
-  return workdir
+SHORT = {'train.num_steps': 4, 'search.num_candidates': 4}  # on top of the tiny run
 
 
 def _holder(workdir):
@@ -52,15 +44,10 @@ def _holder(workdir):
 
 
 def test_a_second_job_on_a_held_workdir_is_refused_naming_the_holder(tmp_path):
-  workdir = _users_workdir(tmp_path)
+  workdir = tiny.users_workdir(tmp_path / 'run')
   holder = _holder(workdir)
   try:
-    result = subprocess.run(
-      [sys.executable, '-m', 'pgnas_jax.main', f'--workdir={workdir}'],
-      capture_output=True,
-      text=True,
-      timeout=300,
-    )
+    result = tiny.main(workdir, timeout=300)
   finally:
     holder.kill()
     holder.wait()
@@ -75,7 +62,7 @@ def test_a_second_job_on_a_held_workdir_is_refused_naming_the_holder(tmp_path):
 
 
 def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
-  workdir = _users_workdir(tmp_path)
+  workdir = tiny.users_workdir(tmp_path / 'run')
   holder = _holder(workdir)
   holder.send_signal(signal.SIGKILL)
   holder.wait()
@@ -107,12 +94,12 @@ def test_a_workdir_that_cannot_hold_a_run_is_refused(tmp_path, make, message):
   if not workdir.exists():
     workdir = tmp_path / 'file' / 'run'
   with pytest.raises(errors.WorkdirError, match=re.escape(message)):
-    pipeline.run(_tiny(), str(workdir))
+    pipeline.run(tiny.config(SHORT), str(workdir))
 
 
 def test_a_config_that_gives_no_training_step_is_refused_before_the_workdir(tmp_path):
-  workdir = _users_workdir(tmp_path)
-  c = _tiny()
+  workdir = tiny.users_workdir(tmp_path / 'run')
+  c = tiny.config(SHORT)
   c.train.num_steps, c.train.num_epochs = -1, 0.000001
   per_epoch = (tiny.SMALL_SPLITS['train'] - 500) // 128  # the training split less validation
   with pytest.raises(
@@ -177,21 +164,21 @@ def test_a_config_file_that_raises_or_has_no_get_config_is_one_line(
   ],
 )
 def test_a_damaged_config_json_is_refused_in_one_line(tmp_path, content, message):
-  workdir = _users_workdir(tmp_path)
+  workdir = tiny.users_workdir(tmp_path / 'run')
   (workdir / 'config.json').write_text(content)
   with pytest.raises(errors.WorkdirError, match=re.escape(message)):
-    pipeline.run(_tiny(), str(workdir))
+    pipeline.run(tiny.config(SHORT), str(workdir))
   assert (workdir / 'config.json').read_text() == content
   assert sorted(p.name for p in workdir.iterdir()) == ['config.json', 'notes.txt']
 
 
 def test_checkpoints_without_their_config_are_refused_naming_what_to_remove(tmp_path):
-  workdir = _users_workdir(tmp_path)
+  workdir = tiny.users_workdir(tmp_path / 'run')
   (workdir / 'checkpoints' / '4').mkdir(parents=True)
   with pytest.raises(
     errors.WorkdirError, match=f'no config.json.*remove {workdir}/checkpoints to train again'
   ):
-    pipeline.run(_tiny(), str(workdir))
+    pipeline.run(tiny.config(SHORT), str(workdir))
   assert sorted(p.name for p in workdir.iterdir()) == ['checkpoints', 'notes.txt']
 
 
@@ -208,7 +195,7 @@ def test_start_over_deletes_config_json_last(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_is_one_line_saying_how_much_the_run_needs(tmp_path, monkeypatch):
-  workdir = _users_workdir(tmp_path)
+  workdir = tiny.users_workdir(tmp_path / 'run')
 
   def full(path, obj):
     raise OSError(errno.ENOSPC, 'No space left on device', path)
@@ -220,7 +207,7 @@ def test_a_full_disk_is_one_line_saying_how_much_the_run_needs(tmp_path, monkeyp
     r'\d+ MB there \(\d+ MB free now\); free some and run the same '
     r'command again to resume',
   ):
-    pipeline.run(_tiny(), str(workdir))
+    pipeline.run(tiny.config(SHORT), str(workdir))
   assert (workdir / 'notes.txt').read_text() == 'mine'
 
 

@@ -5,21 +5,21 @@ import subprocess
 import sys
 
 import pytest
+import tiny
 
-from pgnas_jax import config as config_lib
 from pgnas_jax import errors, rng
 from pgnas_jax.backends.cpu import host_devices
 
 ONE_DEVICE_IMPL = next(iter(rng.ONE_DEVICE_ONLY))  # a generator XLA compiles for one device
 
 
-def _config(batch=128, impl=None):
-  c = config_lib.get_config()
-  c.train.batch_size = batch
-  c.search.eval_batch_size = 120  # splits over 1..6 and 8 devices
-  if impl:
-    c.rng.impl = impl
-  return c
+def _devices_config(batch=128, impl=None):
+  """The default config with training batches of ``batch``, an eval batch that splits over
+  1..6 and 8 devices, and generator ``impl`` where one is given."""
+  generator = {'rng.impl': impl} if impl else {}
+  return tiny.default_config(
+    {'train.batch_size': batch, 'search.eval_batch_size': 120, **generator}
+  )
 
 
 @pytest.mark.parametrize(
@@ -37,17 +37,17 @@ def _config(batch=128, impl=None):
 def test_auto_takes_one_device_per_core_when_the_config_splits(
   batch, impl, cores, several, expected
 ):
-  config = _config(batch, impl)
+  config = _devices_config(batch, impl)
   assert host_devices.choose(host_devices.AUTO, config, cores, several) == expected
 
 
 def test_a_count_is_taken_as_given_and_checked():
-  assert host_devices.choose('4', _config(), 2) == 4
+  assert host_devices.choose('4', _devices_config(), 2) == 4
   with pytest.raises(errors.ConfigError, match='does not split over 3 devices'):
-    host_devices.choose('3', _config(), 2)
+    host_devices.choose('3', _devices_config(), 2)
   for bad in ('0', '-1', 'many'):
     with pytest.raises(errors.ConfigError, match='use auto or a whole number'):
-      host_devices.choose(bad, _config(), 2)
+      host_devices.choose(bad, _devices_config(), 2)
 
 
 def test_split_host_cpu_makes_single_threaded_devices_before_jax_starts():

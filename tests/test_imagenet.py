@@ -1,20 +1,16 @@
 """ImageNet through tfds' mock data (no files, no TensorFlow): streamed splits, crops,
-per-process rows, the missing-data message, the ImageNet configs end to end."""
-
-import json
-import math
-import os
+per-process rows, the missing-data message, the ImageNet configs (end to end in
+test_tfds_end_to_end.py)."""
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import tiny
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, pipeline
+from pgnas_jax import errors
 from pgnas_jax.data import crops, imagenet, stream
-
-ROOT = os.path.join(os.path.dirname(__file__), '..')
 
 
 def _data(validation_size=10, image_size=16, data_dir=''):
@@ -155,18 +151,14 @@ def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
 
 
 def test_imagenet_refuses_cifar_augmentations():
-  c = _config_file('imagenet_r50').get_config()
+  c = tiny.config_file('imagenet_r50').get_config()
   c.data.cutout = 16
   with pytest.raises(errors.ConfigError, match='data.cutout=16 do not fit together'):
     config_lib.validate(c)
-  c = _config_file('imagenet_r50').get_config()
+  c = tiny.config_file('imagenet_r50').get_config()
   c.data.image_size = 0
   with pytest.raises(errors.ConfigError, match='data.image_size=0 is out of range'):
     config_lib.validate(c)
-
-
-def _config_file(name):
-  return config_lib.read_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
 
 
 @pytest.mark.parametrize(
@@ -177,7 +169,7 @@ def _config_file(name):
   ],
 )
 def test_imagenet_configs_hold_the_papers_setup(name, family, l2, batch, epochs, step_epochs):
-  module = _config_file(name)
+  module = tiny.config_file(name)
   assert f'python -m pgnas_jax.main --config=configs/{name}.py' in module.__doc__
   c = module.get_config()
   config_lib.validate(c)
@@ -192,27 +184,3 @@ def test_imagenet_configs_hold_the_papers_setup(name, family, l2, batch, epochs,
     10.0,
   )
   assert (c.train.momentum, c.train.nesterov) == (0.9, True)
-
-
-def test_imagenet_d121_end_to_end_on_mock_data(tmp_path):
-  c = _config_file('imagenet_d121').get_config()
-  c.data.image_size = 32
-  c.model.densenet.blocks = (1, 1)
-  c.model.densenet.stem_width = 8
-  c.model.densenet.growth_rate = 4
-  c.model.densenet.bottleneck_width = 8
-  c.train.batch_size = 8
-  c.train.num_steps = 4
-  c.train.log_every_steps = 2
-  c.data.validation_size = 16
-  c.search.num_candidates = 4
-  c.search.chunk_size = 4
-  c.search.eval_batch_size = 16
-  with tfds.testing.mock_data(num_examples=48):
-    arch = pipeline.run(c, str(tmp_path)).arch
-  assert (tmp_path / 'report.md').exists()
-  metrics = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').open()]
-  assert [m['step'] for m in metrics] == [2, 4]
-  assert all(math.isfinite(m['loss']) for m in metrics)
-  records = [json.loads(line) for line in (tmp_path / 'search' / 'candidates.jsonl').open()]
-  assert len(records) == 4 and 0.0 <= arch['test_acc'] <= 1.0

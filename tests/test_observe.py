@@ -49,30 +49,26 @@ def read_scalars(directory: str) -> dict:
   return scalars
 
 
-def _train(model, workdir):
-  c = config_lib.get_config()
-  c.train.batch_size, c.train.num_steps, c.train.log_every_steps = 8, STEPS, LOG_EVERY
-  c.log.profile_steps = (PROFILED,)
-  state, space = tiny.trained(model, c, workdir)
-  return jax.device_get(state.params['drop_logits']), space
-
-
 @pytest.fixture(scope='module')
 def run(tiny_net, tmp_path_factory):
   """One tiny training with tensorboardX installed (the test extra)."""
   workdir = tmp_path_factory.mktemp('run')
-  logits, space = _train(tiny_net, workdir)
-  return workdir, logits, space
-
-
-def _metrics(workdir):
-  return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  config = tiny.default_config(
+    {
+      'train.batch_size': 8,
+      'train.num_steps': STEPS,
+      'train.log_every_steps': LOG_EVERY,
+      'log.profile_steps': (PROFILED,),
+    }
+  )
+  state, space = tiny.trained(tiny_net, config, workdir)
+  return workdir, jax.device_get(state.params['drop_logits']), space
 
 
 @pytest.mark.xdist_group('observe_run')  # shares a module fixture
 def test_event_files_hold_the_logged_scalars_and_mean_p_per_stage(run):
   workdir, logits, space = run
-  metrics = _metrics(workdir)
+  metrics = tiny.metrics(workdir)
   assert [m['step'] for m in metrics] == [2, 4]
   scalars = read_scalars(str(workdir / 'tensorboard' / 'train'))
   assert set(scalars) == (set(metrics[0]) - {'step'}) | {'mean_p/stage0', 'mean_p/stage1'}
@@ -126,7 +122,7 @@ def test_a_resumed_run_purges_the_events_it_writes_again(tmp_path):
   is told to drop the events from step 3 on (SessionLog START at the purge step)."""
   _write_training_scalars(tmp_path)
   metric_writers.for_training(str(tmp_path), 2, config_lib.get_config().log).close()
-  assert [m['step'] for m in _metrics(tmp_path)] == [2]
+  assert [m['step'] for m in tiny.metrics(tmp_path)] == [2]
   files = sorted(glob.glob(str(tmp_path / 'tensorboard' / 'train' / 'events.out.tfevents.*')))
   assert len(files) == 2
   starts = [

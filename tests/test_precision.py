@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 
-from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
-from pgnas_jax import parallel, search, supernets, train
+from pgnas_jax import search, supernets, train
 from pgnas_jax import space as space_lib
 
 SMALL_MODELS = {
@@ -22,12 +22,7 @@ SMALL_MODELS = {
 }
 
 
-def _config(family='shake_shake', compute_dtype='float32'):
-  c = config_lib.get_config()
-  c.objective.weight_prior_l2 = 50.0  # the prior the tolerances below were set under
-  c.model.family, c.model.compute_dtype = family, compute_dtype
-  c.model[family].update(SMALL_MODELS[family])
-  return c
+PRIOR = {'objective.weight_prior_l2': 50.0}  # the prior the tolerances below were set under
 
 
 def _matmul_dtypes(jaxpr) -> list:
@@ -46,7 +41,9 @@ def _matmul_dtypes(jaxpr) -> list:
 @pytest.mark.parametrize('family', sorted(SMALL_MODELS))
 @pytest.mark.parametrize('compute_dtype', ['float32', 'bfloat16'])
 def test_every_conv_of_the_gradient_runs_in_the_compute_dtype(family, compute_dtype):
-  config = _config(family, compute_dtype)
+  config = tiny.family_config(
+    family, {**PRIOR, 'model.compute_dtype': compute_dtype}, **SMALL_MODELS[family]
+  )
   model = supernets.build(config.model, 10)
   images = jnp.zeros((2, 32, 32, 3))
   variables = model.init({'params': jax.random.key(0)}, images, train=False)
@@ -68,26 +65,26 @@ def test_every_conv_of_the_gradient_runs_in_the_compute_dtype(family, compute_dt
 
 @pytest.fixture(scope='module')
 def fashion_mnist():
-  config = _config()
-  config.data.validation_size = 2400
-  return data_lib.load(config.data)
+  return data_lib.load(tiny.default_config({'data.validation_size': 2400}).data)
 
 
 def _train(dataset, compute_dtype, steps=120):
-  config = _config(compute_dtype=compute_dtype)
-  config.train.batch_size, config.train.num_steps = 64, steps
-  config.train.learning_rate = 0.2
-  mesh = parallel.make_mesh(jax.devices()[:1])
+  config = tiny.family_config(
+    'shake_shake',
+    {
+      **PRIOR,
+      'model.compute_dtype': compute_dtype,
+      'train.batch_size': 64,
+      'train.num_steps': steps,
+      'train.learning_rate': 0.2,
+    },
+    **SMALL_MODELS['shake_shake'],
+  )
   model = supernets.build(config.model, dataset.num_classes)
-  run = train.setup(config, dataset)
-  state, space = train.initialise(model, config, dataset.train.images.shape[1:], run.tx, mesh)
-  step_fn = train.make_train_step(model, space, config, run, mesh)
-  nll = []
-  for s in range(steps):
-    batch = dataset.train_batch(config.data, config.seed, s, 64)
-    state, metrics = step_fn(state, parallel.put_batch(batch, mesh))
-    nll.append(float(metrics['nll']))
-  return model, state, space, mesh, np.array(nll)
+  stepper = tiny.Stepper(model, config, jax.devices()[:1], dataset)
+  state, history = stepper(stepper.state, 0, steps)
+  nll = np.array([float(metrics['nll']) for metrics in history])
+  return model, state, stepper.space, stepper.mesh, nll
 
 
 @pytest.mark.long(36)

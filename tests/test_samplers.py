@@ -3,7 +3,6 @@ from (search key, c) alone for every pair of them, the candidates' drop rates ar
 posterior's p, a run resumes bitwise with every generator, and a changed sampler or
 generator is noticed on resume."""
 
-import json
 import logging
 import os
 
@@ -178,15 +177,22 @@ def test_run_id_notices_the_generator_and_the_sampler():
   assert records.run_id(key, logits, variables) == records.run_id(key, logits, variables, 'iid')
 
 
-def _config(impl='threefry2x32', **search_fields):
-  c = config_lib.get_config()
-  c.rng.impl = impl
-  c.model.shake_shake.stem_width, c.model.shake_shake.widths = 4, (4, 8)
-  c.train.batch_size, c.train.num_steps, c.train.log_every_steps = 8, 4, 2
-  c.checkpoint.every_steps = 2
-  c.search.update(num_candidates=6, chunk_size=2, eval_batch_size=8, **search_fields)
-  c.export.latency, c.log.tensorboard = False, False
-  return c
+def _run_config(impl='threefry2x32', **search_fields):
+  """A run of conftest's ``tiny_net`` on ``tiny.synthetic_dataset()`` with generator ``impl``:
+  4 steps, a checkpoint every 2, 6 candidates, the ``search_fields`` given."""
+  search = {'num_candidates': 6, 'chunk_size': 2, 'eval_batch_size': 8, **search_fields}
+  return tiny.default_config(
+    {
+      **tiny.NET,
+      'rng.impl': impl,
+      'train.num_steps': 4,
+      'train.log_every_steps': 2,
+      'checkpoint.every_steps': 2,
+      **{f'search.{k}': v for k, v in search.items()},
+      'export.latency': False,
+      'log.tensorboard': False,
+    }
+  )
 
 
 class _Guard:
@@ -203,17 +209,13 @@ class _Guard:
     return self.calls == self.stop_after
 
 
-def _train(tiny_net, config, workdir, guard):
-  return tiny.trained(tiny_net, config, workdir, guard)[0]
-
-
 @pytest.mark.parametrize('impl', rng.IMPLEMENTATIONS)
 def test_training_stopped_and_resumed_is_bitwise_the_uninterrupted(tiny_net, tmp_path, impl):
-  config = _config(impl)
-  whole = _train(tiny_net, config, tmp_path / 'whole', _Guard(0))
+  config = _run_config(impl)
+  whole = tiny.trained(tiny_net, config, tmp_path / 'whole', _Guard(0))[0]
   with pytest.raises(errors.Preempted, match='after training step 3'):
-    _train(tiny_net, config, tmp_path / 'stopped', _Guard(3))
-  resumed = _train(tiny_net, config, tmp_path / 'stopped', _Guard(0))
+    tiny.trained(tiny_net, config, tmp_path / 'stopped', _Guard(3))
+  resumed = tiny.trained(tiny_net, config, tmp_path / 'stopped', _Guard(0))[0]
   assert rng.impl_name(resumed.root_key) == impl
   for a, b in zip(jax.tree.leaves(jax.device_get(whole)), jax.tree.leaves(jax.device_get(resumed))):
     a, b = (
@@ -224,7 +226,7 @@ def test_training_stopped_and_resumed_is_bitwise_the_uninterrupted(tiny_net, tmp
   other = 'philox4x32' if impl == 'threefry2x32' else 'threefry2x32'
   if jax.random.key_data(rng.root_key(0, other)).shape == jax.random.key_data(whole.root_key).shape:
     with pytest.raises(errors.CheckpointError, match='another run'):
-      _train(tiny_net, _config(other), tmp_path / 'stopped', _Guard(0))
+      tiny.trained(tiny_net, _run_config(other), tmp_path / 'stopped', _Guard(0))
 
 
 def _recorded_by(workdir, config, count):
@@ -253,34 +255,30 @@ def _recorded_by(workdir, config, count):
   return [dict(zip(names, row.tolist())) for row in dropped]
 
 
-def _candidates(workdir):
-  return [json.loads(line) for line in open(os.path.join(workdir, 'search', 'candidates.jsonl'))]
-
-
 def test_another_sampler_scores_again_and_keeps_the_training(tmp_path, monkeypatch, caplog):
   monkeypatch.setattr(jax, 'devices', lambda *a: jax.local_devices()[:1])
   caplog.set_level(logging.INFO)
   workdir, dataset = str(tmp_path), tiny.synthetic_dataset()
-  pipeline.run(_config(), workdir, dataset=dataset)
-  iid = _candidates(workdir)
+  pipeline.run(_run_config(), workdir, dataset=dataset)
+  iid = tiny.candidates(workdir)
   checkpoints = sorted(os.listdir(tmp_path / 'checkpoints'))
-  assert [c['dropped'] for c in iid] == _recorded_by(workdir, _config(), 6)
+  assert [c['dropped'] for c in iid] == _recorded_by(workdir, _run_config(), 6)
   for name, count in (('antithetic', 6), ('mode', 1)):
     caplog.clear()
-    config = _config(sampler=name, stratified_block=4)
+    config = _run_config(sampler=name, stratified_block=4)
     pipeline.run(config, workdir, dataset=dataset)
     assert 'the sampler changed: scoring the candidates again' in caplog.text
     assert 'resuming from the checkpoint at step 4' in caplog.text  # no training step again
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == checkpoints
-    drawn = _candidates(workdir)
+    drawn = tiny.candidates(workdir)
     assert len(drawn) == count and {c['run'] for c in drawn}.isdisjoint({c['run'] for c in iid})
     assert [c['dropped'] for c in drawn] == _recorded_by(workdir, config, count)
     assert f'of {count} (no fine-tuning)' in (tmp_path / 'report.md').read_text()
   assert all(sum(c['dropped'].values()) == 0 for c in drawn)  # p near 0.1: the mode keeps all
   # the generator changes every result, like the seed: refused, nothing touched
   with pytest.raises(errors.IncompatibleWorkdirError, match='rng.impl'):
-    pipeline.run(_config('threefry4x32', sampler='mode'), workdir, dataset=dataset)
-  assert _candidates(workdir) == drawn
+    pipeline.run(_run_config('threefry4x32', sampler='mode'), workdir, dataset=dataset)
+  assert tiny.candidates(workdir) == drawn
 
 
 def test_a_run_saved_before_the_generator_and_sampler_fields_resumes(tmp_path):

@@ -2,13 +2,12 @@
 only, ``jax.eval_shape``), forward and backward through the training loss, the search
 structure, and export equality on tiny sizes."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import errors, export, layers, masks, supernets, train
@@ -24,14 +23,6 @@ RESNET50_3X3_PARAMS = 9 * sum(b * w * w for b, w in zip((3, 4, 6, 3), (64, 128, 
 SUPNET_R50_PARAMS = RESNET50_PARAMS + RESNET50_3X3_PARAMS * (44 - 36) // 36  # 28,071,976
 
 
-def _model(family, num_classes=10, **fields):
-  c = config_lib.get_config()
-  c.model.family = family
-  c.model[family].update(fields)
-  config_lib.validate(c)
-  return supernets.build(c.model, num_classes)
-
-
 def _shapes(model, image_shape):
   """The variables' shapes, without computing (or allocating) any of them."""
   return jax.eval_shape(
@@ -44,27 +35,24 @@ def _params(model, image_shape):
   return space_lib.count_params(_shapes(model, image_shape)['params'])
 
 
+def _supnet_m(name, widths, paper):
+  """SupNet-M and -MI: shake-shake of four blocks a stage on CIFAR-10, within 1% of the paper."""
+  return (
+    name,
+    'shake_shake',
+    dict(stem_width=16, widths=widths, blocks_per_stage=4),
+    10,
+    (32, 32, 3),
+    paper,
+    0.01,
+  )
+
+
 @pytest.mark.parametrize(
   'name, family, fields, num_classes, image_shape, paper, tolerance',
   [
-    (
-      'SupNet-M',
-      'shake_shake',
-      dict(stem_width=16, widths=(96, 192, 384), blocks_per_stage=4),
-      10,
-      (32, 32, 3),
-      26.2e6,
-      0.01,
-    ),
-    (
-      'SupNet-MI',
-      'shake_shake',
-      dict(stem_width=16, widths=(160, 320, 640), blocks_per_stage=4),
-      10,
-      (32, 32, 3),
-      72.7e6,
-      0.01,
-    ),
+    _supnet_m('SupNet-M', (96, 192, 384), 26.2e6),
+    _supnet_m('SupNet-MI', (160, 320, 640), 72.7e6),
     ('SupNet-E', 'enas', dict(), 10, (32, 32, 3), 4.6e6, 0.05),
     ('SupNet-EI', 'enas', dict(filters=72), 10, (32, 32, 3), 15.3e6, 0.05),
     ('SupNet-D-121', 'densenet', dict(), 1000, (224, 224, 3), 7.98e6, 0.01),
@@ -73,19 +61,19 @@ def _params(model, image_shape):
 def test_parameter_count_matches_paper(
   name, family, fields, num_classes, image_shape, paper, tolerance
 ):
-  params = _params(_model(family, num_classes, **fields), image_shape)
+  params = _params(tiny.supernet(family, num_classes, **fields), image_shape)
   assert abs(params - paper) <= tolerance * paper, f'{name}: {params} vs {paper:.0f}'
 
 
 def test_supnet_r50_is_resnet50_with_multi_kernel_blocks():
   # with one plain 3x3 branch, the family is ResNet-50 itself
-  plain = _model('resnet', 1000, kernel_sizes=(3,), dilations=(1,))
+  plain = tiny.supernet('resnet', 1000, kernel_sizes=(3,), dilations=(1,))
   assert _params(plain, (224, 224, 3)) == RESNET50_PARAMS
-  assert _params(_model('resnet', 1000), (224, 224, 3)) == SUPNET_R50_PARAMS
+  assert _params(tiny.supernet('resnet', 1000), (224, 224, 3)) == SUPNET_R50_PARAMS
 
 
 def test_supnet_r50_groups_are_kernel_branches():
-  v = _shapes(_model('resnet', 1000), (224, 224, 3))
+  v = _shapes(tiny.supernet('resnet', 1000), (224, 224, 3))
   template = v['masks']
   assert len(jax.tree.leaves(template)) == 16 * 4
   branches = v['params']['stage3_block0']['multi_kernel']
@@ -98,7 +86,7 @@ def test_supnet_r50_groups_are_kernel_branches():
 
 
 def test_supnet_d121_groups_follow_sources():
-  template = _shapes(_model('densenet', 1000), (224, 224, 3))['masks']
+  template = _shapes(tiny.supernet('densenet', 1000), (224, 224, 3))['masks']
   block_inputs = (64, 128, 256, 512)
   for b, num_layers in enumerate((6, 12, 24, 16)):
     for i in range(num_layers):
@@ -112,7 +100,7 @@ def test_supnet_d121_groups_follow_sources():
 
 
 def test_supnet_e_separable_convs_are_the_groups():
-  v = _shapes(_model('enas'), (32, 32, 3))
+  v = _shapes(tiny.supernet('enas'), (32, 32, 3))
   # per cell, 6 separable ops of 2 convs each (both arcs), 17 cells
   assert len(jax.tree.leaves(v['masks'])) == 17 * 12
   op = v['params']['cell0']['node2_op1']  # normal arc, node 2: op 0 (sep3x3) from input 0
@@ -164,64 +152,9 @@ def test_separable_conv_drops_depthwise_filter_and_pointwise_slice():
   np.testing.assert_allclose(norms['sep']['group0'], np.sum(dw**2) + np.sum(pw**2), rtol=1e-6)
 
 
-# Tiny members of each family (widths, depths, resolution) that keep its structure. The ENAS
-# cells are short ones that still use every op, a strided separable conv, and (reduction) an
-# input that no op reads.
-TINY_NORMAL_ARC = (0, 0, 1, 1, 2, 2, 0, 4)
-TINY_REDUCTION_ARC = (0, 3, 0, 4, 0, 1, 2, 2, 3, 0, 2, 4)
-TINY = {
-  'shake_shake': (dict(stem_width=4, widths=(4, 8), blocks_per_stage=1), (8, 8, 3)),
-  'enas': (
-    dict(
-      filters=4,
-      normal_cells_per_stage=1,
-      normal_arc=TINY_NORMAL_ARC,
-      reduction_arc=TINY_REDUCTION_ARC,
-    ),
-    (8, 8, 3),
-  ),
-  'resnet': (dict(stem_width=8, widths=(4, 8), blocks_per_stage=(1, 1)), (16, 16, 3)),
-  'densenet': (dict(stem_width=8, blocks=(2, 3), growth_rate=4, bottleneck_width=8), (16, 16, 3)),
-}
-# one searchable conv per family that a test makes lose every input
-REMOVED_CONV = {
-  'shake_shake': ('stage1_block0', 'branch1', 'conv1'),
-  'enas': ('cell1', 'node3_op0', 'sep0'),  # reduction cell: sep5x5, stride 2
-  'resnet': ('stage1_block0', 'multi_kernel', 'branch3'),
-  'densenet': ('block1_layer2', 'conv1x1'),  # 3 groups: a dense layer's every source
-}
-
-
-@functools.cache
-def _tiny(family):
-  """(model, initial variables, image shape); XLA:CPU compiles inits slowly, so once each
-  (with the cheap-to-compile 'rbg' key)."""
-  fields, image_shape = TINY[family]
-  model = _model(family, num_classes=3, **fields)
-  variables = jax.jit(
-    lambda k: model.init({'params': k}, jnp.zeros((1,) + image_shape), train=False)
-  )(jax.random.key(0, impl='rbg'))
-  return model, variables, image_shape
-
-
-def _apply(model, variables, images):
-  return jax.jit(functools.partial(model.apply, train=False))(variables, images)
-
-
-def _trained_looking(variables, seed=1):
-  """Random weights and non-trivial BatchNorm statistics, as after training."""
-  rng = np.random.default_rng(seed)
-  v = jax.tree.map(
-    lambda x: x + 0.2 * rng.normal(size=x.shape).astype(np.float32),
-    {'params': variables['params'], 'batch_stats': variables['batch_stats']},
-  )
-  v['batch_stats'] = jax.tree.map(jnp.abs, v['batch_stats'])  # variances must be positive
-  return v
-
-
-@pytest.mark.parametrize('family', sorted(TINY))
+@pytest.mark.parametrize('family', sorted(tiny.FAMILIES))
 def test_forward_and_backward_through_training_loss(family):
-  model, variables, image_shape = _tiny(family)
+  model, variables, image_shape = tiny.family_net(family)
   space = space_lib.from_variables(variables)
   config = config_lib.get_config()
   params = {
@@ -252,7 +185,7 @@ def test_forward_and_backward_through_training_loss(family):
       float(jnp.sum(jnp.abs(g))) > 0
       for g in jax.tree.leaves(nll_grads['weights']['auxiliary_head'])
     )
-  logits = _apply(model, variables, batch['images'])
+  logits = tiny.apply(model, variables, batch['images'])
   assert logits.shape == (4, 3) and bool(jnp.all(jnp.isfinite(logits)))
 
 
@@ -273,24 +206,15 @@ def test_auxiliary_loss_is_weighted_cross_entropy():
   np.testing.assert_allclose(float(total - without), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize('family', sorted(TINY))
+@pytest.mark.parametrize('family', sorted(tiny.FAMILIES))
 def test_exported_candidate_gives_masked_supernet_logits(family):
-  model, init_variables, image_shape = _tiny(family)
-  variables = _trained_looking(init_variables)
-  space = space_lib.from_variables(init_variables)
-  logits = masks.init_drop_logits(space.template, 0.4)
-  mask = masks.candidate_masks(jax.random.key(4), jnp.arange(1), logits, space.template)
-  mask = jax.tree.map(lambda m: m[0], mask)
-  removed = REMOVED_CONV[family]
-  node = mask
-  for name in removed:
-    node = node[name]
-  for group in node:
-    node[group] = jnp.zeros_like(node[group])
-  images = jax.random.normal(jax.random.key(5), (3,) + image_shape)
-  masked = _apply(model, {**variables, 'masks': mask}, images)
+  model, init_variables, variables, space, images = tiny.family_case(family)
+  mask = tiny.candidate_mask(space)
+  removed = tiny.REMOVED_CONV[family]
+  tiny.remove_conv(mask, removed)
+  masked = tiny.apply(model, {**variables, 'masks': mask}, images)
   pruned = export.pruned_variables(variables, space, mask)
-  out = _apply(model, pruned, images)
+  out = tiny.apply(model, pruned, images)
   np.testing.assert_allclose(np.asarray(out), np.asarray(masked), rtol=1e-4, atol=1e-4)
   # the removed conv holds no input channels; the others hold exactly their kept ones
   conv_params = pruned['params']
@@ -302,7 +226,7 @@ def test_exported_candidate_gives_masked_supernet_logits(family):
   assert desc['params'] == space_lib.count_params(pruned['params'])
   assert desc['params'] < space_lib.count_params(init_variables['params'])
   # dropping is not a no-op: the unmasked super-network differs
-  full = _apply(model, variables, images)
+  full = tiny.apply(model, variables, images)
   assert not np.allclose(np.asarray(full), np.asarray(masked), atol=1e-4)
 
 

@@ -10,53 +10,25 @@ import pytest
 import tiny
 
 from pgnas_jax import config as config_lib
-from pgnas_jax import errors, export, finetune, layers, masks, optim, parallel, rng, train
+from pgnas_jax import errors, export, finetune, layers, masks, optim, parallel, rng
 from pgnas_jax import space as space_lib
 
 
-def _config(**drop):
-  c = config_lib.get_config()
-  c.model.shake_shake.stem_width, c.model.shake_shake.widths = 4, (4, 8)
-  c.train.batch_size = 8
-  c.train.num_steps = 3
-  c.objective.num_train_effective = 64.0  # large enough terms to matter in the gradients
-  c.drop.update(drop)
-  return c
+NUM_STEPS = 3  # the run's length, which the learning-rate schedule spans; tests take 2 steps
 
 
 def _run_steps(tiny_net, config, devices, steps=2):
-  mesh = parallel.make_mesh(devices)
-  dataset = tiny.synthetic_dataset()
-  run = train.setup(config, dataset)
-  state, space = train.initialise(tiny_net, config, (8, 8, 2), run.tx, mesh)
-  step_fn = train.make_train_step(tiny_net, space, config, run, mesh)
-  history = []
-  for s in range(steps):
-    batch = dataset.train_batch(config.data, config.seed, s, config.train.batch_size)
-    state, metrics = step_fn(state, parallel.put_batch(batch, mesh))
-    history.append(jax.device_get(metrics))
-  return jax.device_get(state.params), history, space, state
+  stepper = tiny.Stepper(tiny_net, config, devices)
+  state, history = stepper(stepper.state, 0, steps)
+  return jax.device_get(state.params), history, stepper.space, state
 
 
 def test_gradients_on_four_devices_equal_one_device(tiny_net):
-  config = _config()
-  mesh1, mesh4 = (parallel.make_mesh(jax.devices()[:n]) for n in (1, 4))
-  dataset = tiny.synthetic_dataset()
-  run = train.setup(config, dataset)
-  state, space = train.initialise(tiny_net, config, (8, 8, 2), run.tx, mesh1)
-  loss_fn = train.make_loss_fn(tiny_net, space, config)
-  batch = dataset.train_batch(config.data, 0, 0, 8)
-  grads = {}
-  for name, mesh in (('one', mesh1), ('four', mesh4)):
-    grad_fn = jax.jit(
-      jax.grad(lambda p, b: loss_fn(p, state.batch_stats, b, jax.random.key(7))[0]),
-      in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-    )
-    grads[name] = jax.device_get(
-      grad_fn(
-        jax.device_put(state.params, parallel.replicated(mesh)), parallel.put_batch(batch, mesh)
-      )
-    )
+  config = tiny.steps_config(NUM_STEPS)
+  grads = {
+    name: tiny.gradients(tiny_net, config, jax.devices()[:n])
+    for name, n in (('one', 1), ('four', 4))
+  }
   flat1, flat4 = jax.tree.leaves(grads['one']), jax.tree.leaves(grads['four'])
   for a, b in zip(flat1, flat4):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
@@ -66,7 +38,7 @@ def test_gradients_on_four_devices_equal_one_device(tiny_net):
 
 @pytest.mark.parametrize('impl', [i for i in rng.IMPLEMENTATIONS if i not in rng.ONE_DEVICE_ONLY])
 def test_train_step_same_on_one_and_four_devices(tiny_net, impl):
-  config = _config()
+  config = tiny.steps_config(NUM_STEPS)
   config.rng.impl = impl
   p1, h1, _, _ = _run_steps(tiny_net, config, jax.devices()[:1])
   p4, h4, _, _ = _run_steps(tiny_net, config, jax.devices()[:4])
@@ -78,7 +50,7 @@ def test_train_step_same_on_one_and_four_devices(tiny_net, impl):
 
 def test_learned_logits_move_and_random_logits_stay(tiny_net):
   learned, hist, _, state = _run_steps(
-    tiny_net, _config(mode='learned', init_p=0.2), jax.devices()[:1]
+    tiny_net, tiny.steps_config(NUM_STEPS, mode='learned', init_p=0.2), jax.devices()[:1]
   )
   assert int(state.step) == 2
   p = jax.nn.sigmoid(np.array(jax.tree.leaves(learned['drop_logits'])))
@@ -92,18 +64,20 @@ def test_learned_logits_move_and_random_logits_stay(tiny_net):
     'learning_rate',
     'mean_p',
   }
-  random, hist, _, _ = _run_steps(tiny_net, _config(mode='random', random_p=0.3), jax.devices()[:1])
+  random, hist, _, _ = _run_steps(
+    tiny_net, tiny.steps_config(NUM_STEPS, mode='random', random_p=0.3), jax.devices()[:1]
+  )
   p = jax.nn.sigmoid(np.array(jax.tree.leaves(random['drop_logits'])))
   np.testing.assert_allclose(p, 0.3, rtol=1e-6)
   assert all(h['entropy'] == 0.0 for h in hist)
 
 
 def test_step_key_comes_from_root_key_and_step(tiny_net):
-  a, _, _, _ = _run_steps(tiny_net, _config(), jax.devices()[:1])
-  b, _, _, _ = _run_steps(tiny_net, _config(), jax.devices()[:1])
+  a, _, _, _ = _run_steps(tiny_net, tiny.steps_config(NUM_STEPS), jax.devices()[:1])
+  b, _, _, _ = _run_steps(tiny_net, tiny.steps_config(NUM_STEPS), jax.devices()[:1])
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
-  c = _config()
+  c = tiny.steps_config(NUM_STEPS)
   c.seed = 1
   other, _, _, _ = _run_steps(tiny_net, c, jax.devices()[:1])
   assert not np.array_equal(jax.tree.leaves(a)[0], jax.tree.leaves(other)[0])
@@ -131,7 +105,7 @@ def test_schedules(schedule):
 def _finetuned(tiny_net, devices):
   """The tiny net after 2 training steps, its candidate mask dropping channel 0 of every
   group, fine-tuned 4 steps on ``devices``."""
-  config = _config()
+  config = tiny.steps_config(NUM_STEPS)
   config.finetune.steps, config.finetune.learning_rate = 4, 0.05
   params, _, space, state = _run_steps(tiny_net, config, jax.devices()[:1])
   variables = {'params': params['weights'], 'batch_stats': jax.device_get(state.batch_stats)}
@@ -165,7 +139,7 @@ def test_finetuning_trains_kept_weights_only_exports_exactly_and_shards(tiny_net
 
 
 def test_a_stop_request_ends_fine_tuning_within_one_step(tiny_net, tiny_variables):
-  config = _config()
+  config = tiny.steps_config(NUM_STEPS)
   config.finetune.steps = 50
   space = space_lib.from_variables(tiny_variables)
   variables = {k: tiny_variables[k] for k in ('params', 'batch_stats')}

@@ -1,18 +1,23 @@
-"""The tiny main job the end-to-end tests share: a two-stage super-network of widths 4 and 8,
-a handful of training steps and candidates on a small part of Fashion-MNIST, so a whole run
-takes seconds. Each test states
-only what it is about on top of it, as command-line flags or as a config."""
+"""The tests' shared helpers. The tiny main job the end-to-end tests share: a two-stage
+super-network of widths 4 and 8, a handful of training steps and candidates on a small part
+of Fashion-MNIST, so a whole run takes seconds. Each test states only what it is about on top
+of it, as command-line flags or as a config. Beside it: configs with a few fields set, the
+training step of a small network, tiny members of every family, and the checks that a
+refused run leaves the user's workdir alone."""
 
+import functools
 import gzip
+import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
 import tempfile
-
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,9 +26,13 @@ from pgnas_jax import cli
 from pgnas_jax import context as context_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import parallel, pipeline, train
+from pgnas_jax import masks as masks_lib
+from pgnas_jax import parallel, pipeline, supernets, train
+from pgnas_jax import space as space_lib
 from pgnas_jax.backends.cpu import host_devices
 from pgnas_jax.data import fashion_mnist
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
 
 FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 SMALL_SPLITS = {'train': 1600, 'test': 400}  # images of each split in `small_fashion_mnist()`
@@ -99,15 +108,60 @@ def flags(overrides: dict | None = None) -> list[str]:
   return [f'--config.{k}={_flag_value(v)}' for k, v in _tiny(overrides).items()]
 
 
-def config(overrides: dict | None = None):
-  """The tiny run with `overrides` as a config, as the command line would build it."""
-  c = config_lib.get_config()
-  for key, value in _tiny(overrides).items():
+def set_fields(c, overrides: dict):
+  """``c`` with ``overrides`` (dotted field -> value) set, as ``--config.`` flags set them."""
+  for key, value in overrides.items():
     *parents, name = key.split('.')
     node = c
     for parent in parents:
       node = node[parent]
     node[name] = value
+  return c
+
+
+def default_config(overrides: dict | None = None):
+  """The default config (the full-size run, not the tiny one) with ``overrides``."""
+  return set_fields(config_lib.get_config(), overrides or {})
+
+
+def config(overrides: dict | None = None):
+  """The tiny run with `overrides` as a config, as the command line would build it."""
+  return default_config(_tiny(overrides))
+
+
+def config_file(name: str):
+  """The module of ``configs/NAME.py``, as ``--config`` reads it."""
+  return config_lib.read_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
+
+
+# conftest's ``tiny_net`` on ``synthetic_dataset()``: its widths, batches of 8
+NET = {
+  'model.shake_shake.stem_width': 4,
+  'model.shake_shake.widths': (4, 8),
+  'train.batch_size': 8,
+}
+
+
+def steps_config(num_steps: int, **drop):
+  """The default config for ``num_steps`` training steps of conftest's ``tiny_net`` on
+  ``synthetic_dataset()``, with the ``drop`` fields given."""
+  c = default_config(
+    {
+      **NET,
+      'train.num_steps': num_steps,
+      'objective.num_train_effective': 64.0,  # large enough terms to matter in the gradients
+    }
+  )
+  c.drop.update(drop)
+  return c
+
+
+def family_config(family: str, overrides: dict | None = None, **fields):
+  """The default config, validated, for super-network ``family`` with its ``fields``
+  (``model.FAMILY.NAME`` -> value) and ``overrides`` (dotted field -> value)."""
+  c = default_config({'model.family': family, **(overrides or {})})
+  c.model[family].update(fields)
+  config_lib.validate(c)
   return c
 
 
@@ -122,10 +176,35 @@ def main(workdir, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
   )
 
 
-def quick_study(module: str, workdir) -> subprocess.CompletedProcess:
+def users_workdir(workdir: pathlib.Path) -> pathlib.Path:
+  """``workdir`` (made if missing) holding a file of the user's, which a refused run must
+  leave as it was (``left_alone``)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'notes.txt').write_text('mine')
+  return workdir
+
+
+def left_alone(workdir: pathlib.Path):
+  """``users_workdir(workdir)`` holds the user's file, as it was, and nothing else."""
+  assert [p.name for p in workdir.iterdir()] == ['notes.txt']
+  assert (workdir / 'notes.txt').read_text() == 'mine'
+
+
+def main_refuses(workdir: pathlib.Path, *args) -> str:
+  """Runs ``main(workdir, *args)`` in a workdir holding a file of the user's: it must end with
+  status 2 and one line, leaving the workdir as the user left it. Returns the line."""
+  users_workdir(workdir)
+  result = main(workdir, *args, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.startswith('pgnas_jax: ') and result.stderr.count('\n') == 1
+  left_alone(workdir)
+  return result.stderr
+
+
+def quick_study(module: str, workdir) -> tuple[dict, str]:
   """`python -m pgnas_jax.experiments.MODULE --workdir=WORKDIR --quick` on the small data set,
-  one device, as users run it."""
-  return subprocess.run(
+  one device, as users run it; it must succeed. Returns its results.json and its log."""
+  result = subprocess.run(
     [
       sys.executable,
       '-m',
@@ -139,6 +218,40 @@ def quick_study(module: str, workdir) -> subprocess.CompletedProcess:
     timeout=900,
     env=ONE_DEVICE,
   )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads((pathlib.Path(workdir) / 'results.json').read_text()), result.stderr
+
+
+# a study's network as its results record it (config.json's model section, the part its
+# report reads): a SupNet-M-family super-network, one block a stage
+STUDY_MODEL = {
+  'shake_shake': {
+    'stem_width': 16,
+    'widths': [16, 32, 64],
+    'blocks_per_stage': 1,
+    'kernel_sizes': [3, 3],
+  }
+}
+
+
+def jsonl(path) -> list:
+  """The records of a JSON-lines file."""
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def metrics(workdir) -> list:
+  """The training's records in ``workdir``'s metrics.jsonl."""
+  return jsonl(pathlib.Path(workdir) / 'metrics.jsonl')
+
+
+def candidates(workdir) -> list:
+  """The candidates' records in ``workdir``'s search/candidates.jsonl."""
+  return jsonl(pathlib.Path(workdir) / 'search' / 'candidates.jsonl')
+
+
+def arch(workdir) -> dict:
+  """The winner in ``workdir``'s search/arch.json."""
+  return json.loads((pathlib.Path(workdir) / 'search' / 'arch.json').read_text())
 
 
 def synthetic_dataset(n: int = 64):
@@ -160,16 +273,14 @@ def refused(config, workdir, capsys) -> str:
   """Runs the main job in-process as the command line does once its flags are parsed; it
   must end with status 2 and one line, leaving the workdir as the user left it (a file of
   theirs, written here). Returns the line."""
-  workdir.mkdir(exist_ok=True)
-  (workdir / 'notes.txt').write_text('mine')
+  users_workdir(workdir)
   capsys.readouterr()
   with pytest.raises(SystemExit) as e:
     cli.exit_on_user_errors(pipeline.run, config, str(workdir))
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith('pgnas_jax: ') and err.count('\n') == 1, err
-  assert [p.name for p in workdir.iterdir()] == ['notes.txt']
-  assert (workdir / 'notes.txt').read_text() == 'mine'
+  left_alone(workdir)
   return err
 
 
@@ -187,3 +298,141 @@ def trained(model, config, workdir, guard=NO_STOP, dataset=None) -> tuple:
     return train.train(ctx)
   finally:
     checkpointer.close()
+
+
+class Stepper:
+  """The training step of ``model`` under ``config``, data-parallel over ``devices``, on
+  ``dataset`` (default: ``synthetic_dataset()``), as the training loop takes it. ``state`` and
+  ``space`` are the initial ones, ``fresh()`` another initial state (a step donates the state
+  it takes); ``stepper(state, first, count)`` takes steps ``first`` to ``first + count - 1``
+  and returns the state and each step's metrics, on the host."""
+
+  def __init__(self, model, config, devices, dataset=None):
+    self.model, self.config = model, config
+    self.dataset = synthetic_dataset() if dataset is None else dataset
+    self.mesh = parallel.make_mesh(devices)
+    self.run = train.setup(config, self.dataset)
+    self.state, self.space = self._initialise()
+    self._step = train.make_train_step(model, self.space, config, self.run, self.mesh)
+
+  def _initialise(self):
+    image_shape = self.dataset.train.images.shape[1:]
+    return train.initialise(self.model, self.config, image_shape, self.run.tx, self.mesh)
+
+  def fresh(self):
+    return self._initialise()[0]
+
+  def __call__(self, state, first: int, count: int) -> tuple:
+    config, history = self.config, []
+    for s in range(first, first + count):
+      batch = self.dataset.train_batch(config.data, config.seed, s, config.train.batch_size)
+      state, metrics = self._step(state, parallel.put_batch(batch, self.mesh))
+      history.append(jax.device_get(metrics))
+    return state, history
+
+
+def gradients(model, config, devices) -> dict:
+  """The gradient of the training loss at ``model``'s initial parameters under ``config`` on
+  the first batch of 8 of ``synthetic_dataset()`` (step key 7), data-parallel over
+  ``devices``, on the host."""
+  mesh = parallel.make_mesh(devices)
+  dataset = synthetic_dataset()
+  run = train.setup(config, dataset)
+  state, space = train.initialise(model, config, (8, 8, 2), run.tx, mesh)
+  loss_fn = train.make_loss_fn(model, space, config)
+  grad_fn = jax.jit(
+    jax.grad(lambda p, b: loss_fn(p, state.batch_stats, b, jax.random.key(7))[0]),
+    in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+  )
+  batch = parallel.put_batch(dataset.train_batch(config.data, 0, 0, 8), mesh)
+  return jax.device_get(grad_fn(state.params, batch))
+
+
+# Tiny members of each family (widths, depths, resolution) that keep its structure. The ENAS
+# cells are short ones that still use every op, a strided separable conv, and (reduction) an
+# input that no op reads.
+TINY_NORMAL_ARC = (0, 0, 1, 1, 2, 2, 0, 4)
+TINY_REDUCTION_ARC = (0, 3, 0, 4, 0, 1, 2, 2, 3, 0, 2, 4)
+FAMILIES = {  # family -> (its fields, image shape)
+  'shake_shake': (dict(stem_width=4, widths=(4, 8), blocks_per_stage=1), (8, 8, 3)),
+  'enas': (
+    dict(
+      filters=4,
+      normal_cells_per_stage=1,
+      normal_arc=TINY_NORMAL_ARC,
+      reduction_arc=TINY_REDUCTION_ARC,
+    ),
+    (8, 8, 3),
+  ),
+  'resnet': (dict(stem_width=8, widths=(4, 8), blocks_per_stage=(1, 1)), (16, 16, 3)),
+  'densenet': (dict(stem_width=8, blocks=(2, 3), growth_rate=4, bottleneck_width=8), (16, 16, 3)),
+}
+# one searchable conv per family that a test makes lose every input
+REMOVED_CONV = {
+  'shake_shake': ('stage1_block0', 'branch1', 'conv1'),
+  'enas': ('cell1', 'node3_op0', 'sep0'),  # reduction cell: sep5x5, stride 2
+  'resnet': ('stage1_block0', 'multi_kernel', 'branch3'),
+  'densenet': ('block1_layer2', 'conv1x1'),  # 3 groups: a dense layer's every source
+}
+
+
+def supernet(family: str, num_classes: int = 10, **fields):
+  """The super-network ``family`` with its ``fields``, as the config builds it."""
+  return supernets.build(family_config(family, **fields).model, num_classes)
+
+
+@functools.cache
+def family_net(family: str) -> tuple:
+  """(model, initial variables, image shape) of ``family``'s tiny member, of 3 classes;
+  XLA:CPU compiles inits slowly, so once each (with the cheap-to-compile 'rbg' key)."""
+  fields, image_shape = FAMILIES[family]
+  model = supernet(family, num_classes=3, **fields)
+  variables = jax.jit(
+    lambda k: model.init({'params': k}, jnp.zeros((1,) + image_shape), train=False)
+  )(jax.random.key(0, impl='rbg'))
+  return model, variables, image_shape
+
+
+def apply(model, variables, images):
+  """``model``'s logits of ``images`` at evaluation."""
+  return jax.jit(functools.partial(model.apply, train=False))(variables, images)
+
+
+def trained_looking(variables, normal=None) -> dict:
+  """The weights and BatchNorm statistics of ``variables`` moved by 0.2 ``normal(shape)``,
+  drawn leaf by leaf (default: NumPy's generator of seed 1), the statistics made positive:
+  random weights and non-trivial BatchNorm statistics, as after training."""
+  if normal is None:
+    rng = np.random.default_rng(1)
+    normal = lambda shape: rng.normal(size=shape).astype(np.float32)
+  v = jax.tree.map(
+    lambda x: x + 0.2 * normal(x.shape),
+    {'params': variables['params'], 'batch_stats': variables['batch_stats']},
+  )
+  v['batch_stats'] = jax.tree.map(jnp.abs, v['batch_stats'])  # variances must be positive
+  return v
+
+
+def family_case(family: str) -> tuple:
+  """(model, initial variables, ``trained_looking`` variables, search space, 3 random images)
+  of ``family``'s tiny member."""
+  model, init_variables, image_shape = family_net(family)
+  variables = trained_looking(init_variables)
+  images = np.asarray(jax.random.normal(jax.random.key(5), (3,) + image_shape))
+  return model, init_variables, variables, space_lib.from_variables(init_variables), images
+
+
+def candidate_mask(space, p: float = 0.4, seed: int = 4) -> dict:
+  """A candidate's mask (NumPy arrays) drawn at drop rate ``p`` with key ``seed``."""
+  logits = masks_lib.init_drop_logits(space.template, p)
+  drawn = masks_lib.candidate_masks(jax.random.key(seed), jnp.arange(1), logits, space.template)
+  return jax.tree.map(lambda m: np.array(m[0]), drawn)
+
+
+def remove_conv(mask: dict, path: tuple):
+  """Drops every input of the conv at ``path`` of ``mask``."""
+  node = mask
+  for name in path:
+    node = node[name]
+  for group in node:
+    node[group] = np.zeros_like(node[group])
