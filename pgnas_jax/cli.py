@@ -8,6 +8,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -64,7 +65,7 @@ def check_config_file(argv) -> None:
         f'cannot load the config {path}: it defines no get_config(); a config file '
         f'defines get_config() returning an ml_collections.ConfigDict (see configs/)'
       )
-    get_config(arg) if arg else get_config()
+    config = get_config(arg) if arg else get_config()
   except Exception as e:  # noqa: BLE001 - the user's code may raise anything
     lines = [
       f.lineno
@@ -73,6 +74,11 @@ def check_config_file(argv) -> None:
     ]
     where = f' at line {lines[-1]}' if lines else ''
     fail(f'cannot load the config {path}: {type(e).__name__}{where}: {one_line(e)}')
+  if not isinstance(config, ml_collections.ConfigDict):
+    fail(
+      f'cannot load the config {path}: its get_config() returned {type(config).__name__}; a '
+      f'config file defines get_config() returning an ml_collections.ConfigDict (see configs/)'
+    )
 
 
 def define_config_flag(default_path: str):

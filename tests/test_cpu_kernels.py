@@ -374,3 +374,29 @@ def test_kernel_failing_its_self_check_is_not_used(monkeypatch, caplog):
     assert _relative(dx, dx0) < 2e-5 and _relative(dkernel, dkernel0) < 2e-5
   finally:
     cpu_kernels._passes.cache_clear()
+
+
+@pytest.mark.parametrize('cached', ['garbage', 'another library'])
+def test_a_cached_library_that_is_not_ours_is_built_again(tmp_path, cached):
+  """A file at the cache's path that does not load, or loads without our handlers (a stale
+  or foreign library), is replaced by a fresh build, with one warning; the kernels work."""
+  code = (
+    'import _ctypes, shutil, sys\n'
+    'from pgnas_jax.backends.cpu import kernels\n'
+    'target = kernels._recipe()[0]\n'
+    'target.parent.mkdir(parents=True)\n'
+    'if sys.argv[1] == "garbage":\n'
+    '  target.write_bytes(b"not a library")\n'
+    'else:\n'
+    '  shutil.copyfile(_ctypes.__file__, target)  # a shared library, without our handlers\n'
+    'assert kernels.available(), kernels._loaded()\n'
+    'print(kernels._recipe()[0].read_bytes()[:4] == b"\\x7fELF")\n'
+  )
+  env = {**os.environ, 'XDG_CACHE_HOME': str(tmp_path), cpu_kernels.EXTRA_FLAGS: '-O0'}
+  done = subprocess.run(
+    [sys.executable, '-c', code, cached], env=env, cwd=_ROOT, capture_output=True, text=True
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip() == 'True'
+  lines = [line for line in done.stderr.splitlines() if 'cached CPU kernel library' in line]
+  assert len(lines) == 1 and 'building it again' in lines[0], done.stderr[-3000:]

@@ -131,6 +131,7 @@ def test_values_that_cannot_run_are_refused(field, value, message):
     ("raise ValueError('boom')\n", 'ValueError at line 1: boom'),
     ('x = 1\n', 'it defines no get_config()'),
     ('def get_config():\n  return 1 / 0\n', 'ZeroDivisionError at line 2: division by zero'),
+    ('def get_config():\n  pass\n', 'its get_config() returned NoneType'),
   ],
 )
 def test_a_config_file_that_raises_or_has_no_get_config_is_one_line(

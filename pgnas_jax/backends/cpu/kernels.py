@@ -55,6 +55,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import time
 
 import jax
 import jax.numpy as jnp
@@ -116,8 +117,9 @@ def compiler() -> str:
   return found
 
 
-def build() -> pathlib.Path:
-  """The handlers' shared library, compiled on first use; raises ``Unavailable``."""
+def _recipe() -> tuple:
+  """(where the library is cached, the command that builds it: compiler, flags, the output
+  path last but the link flags), for this source, compiler, flags and CPU."""
   compiler_path = compiler()
   header = _package_file(HEADERS_PACKAGE, '/oneapi/dnnl/dnnl.hpp')
   library = _package_file(RUNTIME_PACKAGE, '/libdnnl.so.3')
@@ -130,19 +132,60 @@ def build() -> pathlib.Path:
     SOURCE.read_bytes()
     + '|'.join([jax.__version__, compiler_path, *flags, *includes, *links, _cpu_flags()]).encode()
   ).hexdigest()[:16]  # -march=native: a cache shared by different CPUs keeps one per CPU
-  target = _cache_dir() / f'cpu_kernels-{identity}.so'
-  if target.exists():
+  return _cache_dir() / f'cpu_kernels-{identity}.so', [compiler_path, *flags, *includes], links
+
+
+def build(again: bool = False) -> pathlib.Path:
+  """The handlers' shared library, compiled on first use (``again``: even if cached);
+  raises ``Unavailable``."""
+  target, command, links = _recipe()
+  if target.exists() and not again:
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
   partial = target.with_suffix(f'.{os.getpid()}.partial')
-  command = [compiler_path, *flags, *includes, str(SOURCE), '-o', str(partial), *links]
   logging.info('building the CPU kernels once for this CPU: %s', target)
-  done = subprocess.run(command, capture_output=True, text=True)
+  done = subprocess.run(
+    [*command, str(SOURCE), '-o', str(partial), *links], capture_output=True, text=True
+  )
   if done.returncode:
     partial.unlink(missing_ok=True)
     raise Unavailable(f'compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}')
   os.replace(partial, target)  # atomic: processes building at once agree on the file
   return target
+
+
+def _open(path: pathlib.Path):
+  """The library at ``path`` with every handler; OSError or AttributeError when it does not
+  load or lacks one. Opened under a name of its own: the dynamic loader keeps a library by
+  its path, so a file rebuilt at the same path would otherwise not be read again."""
+  alias = path.with_suffix(f'.{os.getpid()}.{time.monotonic_ns()}.so')
+  shutil.copyfile(path, alias)
+  try:
+    library = ctypes.CDLL(str(alias))
+  finally:
+    alias.unlink()
+  for name in TARGETS.values():
+    getattr(library, name)
+  return library
+
+
+def _library():
+  """The cached library, built again once if it does not load or is not this source's (a
+  stale or foreign file at its path); raises ``Unavailable``."""
+  path = build()
+  try:
+    return _open(path)
+  except (OSError, AttributeError) as e:
+    logging.warning(
+      'the cached CPU kernel library %s does not load or lacks its handlers (%s): building '
+      'it again',
+      path,
+      e,
+    )
+  try:
+    return _open(build(again=True))
+  except (OSError, AttributeError) as e:
+    raise Unavailable(f'the CPU kernel library built at {path} does not load ({e})') from None
 
 
 @functools.cache
@@ -151,13 +194,13 @@ def _loaded() -> str | None:
   if os.environ.get(SWITCH, '').lower() == 'xla':
     return f'{SWITCH}=xla'
   try:
-    library = ctypes.CDLL(str(build()))
-  except (Unavailable, OSError) as e:
+    library = _library()
+  except Unavailable as e:
     logging.warning(
       "oneDNN's convolutions are unavailable (%s); this run keeps XLA's convolutions and "
-      'BatchNorm on the CPU, which train about 1.7x slower. To use them: %s.',
+      'BatchNorm on the CPU, which train about 1.7x slower.%s',
       e,
-      INSTALL_HINT,
+      '' if 'does not load' in str(e) else f' To use them: {INSTALL_HINT}.',
     )
     return str(e)
   for name in TARGETS.values():
