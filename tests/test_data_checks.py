@@ -3,6 +3,8 @@ before training: each bad input is one line naming the file or split and the fix
 status 2, and a workdir holding only what the user put there."""
 
 import gzip
+import io
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -132,6 +134,46 @@ BAD_NPZ = [
     "{path}, key 'x_train': channel 0 of the training images is the same value everywhere",
   ),
 ]
+
+
+@pytest.mark.parametrize('num_classes', [3, 0], ids=['classes_set', 'classes_inferred'])
+def test_labels_beyond_int32_are_refused_not_wrapped(tmp_path, capsys, num_classes):
+  """A label of 2**32 + 1 would train as class 1 once cast to int32: labels are checked in
+  the type they were stored in, whether the number of classes is set or inferred."""
+  arrays = _arrays()
+  arrays['y_train'] = arrays['y_train'].astype(np.uint64)
+  arrays['y_train'][5] = 2**32 + 1
+  path = _save(tmp_path / 'mine.npz', arrays)
+  err = tiny.refused(_npz_config(path, num_classes=num_classes), tmp_path / 'workdir', capsys)
+  assert f"{path}, key 'y_train': label 4294967297 of example 5 is larger than 2147483647" in err
+
+
+def test_an_npz_header_claiming_more_than_memory_is_one_line(tmp_path, capsys):
+  arrays = _arrays()
+  path = _save(tmp_path / 'mine.npz', arrays)
+  header = io.BytesIO()  # x_train claims 2**44 bytes (16 TiB) and holds one
+  np.lib.format.write_array_header_1_0(
+    header, {'descr': '|u1', 'fortran_order': False, 'shape': (2**44,)}
+  )
+  with zipfile.ZipFile(path, 'w') as f:
+    f.writestr('x_train.npy', header.getvalue() + b'\0')
+    for key in ('y_train', 'x_test', 'y_test'):
+      member = io.BytesIO()
+      np.save(member, arrays[key])
+      f.writestr(f'{key}.npy', member.getvalue())
+  err = tiny.refused(_npz_config(path), tmp_path / 'workdir', capsys)
+  assert f'{path} holds arrays larger than this machine can hold in memory' in err
+
+
+def test_float_pixels_of_any_finite_scale_are_normalised(tmp_path):
+  """Pixels scaled by 1e20 overflowed float32 statistics: every image became 0."""
+  arrays = _arrays()
+  for split in ('train', 'test'):
+    arrays[f'x_{split}'] = arrays[f'x_{split}'].astype(np.float32) * np.float32(1e20)
+  dataset = data_lib.load(_npz_config(_save(tmp_path / 'big.npz', arrays), num_classes=3).data)
+  assert np.all(np.isfinite(dataset.std)) and np.all(dataset.std > 0)
+  images = next(dataset.eval_batches(dataset.test, 20))['images']
+  assert np.all(np.isfinite(images)) and 0.5 < float(images.std()) < 2.0
 
 
 @pytest.mark.parametrize('case, spoil, message', BAD_NPZ, ids=[c[0] for c in BAD_NPZ])

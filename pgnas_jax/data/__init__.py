@@ -243,14 +243,14 @@ def load(data: ml_collections.ConfigDict) -> Source:
   val, train = _carve(images.shape[0], data.validation_size)
   train_split = Split(images[train], labels[train])
   checks.check_spread(train_split.images, train_raw.origin)
-  pixels = train_split.images.reshape(-1, train_split.images.shape[-1]) / 255.0
+  mean, std = pixels.statistics(train_split.images)
   return Dataset(
     train=train_split,
     validation=Split(images[val], labels[val]),
     test=test,
     num_classes=num_classes,
-    mean=pixels.mean(0).astype(np.float32),
-    std=pixels.std(0).astype(np.float32),
+    mean=mean,
+    std=std,
   )
 
 

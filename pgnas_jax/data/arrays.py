@@ -3,7 +3,7 @@ takes from a user who holds the images already (the example reads an .npz into o
 
 import numpy as np
 
-from pgnas_jax.data import Dataset, Split, _carve
+from pgnas_jax.data import Dataset, Split, _carve, pixels
 from pgnas_jax.errors import DataError
 
 
@@ -44,12 +44,12 @@ def from_arrays(
   labels = np.asarray(train_labels, np.int32)
   val, train = _carve(images.shape[0], validation_size)
   train_split = Split(images[train], labels[train])
-  pixels = train_split.images.reshape(-1, train_split.images.shape[-1]) / 255.0
+  mean, std = pixels.statistics(train_split.images)
   return Dataset(
     train=train_split,
     validation=Split(images[val], labels[val]),
     test=Split(test_images, np.asarray(test_labels, np.int32)),
     num_classes=num_classes,
-    mean=pixels.mean(0).astype(np.float32),
-    std=pixels.std(0).astype(np.float32),
+    mean=mean,
+    std=std,
   )

@@ -46,10 +46,10 @@ def checked_split(raw: Raw, num_classes: int, image_shape: tuple | None = None) 
       f'training images are {_shape(image_shape)}: every split needs the '
       f"training images' shape; {raw.origin.fix}"
     )
-  check_labels(labels, num_classes, raw.origin)
+  check_labels(labels, num_classes, raw.origin)  # in the type they were stored in
   if images.dtype == np.float32:
     _check_finite(images, raw.origin)
-  return images, labels
+  return images, labels.astype(np.int32)
 
 
 def _shape(shape: tuple) -> str:
@@ -87,11 +87,21 @@ def _checked_labels(labels: np.ndarray, num_images: int, origin: Origin) -> np.n
       f'{origin.labels} holds {labels.shape[0]} labels but {origin.images} '
       f'holds {num_images} images: give every image one label; {origin.fix}'
     )
-  return labels.astype(np.int32)
+  return labels
+
+
+LARGEST_LABEL = int(np.iinfo(np.int32).max)  # labels are int32 on the devices
 
 
 def check_labels(labels: np.ndarray, num_classes: int, origin: Origin) -> None:
-  """Every label in [0, num_classes)."""
+  """Every label in [0, num_classes), checked in the type the labels were stored in."""
+  large = np.flatnonzero(labels > LARGEST_LABEL)
+  if large.size:
+    raise DataError(
+      f'{origin.labels}: label {labels[large[0]]} of example {large[0]} is larger than '
+      f'{LARGEST_LABEL} ({large.size} such labels): labels are class indices 0 .. '
+      f'classes - 1; {origin.fix}'
+    )
   bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
   if bad.size:
     raise DataError(

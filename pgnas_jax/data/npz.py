@@ -32,6 +32,11 @@ def _arrays(path: str) -> dict:
     with np.load(path, allow_pickle=False) as f:
       held = list(f.files)
       arrays = {k: f[k] for k in KEYS if k in held}
+  except MemoryError as e:  # a header may claim more than the file holds
+    raise DataError(
+      f'{path} holds arrays larger than this machine can hold in memory ({e}), or a '
+      f'damaged header that claims so: {_how_to_write(path)} with arrays that fit'
+    ) from None
   except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
     raise DataError(
       f'{path} cannot be read as an .npz file of arrays ({e}), e.g. it is '
