@@ -477,6 +477,15 @@ CONSTRAINTS = (
     ("data.num_classes is for data.name='npz' only (the other data sets know theirs): leave it 0"),
   ),
   (
+    ('model.family', 'model.custom.module', 'model.custom.kwargs'),
+    lambda family, module, kwargs: family == 'custom' or (module, kwargs) == ('', '{}'),
+    (
+      "model.custom.* names the module of model.family='custom' only: set "
+      '--config.model.family=custom to search it, or leave model.custom.module and kwargs '
+      'unset'
+    ),
+  ),
+  (
     ('model.family', 'model.custom.module'),
     lambda family, module: family != 'custom' or bool(module),
     (

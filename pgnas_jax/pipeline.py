@@ -92,13 +92,16 @@ def run(
     if plan == 'resume' and start_over:
       logging.info('resuming the run that --start_over began in %s', workdir)
     dataset, model = _checked_inputs(config, model, dataset)
+    source = custom.source(model) if config.model.family == 'custom' else None
+    if plan == 'resume':
+      resume.check_module_source(workdir, source)
     # With several processes the workdir is shared: every process has read it above before
     # process 0 changes it, and none goes on before it is ready.
     parallel.barrier('workdir checked')
     with _disk_full_answered(workdir, config, model, dataset):
       if parallel.is_main_process():
         held.claim()
-        _prepare(workdir, config, fresh_start=plan == 'fresh' and start_over)
+        _prepare(workdir, config, plan == 'fresh' and start_over, source)
       parallel.barrier('workdir ready')
       checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
       try:
@@ -122,16 +125,20 @@ def _checked_inputs(config, model, dataset) -> tuple:
   if model is None:
     model = supernets.build(config.model, dataset.num_classes)
   if config.model.family == 'custom':
-    custom.check(model, dataset.image_shape, dataset.num_classes)
+    custom.check(model, dataset, config)
   return dataset, model
 
 
-def _prepare(workdir: str, config, fresh_start: bool) -> None:
+def _prepare(workdir: str, config, fresh_start: bool, source: dict | None) -> None:
+  """The workdir made ready: emptied for ``--start_over``, its folders, config.json and, for
+  a custom module, the source it runs (``custom.source``)."""
   if fresh_start:
     resume.start_over(workdir)
   os.makedirs(workdir_lib.path(workdir, workdir_lib.SEARCH), exist_ok=True)
   os.makedirs(workdir_lib.path(workdir, workdir_lib.PLOTS), exist_ok=True)
   workdir_lib.write_json(workdir_lib.path(workdir, workdir_lib.CONFIG), config.to_dict())
+  if source is not None:
+    workdir_lib.write_json(workdir_lib.path(workdir, workdir_lib.MODULE_SOURCE), source)
   if fresh_start:  # marks the run as --start_over's, see resume.plan
     workdir_lib.write_atomically(workdir_lib.path(workdir, workdir_lib.STARTED_OVER), '')
 

@@ -27,6 +27,7 @@ UNREADABLE_CHECKPOINTS = 'checkpoints_unreadable'
 TENSORBOARD = 'tensorboard'  # event files, when tensorboardX is installed
 PROFILE = 'profile'  # jax.profiler traces of log.profile_steps
 STARTED_OVER = '.started_over'  # the run was begun by --start_over: its rerun resumes it
+MODULE_SOURCE = 'module_source.json'  # a custom module's source file and digest
 # Everything above, the top-level names: what --start_over deletes.
 OUTPUTS = (
   CONFIG,
@@ -41,6 +42,7 @@ OUTPUTS = (
   TENSORBOARD,
   PROFILE,
   STARTED_OVER,
+  MODULE_SOURCE,
 )
 # What a finished run holds beside report.md; one missing is made again by the rerun.
 FINISHED_OUTPUTS = (

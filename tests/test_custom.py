@@ -137,9 +137,25 @@ class Features(nn.Module):
     return jnp.mean(pgnas_jax.SearchableConv(4)(x), axis=(1, 2))
 
 
+class BatchOfTwo(nn.Module):
+  """Written for batches of two: fits the first check's batch, not the run's."""
+
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = jnp.mean(pgnas_jax.SearchableConv(4)(x), axis=(1, 2)).reshape(2, 4)
+    return pgnas_jax.Dense(self.num_classes)(x)
+
+
 @pytest.mark.parametrize(
   'module, message',
   [
+    (
+      BatchOfTwo(10),
+      'BatchOfTwo fails with train=True on a batch of 32 images (train.batch_size, '
+      'search.eval_batch_size): TypeError',
+    ),
     (NoSearchable(10), 'NoSearchable has no pgnas_jax.SearchableConv: nothing to search'),
     (NoTrainFlag(10), 'NoTrainFlag.__call__(self, x) must take (self, images, train: bool)'),
     (PlainDense(10), "PlainDense: layer 'Dense_0' holds a kernel the cost model does not count"),
@@ -186,9 +202,28 @@ def test_a_module_the_pipeline_cannot_use_is_refused(tmp_path, module, message):
       "--config.model.custom.kwargs='[4, 8]' is out of range: it must be a JSON object",
     ),
     ({}, "model.family='custom' needs its class"),
+    (
+      {'model.family': 'shake_shake', 'model.custom.module': MODULE},
+      "model.custom.* names the module of model.family='custom' only",
+    ),
+    (
+      {'model.custom.module': 'user_net:Net', 'source': 'raise RuntimeError("no GPU here")\n'},
+      'importing user_net fails with RuntimeError: no GPU here; fix the module',
+    ),
+    (
+      {'model.custom.module': 'user_net:Net', 'source': 'def broken(:\n'},
+      'importing user_net fails with SyntaxError: ',
+    ),
   ],
 )
-def test_a_config_naming_a_bad_module_is_refused(tmp_path, custom, message):
+def test_a_config_naming_a_bad_module_is_refused(tmp_path, monkeypatch, custom, message):
+  source = custom.pop('source', None)
+  if source is not None:  # the user's own module, importable from the working directory
+    folder = tmp_path / 'code'
+    folder.mkdir()
+    (folder / 'user_net.py').write_text(source)
+    monkeypatch.syspath_prepend(str(folder))
+    tmp_path = tmp_path / 'workdir'
   tiny.users_workdir(tmp_path)
   config = tiny.default_config({**TINY, 'model.family': 'custom', **custom})
   with pytest.raises(errors.ConfigError) as e:
@@ -280,3 +315,36 @@ def test_example_searches_its_cnn_on_an_npz(tmp_path):
   assert len(candidates) == 4
   assert arch['val_acc'] == max(c['val_acc'] for c in candidates)
   assert (tmp_path / 'run' / 'report.md').exists()
+
+
+def test_a_run_resumed_with_other_module_code_is_refused(tmp_path, monkeypatch):
+  """One search ranks one network: a custom module whose source file changed between a
+  stop and the rerun is refused in one line, the workdir as it was."""
+  code = tmp_path / 'code'
+  code.mkdir()
+  (code / 'user_net.py').write_text(
+    'from examples.tiny_cnn import SmallVGG\n\n\nclass Net(SmallVGG):\n  pass\n'
+  )
+  monkeypatch.syspath_prepend(str(code))
+  config = tiny.default_config(
+    {
+      **TINY,
+      'data.data_dir': tiny.small_fashion_mnist(),
+      'model.family': 'custom',
+      'model.custom.module': 'user_net:Net',
+      'model.custom.kwargs': '{"widths": [4, 8]}',
+    }
+  )
+  workdir = tmp_path / 'run'
+  pipeline.run(config, str(workdir))
+  recorded = json.loads((workdir / 'module_source.json').read_text())
+  assert recorded['module'] == 'user_net:Net' and recorded['file'].endswith('user_net.py')
+  (workdir / 'report.md').unlink()  # as if stopped before the end
+  before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+  with open(code / 'user_net.py', 'a') as f:
+    f.write('# tuned since\n')
+  with pytest.raises(errors.IncompatibleWorkdirError) as e:
+    pipeline.run(config, str(workdir))
+  assert 'holds a run of user_net:Net whose source has changed since it began' in str(e.value)
+  assert '\n' not in str(e.value)
+  assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()} == before

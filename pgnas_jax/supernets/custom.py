@@ -16,6 +16,7 @@ what a module must satisfy):
 """
 
 import dataclasses
+import hashlib
 import importlib
 import inspect
 import json
@@ -54,6 +55,10 @@ def load_class(spec: str) -> type:
       f'{MODULE_FIELD}={spec!r} cannot be imported ({e}): run from the folder '
       f'holding {module_name.split(".")[0]} or install it'
     ) from None
+  except Exception as e:  # noqa: BLE001  (the user's code: any error is answered in one line)
+    raise ConfigError(
+      f'{MODULE_FIELD}={spec!r}: importing {module_name} fails with {_one_line(e)}; fix the module'
+    ) from None
   cls = getattr(module, class_name, None)
   if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
     raise ConfigError(
@@ -61,6 +66,26 @@ def load_class(spec: str) -> type:
       f'{class_name!r}; name the class that defines your network'
     )
   return cls
+
+
+def _one_line(e: Exception) -> str:
+  """``Type: text`` of an exception the user's code raised, on one line, with the file and
+  line of a SyntaxError."""
+  where = f' ({e.filename}, line {e.lineno})' if isinstance(e, SyntaxError) else ''
+  return f'{type(e).__name__}: {" ".join(str(e).split())[:300]}{where}'
+
+
+def source(model: nn.Module) -> dict | None:
+  """The class of ``model``, the file that defines it and that file's SHA-256: a run of a
+  custom module is a run of this code (None where the class has no source file)."""
+  cls = type(model)
+  try:
+    path = inspect.getsourcefile(cls)
+    with open(path, 'rb') as f:
+      digest = hashlib.sha256(f.read()).hexdigest()
+  except (TypeError, OSError):
+    return None
+  return {'module': f'{cls.__module__}:{cls.__qualname__}', 'file': path, 'sha256': digest}
 
 
 def _takes_num_classes(cls: type) -> bool:
@@ -80,6 +105,11 @@ def build(custom: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     raise ConfigError(
       f'{KWARGS_FIELD}={custom.kwargs!r} is refused by {custom.module}: {e}; '
       f'give only fields the class declares'
+    ) from None
+  except Exception as e:  # noqa: BLE001  (the user's code)
+    raise ConfigError(
+      f'{custom.module}({custom.kwargs}) fails with {_one_line(e)}; fix the module or '
+      f'{KWARGS_FIELD}'
     ) from None
 
 
@@ -127,10 +157,9 @@ def _run(name: str, what: str, fn, *args):
   except ConfigError:
     raise
   except Exception as e:  # noqa: BLE001  (the user's code: any error is answered in one line)
-    text = ' '.join(str(e).split())[:300]
     raise ConfigError(
-      f'{name} fails {what}: {type(e).__name__}: {text}; fix the module or '
-      f'the values it was given ({KWARGS_FIELD})'
+      f'{name} fails {what}: {_one_line(e)}; fix the module or the values it was given '
+      f'({KWARGS_FIELD})'
     ) from None
 
 
@@ -147,11 +176,13 @@ def _uncounted_kernels(variables: dict) -> list:
   return out
 
 
-def check(model: nn.Module, image_shape: tuple, num_classes: int) -> None:
-  """Raises ConfigError with one line when the pipeline cannot search ``model``."""
+def check(model: nn.Module, dataset, config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError with one line when the pipeline cannot search ``model`` on
+  ``dataset`` with ``config``: shapes only, at the batch sizes the run will use."""
   name = type(model).__name__
+  image_shape, num_classes = tuple(dataset.image_shape), dataset.num_classes
   _check_signature(model, name)
-  images = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
+  images = jnp.zeros((2,) + image_shape, jnp.float32)
   variables = _run(
     name,
     f'at init on images of shape {images.shape}',
@@ -184,12 +215,14 @@ def check(model: nn.Module, image_shape: tuple, num_classes: int) -> None:
       f'{images.shape[0]} images; it must return logits of shape [batch, '
       f'{num_classes}] (the data set has {num_classes} classes)'
     )
-  _run(
-    name,
-    'with train=True',
-    lambda v, k: model.apply(
-      v, images, train=True, rngs={'shake': k}, mutable=['batch_stats', layers.AUXILIARY_LOGITS]
-    ),
-    trained,
-    jax.random.key(0),
-  )
+  for batch, train in ((config.train.batch_size, True), (config.search.eval_batch_size, False)):
+    _run(
+      name,
+      f'with train={train} on a batch of {batch} images (train.batch_size, search.eval_batch_size)',
+      lambda v, k, x, t=train: model.apply(
+        v, x, train=t, rngs={'shake': k}, mutable=['batch_stats', layers.AUXILIARY_LOGITS]
+      ),
+      trained,
+      jax.random.key(0),
+      jax.ShapeDtypeStruct((batch,) + image_shape, jnp.float32),
+    )
