@@ -94,7 +94,7 @@ def run(
     dataset, model = _checked_inputs(config, model, dataset)
     source = custom.source(model) if config.model.family == 'custom' else None
     if plan == 'resume':
-      resume.check_module_source(workdir, source)
+      custom.check_source(workdir, source)
     # With several processes the workdir is shared: every process has read it above before
     # process 0 changes it, and none goes on before it is ready.
     parallel.barrier('workdir checked')

@@ -95,26 +95,6 @@ def sampler_changed(workdir: str, config: ml_collections.ConfigDict) -> bool:
   )
 
 
-def check_module_source(workdir: str, source: dict | None) -> None:
-  """A run of a custom module resumes only with the source it began with
-  (``custom.source``): one search ranks one network. A run begun before the source was
-  recorded resumes as it is."""
-  path = workdir_lib.path(workdir, workdir_lib.MODULE_SOURCE)
-  if source is None or not os.path.exists(path):
-    return
-  try:
-    saved = workdir_lib.read_json(path)
-  except ValueError:
-    saved = {}
-  if saved.get('sha256') != source['sha256']:
-    raise errors.IncompatibleWorkdirError(
-      f'--workdir={workdir} holds a run of {source["module"]} whose source has changed since '
-      f'it began ({source["file"]}: sha256 {str(saved.get("sha256"))[:12]} then, '
-      f'{source["sha256"][:12]} now); nothing was changed. Restore that code to resume it, '
-      f'choose a new --workdir, or add --start_over to delete its outputs and start again'
-    )
-
-
 def start_over(workdir: str) -> None:
   """Deletes an earlier run's outputs, config.json last: a kill part way never leaves
   checkpoints or candidates without the config that made them."""

@@ -13,6 +13,7 @@ from pgnas_jax import data as data_lib
 from pgnas_jax import errors, parallel, report, samplers, search, supernets, train
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import space as space_lib
+from pgnas_jax.supernets import custom
 
 
 class Trained(NamedTuple):
@@ -50,6 +51,8 @@ def restore(
   dataset = data_lib.load(config.data) if dataset is None else dataset
   mesh = parallel.make_mesh() if mesh is None else mesh
   model = supernets.build(config.model, dataset.num_classes)
+  if config.model.family == supernets.CUSTOM:  # the code the run trained, or a refusal
+    custom.check_source(workdir, custom.source(model))
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   try:
     state, space = train.resume(model, config, dataset, mesh, checkpointer)

@@ -244,3 +244,54 @@ def test_export_cli_splits_the_cpu_as_the_run_did(finished_run, tmp_path):
     assert f'one single-threaded device of {count}' in device, device
   else:
     assert 'device of' not in device, device
+
+
+@pytest.mark.xdist_group('compact_run')  # shares a module fixture
+def test_export_cli_reads_a_damaged_or_busy_workdir_as_the_main_job(finished_run, tmp_path, capsys):
+  """The export command reads the workdir through the main job's readers, under its lock:
+  a cut candidates line is cut back; a missing or damaged file, a file given as the
+  workdir, or a workdir in use is one line."""
+  import os
+  import shutil
+
+  from pgnas_jax import export, lock
+
+  workdir, arch = finished_run
+
+  def copy(name):
+    target = str(tmp_path / name)
+    shutil.copytree(workdir, target)
+    return target
+
+  cut = copy('cut')
+  path = os.path.join(cut, 'search', 'candidates.jsonl')
+  with open(path) as f:
+    lines = f.readlines()
+  with open(path, 'w') as f:
+    f.writelines(lines[:-1] + [lines[-1][: len(lines[-1]) // 2]])
+  export.main(['--workdir', cut, '--candidate', '0', '--no-latency'])
+  assert os.path.exists(os.path.join(cut, 'search', 'candidate0_compact.npz'))
+  capsys.readouterr()
+  empty_config, no_arch, no_candidates, busy = (copy(n) for n in ('c', 'a', 'n', 'b'))
+  open(os.path.join(empty_config, 'config.json'), 'w').close()
+  os.remove(os.path.join(no_arch, 'search', 'arch.json'))
+  open(os.path.join(no_candidates, 'search', 'candidates.jsonl'), 'w').close()
+  a_file = str(tmp_path / 'a_file')
+  open(a_file, 'w').close()
+  held = lock.WorkdirLock(busy)
+  held.acquire()
+  try:
+    for argv, message in (
+      (['--workdir', empty_config], 'config.json (the config the run was made with) is empty'),
+      (['--workdir', no_arch], "arch.json (the winner's description) is missing: rerun"),
+      (['--workdir', no_candidates, '--candidate', '0'], 'it holds no candidate'),
+      (['--workdir', a_file], 'is a file, not a folder'),
+      (['--workdir', busy], 'is in use by another run'),
+    ):
+      with pytest.raises(SystemExit) as stopped:
+        export.main(argv)
+      assert stopped.value.code == 2
+      err = capsys.readouterr().err
+      assert err.startswith('pgnas_jax: ') and message in err and err.count('\n') == 1, err
+  finally:
+    held.release()

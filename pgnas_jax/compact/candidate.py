@@ -6,7 +6,6 @@ Candidate ``c``'s mask is drawn again from its index, ``fold_in(search_key, c)``
 drop logits of the last checkpoint: the mask the search scored (``search.candidate_mask``).
 """
 
-import json
 import logging
 import os
 
@@ -14,6 +13,8 @@ import jax
 import ml_collections
 
 from pgnas_jax import compact, errors, parallel, samplers, trained
+from pgnas_jax import lock as lock_lib
+from pgnas_jax import records as records_lib
 from pgnas_jax import data as data_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.compact import files, latency
@@ -35,46 +36,69 @@ def deploy(
   return out
 
 
-def _read_json_lines(path: str) -> list:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def _workdir_file(workdir: str, name: str, what: str):
+  """The JSON file ``name`` of the run in ``workdir``; a missing or damaged one is refused in
+  one line saying what it held and how to get it back."""
+  path = workdir_lib.path(workdir, name)
+  try:
+    return workdir_lib.read_json(path)
+  except FileNotFoundError:
+    problem = 'is missing'
+  except ValueError as e:
+    problem = f'is empty or damaged ({type(e).__name__})'
+  raise errors.ExportError(
+    f'{path} ({what}) {problem}: rerun python -m pgnas_jax.main --workdir={workdir} with the '
+    f"run's config to write it again, or restore it from a copy"
+  )
 
 
 def finished_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of the finished run in ``workdir``; anything else is refused in one line."""
   if not os.path.isdir(workdir):
+    what = 'is a file, not a folder' if os.path.exists(workdir) else 'does not exist'
     raise errors.ExportError(
-      f'--workdir={workdir} does not exist; give the folder of a '
-      f'finished run of python -m pgnas_jax.main'
+      f'--workdir={workdir} {what}; give the folder of a finished run of python -m pgnas_jax.main'
     )
   if not os.path.exists(workdir_lib.path(workdir, workdir_lib.REPORT)):
     raise errors.ExportError(
       f'--workdir={workdir} holds no finished run (no report.md); run python -m '
       f'pgnas_jax.main --workdir={workdir} with its config to finish it first'
     )
-  return ml_collections.ConfigDict(
-    workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.CONFIG))
-  )
+  saved = _workdir_file(workdir, workdir_lib.CONFIG, 'the config the run was made with')
+  if not isinstance(saved, dict):
+    raise errors.ExportError(
+      f'{workdir_lib.path(workdir, workdir_lib.CONFIG)} holds no config; restore it from a copy'
+    )
+  return ml_collections.ConfigDict(saved)
 
 
 def _candidate(workdir: str, index) -> dict:
-  """The candidate's line of ``search/candidates.jsonl``; None: the winner's."""
+  """The candidate's line of ``search/candidates.jsonl`` (read as the main job reads it: up
+  to a cut or damaged line); None: the winner's."""
   if index is None:
-    index = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.ARCH))['index']
+    index = _workdir_file(workdir, workdir_lib.ARCH, "the winner's description")['index']
   records = {
-    r['index']: r for r in _read_json_lines(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
+    r['index']: r for r in records_lib.read(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
   }
   if index not in records:
+    held = f'candidates 0..{len(records) - 1}' if records else 'it holds no candidate'
     raise errors.ExportError(
-      f'--candidate={index} is not in {workdir}/search/candidates.jsonl (candidates '
-      f'0..{len(records) - 1}); give one of those'
+      f'--candidate={index} is not in {workdir}/search/candidates.jsonl ({held}); give one of those'
     )
   return records[index]
 
 
 def from_workdir(workdir: str, index=None, measure: bool = True) -> dict:
   """Exports candidate ``index`` (None: the winner) of a finished run as
-  ``search/candidate<index>_compact.{npz,stablehlo,json}``; returns the description."""
+  ``search/candidate<index>_compact.{npz,stablehlo,json}``, holding the workdir's lock as
+  the main job does; returns the description."""
+  finished_config(workdir)  # refused before the lock when it is no run's folder
+  with lock_lib.WorkdirLock(workdir) as held:
+    held.claim()
+    return _export(workdir, index, measure)
+
+
+def _export(workdir: str, index, measure: bool) -> dict:
   config = finished_config(workdir)
   record = _candidate(workdir, index)
   dataset = data_lib.load(config.data)

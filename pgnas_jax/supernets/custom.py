@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -28,7 +29,8 @@ import ml_collections
 from flax import traverse_util
 
 from pgnas_jax import layers
-from pgnas_jax.errors import ConfigError
+from pgnas_jax import workdir as workdir_lib
+from pgnas_jax.errors import ConfigError, IncompatibleWorkdirError
 
 MODULE_FIELD = '--config.model.custom.module'
 KWARGS_FIELD = '--config.model.custom.kwargs'
@@ -86,6 +88,26 @@ def source(model: nn.Module) -> dict | None:
   except (TypeError, OSError):
     return None
   return {'module': f'{cls.__module__}:{cls.__qualname__}', 'file': path, 'sha256': digest}
+
+
+def check_source(workdir: str, source: dict | None) -> None:
+  """A run of a custom module resumes only with the source it began with
+  (``source``): one search ranks one network. A run begun before the source was
+  recorded resumes as it is."""
+  path = workdir_lib.path(workdir, workdir_lib.MODULE_SOURCE)
+  if source is None or not os.path.exists(path):
+    return
+  try:
+    saved = workdir_lib.read_json(path)
+  except ValueError:
+    saved = {}
+  if saved.get('sha256') != source['sha256']:
+    raise IncompatibleWorkdirError(
+      f'--workdir={workdir} holds a run of {source["module"]} whose source has changed since '
+      f'it began ({source["file"]}: sha256 {str(saved.get("sha256"))[:12]} then, '
+      f'{source["sha256"][:12]} now); nothing was changed. Restore that code to resume it, '
+      f'choose a new --workdir, or add --start_over to delete its outputs and start again'
+    )
 
 
 def _takes_num_classes(cls: type) -> bool:
