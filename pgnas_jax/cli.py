@@ -32,11 +32,20 @@ def one_line(e: Exception) -> str:
 
 
 def quiet_libraries(record) -> bool:
-  """Keeps orbax's many INFO lines about its threads, and JAX's about a missing TPU
-  library on CPU and GPU, out of the progress log."""
+  """Keeps orbax's many INFO lines about its threads, its tracebacks of a full disk (the
+  run answers that in one line), and JAX's about a missing TPU library on CPU and GPU, out
+  of the progress log."""
   if observe.is_missing_tpu_notice(record):
     return False
+  if '/orbax/' in record.pathname and 'No space left on device' in _text(record):
+    return False
   return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def _text(record) -> str:
+  """A log record's message and the exception it carries."""
+  error = record.exc_info[1] if record.exc_info else None
+  return f'{record.getMessage()} {error or ""}'
 
 
 def parse_flags(argv):

@@ -4,6 +4,7 @@ writes). The streams written while the job runs (checkpoints, ``metrics.jsonl``,
 candidates' lines) belong to the stages that produce them."""
 
 import json
+import os
 
 from absl import logging
 
@@ -69,6 +70,20 @@ class Outputs:
     pareto.plot(records, front, self.path(workdir_lib.PARETO_PLOT))
     return front
 
+  def _metrics(self) -> list:
+    """``metrics.jsonl``'s lines; a file deleted after training is written again empty,
+    with a warning: only the training curves are lost, and the run can finish."""
+    path = self.path(workdir_lib.METRICS)
+    if not os.path.exists(path):
+      logging.warning(
+        '%s is missing (deleted after training?): the training curves of plots/training.png '
+        'are lost, the results are not; an empty one is written so that the run finishes',
+        path,
+      )
+      workdir_lib.write_atomically(path, '')
+    with open(path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
   def finished(self, result, budget, num_candidates: int) -> None:
     """arch.json, the plots, the Pareto fronts, timings and, last, report.md: its presence
     marks the run finished."""
@@ -76,8 +91,7 @@ class Outputs:
       return
     arch = result.arch
     workdir_lib.write_json(self.path(workdir_lib.ARCH), arch)
-    with open(self.path(workdir_lib.METRICS)) as f:
-      metrics = [json.loads(line) for line in f]
+    metrics = self._metrics()
     report.plot_posterior(result.posterior, self.path(workdir_lib.POSTERIOR_PLOT))
     report.plot_candidates(
       [r['val_acc'] for r in result.records],

@@ -148,8 +148,8 @@ def _disk_full_answered(workdir: str, config, model, dataset):
   """A full disk is answered in one line saying how much the run needs."""
   try:
     yield
-  except OSError as e:
-    if e.errno != errno.ENOSPC:
+  except Exception as e:
+    if not _disk_full(e):
       raise
     raise errors.WorkdirError(
       f'no space left on the device of --workdir={workdir}: this run needs about '
@@ -157,6 +157,14 @@ def _disk_full_answered(workdir: str, config, model, dataset):
       f'({shutil.disk_usage(workdir).free / 2**20:.0f} MB free now); free some and run the '
       f'same command again to resume'
     ) from None
+
+
+def _disk_full(e: Exception) -> bool:
+  """Whether ``e`` is a full disk: Python's own OSError, or the error orbax's writers
+  (tensorstore) raise for it, which names the OS error."""
+  if isinstance(e, OSError):
+    return e.errno == errno.ENOSPC
+  return 'No space left on device' in str(e) or "os_error_code='28'" in str(e)
 
 
 def _space_needed(model, config, dataset) -> int:
@@ -171,6 +179,17 @@ def _space_needed(model, config, dataset) -> int:
   weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes['params']))
   state = 2 * weights  # weights + SGD momentum; BatchNorm statistics and logits are small
   return (config.checkpoint.max_to_keep + 1) * state + 3 * weights + 16 * 2**20
+
+
+def _obey_stop(ctx: context_lib.Context, after: str) -> None:
+  """A stop request (SIGTERM, Ctrl-C) is obeyed between stages too, not only inside the
+  loops of training, the search and fine-tuning: every stage before is saved or is quick to
+  redo."""
+  if parallel.any_process(ctx.guard.requested):
+    raise errors.Preempted(
+      f'stopped by {ctx.guard.signal_name} after {after}; training and the search are '
+      f'saved. Run the same command again to resume'
+    )
 
 
 @contextlib.contextmanager
@@ -190,11 +209,14 @@ def run_stages(ctx: context_lib.Context) -> Result:
   outputs.posterior(posterior)
   with _timed(timings, 'search'):
     ranking = rank(ctx, trained, outputs)
+  _obey_stop(ctx, 'the search')
   with _timed(timings, 'test and export'):
     arch = test_and_export(ctx, trained, ranking, outputs)
   if ctx.config.finetune.steps > 0:
+    _obey_stop(ctx, 'testing and exporting the winner')
     with _timed(timings, 'fine-tune'):
       arch['finetuned'] = finetune_winner(ctx, trained, ranking, outputs)
+  _obey_stop(ctx, 'the winner was tested, exported and fine-tuned')
   result = Result(arch, posterior, ranking.records, ranking.winner, timings)
   sampler = samplers.from_config(ctx.config.search)
   outputs.finished(result, ranking.budget, sampler.num_candidates(ctx.config.search.num_candidates))
@@ -259,6 +281,7 @@ def test_and_export(
   full_test, _ = ranking.scorer.network(trained.state.variables, test)
   pruned = export.pruned_variables(ranking.variables, space, ranking.mask)
   outputs.winner_weights(pruned)
+  _obey_stop(ctx, 'testing the winner')  # its compact network and latency take longer
   arch = {
     'index': ranking.winner['index'],
     **export.describe(space, ranking.mask, pruned),

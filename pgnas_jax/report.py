@@ -73,6 +73,8 @@ def plot_training(metrics: list, path: str) -> None:
   axes[2].set_ylabel('mean drop probability')
   for ax in axes:
     ax.set_xlabel('step')
+    if not metrics:
+      ax.text(0.5, 0.5, 'no training metrics (metrics.jsonl was missing)', ha='center')
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

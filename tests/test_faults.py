@@ -195,13 +195,28 @@ def test_start_over_deletes_config_json_last(tmp_path, monkeypatch):
   assert deleted[-1] == 'config.json' and len(deleted) == len(workdir_lib.OUTPUTS)
 
 
-def test_a_full_disk_is_one_line_saying_how_much_the_run_needs(tmp_path, monkeypatch):
+# what Python and orbax's writers (tensorstore, as measured on a full tmpfs) raise
+FULL_DISK = {
+  'write_json': OSError(errno.ENOSPC, 'No space left on device', 'config.json'),
+  'checkpoint': ValueError(
+    'RESOURCE_EXHAUSTED: Error writing "params.weights.stem.kernel/0" in OCDBT database at '
+    'local file "ckpt/": Failed to write 12617 bytes to file 9: No space left on device '
+    "[os_error_code='28']"
+  ),
+}
+
+
+@pytest.mark.parametrize('where', list(FULL_DISK))
+def test_a_full_disk_is_one_line_saying_how_much_the_run_needs(tmp_path, monkeypatch, where):
   workdir = tiny.users_workdir(tmp_path / 'run')
 
-  def full(path, obj):
-    raise OSError(errno.ENOSPC, 'No space left on device', path)
+  def full(*args):
+    raise FULL_DISK[where]
 
-  monkeypatch.setattr(workdir_lib, 'write_json', full)
+  if where == 'write_json':
+    monkeypatch.setattr(workdir_lib, 'write_json', full)
+  else:
+    monkeypatch.setattr(checkpoint_lib.Checkpointer, 'save', full)
   with pytest.raises(
     errors.WorkdirError,
     match=r'no space left on the device of --workdir=.*: this run needs about '

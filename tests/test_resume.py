@@ -285,3 +285,43 @@ def test_a_finished_run_missing_an_output_is_finished_again(tmp_path, reference)
   assert 'holds a finished run without posterior.json, search/arch.json' in result.stderr
   _assert_same_results(reference, workdir)
   assert (workdir / 'report.md').exists()
+
+
+def test_a_deleted_metrics_file_is_written_again_and_the_run_finishes(tmp_path, reference):
+  """metrics.jsonl deleted after training: every rerun failed and only --start_over got out.
+  Now the rerun warns, writes it again empty and finishes with the same results."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  os.remove(workdir / 'metrics.jsonl')
+  os.remove(workdir / 'report.md')
+  result = _run(workdir)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'metrics.jsonl is missing (deleted after training?)' in result.stderr
+  _assert_same_results(reference, workdir)
+  assert (workdir / 'report.md').exists() and (workdir / 'metrics.jsonl').read_text() == ''
+
+
+def test_sigterm_while_exporting_stops_before_fine_tuning(tmp_path, monkeypatch):
+  """A stop request is obeyed between stages, not only inside the loops: SIGTERM during the
+  compact export stops the run before fine-tuning starts; the rerun finishes it."""
+  from pgnas_jax import errors, finetune, outputs, pipeline
+
+  config = tiny.config({'finetune.steps': 2})
+  export = outputs.Outputs.compact
+
+  def compact_then_sigterm(self, *args):
+    described = export(self, *args)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return described
+
+  def no_fine_tuning(*args, **kwargs):
+    raise AssertionError('fine-tuning started after the stop request')
+
+  with monkeypatch.context() as patched:
+    patched.setattr(outputs.Outputs, 'compact', compact_then_sigterm)
+    patched.setattr(finetune, 'Finetuner', no_fine_tuning)
+    with pytest.raises(errors.Preempted, match='stopped by SIGTERM after testing and exporting'):
+      pipeline.run(config, str(tmp_path))
+  assert not (tmp_path / 'report.md').exists()
+  arch = pipeline.run(config, str(tmp_path)).arch
+  assert arch['finetuned']['steps'] == 2 and (tmp_path / 'report.md').exists()
