@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 
 from pgnas_jax import parallel
 from pgnas_jax import workdir as workdir_lib
-from pgnas_jax.errors import CheckpointError
+from pgnas_jax.errors import CheckpointError, WorkdirError
 
 
 def _to_saveable(state):
@@ -42,6 +42,24 @@ def _check_root_key(restored, target, path: str) -> None:
       f'{path} holds the root key {saved.tolist()}, this config (seed, rng.impl='
       f'{jax.random.key_impl(target.root_key)}) makes {expected.tolist()}: it was made by '
       f'another run; rerun with its seed and rng.impl, or add --start_over'
+    )
+
+
+PATTERN_CHARACTERS = '*?[]'
+
+
+def check_path(workdir: str) -> None:
+  """orbax finds the parts of a checkpoint with glob patterns built on its folder's path: in
+  a path holding ``*``, ``?``, ``[`` or ``]`` it finds none, so every checkpoint is saved
+  without its merged index (none can be read back), or the save fails. Such a workdir is
+  refused before anything is written."""
+  path = os.path.abspath(workdir)
+  found = sorted({c for c in path if c in PATTERN_CHARACTERS})
+  if found:
+    raise WorkdirError(
+      f'--workdir={workdir}: its path {path} holds {" ".join(found)}, which the checkpoint '
+      f'writer (orbax) reads as a file pattern, so no checkpoint could be read back; choose '
+      f'a folder whose path has none of {" ".join(PATTERN_CHARACTERS)}'
     )
 
 

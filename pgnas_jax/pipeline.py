@@ -82,6 +82,7 @@ def run(
   and ``dataset`` replace those the config names (``search_network``). The job holds the
   workdir's lock (``lock.py``) from before it reads the workdir to the end."""
   config_lib.validate(config)
+  checkpoint_lib.check_path(workdir)
   mesh = parallel.make_mesh()
   config_lib.validate_for_devices(config, mesh.devices.size)
   with lock_lib.WorkdirLock(workdir) as held:

@@ -249,3 +249,14 @@ def test_ctrl_c_before_the_run_can_save_is_one_line(capsys):
   assert capsys.readouterr().err == (
     'pgnas_jax: stopped by Ctrl-C; what was saved is kept: run the same command again to resume\n'
   )
+
+
+@pytest.mark.parametrize('name', ['w[1]', 'w*', 'w?'])
+def test_a_workdir_path_orbax_reads_as_a_pattern_is_refused(tmp_path, name):
+  """orbax saved every checkpoint of runs/w[1] without its index (none could be read back)
+  and failed on runs/w*: refused in one line before anything is written."""
+  workdir = tmp_path / name
+  with pytest.raises(errors.WorkdirError, match=re.escape(f'--workdir={workdir}: its path')) as e:
+    pipeline.run(tiny.config(SHORT), str(workdir))
+  assert 'which the checkpoint writer (orbax) reads as a file pattern' in str(e.value)
+  assert not workdir.exists()
