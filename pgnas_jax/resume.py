@@ -14,7 +14,9 @@ from flax import traverse_util
 
 from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
+from pgnas_jax import budget as budget_lib
 from pgnas_jax import errors, parallel, samplers
+from pgnas_jax import records as records_lib
 from pgnas_jax import workdir as workdir_lib
 
 
@@ -106,6 +108,19 @@ def start_over(workdir: str) -> None:
       os.remove(path)
 
 
+def _refuse_a_budget_nothing_fits(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """A finished run chosen again under a budget none of its candidates fits keeps its report:
+  the refusal comes before anything changes (``budget.fitting``'s message)."""
+  try:
+    supernet = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.PARETO))['supernet']
+    recorded = records_lib.read(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
+  except (OSError, ValueError, KeyError, TypeError):
+    return  # the run chooses again from what it can read, as without this check
+  if recorded:
+    limits = budget_lib.Budget.from_config(config.search, supernet['params'], supernet['flops'])
+    budget_lib.fitting(recorded, limits)
+
+
 def plan(workdir: str, config: ml_collections.ConfigDict, start_over: bool) -> str:
   """What to do with the workdir: 'finished' (nothing to do), 'resume', or 'fresh' (after
   deleting an earlier run's outputs when ``start_over``). Refuses, touching nothing, a
@@ -145,6 +160,8 @@ def plan(workdir: str, config: ml_collections.ConfigDict, start_over: bool) -> s
       if rescore
       else 'choosing the winner again among the scored candidates',
     )
+    if not rescore:
+      _refuse_a_budget_nothing_fits(workdir, config)
     parallel.barrier('report seen')  # by every process, before process 0 removes it
     if parallel.is_main_process():
       os.remove(workdir_lib.path(workdir, workdir_lib.REPORT))

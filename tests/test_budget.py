@@ -161,3 +161,10 @@ def test_a_budget_nothing_fits_stops_and_a_larger_one_reuses_the_candidates(tmp_
   arch = json.loads((tmp_path / 'search' / 'arch.json').read_text())
   assert arch['index'] == search.choose_winner(rescored)['index']
   assert all(c['fits'] for c in _lines(tmp_path / 'search' / 'candidates.jsonl'))
+
+  # the finished run chosen again under a budget nothing fits: refused, its report kept
+  report = (tmp_path / 'report.md').read_bytes()
+  result = tiny.main(tmp_path, *TINY, '--config.search.max_params=1')
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'none of the 6 scored candidates fits the budget' in result.stderr.splitlines()[-1]
+  assert (tmp_path / 'report.md').read_bytes() == report

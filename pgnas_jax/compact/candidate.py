@@ -52,13 +52,17 @@ def _workdir_file(workdir: str, name: str, what: str):
   )
 
 
-def finished_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config of the finished run in ``workdir``; anything else is refused in one line."""
+def _check_folder(workdir: str) -> None:
   if not os.path.isdir(workdir):
     what = 'is a file, not a folder' if os.path.exists(workdir) else 'does not exist'
     raise errors.ExportError(
       f'--workdir={workdir} {what}; give the folder of a finished run of python -m pgnas_jax.main'
     )
+
+
+def finished_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config of the finished run in ``workdir``; anything else is refused in one line."""
+  _check_folder(workdir)
   if not os.path.exists(workdir_lib.path(workdir, workdir_lib.REPORT)):
     raise errors.ExportError(
       f'--workdir={workdir} holds no finished run (no report.md); run python -m '
@@ -92,8 +96,8 @@ def from_workdir(workdir: str, index=None, measure: bool = True) -> dict:
   """Exports candidate ``index`` (None: the winner) of a finished run as
   ``search/candidate<index>_compact.{npz,stablehlo,json}``, holding the workdir's lock as
   the main job does; returns the description."""
-  finished_config(workdir)  # refused before the lock when it is no run's folder
-  with lock_lib.WorkdirLock(workdir) as held:
+  _check_folder(workdir)  # before the lock, which would make a missing one
+  with lock_lib.WorkdirLock(workdir) as held:  # a run at work there is named as such
     held.claim()
     return _export(workdir, index, measure)
 
