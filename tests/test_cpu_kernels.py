@@ -400,3 +400,15 @@ def test_a_cached_library_that_is_not_ours_is_built_again(tmp_path, cached):
   assert done.stdout.strip() == 'True'
   lines = [line for line in done.stderr.splitlines() if 'cached CPU kernel library' in line]
   assert len(lines) == 1 and 'building it again' in lines[0], done.stderr[-3000:]
+
+
+def test_loading_again_registers_the_same_handlers():
+  """Loading the library again in one process (as after ``_loaded.cache_clear()``) hands
+  XLA the same handlers: registering others under the same names is an error."""
+  cpu_kernels._loaded.cache_clear()
+  assert cpu_kernels.available(), cpu_kernels._loaded()
+  x, kernel = _inputs(2, 8, 4, 4, 3)
+  step = _value_and_grads(parallel.make_mesh(jax.devices()[:1]), lambda a, b: _conv(a, b, 1, 1))
+  assert 'pgnas_convolution_forward' in step.lower(x, kernel).as_text()
+  _, y = step(x, kernel)
+  np.testing.assert_allclose(y, _reference(x, kernel, 1, 1), rtol=2e-5, atol=2e-5)

@@ -154,27 +154,35 @@ def build(again: bool = False) -> pathlib.Path:
   return target
 
 
-def _open(path: pathlib.Path):
+def _open(path: pathlib.Path, fresh_name: bool = False):
   """The library at ``path`` with every handler; OSError or AttributeError when it does not
-  load or lacks one. Opened under a name of its own: the dynamic loader keeps a library by
-  its path, so a file rebuilt at the same path would otherwise not be read again."""
-  alias = path.with_suffix(f'.{os.getpid()}.{time.monotonic_ns()}.so')
-  shutil.copyfile(path, alias)
-  try:
-    library = ctypes.CDLL(str(alias))
-  finally:
-    alias.unlink()
+  load or lacks one. ``fresh_name``: opened through a copy of its own, since the dynamic
+  loader keeps a library by its path and would not read a file rebuilt there again."""
+  if not fresh_name:
+    library = ctypes.CDLL(str(path))
+  else:
+    alias = path.with_suffix(f'.{os.getpid()}.{time.monotonic_ns()}.so')
+    shutil.copyfile(path, alias)
+    try:
+      library = ctypes.CDLL(str(alias))
+    finally:
+      alias.unlink()
   for name in TARGETS.values():
     getattr(library, name)
   return library
+
+
+_OPENED = {}  # path -> the library opened from it: registering handlers again must name it
 
 
 def _library():
   """The cached library, built again once if it does not load or is not this source's (a
   stale or foreign file at its path); raises ``Unavailable``."""
   path = build()
+  if path in _OPENED:
+    return _OPENED[path]
   try:
-    return _open(path)
+    library = _open(path)
   except (OSError, AttributeError) as e:
     logging.warning(
       'the cached CPU kernel library %s does not load or lacks its handlers (%s): building '
@@ -182,10 +190,12 @@ def _library():
       path,
       e,
     )
-  try:
-    return _open(build(again=True))
-  except (OSError, AttributeError) as e:
-    raise Unavailable(f'the CPU kernel library built at {path} does not load ({e})') from None
+    try:
+      library = _open(build(again=True), fresh_name=True)
+    except (OSError, AttributeError) as e:
+      raise Unavailable(f'the CPU kernel library built at {path} does not load ({e})') from None
+  _OPENED[path] = library
+  return library
 
 
 @functools.cache
