@@ -11,9 +11,13 @@ saved as its raw data and restored with the config's ``rng.impl``; a checkpoint 
 another root key (another seed or ``rng.impl``) is refused.
 """
 
+import contextlib
 import logging
 import os
 import signal
+import socket
+import sys
+import threading
 
 import jax
 import ml_collections
@@ -148,24 +152,40 @@ class Checkpointer:
 class PreemptionGuard:
   """Turns SIGTERM and Ctrl-C (SIGINT) into a request that the loops honour at their next
   safe point (after a training or fine-tuning step, or a search chunk), so the run saves and
-  exits instead of dying mid-write. A second Ctrl-C stops at once, as Python does."""
+  exits instead of dying mid-write. A second Ctrl-C stops at once, as Python does.
+
+  A command line owns its process, so it may also ask for a deadline (``hard_stop_after_s``,
+  set by ``cli.exit_on_user_errors``): a watcher thread hears the signal even while the main
+  thread is inside a long native call (XLA compiling, a latency measurement), and if no safe
+  point has ended the process that many seconds later it ends it, with status 143 and one
+  line. That loses only what a SIGKILL at the same moment would (every write of the run
+  survives being cut short), and never a save in progress: ``finishing()`` holds it off while
+  a loop writes its last checkpoint."""
 
   SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C (SIGINT)'}
+  hard_stop_after_s: float | None = None
 
   def __init__(self):
     self.requested = False
     self.signal_name = 'SIGTERM'  # of the first request; what messages say stopped the run
     self._previous = {}
+    self._finishing = threading.Lock()
+    self._watcher = None
 
   def __enter__(self):
     for signum in self.SIGNALS:
       self._previous[signum] = signal.signal(signum, self._handle)
+    if self.hard_stop_after_s is not None:
+      self._watcher = _SignalWatcher(self, self.hard_stop_after_s)
     return self
 
   def _handle(self, signum, frame):
     if self.requested and signum == signal.SIGINT:
       signal.signal(signal.SIGINT, signal.default_int_handler)
       raise KeyboardInterrupt
+    self._request(signum)
+
+  def _request(self, signum):
     if not self.requested:
       self.signal_name = self.SIGNALS[signum]
       if signum == signal.SIGINT:
@@ -175,7 +195,59 @@ class PreemptionGuard:
         )
     self.requested = True
 
+  @contextlib.contextmanager
+  def finishing(self):
+    """A last save before stopping: the deadline waits for it."""
+    with self._finishing:
+      yield
+
   def __exit__(self, *exc):
+    if self._watcher is not None:
+      self._watcher.close()
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
     return False
+
+
+class _SignalWatcher:
+  """Hears the guard's signals through ``signal.set_wakeup_fd``, which the interpreter writes
+  the moment a signal arrives, not when the main thread next runs Python; ends the process
+  if the main thread has not stopped ``seconds`` later."""
+
+  def __init__(self, guard: PreemptionGuard, seconds: float):
+    self._guard, self._seconds = guard, seconds
+    self._read, self._write = socket.socketpair()
+    self._write.setblocking(False)
+    self._closed = threading.Event()
+    self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+    self._thread = threading.Thread(target=self._watch, name='pgnas_jax stop deadline', daemon=True)
+    self._thread.start()
+
+  def _watch(self):
+    while True:
+      byte = self._read.recv(1)
+      if self._closed.is_set() or not byte:
+        return
+      if byte[0] in self._guard.SIGNALS:
+        self._guard._request(byte[0])
+        break
+    if self._closed.wait(self._seconds):
+      return
+    with self._guard._finishing:  # never cut a last save short
+      if self._closed.is_set():
+        return
+      sys.stderr.write(
+        f'pgnas_jax: stopped by {self._guard.signal_name}, {self._seconds:.0f} s after it '
+        f'arrived, inside work that has no safe point (compiling or measuring); what was '
+        f'saved is kept: run the same command again to resume\n'
+      )
+      sys.stderr.flush()
+      os._exit(143)
+
+  def close(self):
+    self._closed.set()
+    signal.set_wakeup_fd(self._previous_fd)
+    self._write.send(b'\0')
+    self._thread.join()
+    self._read.close()
+    self._write.close()

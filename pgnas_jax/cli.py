@@ -12,6 +12,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import errors, observe
 
@@ -37,7 +38,8 @@ def quiet_libraries(record) -> bool:
   of the progress log."""
   if observe.is_missing_tpu_notice(record):
     return False
-  if '/orbax/' in record.pathname and 'No space left on device' in _text(record):
+  from_orbax = '/orbax/' in record.pathname or record.name == 'asyncio'  # its writes' futures
+  if from_orbax and 'No space left on device' in _text(record):
     return False
   return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
 
@@ -114,9 +116,16 @@ def read_config(config_flag):
   return config
 
 
+STOP_DEADLINE_S = 8.0  # a pre-emption notice gives 30 s on most clouds; we ask for 10
+
+
 def exit_on_user_errors(job: Callable, *args):
   """``job(*args)``; bad input or a failed run ends the process with its one-line message,
-  a pre-emption with status 143, that of a process ended by SIGTERM."""
+  a pre-emption with status 143, that of a process ended by SIGTERM. The command line owns
+  its process, so a stop request is obeyed within ``STOP_DEADLINE_S`` even in work that has
+  no safe point (``checkpoint.PreemptionGuard``)."""
+  checkpoint_lib.PreemptionGuard.hard_stop_after_s = STOP_DEADLINE_S
+  before, sys.excepthook = sys.excepthook, _late_callback_quiet(sys.excepthook)
   try:
     return job(*args)
   except errors.Preempted as e:
@@ -127,3 +136,20 @@ def exit_on_user_errors(job: Callable, *args):
     )
   except errors.UserFacingError as e:
     fail(one_line(e))
+  finally:
+    checkpoint_lib.PreemptionGuard.hard_stop_after_s = None
+    sys.excepthook = before
+
+
+def _late_callback_quiet(excepthook):
+  """tensorstore finishes the writes of a failed orbax save (a full disk) after orbax has
+  closed their event loop, and each one's callback prints "Event loop is closed" through
+  ``sys.excepthook``: harmless, the run answers the failure in one line. Anything else is
+  shown as before."""
+
+  def hook(kind, error, trace):
+    late = kind is RuntimeError and str(error) == 'Event loop is closed'
+    if not (late and traceback.extract_tb(trace)[-1].filename.endswith('asyncio/base_events.py')):
+      excepthook(kind, error, trace)
+
+  return hook

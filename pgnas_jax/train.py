@@ -310,7 +310,7 @@ def train(ctx: context_lib.Context) -> tuple:
       save_now = checkpointer.due(done) or done == run.total_steps or stop
       if log_now or save_now:  # never save a state whose loss was not seen to be finite
         _check_finite(pending, done - len(pending) + 1)
-      if save_now:
+      if save_now and not stop:
         checkpointer.save(done, state)
       if log_now:
         host = jax.device_get(pending)
@@ -323,7 +323,9 @@ def train(ctx: context_lib.Context) -> tuple:
         _show_progress(done, run.total_steps, summary, rate, batch_size)
         pending, last = [], now
       if stop:
-        checkpointer.wait()
+        with guard.finishing():  # a deadline on the stop waits for this save
+          checkpointer.save(done, state)
+          checkpointer.wait()
         raise Preempted(
           f'stopped by {guard.signal_name} after training step {done}; the checkpoint is '
           f'saved. Run the same command again to resume'

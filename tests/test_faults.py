@@ -251,6 +251,53 @@ def test_ctrl_c_before_the_run_can_save_is_one_line(capsys):
   )
 
 
+STUCK = (  # a command line whose main thread is in native code that never reaches a safe point
+  'import ctypes, os, signal, sys, threading, time\n'
+  'from pgnas_jax import checkpoint, cli\n'
+  'def job():\n'
+  '  with checkpoint.PreemptionGuard() as guard:\n'
+  '    def save():\n'
+  '      with guard.finishing():\n'
+  '        time.sleep(4)\n'
+  '    if sys.argv[1] == "saving":\n'
+  '      threading.Thread(target=save).start()\n'
+  '      time.sleep(0.2)\n'
+  '    os.kill(os.getpid(), signal.SIGTERM)\n'
+  '    libc, start = ctypes.CDLL(None), time.time()\n'
+  '    while time.time() - start < 60:\n'
+  '      libc.sleep(60)  # no Python runs in here; the signal only cuts it short\n'
+  'cli.STOP_DEADLINE_S = 1.0\n'
+  'cli.exit_on_user_errors(job)\n'
+)
+
+
+@pytest.mark.parametrize('case, least, most', [('stuck', 1.0, 20.0), ('saving', 4.0, 25.0)])
+def test_a_stop_request_ends_a_command_stuck_without_a_safe_point(case, least, most):
+  """A command line obeys SIGTERM within its deadline even while its main thread is inside
+  native code (an XLA compile) where Python's signal handler cannot run; a last checkpoint
+  save in progress (``finishing``) is waited for, not cut short."""
+  start = time.time()
+  proc = subprocess.run(
+    [sys.executable, '-c', STUCK, case], capture_output=True, text=True, timeout=60
+  )
+  took = time.time() - start
+  assert proc.returncode == 143, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+    'pgnas_jax: stopped by SIGTERM, 1 s after it arrived, inside work that has no safe point '
+    '(compiling or measuring); what was saved is kept: run the same command again to resume'
+  )
+  assert least <= took <= most, took  # the command would otherwise sleep 60 s
+
+
+def test_without_a_command_line_a_stop_request_never_ends_the_process():
+  """In a user's own Python (a notebook) the guard only asks: no deadline ends the process."""
+  assert checkpoint_lib.PreemptionGuard.hard_stop_after_s is None
+  with checkpoint_lib.PreemptionGuard() as guard:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+    assert guard.requested and guard._watcher is None
+
+
 @pytest.mark.parametrize('name', ['w[1]', 'w*', 'w?'])
 def test_a_workdir_path_orbax_reads_as_a_pattern_is_refused(tmp_path, name):
   """orbax saved every checkpoint of runs/w[1] without its index (none could be read back)
@@ -260,3 +307,24 @@ def test_a_workdir_path_orbax_reads_as_a_pattern_is_refused(tmp_path, name):
     pipeline.run(tiny.config(SHORT), str(workdir))
   assert 'which the checkpoint writer (orbax) reads as a file pattern' in str(e.value)
   assert not workdir.exists()
+
+
+def test_only_late_callbacks_to_a_closed_event_loop_are_kept_out_of_stderr():
+  """After a save failed on a full disk, tensorstore's late callbacks to orbax's closed event
+  loop print "Event loop is closed" tracebacks; the command line drops exactly those."""
+  import asyncio
+
+  shown = []
+  hook = cli._late_callback_quiet(lambda *error: shown.append(error[1]))
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as e:
+    hook(RuntimeError, e, e.__traceback__)
+  try:
+    raise RuntimeError('Event loop is closed')  # the same words from elsewhere: shown
+  except RuntimeError as e:
+    hook(RuntimeError, e, e.__traceback__)
+  assert [str(e) for e in shown] == ['Event loop is closed'] and shown[0].__traceback__
+  assert shown[0].__traceback__.tb_frame.f_code.co_filename == __file__

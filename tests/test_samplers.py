@@ -3,6 +3,7 @@ from (search key, c) alone for every pair of them, the candidates' drop rates ar
 posterior's p, a run resumes bitwise with every generator, and a changed sampler or
 generator is noticed on resume."""
 
+import contextlib
 import logging
 import os
 
@@ -207,6 +208,9 @@ class _Guard:
   def requested(self):
     self.calls += 1
     return self.calls == self.stop_after
+
+  def finishing(self):
+    return contextlib.nullcontext()
 
 
 @pytest.mark.parametrize('impl', rng.IMPLEMENTATIONS)
