@@ -48,9 +48,13 @@ class Budget(NamedTuple):
   max_flops: int | None = None
 
   @classmethod
-  def from_config(cls, search_config, full_params: int, full_flops: int) -> 'Budget':
+  def from_config(cls, config, full_params: int, full_flops: int) -> 'Budget':
+    """``search.max_params`` / ``max_flops``; where one is 0, the objective's target of the
+    same cost (SPEC section 7), so a target-steered run's winner fits its target."""
+    search, objective = config.search, config.objective
     return cls(
-      resolve(search_config.max_params, full_params), resolve(search_config.max_flops, full_flops)
+      resolve(search.max_params or objective.target_params, full_params),
+      resolve(search.max_flops or objective.target_flops, full_flops),
     )
 
   def fits(self, record: dict) -> bool:

@@ -242,6 +242,33 @@ FIELDS = (
     '(SupNet-E/EI; ENAS uses 0.4)',
     check=NON_NEGATIVE,
   ),
+  Field(
+    'objective.target_params',
+    0,
+    "steer training to a size (SPEC section 7): the posterior's expected params are held "
+    'at or under this, reached over the first `target_ramp` of training; the forms of '
+    "`search.max_params` (a count, a share such as `0.5`, or `'50%'`); 0: none, the "
+    "paper's objective. The search's `max_params` defaults to it",
+    check=Check(budget.is_valid, budget.RULE),
+    any_type=True,
+    older_runs=0,
+  ),
+  Field(
+    'objective.target_flops',
+    0,
+    'the same for FLOPs (MACs); with both, both are held',
+    check=Check(budget.is_valid, budget.RULE),
+    any_type=True,
+    older_runs=0,
+  ),
+  Field(
+    'objective.target_ramp',
+    0.5,
+    "share of training over which the cost ceiling falls from the initial posterior's "
+    'expected cost to the target',
+    check=Check(lambda v: 0.0 <= v <= 1.0, 'in [0, 1]'),
+    older_runs=0.5,
+  ),
   # training
   Field('train.batch_size', 128, 'global batch, split over the devices', check=POSITIVE),
   Field('train.num_epochs', 5.0, 'training length in epochs', check=POSITIVE),

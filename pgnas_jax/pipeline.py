@@ -27,7 +27,7 @@ from pgnas_jax import budget as budget_lib
 from pgnas_jax import lock as lock_lib
 from pgnas_jax import outputs as outputs_lib
 from pgnas_jax import records as records_lib
-from pgnas_jax import search, supernets, train
+from pgnas_jax import search, supernets, targets, train
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.supernets import custom
@@ -118,7 +118,7 @@ def run(
 
 def _checked_inputs(config, model, dataset) -> tuple:
   """(data set, model), loaded where not given and checked, before the workdir is touched:
-  the data may be missing, a user's module may not fit it."""
+  the data may be missing, a user's module may not fit it, a target may be out of reach."""
   if dataset is None:
     dataset = data_lib.load(config.data)
   data_lib.check_fits(dataset, config.train)
@@ -127,6 +127,8 @@ def _checked_inputs(config, model, dataset) -> tuple:
     model = supernets.build(config.model, dataset.num_classes)
   if config.model.family == 'custom':
     custom.check(model, dataset, config)
+  if any(config.objective[f'target_{kind}'] for kind in targets.KINDS):  # reachable?
+    targets.from_config(config, space_lib.of_model(model, dataset.image_shape), 1)
   return dataset, model
 
 
@@ -248,13 +250,13 @@ def rank(ctx: context_lib.Context, trained: Trained, outputs: outputs_lib.Output
   full_val, _ = scorer.network(trained.state.variables, validation)
   full_params, full_flops = space_lib.costs(space, space.template)
   supernet = {'val_acc': float(full_val), 'params': int(full_params), 'flops': int(full_flops)}
-  budget = search.budget(config.search, space)
+  budget = search.budget(config, space)
   recalibration = search.recalibration_images(
     ctx.dataset, config.search.bn_recalibration_batches, eval_batch, ctx.mesh
   )
   path = outputs.path(workdir_lib.CANDIDATES)
   with metric_writers.for_search(ctx.workdir, config.log) as writer:
-    log = search.RankingLog(path, ctx.guard, writer)
+    log = search.RankingLog(path, ctx.guard, writer, budget)
     records = search.rank_candidates(
       scorer, trained.state, space, search.Validation(validation, recalibration), config.search, log
     )

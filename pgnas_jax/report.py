@@ -61,8 +61,23 @@ def plot_candidates(
 
 
 def plot_training(metrics: list, path: str) -> None:
+  """Losses, training accuracy and mean drop probability by step; with cost targets
+  (SPEC section 7) a fourth panel: each expected cost against its ceiling."""
   steps = [m['step'] for m in metrics]
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+  steered = [k for k in ('params', 'flops') if metrics and f'expected_{k}' in metrics[0]]
+  fig, axes = plt.subplots(1, 4 if steered else 3, figsize=(17 if steered else 13, 3.5))
+  for kind in steered:
+    line = axes[3].plot(steps, [m[f'expected_{kind}'] for m in metrics], label=f'E[{kind}]')
+    axes[3].plot(
+      steps,
+      [m[f'target_{kind}'] for m in metrics],
+      '--',
+      color=line[0].get_color(),
+      label=f'{kind} ceiling',
+    )
+  if steered:
+    axes[3].set_ylabel('share of the full super-network')
+    axes[3].legend()
   axes[0].plot(steps, [m['nll'] for m in metrics], label='nll')
   axes[0].plot(steps, [m['loss'] for m in metrics], label='loss')
   axes[0].set_yscale('log')

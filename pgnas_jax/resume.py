@@ -117,7 +117,7 @@ def _refuse_a_budget_nothing_fits(workdir: str, config: ml_collections.ConfigDic
   except (OSError, ValueError, KeyError, TypeError):
     return  # the run chooses again from what it can read, as without this check
   if recorded:
-    limits = budget_lib.Budget.from_config(config.search, supernet['params'], supernet['flops'])
+    limits = budget_lib.Budget.from_config(config, supernet['params'], supernet['flops'])
     budget_lib.fitting(recorded, limits)
 
 

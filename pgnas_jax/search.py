@@ -317,17 +317,20 @@ class Validation(NamedTuple):
 
 class RankingLog(NamedTuple):
   """Where a ranking goes: its candidates file (``search/candidates.jsonl``), the stop
-  requests it obeys, the writer of its best accuracy so far."""
+  requests it obeys, the writer of its best accuracy so far, the budget its records are
+  marked against."""
 
   path: str
   guard: Any  # checkpoint.PreemptionGuard
   writer: metric_writers.MetricWriter = metric_writers.NO_WRITER
+  budget: budget_lib.Budget = budget_lib.UNLIMITED  # what the records' ``fits`` says
 
 
-def budget(search_config, space: space_lib.SearchSpace) -> budget_lib.Budget:
-  """The search's budget (``search.max_params``, ``search.max_flops``) for this space."""
+def budget(config, space: space_lib.SearchSpace) -> budget_lib.Budget:
+  """The search's budget (``search.max_params``, ``search.max_flops``, else the objective's
+  targets) for this space."""
   full_params, full_flops = space_lib.costs(space, space.template)
-  return budget_lib.Budget.from_config(search_config, full_params, full_flops)
+  return budget_lib.Budget.from_config(config, full_params, full_flops)
 
 
 def rank_candidates(
@@ -362,7 +365,6 @@ def rank_candidates(
   search_key = state.key('search')
   run = records_lib.run_id(search_key, state.drop_logits, state.variables, sampler.id)
   records = records_lib.resume(log.path, run)
-  limits = budget(search_config, space)
   if records:
     logging.info('search: resuming after %d recorded candidates', len(records))
   resumed, start = len(records), time.time()
@@ -374,7 +376,7 @@ def rank_candidates(
     )
     scores = scorer.candidates(state.variables, masks, *validation)
     new = _records(run, first, scores, space, masks, min(chunk, num - first))
-    new = budget_lib.mark(new, limits)
+    new = budget_lib.mark(new, log.budget)
     if parallel.is_main_process():
       records_lib.append(log.path, new)
     records += new

@@ -10,6 +10,7 @@ of conv and dense layers per image, the usual convention of the NAS literature.
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pgnas_jax import layers, masks
@@ -50,6 +51,14 @@ def from_variables(variables: dict) -> SearchSpace:
   return SearchSpace(
     template=template, channel_costs=costs, fixed_params=total - searchable, fixed_macs=fixed_macs
   )
+
+
+def of_model(model, image_shape: tuple) -> SearchSpace:
+  """The search space of ``model`` on images of ``image_shape``, from one initialisation
+  (for checks that need it before training starts)."""
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  init = jax.jit(lambda k: model.init({'params': k}, dummy, train=False))
+  return from_variables(init(jax.random.key(0)))
 
 
 def kept_counts(mask_tree: PyTree) -> np.ndarray:

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from pgnas_jax import targets as targets_lib
 from pgnas_jax import context as context_lib
 from pgnas_jax.backends.cpu import ops as cpu_ops
 from pgnas_jax import data as data_lib
@@ -126,6 +127,7 @@ def make_train_step(
   (``backends.cpu.ops.in_use``)."""
   tx, schedule, temperature = run.tx, run.schedule, run.temperature
   loss_fn = make_loss_fn(model, space, config)
+  targets = targets_lib.from_config(config, space, run.total_steps)
 
   def train_step(state: TrainState, batch: dict):
     key = jax.random.fold_in(state.key('train'), state.step)
@@ -137,6 +139,10 @@ def make_train_step(
       )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    steering = {}
+    if targets is not None:  # SPEC section 7: the posterior held under the cost ceiling
+      drop_logits, steering = targets.project(params['drop_logits'], state.step + 1)
+      params = {**params, 'drop_logits': drop_logits}
     metrics = {
       'loss': loss,
       **parts._asdict(),
@@ -145,6 +151,7 @@ def make_train_step(
       'learning_rate': schedule(state.step),
       'mean_p': mean_drop_probability(state.drop_logits, space.template),
       'tau': jnp.float32(tau),
+      **steering,
     }
     new_state = state.replace(
       step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
@@ -271,6 +278,15 @@ def _show_progress(
     images_per_second,
     (total - done) * batch_size / images_per_second,
   )
+  steered = [k for k in targets_lib.KINDS if f'expected_{k}' in summary]
+  if steered:  # SPEC section 7
+    logging.info(
+      '  target: %s  shift %.3f',
+      '  '.join(
+        f'E[{k}] {summary[f"expected_{k}"]:.3f} <= {summary[f"target_{k}"]:.3f}' for k in steered
+      ),
+      summary['target_shift'],
+    )
 
 
 def train(ctx: context_lib.Context) -> tuple:

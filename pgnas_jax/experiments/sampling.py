@@ -260,7 +260,7 @@ class Runner:
         path = os.path.join(workdir, 'samplers', f'{name}.jsonl')
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with checkpoint_lib.PreemptionGuard() as guard:
-          log = search.RankingLog(path, guard)
+          log = search.RankingLog(path, guard, budget=search.budget(config, trained.space))
           records = search.rank_candidates(
             scorer, trained.state, trained.space, search.Validation(validation), search_config, log
           )
