@@ -350,6 +350,17 @@ FIELDS = (
     older_runs=16,
   ),
   Field(
+    'search.channel_multiple',
+    1,
+    "candidates keep or drop a group's input channels in aligned blocks of this many (the "
+    'block takes the draw of its first channel), so every kept width of the compact '
+    'network is a multiple of it (8 suits most vector units); it must divide every '
+    "group's width. Training is unchanged; a rerun with another value scores again",
+    check=Check(lambda v: type(v) is int and v >= 1, 'a whole number >= 1'),
+    on_resume=RESCORE,
+    older_runs=1,
+  ),
+  Field(
     'search.chunk_size',
     'auto',
     'candidates scored at once (`jax.vmap` over masks), split over the devices: a '

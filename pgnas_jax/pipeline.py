@@ -25,6 +25,7 @@ from pgnas_jax import data as data_lib
 from pgnas_jax import errors, export, finetune, metric_writers, parallel, resume, samplers
 from pgnas_jax import budget as budget_lib
 from pgnas_jax import lock as lock_lib
+from pgnas_jax import masks as masks_lib
 from pgnas_jax import outputs as outputs_lib
 from pgnas_jax import records as records_lib
 from pgnas_jax import search, supernets, targets, train
@@ -127,8 +128,12 @@ def _checked_inputs(config, model, dataset) -> tuple:
     model = supernets.build(config.model, dataset.num_classes)
   if config.model.family == 'custom':
     custom.check(model, dataset, config)
-  if any(config.objective[f'target_{kind}'] for kind in targets.KINDS):  # reachable?
-    targets.from_config(config, space_lib.of_model(model, dataset.image_shape), 1)
+  steered = any(config.objective[f'target_{kind}'] for kind in targets.KINDS)
+  if steered or config.search.channel_multiple > 1:  # checks that need the search space
+    space = space_lib.of_model(model, dataset.image_shape)
+    targets.from_config(config, space, 1)
+    sizes = dict(zip(space_lib.group_names(space), masks_lib.channel_counts(space.template)))
+    samplers.check_blocks(config.search.channel_multiple, sizes)
   return dataset, model
 
 

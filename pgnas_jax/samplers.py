@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pgnas_jax import masks as masks_lib
+from pgnas_jax.errors import ConfigError
 
 PyTree = Any
 DEFAULT = 'iid'
@@ -89,9 +90,11 @@ class Sampler:
 
   name: str = DEFAULT
   block: int = 0  # candidates per block of 'stratified'; 0 for the others
+  channel_multiple: int = 1  # channels kept or dropped together (search.channel_multiple)
 
   def __call__(self, search_key, indices, drop_logits, template) -> PyTree:
-    return DRAWS[self.name](self, search_key, indices, drop_logits, template)
+    drawn = DRAWS[self.name](self, search_key, indices, drop_logits, template)
+    return drawn if self.channel_multiple == 1 else in_blocks(drawn, self.channel_multiple)
 
   def num_candidates(self, requested: int) -> int:
     """How many distinct candidates there are to score: 1 for 'mode'."""
@@ -99,8 +102,21 @@ class Sampler:
 
   @property
   def id(self) -> str:
-    """What of the sampler the candidates follow from, e.g. 'iid' or 'stratified/16'."""
-    return f'{self.name}/{self.block}' if self.block else self.name
+    """What of the sampler the candidates follow from, e.g. 'iid', 'stratified/16' or
+    'iid x8' (channels in blocks of 8)."""
+    name = f'{self.name}/{self.block}' if self.block else self.name
+    return name if self.channel_multiple == 1 else f'{name} x{self.channel_multiple}'
+
+
+def in_blocks(drawn: PyTree, multiple: int) -> PyTree:
+  """Masks whose channels go in aligned blocks of ``multiple``: each block takes the draw
+  of its first channel, so it is dropped with that channel's probability, whole."""
+
+  def leaf(m):
+    blocks = m.reshape(m.shape[:-1] + (m.shape[-1] // multiple, multiple))
+    return jnp.repeat(blocks[..., :1], multiple, axis=-1).reshape(m.shape)
+
+  return jax.tree.map(leaf, drawn)
 
 
 IID = Sampler()
@@ -108,4 +124,18 @@ IID = Sampler()
 
 def from_config(search_config) -> Sampler:
   name = search_config.sampler
-  return Sampler(name, search_config.stratified_block if name == 'stratified' else 0)
+  block = search_config.stratified_block if name == 'stratified' else 0
+  return Sampler(name, block, search_config.get('channel_multiple', 1))
+
+
+def check_blocks(multiple: int, sizes: dict) -> None:
+  """``ConfigError`` in one line unless ``multiple`` divides every group's channel count
+  (``sizes``: group name -> channels)."""
+  odd = {name: n for name, n in sizes.items() if n % multiple}
+  if odd:
+    name, n = next(iter(odd.items()))
+    raise ConfigError(
+      f'--config.search.channel_multiple={multiple} does not divide the {n} input channels '
+      f'of group {name} ({len(odd)} of {len(sizes)} groups): use a divisor of every '
+      "group's width, or 1"
+    )

@@ -1,9 +1,11 @@
 """Cost targets (SPEC section 7): the expected cost is the candidates' mean cost, the
 projection holds it at its ceiling, training follows the ramp to the target on any device
 count and resumes bitwise, the search's budget defaults to the target, and bad targets are
-refused in one line before the workdir exists."""
+refused in one line before the workdir exists. Channel blocks (``search.channel_multiple``):
+widths in multiples, blocks dropped whole with their group's probability."""
 
 import contextlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import pytest
 
 import tiny
 
-from pgnas_jax import budget, errors, masks, pipeline, targets
+from pgnas_jax import budget, compact, errors, masks, pipeline, samplers, targets
 from pgnas_jax import config as config_lib
 from pgnas_jax import space as space_lib
 
@@ -173,3 +175,72 @@ def test_an_unreachable_target_is_refused_before_the_workdir_exists(tmp_path, fi
   with pytest.raises(errors.ConfigError, match=message):
     pipeline.run(tiny.config(fields), str(tmp_path / 'w'))
   assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('family', ['shake_shake', 'densenet'])
+def test_channel_blocks_give_compact_widths_in_multiples(family):
+  """With ``channel_multiple=4`` every kept group width is a multiple of 4, and so is every
+  conv width of the compact network (the image channels and class count aside); the compact
+  logits still equal the masked super-network's."""
+  model, _, variables, space, images = tiny.family_case(family)
+  logits = masks.init_drop_logits(space.template, 0.4)
+  sampler = samplers.Sampler(channel_multiple=4)
+  drawn = jax.device_get(sampler(jax.random.key(3), jnp.arange(8), logits, space.template))
+  assert all(np.all(m.sum(-1) % 4 == 0) for m in jax.tree.leaves(drawn))
+  assert any(np.any((m.sum(-1) > 0) & (m.sum(-1) < m.shape[-1])) for m in jax.tree.leaves(drawn))
+  for c in range(8):
+    mask = jax.tree.map(lambda m: m[c], drawn)
+    net = compact.build(model, variables, mask, images.shape[1:])
+    out = jax.jit(compact.inference_fn(net))(net.weights, images)
+    masked = tiny.apply(model, {**variables, 'masks': mask}, images)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(masked), rtol=1e-5, atol=1e-5)
+    for path, w in jax.tree_util.tree_flatten_with_path(net.weights)[0]:
+      if w.ndim == 4:  # conv kernels: inputs (but the image's) and outputs
+        widths = [w.shape[3]] + ([w.shape[2]] if w.shape[2] != images.shape[-1] else [])
+      elif w.ndim == 2:  # the classifier: its inputs
+        widths = [w.shape[0]]
+      else:
+        continue
+      assert all(n % 4 == 0 for n in widths), (c, path, w.shape)
+
+
+def test_a_block_is_dropped_whole_with_its_groups_probability():
+  """4,000 candidates of one group of 32 channels at p = 0.3 in blocks of 8: each block is
+  all kept or all dropped, dropped in 0.3 of the draws (16,000 block draws: standard error
+  0.0036, tolerance 0.015)."""
+  template = {'g': jnp.ones(32)}
+  logits = masks.init_drop_logits(template, 0.3)
+  sampler = samplers.Sampler(channel_multiple=8)
+  drawn = np.asarray(sampler(jax.random.key(0), jnp.arange(4000), logits, template)['g'])
+  blocks = drawn.reshape(4000, 4, 8)
+  assert np.all(blocks.min(-1) == blocks.max(-1))
+  assert abs(np.mean(blocks[..., 0] == 0) - 0.3) < 0.015
+  assert sampler.id == 'iid x8' and samplers.Sampler().id == 'iid'
+
+
+def test_a_multiple_that_does_not_divide_a_group_is_refused_before_the_workdir(tmp_path):
+  config = tiny.config({'search.channel_multiple': 8})  # the tiny net's first groups have 4
+  with pytest.raises(errors.ConfigError, match='channel_multiple=8 does not divide the 4 input'):
+    pipeline.run(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
+def test_a_steered_run_in_channel_blocks_end_to_end(tmp_path):
+  """The main job with a FLOPs target and blocks of 4: training logs the expected cost and
+  plots it, the winner fits the target, and arch.json and the compact network keep widths
+  in multiples of 4."""
+  config = tiny.config(
+    {'objective.target_flops': 0.6, 'search.channel_multiple': 4, 'train.num_steps': 8}
+  )
+  result = pipeline.run(config, str(tmp_path))
+  metrics = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert metrics[-1]['expected_flops'] <= metrics[-1]['target_flops'] + 1e-6
+  assert (tmp_path / 'plots' / 'training.png').exists()
+  arch = result.arch
+  assert arch['flops'] <= arch['budget']['max_flops'] == int(0.6 * arch['supernet']['flops'])
+  assert all(len(kept) % 4 == 0 for kept in arch['kept_channels'].values())
+  weights = np.load(tmp_path / 'search' / 'winner_compact.npz')
+  for name in weights.files:
+    w = weights[name]
+    if w.ndim == 4 and w.shape[2] != 1:  # every conv but the stem, reading the image
+      assert w.shape[2] % 4 == 0 and w.shape[3] % 4 == 0, (name, w.shape)
