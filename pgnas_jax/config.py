@@ -275,6 +275,15 @@ FIELDS = (
   Field('train.num_steps', -1, '> 0 overrides `num_epochs`'),
   Field('train.learning_rate', 0.1, 'peak learning rate', check=POSITIVE),
   Field(
+    'train.init_from',
+    '',
+    'start from the weights of a super-network trained before (this network: the same '
+    "`model.*`): an `.npz`, a `.msgpack` or an orbax checkpoint folder such as a workdir's "
+    '`checkpoints/<step>` (`pgnas_jax/pretrained.py`); its drop logits are not taken. '
+    "Checked against the model's shapes at start. '': from the initialisation",
+    older_runs='',
+  ),
+  Field(
     'train.schedule',
     'cosine',
     '`cosine` (no restart, to 0), `step` (divide by `step_factor` at `step_epochs`), '

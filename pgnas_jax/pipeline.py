@@ -28,7 +28,7 @@ from pgnas_jax import lock as lock_lib
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import outputs as outputs_lib
 from pgnas_jax import records as records_lib
-from pgnas_jax import search, supernets, targets, train
+from pgnas_jax import pretrained, search, supernets, targets, train
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.supernets import custom
@@ -128,6 +128,8 @@ def _checked_inputs(config, model, dataset) -> tuple:
     model = supernets.build(config.model, dataset.num_classes)
   if config.model.family == 'custom':
     custom.check(model, dataset, config)
+  if config.train.init_from:  # the file fits the model
+    pretrained.load(config.train.init_from, _variable_shapes(model, dataset))
   steered = any(config.objective[f'target_{kind}'] for kind in targets.KINDS)
   if steered or config.search.channel_multiple > 1:  # checks that need the search space
     space = space_lib.of_model(model, dataset.image_shape)
@@ -175,15 +177,20 @@ def _disk_full(e: Exception) -> bool:
   return 'No space left on device' in str(e) or "os_error_code='28'" in str(e)
 
 
-def _space_needed(model, config, dataset) -> int:
-  """Bytes a run's outputs take at most: the kept checkpoints (and the one being written) of
-  the train state, the winner's weights (input-sliced, fine-tuned, compact) and a margin for
-  the logs, plots and StableHLO."""
-  shapes = jax.eval_shape(
+def _variable_shapes(model, dataset) -> dict:
+  """The shapes and types of ``model``'s variables on ``dataset``'s images, computing none."""
+  return jax.eval_shape(
     lambda: model.init(
       {'params': jax.random.key(0)}, jnp.zeros((1,) + tuple(dataset.image_shape)), train=False
     )
   )
+
+
+def _space_needed(model, config, dataset) -> int:
+  """Bytes a run's outputs take at most: the kept checkpoints (and the one being written) of
+  the train state, the winner's weights (input-sliced, fine-tuned, compact) and a margin for
+  the logs, plots and StableHLO."""
+  shapes = _variable_shapes(model, dataset)
   weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes['params']))
   state = 2 * weights  # weights + SGD momentum; BatchNorm statistics and logits are small
   return (config.checkpoint.max_to_keep + 1) * state + 3 * weights + 16 * 2**20

@@ -19,6 +19,7 @@ from pgnas_jax.backends.cpu import ops as cpu_ops
 from pgnas_jax import data as data_lib
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import estimators, metric_writers, objective, observe, optim, parallel, rng
+from pgnas_jax import pretrained
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.backends.cpu import xla_options
@@ -246,7 +247,20 @@ def resume(model, config: ml_collections.ConfigDict, dataset: data_lib.Source, m
   if restored is not None:
     state = restored
     logging.info('resuming from the checkpoint at step %d', int(state.step))
+  elif config.train.init_from:
+    state = _started_from(state, config.train.init_from, run.tx, mesh)
   return state, space
+
+
+def _started_from(state: TrainState, path: str, tx, mesh) -> TrainState:
+  """``state`` with the weights (and BatchNorm statistics, where given) of ``path``
+  (``train.init_from``); its drop logits are the run's own initial ones."""
+  loaded = pretrained.load(path, jax.device_get(state.variables))
+  params = {'weights': loaded['params'], 'drop_logits': jax.device_get(state.drop_logits)}
+  batch_stats = loaded.get('batch_stats', jax.device_get(state.batch_stats))
+  logging.info('starting from the weights in %s', path)
+  started = state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params))
+  return parallel.put_replicated(jax.device_get(started), mesh)
 
 
 def _announce(run: TrainSetup, dataset: data_lib.Source, space, mesh) -> None:

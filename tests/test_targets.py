@@ -2,11 +2,13 @@
 projection holds it at its ceiling, training follows the ramp to the target on any device
 count and resumes bitwise, the search's budget defaults to the target, and bad targets are
 refused in one line before the workdir exists. Channel blocks (``search.channel_multiple``):
-widths in multiples, blocks dropped whole with their group's probability."""
+widths in multiples, blocks dropped whole with their group's probability. Starting from
+weights trained before (``train.init_from``) in every form, and refusing another network's."""
 
 import contextlib
 import json
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,9 @@ import pytest
 
 import tiny
 
-from pgnas_jax import budget, compact, errors, masks, pipeline, samplers, targets
+from pgnas_jax import budget, compact, errors, masks, parallel, pipeline, samplers, supernets
+from pgnas_jax import checkpoint as checkpoint_lib
+from pgnas_jax import targets, train
 from pgnas_jax import config as config_lib
 from pgnas_jax import space as space_lib
 
@@ -244,3 +248,74 @@ def test_a_steered_run_in_channel_blocks_end_to_end(tmp_path):
     w = weights[name]
     if w.ndim == 4 and w.shape[2] != 1:  # every conv but the stem, reading the image
       assert w.shape[2] % 4 == 0 and w.shape[3] % 4 == 0, (name, w.shape)
+
+
+def _started(model, config, workdir):
+  """The state ``train.resume`` starts a run from in an empty ``workdir``."""
+  dataset, mesh = tiny.synthetic_dataset(), parallel.make_mesh(jax.devices()[:1])
+  checkpointer = checkpoint_lib.Checkpointer(str(workdir), config.checkpoint)
+  try:
+    return train.resume(model, config, dataset, mesh, checkpointer)[0]
+  finally:
+    checkpointer.close()
+
+
+@pytest.mark.parametrize('form', ['msgpack', 'npz', 'npz_params_only', 'orbax'])
+def test_a_run_starts_from_weights_trained_before(tiny_net, tmp_path, form):
+  """``train.init_from`` in each form a user has: the run's first state holds those weights
+  (and BatchNorm statistics, where the file has them), and its own initial drop logits."""
+  config = _config(steps=4)
+  before, _ = tiny.trained(tiny_net, config, tmp_path / 'before')  # weights that moved
+  variables = jax.device_get(before.variables)
+  path = str(tmp_path / f'weights.{form[:3] if form.startswith("npz") else form}')
+  if form == 'msgpack':
+    with open(path, 'wb') as f:
+      f.write(flax.serialization.msgpack_serialize(variables))
+  elif form == 'npz':
+    np.savez(path, **flax.traverse_util.flatten_dict(variables, sep='/'))
+  elif form == 'npz_params_only':
+    np.savez(path, **flax.traverse_util.flatten_dict(variables['params'], sep='/'))
+  else:
+    path = str(tmp_path / 'before' / 'checkpoints' / '4')
+  config.train.init_from = path
+  started = _started(tiny_net, config, tmp_path / 'after')
+  jax.tree.map(np.testing.assert_array_equal, started.variables['params'], variables['params'])
+  stats = jax.device_get(started.batch_stats)
+  if form == 'npz_params_only':  # the model's initial statistics
+    fresh = _started(tiny_net, _config(steps=4), tmp_path / 'fresh')
+    jax.tree.map(np.testing.assert_array_equal, stats, jax.device_get(fresh.batch_stats))
+  else:
+    jax.tree.map(np.testing.assert_array_equal, stats, variables['batch_stats'])
+  initial = masks.init_drop_logits(jax.device_get(started.drop_logits), 0.1)
+  jax.tree.map(np.testing.assert_allclose, jax.device_get(started.drop_logits), initial)
+  assert int(started.step) == 0
+
+
+@pytest.mark.parametrize(
+  'write, message',
+  [
+    (
+      lambda path, variables: np.savez(path, **{'params/stem/kernel': np.zeros((3, 3, 1, 8))}),
+      r'holds another network: params/stem/kernel is 3x3x1x8 there, 3x3x1x4 in this network',
+    ),
+    (
+      lambda path, variables: np.savez(
+        path, **flax.traverse_util.flatten_dict(variables['params'], sep='/'), extra=np.zeros(1)
+      ),
+      'holds another network: this network has no params/extra',
+    ),
+    (lambda path, variables: open(path, 'wb').write(b'PK\x03\x04 cut'), 'cannot be read'),
+    (lambda path, variables: None, 'no such file or folder'),
+  ],
+)
+def test_weights_of_another_network_are_refused_before_the_workdir(tmp_path, write, message):
+  config = tiny.config()
+  model = supernets.build(config.model, 10)
+  images = jnp.zeros((1, 28, 28, 1))
+  variables = jax.device_get(model.init({'params': jax.random.key(0)}, images, train=False))
+  path = str(tmp_path / 'weights.npz')
+  write(path, variables)
+  config.train.init_from = path
+  with pytest.raises(errors.ConfigError, match=message):
+    pipeline.run(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
