@@ -97,6 +97,8 @@ def _stopped(scratch: str, at: float, signum: int) -> dict:
   run = _Run(workdir)
   time.sleep(max(0.0, at - (time.time() - run.start)))
   sent = time.time() - run.start
+  if run.process.poll() is not None:
+    return None  # it finished sooner than the uninterrupted run: nothing to stop
   run.process.send_signal(signum)
   status, ended = run.finish()
   last = run.lines[-1][1] if run.lines else ''
@@ -156,10 +158,12 @@ def main():
     reference = {'seconds': seconds, 'hashes': _hashes(whole)}
     print(f'uninterrupted: {seconds:.0f} s, files {sorted(reference["hashes"])}', flush=True)
     rows = []
-    for i in range(args.points):
-      at = 2.0 + (seconds - 4.0) * i / max(1, args.points - 1)
-      rows.append(_stopped(scratch, at, signum))
-      print(json.dumps({k: v for k, v in rows[-1].items() if k != 'hashes'}), flush=True)
+    for i in range(args.points):  # the last point a few seconds before the end
+      at = 2.0 + (seconds - 6.0) * i / max(1, args.points - 1)
+      row = _stopped(scratch, at, signum)
+      if row is not None:
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != 'hashes'}), flush=True)
     table = _table(reference, rows, args.signal)
     print(table)
     os.makedirs(RESULTS, exist_ok=True)
