@@ -115,10 +115,19 @@ def _stopped(scratch: str, at: float, signum: int) -> dict:
   }
 
 
+def _cpu() -> str:
+  """The CPU's model name (timings differ by CPU: docs/benchmarks.md)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
 def _table(reference: dict, rows: list, signal_name: str) -> str:
   lines = [
     f'Stop requests ({signal_name}) at points spread over a tiny run with fine-tuning; '
-    f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
+    f'{_cpu()}, {os.cpu_count()} cores, '
     f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Uninterrupted run: '
     f'{reference["seconds"]:.0f} s.',
     '',
