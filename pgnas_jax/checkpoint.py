@@ -183,9 +183,6 @@ class PreemptionGuard:
     if self.requested and signum == signal.SIGINT:
       signal.signal(signal.SIGINT, signal.default_int_handler)
       raise KeyboardInterrupt
-    self._request(signum)
-
-  def _request(self, signum):
     if not self.requested:
       self.signal_name = self.SIGNALS[signum]
       if signum == signal.SIGINT:
@@ -228,8 +225,8 @@ class _SignalWatcher:
       byte = self._read.recv(1)
       if self._closed.is_set() or not byte:
         return
-      if byte[0] in self._guard.SIGNALS:
-        self._guard._request(byte[0])
+      if byte[0] in self._guard.SIGNALS:  # the handler records the request: a second
+        heard = self._guard.SIGNALS[byte[0]]  # Ctrl-C is told from the first by that alone
         break
     if self._closed.wait(self._seconds):
       return
@@ -237,7 +234,7 @@ class _SignalWatcher:
       if self._closed.is_set():
         return
       sys.stderr.write(
-        f'pgnas_jax: stopped by {self._guard.signal_name}, {self._seconds:.0f} s after it '
+        f'pgnas_jax: stopped by {heard}, {self._seconds:.0f} s after it '
         f'arrived, inside work that has no safe point (compiling or measuring); what was '
         f'saved is kept: run the same command again to resume\n'
       )

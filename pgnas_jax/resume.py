@@ -165,6 +165,8 @@ def plan(workdir: str, config: ml_collections.ConfigDict, start_over: bool) -> s
     parallel.barrier('report seen')  # by every process, before process 0 removes it
     if parallel.is_main_process():
       os.remove(workdir_lib.path(workdir, workdir_lib.REPORT))
+      if rescore:  # the other sampler's candidates: the search would cut them as foreign
+        workdir_lib.write_atomically(workdir_lib.path(workdir, workdir_lib.CANDIDATES), b'')
     return 'resume'
   missing = [
     name

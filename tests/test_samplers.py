@@ -272,6 +272,7 @@ def test_another_sampler_scores_again_and_keeps_the_training(tmp_path, monkeypat
     config = _run_config(sampler=name, stratified_block=4)
     pipeline.run(config, workdir, dataset=dataset)
     assert 'the sampler changed: scoring the candidates again' in caplog.text
+    assert 'written by another run' not in caplog.text  # not reported as damage
     assert 'resuming from the checkpoint at step 4' in caplog.text  # no training step again
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == checkpoints
     drawn = tiny.candidates(workdir)
