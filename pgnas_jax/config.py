@@ -17,6 +17,7 @@ import os
 import types
 
 import ml_collections
+from flax import traverse_util
 
 from pgnas_jax import budget, estimators, rng, samplers, supernets
 from pgnas_jax import data as data_lib
@@ -476,6 +477,14 @@ FIELDS = (
 )
 
 FAMILY_FIELDS_AFTER = 'model.compute_dtype'  # the families' sections follow this field
+
+
+def as_run(saved: dict) -> dict:
+  """A saved config (a run's config.json), flat (``'train.batch_size': 128``), with each
+  field added since the run was made set to the value a run without it had
+  (``Field.older_runs``)."""
+  older = {f.name: f.older_runs for f in fields() if f.older_runs is not ORIGINAL}
+  return {**older, **traverse_util.flatten_dict(saved, sep='.')}
 
 
 def fields() -> tuple:

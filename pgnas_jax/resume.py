@@ -43,10 +43,7 @@ def saved_config(workdir: str) -> dict:
 def _as_run(workdir: str) -> dict:
   """The flat config the run in ``workdir`` ran with: its config.json, and for each field
   added since it was made, the value a run without it had."""
-  older = {
-    f.name: f.older_runs for f in config_lib.fields() if f.older_runs is not config_lib.ORIGINAL
-  }
-  return {**older, **traverse_util.flatten_dict(saved_config(workdir), sep='.')}
+  return config_lib.as_run(saved_config(workdir))
 
 
 def _as_saved(config: ml_collections.ConfigDict) -> dict:

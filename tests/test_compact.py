@@ -215,6 +215,32 @@ def test_export_cli_redraws_a_candidate_from_its_index(finished_run, capsys):
 
 
 @pytest.mark.xdist_group('compact_run')  # shares a module fixture
+def test_export_reads_a_run_made_before_the_newest_fields(finished_run, tmp_path, capsys):
+  """A config.json from before the fields of targets, channel blocks and init_from existed:
+  the export command fills them with the values such a run had (``Field.older_runs``)."""
+  import json
+  import shutil
+
+  from pgnas_jax import export
+
+  workdir, arch = finished_run
+  old = tmp_path / 'old'
+  shutil.copytree(workdir, old)
+  saved = json.loads((old / 'config.json').read_text())
+  for section, name in (
+    ('objective', 'target_params'),
+    ('objective', 'target_flops'),
+    ('objective', 'target_ramp'),
+    ('train', 'init_from'),
+    ('search', 'channel_multiple'),
+  ):
+    del saved[section][name]
+  (old / 'config.json').write_text(json.dumps(saved))
+  export.main(['--workdir', str(old), '--candidate', str(arch['index']), '--no-latency'])
+  assert json.loads(capsys.readouterr().out)['compact_params'] == arch['compact_params']
+
+
+@pytest.mark.xdist_group('compact_run')  # shares a module fixture
 def test_export_cli_splits_the_cpu_as_the_run_did(finished_run, tmp_path):
   """In a fresh process, as users run it: latencies are measured on the devices the main
   job would make of this CPU for the run's config, so the two compare."""

@@ -11,8 +11,10 @@ import os
 
 import jax
 import ml_collections
+from flax import traverse_util
 
 from pgnas_jax import compact, errors, parallel, samplers, trained
+from pgnas_jax import config as config_lib
 from pgnas_jax import lock as lock_lib
 from pgnas_jax import records as records_lib
 from pgnas_jax import data as data_lib
@@ -73,7 +75,9 @@ def finished_config(workdir: str) -> ml_collections.ConfigDict:
     raise errors.ExportError(
       f'{workdir_lib.path(workdir, workdir_lib.CONFIG)} holds no config; restore it from a copy'
     )
-  return ml_collections.ConfigDict(saved)
+  # a run made before some fields existed ran with their older_runs values
+  nested = traverse_util.unflatten_dict(config_lib.as_run(saved), sep='.')
+  return ml_collections.ConfigDict(nested)
 
 
 def _candidate(workdir: str, index) -> dict:
