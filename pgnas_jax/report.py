@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
-from pgnas_jax import masks, pareto
+from pgnas_jax import masks, pareto, targets
 from pgnas_jax import workdir as workdir_lib
 
 
@@ -64,7 +64,7 @@ def plot_training(metrics: list, path: str) -> None:
   """Losses, training accuracy and mean drop probability by step; with cost targets
   (SPEC section 7) a fourth panel: each expected cost against its ceiling."""
   steps = [m['step'] for m in metrics]
-  steered = [k for k in ('params', 'flops') if metrics and f'expected_{k}' in metrics[0]]
+  steered = [k for k in targets.KINDS if metrics and f'expected_{k}' in metrics[0]]
   fig, axes = plt.subplots(1, 4 if steered else 3, figsize=(17 if steered else 13, 3.5))
   for kind in steered:
     line = axes[3].plot(steps, [m[f'expected_{kind}'] for m in metrics], label=f'E[{kind}]')

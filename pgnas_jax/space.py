@@ -53,12 +53,17 @@ def from_variables(variables: dict) -> SearchSpace:
   )
 
 
+def initial_variables(model, image_shape: tuple, key: jax.Array) -> dict:
+  """``model.init`` on one image of ``image_shape``, jitted: every collection, the search
+  space's included."""
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  return jax.jit(lambda k: model.init({'params': k}, dummy, train=False))(key)
+
+
 def of_model(model, image_shape: tuple) -> SearchSpace:
   """The search space of ``model`` on images of ``image_shape``, from one initialisation
   (for checks that need it before training starts)."""
-  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  init = jax.jit(lambda k: model.init({'params': k}, dummy, train=False))
-  return from_variables(init(jax.random.key(0)))
+  return from_variables(initial_variables(model, image_shape, jax.random.key(0)))
 
 
 def kept_counts(mask_tree: PyTree) -> np.ndarray:

@@ -64,10 +64,7 @@ def initialise(
 ) -> tuple:
   """(TrainState replicated on the mesh, SearchSpace)."""
   root_key = rng.root_key(config.seed, config.rng.impl)
-  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  variables = jax.jit(lambda k: model.init({'params': k}, dummy, train=False))(
-    purpose_key(root_key, 'init')
-  )
+  variables = space_lib.initial_variables(model, image_shape, purpose_key(root_key, 'init'))
   space = space_lib.from_variables(variables)
   p0 = config.drop.random_p if config.drop.mode == 'random' else config.drop.init_p
   params = {

@@ -3,7 +3,6 @@ from (search key, c) alone for every pair of them, the candidates' drop rates ar
 posterior's p, a run resumes bitwise with every generator, and a changed sampler or
 generator is noticed on resume."""
 
-import contextlib
 import logging
 import os
 
@@ -196,30 +195,13 @@ def _run_config(impl='threefry2x32', **search_fields):
   )
 
 
-class _Guard:
-  """Asks the training loop to stop after ``stop_after`` steps, as SIGTERM does."""
-
-  signal_name = 'SIGTERM'
-
-  def __init__(self, stop_after):
-    self.calls, self.stop_after = 0, stop_after
-
-  @property
-  def requested(self):
-    self.calls += 1
-    return self.calls == self.stop_after
-
-  def finishing(self):
-    return contextlib.nullcontext()
-
-
 @pytest.mark.parametrize('impl', rng.IMPLEMENTATIONS)
 def test_training_stopped_and_resumed_is_bitwise_the_uninterrupted(tiny_net, tmp_path, impl):
   config = _run_config(impl)
-  whole = tiny.trained(tiny_net, config, tmp_path / 'whole', _Guard(0))[0]
+  whole = tiny.trained(tiny_net, config, tmp_path / 'whole', tiny.StopAfter(0))[0]
   with pytest.raises(errors.Preempted, match='after training step 3'):
-    tiny.trained(tiny_net, config, tmp_path / 'stopped', _Guard(3))
-  resumed = tiny.trained(tiny_net, config, tmp_path / 'stopped', _Guard(0))[0]
+    tiny.trained(tiny_net, config, tmp_path / 'stopped', tiny.StopAfter(3))
+  resumed = tiny.trained(tiny_net, config, tmp_path / 'stopped', tiny.StopAfter(0))[0]
   assert rng.impl_name(resumed.root_key) == impl
   for a, b in zip(jax.tree.leaves(jax.device_get(whole)), jax.tree.leaves(jax.device_get(resumed))):
     a, b = (
@@ -230,7 +212,7 @@ def test_training_stopped_and_resumed_is_bitwise_the_uninterrupted(tiny_net, tmp
   other = 'philox4x32' if impl == 'threefry2x32' else 'threefry2x32'
   if jax.random.key_data(rng.root_key(0, other)).shape == jax.random.key_data(whole.root_key).shape:
     with pytest.raises(errors.CheckpointError, match='another run'):
-      tiny.trained(tiny_net, _run_config(other), tmp_path / 'stopped', _Guard(0))
+      tiny.trained(tiny_net, _run_config(other), tmp_path / 'stopped', tiny.StopAfter(0))
 
 
 def _recorded_by(workdir, config, count):

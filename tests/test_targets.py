@@ -5,7 +5,6 @@ refused in one line before the workdir exists. Channel blocks (``search.channel_
 widths in multiples, blocks dropped whole with their group's probability. Starting from
 weights trained before (``train.init_from``) in every form, and refusing another network's."""
 
-import contextlib
 import json
 
 import flax
@@ -113,21 +112,6 @@ def test_training_holds_the_target_on_one_and_four_devices_alike(tiny_net):
     jax.tree.map(lambda w, p: np.testing.assert_array_equal(w[first : first + 4], p), whole, part)
 
 
-class _StopAfter:
-  signal_name = 'SIGTERM'
-
-  def __init__(self, steps):
-    self.calls, self.steps = 0, steps
-
-  @property
-  def requested(self):
-    self.calls += 1
-    return self.calls == self.steps
-
-  def finishing(self):
-    return contextlib.nullcontext()
-
-
 def test_a_steered_run_stopped_and_resumed_is_bitwise_the_uninterrupted(tiny_net, tmp_path):
   config = tiny.default_config(
     {
@@ -139,10 +123,10 @@ def test_a_steered_run_stopped_and_resumed_is_bitwise_the_uninterrupted(tiny_net
       'log.tensorboard': False,
     }
   )
-  whole = tiny.trained(tiny_net, config, tmp_path / 'whole', _StopAfter(0))[0]
+  whole = tiny.trained(tiny_net, config, tmp_path / 'whole', tiny.StopAfter(0))[0]
   with pytest.raises(errors.Preempted, match='after training step 2'):
-    tiny.trained(tiny_net, config, tmp_path / 'stopped', _StopAfter(2))
-  resumed = tiny.trained(tiny_net, config, tmp_path / 'stopped', _StopAfter(0))[0]
+    tiny.trained(tiny_net, config, tmp_path / 'stopped', tiny.StopAfter(2))
+  resumed = tiny.trained(tiny_net, config, tmp_path / 'stopped', tiny.StopAfter(0))[0]
   for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

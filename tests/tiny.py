@@ -5,6 +5,7 @@ of it, as command-line flags or as a config. Beside it: configs with a few field
 training step of a small network, tiny members of every family, and the checks that a
 refused run leaves the user's workdir alone."""
 
+import contextlib
 import functools
 import gzip
 import json
@@ -285,6 +286,23 @@ def refused(config, workdir, capsys) -> str:
 
 
 NO_STOP = types.SimpleNamespace(requested=False, signal_name=None)
+
+
+class StopAfter:
+  """Asks the training loop to stop after ``steps`` steps, as SIGTERM does (0: never)."""
+
+  signal_name = 'SIGTERM'
+
+  def __init__(self, steps: int):
+    self.calls, self.steps = 0, steps
+
+  @property
+  def requested(self):
+    self.calls += 1
+    return self.calls == self.steps
+
+  def finishing(self):
+    return contextlib.nullcontext()
 
 
 def trained(model, config, workdir, guard=NO_STOP, dataset=None) -> tuple:
