@@ -125,7 +125,7 @@ IID = Sampler()
 def from_config(search_config) -> Sampler:
   name = search_config.sampler
   block = search_config.stratified_block if name == 'stratified' else 0
-  return Sampler(name, block, search_config.get('channel_multiple', 1))
+  return Sampler(name, block, search_config.channel_multiple)
 
 
 def check_blocks(multiple: int, sizes: dict) -> None:
