@@ -31,6 +31,26 @@ RULE = (
 )
 
 
+def is_valid_ms(value) -> bool:
+  """0 (none), a positive number of milliseconds, or a percentage string in (0%, 100%]."""
+  if type(value) in (int, float):
+    return value >= 0 and value == value and value != float('inf')
+  return type(value) is str and is_valid(value)
+
+
+RULE_MS = (
+  "0 (none), milliseconds (e.g. 40.0) or a share of the full network's measured latency "
+  "as a percentage string (e.g. '50%')"
+)
+
+
+def resolve_ms(value, full_ms: float) -> float | None:
+  """The latency a valid config ``value`` means when the full network takes ``full_ms``."""
+  if type(value) is str:
+    return full_ms * float(_PERCENT.match(value).group(1)) / 100.0
+  return float(value) or None
+
+
 def resolve(value, full: int) -> int | None:
   """The budget a valid config ``value`` means for a super-network of ``full`` params or
   FLOPs: None for no budget, else the largest count that fits."""
@@ -42,24 +62,35 @@ def resolve(value, full: int) -> int | None:
 
 
 class Budget(NamedTuple):
-  """Largest params and FLOPs a candidate may have; None: no limit."""
+  """Largest params, FLOPs and predicted latency a candidate may have; None: no limit."""
 
   max_params: int | None = None
   max_flops: int | None = None
+  max_latency_ms: float | None = None
 
   @classmethod
-  def from_config(cls, config, full_params: int, full_flops: int) -> 'Budget':
-    """``search.max_params`` / ``max_flops``; where one is 0, the objective's target of the
-    same cost (SPEC section 7), so a target-steered run's winner fits its target."""
+  def from_config(
+    cls, config, full_params: int, full_flops: int, full_ms: float | None = None
+  ) -> 'Budget':
+    """``search.max_params`` / ``max_flops`` / ``max_latency_ms``; where one is 0, the
+    objective's target of the same cost (SPEC section 7), so a target-steered run's winner
+    fits its target. ``full_ms``: the full network's measured latency, for a share."""
     search, objective = config.search, config.objective
+    latency = search.max_latency_ms or objective.target_latency_ms
     return cls(
       resolve(search.max_params or objective.target_params, full_params),
       resolve(search.max_flops or objective.target_flops, full_flops),
+      resolve_ms(latency, full_ms) if latency and full_ms is not None else None,
     )
 
   def fits(self, record: dict) -> bool:
-    return (self.max_params is None or record['params'] <= self.max_params) and (
-      self.max_flops is None or record['flops'] <= self.max_flops
+    """Within every limit; a latency limit needs the record's prediction (``latency_ms``)."""
+    return (
+      (self.max_params is None or record['params'] <= self.max_params)
+      and (self.max_flops is None or record['flops'] <= self.max_flops)
+      and (
+        self.max_latency_ms is None or record.get('latency_ms', float('inf')) <= self.max_latency_ms
+      )
     )
 
   def describe(self) -> str:
@@ -68,10 +99,16 @@ class Budget(NamedTuple):
       for name, v in (('params', self.max_params), ('FLOPs', self.max_flops))
       if v is not None
     ]
+    if self.max_latency_ms is not None:
+      limits.append(f'predicted latency <= {self.max_latency_ms:.3f} ms')
     return ' and '.join(limits) or 'no budget'
 
   def as_dict(self) -> dict:
-    return {'max_params': self.max_params, 'max_flops': self.max_flops}
+    """As arch.json and pareto.json hold it; a latency limit only where there is one."""
+    limits = {'max_params': self.max_params, 'max_flops': self.max_flops}
+    if self.max_latency_ms is not None:
+      limits['max_latency_ms'] = self.max_latency_ms
+    return limits
 
 
 UNLIMITED = Budget()
@@ -93,10 +130,13 @@ def fitting(records: list, budget: Budget) -> list:
 def none_fits_message(records: list, budget: Budget) -> str:
   smallest_params = min(r['params'] for r in records)
   smallest_flops = min(r['flops'] for r in records)
+  fastest = min((r['latency_ms'] for r in records if 'latency_ms' in r), default=None)
+  fastest = '' if fastest is None else f', the fastest is predicted at {fastest:.3f} ms'
   return (
     f'none of the {len(records)} scored candidates fits the budget ({budget.describe()}):'
     f' the smallest has {smallest_params:,} params, the cheapest {smallest_flops:,} '
-    f'FLOPs. Rerun with a larger search.max_params / search.max_flops (the scored '
+    f'FLOPs{fastest}. Rerun with a larger search.max_params / search.max_flops / '
+    f'search.max_latency_ms (the scored '
     f'candidates in search/candidates.jsonl are reused), or start over (--start_over) '
     f'with more candidates (search.num_candidates) or a larger '
     f'objective.weight_prior_l2 so that more channels drop'

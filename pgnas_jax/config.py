@@ -263,6 +263,17 @@ FIELDS = (
     older_runs=0,
   ),
   Field(
+    'objective.target_latency_ms',
+    0,
+    'the same for the predicted latency at `search.latency_batch_size` images (SPEC section 7, '
+    '`pgnas_jax/latency_table.py`): milliseconds (e.g. `40.0`) or a share of the full '
+    "network's measured latency as a string such as `'50%'`; refused below what the "
+    "smallest candidate is predicted to take. The search's `max_latency_ms` defaults to it",
+    check=Check(budget.is_valid_ms, budget.RULE_MS),
+    any_type=True,
+    older_runs=0,
+  ),
+  Field(
     'objective.target_ramp',
     0.5,
     "share of training over which the cost ceiling falls from the initial posterior's "
@@ -410,6 +421,37 @@ FIELDS = (
     any_type=True,
     on_resume=RECHOOSE,
     older_runs=0,
+  ),
+  Field(
+    'search.max_latency_ms',
+    0,
+    'latency budget: the winner is the best candidate whose predicted latency '
+    '(`latency_ms` in `search/candidates.jsonl`, from the per-layer table of '
+    '`pgnas_jax/latency_table.py`) is at most this; milliseconds or a string such as '
+    "`'50%'` of the full network's measured latency; 0: none",
+    check=Check(budget.is_valid_ms, budget.RULE_MS),
+    any_type=True,
+    on_resume=RECHOOSE,
+    older_runs=0,
+  ),
+  Field(
+    'search.predict_latency',
+    False,
+    "record every candidate's predicted latency (`latency_ms`), its accuracy-latency "
+    'Pareto front and, with `export.latency`, predicted against measured latency on '
+    'the front; on whenever a latency budget or target is set. Latency is measured on '
+    'this machine: a run that uses it reproduces bit for bit only where its table '
+    '(`search/latency_table.json`) was made',
+    check=Check(lambda v: type(v) is bool, 'True or False'),
+    on_resume=RECHOOSE,
+    older_runs=False,
+  ),
+  Field(
+    'search.latency_batch_size',
+    128,
+    'images per call at which latency is measured and predicted',
+    check=POSITIVE,
+    older_runs=128,
   ),
   Field(
     'search.bn_recalibration_batches',

@@ -24,3 +24,4 @@ class Context:
   checkpointer: checkpoint_lib.Checkpointer
   guard: checkpoint_lib.PreemptionGuard
   writes: bool
+  latency: Any = None  # latency_table.Table: the run's, when it predicts latency

@@ -61,11 +61,12 @@ class Outputs:
     stem = self.path(f'{workdir_lib.SEARCH}/winner_compact')
     return candidate.deploy(model, variables, mask, image_shape, stem, measure)
 
-  def pareto(self, records: list, supernet: dict, winner_index, budget) -> dict | None:
-    """``search/pareto.json`` and its plot; the fronts (None where nothing is written)."""
+  def pareto(self, records: list, supernet: dict, winner_index, budget, measured=()):
+    """``search/pareto.json`` and its plot; the fronts (None where nothing is written).
+    ``measured``: latencies measured on the latency front (``latency_table``)."""
     if not self.writes:
       return None
-    front = pareto.summary(records, supernet, winner_index, budget.as_dict())
+    front = pareto.summary(records, supernet, winner_index, budget.as_dict(), measured)
     workdir_lib.write_json(self.path(workdir_lib.PARETO), front)
     pareto.plot(records, front, self.path(workdir_lib.PARETO_PLOT))
     return front
@@ -100,8 +101,14 @@ class Outputs:
       self.path(workdir_lib.CANDIDATES_PLOT),
     )
     report.plot_training(metrics, self.path(workdir_lib.TRAINING_PLOT))
-    supernet = {k: arch['supernet'][k] for k in ('val_acc', 'params', 'flops')}
-    front = self.pareto(result.records, supernet, arch['index'], budget)
+    supernet = {
+      k: arch['supernet'][k]
+      for k in ('val_acc', 'params', 'flops', 'latency_ms')
+      if k in arch['supernet']
+    }
+    front = self.pareto(
+      result.records, supernet, arch['index'], budget, arch.get('latency_front', ())
+    )
     workdir_lib.write_json(self.path(workdir_lib.TIMINGS), result.timings)
     report.write_markdown(
       self.path(workdir_lib.REPORT), arch, result.timings, num_candidates, result.posterior, front

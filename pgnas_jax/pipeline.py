@@ -22,13 +22,13 @@ from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import context as context_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, export, finetune, metric_writers, parallel, resume, samplers
+from pgnas_jax import errors, export, finetune, metric_writers, parallel, pareto, resume, samplers
 from pgnas_jax import budget as budget_lib
 from pgnas_jax import lock as lock_lib
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import outputs as outputs_lib
 from pgnas_jax import records as records_lib
-from pgnas_jax import pretrained, search, supernets, targets, train
+from pgnas_jax import latency_table, pretrained, search, supernets, targets, train
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.supernets import custom
@@ -93,7 +93,8 @@ def run(
       return Result.read(workdir)
     if plan == 'resume' and start_over:
       logging.info('resuming the run that --start_over began in %s', workdir)
-    dataset, model = _checked_inputs(config, model, dataset)
+    resumed_in = workdir if plan == 'resume' else None
+    dataset, model, latency = _checked_inputs(config, model, dataset, resumed_in)
     source = custom.source(model) if config.model.family == 'custom' else None
     if plan == 'resume':
       custom.check_source(workdir, source)
@@ -105,21 +106,25 @@ def run(
         held.claim()
         _prepare(workdir, config, plan == 'fresh' and start_over, source)
       parallel.barrier('workdir ready')
+      if latency is not None:  # every process predicts from process 0's table
+        latency = latency_table.shared(latency, workdir, parallel.is_main_process())
       checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
       try:
         with checkpoint_lib.PreemptionGuard() as guard:
           writes = parallel.is_main_process()
           ctx = context_lib.Context(
-            config, workdir, mesh, dataset, model, checkpointer, guard, writes
+            config, workdir, mesh, dataset, model, checkpointer, guard, writes, latency
           )
           return run_stages(ctx)
       finally:
         checkpointer.close()
 
 
-def _checked_inputs(config, model, dataset) -> tuple:
-  """(data set, model), loaded where not given and checked, before the workdir is touched:
-  the data may be missing, a user's module may not fit it, a target may be out of reach."""
+def _checked_inputs(config, model, dataset, resumed_in: str | None) -> tuple:
+  """(data set, model, the run's latency table or None: the one saved in ``resumed_in``, a
+  resumed run's workdir), loaded where not given and checked, before the workdir is
+  touched: the data may be missing, a user's module may not fit it, a target may be out of
+  reach."""
   if dataset is None:
     dataset = data_lib.load(config.data)
   data_lib.check_fits(dataset, config.train)
@@ -130,13 +135,14 @@ def _checked_inputs(config, model, dataset) -> tuple:
     custom.check(model, dataset, config)
   if config.train.init_from:  # the file fits the model
     pretrained.load(config.train.init_from, _variable_shapes(model, dataset))
-  steered = any(config.objective[f'target_{kind}'] for kind in targets.KINDS)
+  latency = latency_table.for_run(config, model, dataset.image_shape, resumed_in)
+  steered = any(config.objective[field] for field in targets.FIELDS.values())
   if steered or config.search.channel_multiple > 1:  # checks that need the search space
     space = space_lib.of_model(model, dataset.image_shape)
-    targets.from_config(config, space, 1)
+    targets.from_config(config, space, 1, latency)
     sizes = dict(zip(space_lib.group_names(space), masks_lib.channel_counts(space.template)))
     samplers.check_blocks(config.search.channel_multiple, sizes)
-  return dataset, model
+  return dataset, model, latency
 
 
 def _prepare(workdir: str, config, fresh_start: bool, source: dict | None) -> None:
@@ -262,7 +268,9 @@ def rank(ctx: context_lib.Context, trained: Trained, outputs: outputs_lib.Output
   full_val, _ = scorer.network(trained.state.variables, validation)
   full_params, full_flops = space_lib.costs(space, space.template)
   supernet = {'val_acc': float(full_val), 'params': int(full_params), 'flops': int(full_flops)}
-  budget = search.budget(config, space)
+  if ctx.latency is not None:  # measured when the table was made
+    supernet['latency_ms'] = ctx.latency.full_ms
+  budget = search.budget(config, space, ctx.latency)
   recalibration = search.recalibration_images(
     ctx.dataset, config.search.bn_recalibration_batches, eval_batch, ctx.mesh
   )
@@ -271,6 +279,10 @@ def rank(ctx: context_lib.Context, trained: Trained, outputs: outputs_lib.Output
     log = search.RankingLog(path, ctx.guard, writer, budget)
     records = search.rank_candidates(
       scorer, trained.state, space, search.Validation(validation, recalibration), config.search, log
+    )
+  if ctx.latency is not None:
+    records, _ = latency_table.predicted(
+      records, ctx.latency, _predictor(ctx, trained), _mask_of(ctx, trained), _where(ctx)
     )
   records = outputs.budget_marks(records, budget)
   outputs.warn(records_lib.unresolved_ranking(records, config.data.validation_size))
@@ -282,6 +294,21 @@ def rank(ctx: context_lib.Context, trained: Trained, outputs: outputs_lib.Output
   mask = trained.mask(winner['index'], samplers.from_config(config.search))
   variables = scorer.recalibrated(trained.state.variables, mask, recalibration)
   return Ranking(records, budget, winner, mask, variables, supernet, scorer, validation)
+
+
+def _predictor(ctx: context_lib.Context, trained: Trained) -> latency_table.Predictor:
+  image_shape, batch = ctx.dataset.image_shape, ctx.latency.batch
+  return latency_table.Predictor(ctx.model, trained.state.variables, image_shape, batch)
+
+
+def _mask_of(ctx: context_lib.Context, trained: Trained):
+  """A candidate's hard mask by index, as the search drew it."""
+  sampler = samplers.from_config(ctx.config.search)
+  return lambda index: trained.mask(index, sampler)
+
+
+def _where(ctx: context_lib.Context) -> tuple:
+  return ctx.workdir, ctx.writes
 
 
 def test_and_export(
@@ -310,11 +337,20 @@ def test_and_export(
     },
     'budget': ranking.budget.as_dict(),
   }
+  if 'latency_ms' in ranking.supernet:
+    arch['supernet']['latency_ms'] = ranking.supernet['latency_ms']
   compact = outputs.compact(
     ctx.model, ranking.variables, ranking.mask, ctx.dataset.image_shape, config.export.latency
   )
   if compact:
     arch.update(input_slice_params=arch['params'], input_slice_flops=arch['flops'], **compact)
+  if ctx.latency is not None:
+    arch['predicted_latency_ms'] = ranking.winner['latency_ms']
+    if config.export.latency and ctx.writes:  # the table checked where a user sees it
+      front = pareto.front(ranking.records, 'latency_ms')
+      arch['latency_front'] = latency_table.measured_on_front(
+        front, _predictor(ctx, trained), _mask_of(ctx, trained)
+      )
   return arch
 
 

@@ -326,11 +326,12 @@ class RankingLog(NamedTuple):
   budget: budget_lib.Budget = budget_lib.UNLIMITED  # what the records' ``fits`` says
 
 
-def budget(config, space: space_lib.SearchSpace) -> budget_lib.Budget:
-  """The search's budget (``search.max_params``, ``search.max_flops``, else the objective's
-  targets) for this space."""
+def budget(config, space: space_lib.SearchSpace, latency=None) -> budget_lib.Budget:
+  """The search's budget (``search.max_params``, ``max_flops``, ``max_latency_ms``, else the
+  objective's targets) for this space; ``latency``: the run's ``latency_table.Table``."""
   full_params, full_flops = space_lib.costs(space, space.template)
-  return budget_lib.Budget.from_config(config, full_params, full_flops)
+  full_ms = None if latency is None else latency.full_ms
+  return budget_lib.Budget.from_config(config, full_params, full_flops, full_ms)
 
 
 def rank_candidates(

@@ -1,6 +1,7 @@
-"""Cost targets that steer training (SPEC section 7): the expected params and FLOPs of the
-posterior, and the projection that holds them under a ceiling that falls from the initial
-posterior's cost to the target over the first ``objective.target_ramp`` of training.
+"""Cost targets that steer training (SPEC section 7): the expected params, FLOPs and
+predicted latency of the posterior, and the projection that holds them under a ceiling that
+falls from the initial posterior's cost to the target over the first
+``objective.target_ramp`` of training.
 
 ``Targets`` is built once per run from the config and the search space; with no target set
 ``from_config`` gives None and training is the paper's, untouched.
@@ -17,12 +18,14 @@ from pgnas_jax import space as space_lib
 from pgnas_jax.errors import ConfigError
 
 PyTree = Any
-KINDS = ('params', 'flops')  # a target's name is objective.target_<kind>
+KINDS = ('params', 'flops', 'latency')
+FIELDS = dict(zip(KINDS, ('target_params', 'target_flops', 'target_latency_ms')))  # objective.*
 BISECTION = (64.0, 48)  # largest logit shift, halvings: 64 / 2**48 is below float32's step
 
 
 class Cost(NamedTuple):
-  """One cost of the space (params or MACs) as a function of the drop probabilities."""
+  """One cost of the space (params, MACs or predicted milliseconds) as a function of the
+  drop probabilities."""
 
   kind: str
   fixed: float  # F: what no candidate can remove
@@ -78,33 +81,50 @@ def _shift_to(cost: Cost, drop_logits: PyTree, ceiling: jax.Array) -> jax.Array:
   return jnp.where(over(jnp.float32(0.0)), high, 0.0)
 
 
-def from_config(config, space: space_lib.SearchSpace, total_steps: int) -> Targets | None:
+def from_config(
+  config, space: space_lib.SearchSpace, total_steps: int, latency=None
+) -> Targets | None:
   """The run's targets, checked against the space (``ConfigError`` in one line); None
-  without any."""
-  wanted = [k for k in KINDS if config.objective[f'target_{k}']]
+  without any. ``latency``: the run's ``latency_table.Table``, needed by a latency target."""
+  wanted = [k for k in KINDS if config.objective[FIELDS[k]]]
   if not wanted:
     return None
   if config.drop.mode != 'learned':
     raise ConfigError(
-      f'--config.objective.target_{wanted[0]} steers the drop logits, which '
+      f'--config.objective.{FIELDS[wanted[0]]} steers the drop logits, which '
       "drop.mode='random' freezes: use one or the other"
     )
-  per_channel = np.stack([np.asarray(c, np.float64) for c in jax.tree.leaves(space.channel_costs)])
-  sizes = np.asarray(masks.channel_counts(space.template), np.float64)
-  fixed = {'params': space.fixed_params, 'flops': space.fixed_macs}
-  costs = []
-  for column, kind in enumerate(KINDS):
-    if kind not in wanted:
-      continue
-    per_group = sizes * per_channel[:, column]
-    full = fixed[kind] + per_group.sum()
-    target = budget.resolve(config.objective[f'target_{kind}'], int(full))
-    if target <= fixed[kind]:
-      raise ConfigError(
-        f'--config.objective.target_{kind}={config.objective[f"target_{kind}"]!r} asks for '
-        f'{target:,} {kind}, but the layers no search can remove already have '
-        f'{fixed[kind]:,} (of {int(full):,}): ask for more'
-      )
-    start = fixed[kind] + (1.0 - config.drop.init_p) * per_group.sum()
-    costs.append(Cost(kind, float(fixed[kind]), per_group, float(full), float(target), start))
+  costs = [_cost(kind, config, space, latency) for kind in wanted]
   return Targets(tuple(costs), config.objective.target_ramp * total_steps)
+
+
+def _cost(kind: str, config, space: space_lib.SearchSpace, latency) -> Cost:
+  sizes = np.asarray(masks.channel_counts(space.template), np.float64)
+  value = config.objective[FIELDS[kind]]
+  if kind == 'latency':
+    per_group = sizes * np.asarray(latency.channel_ms, np.float64)
+    full = float(latency.full_ms)
+    fixed, target = full - per_group.sum(), budget.resolve_ms(value, full)
+    floor = max(fixed, latency.smallest_ms)
+    if target <= floor:
+      raise ConfigError(
+        f'--config.objective.target_latency_ms={value!r} asks for {target:.3f} ms at '
+        f'{latency.batch} images, but the smallest candidate is predicted at {floor:.3f} ms '
+        f'(the full network: {full:.3f} ms, on {latency.device}): ask for more'
+      )
+  else:
+    column = KINDS.index(kind)
+    per_channel = np.stack(
+      [np.asarray(c, np.float64) for c in jax.tree.leaves(space.channel_costs)]
+    )
+    per_group = sizes * per_channel[:, column]
+    fixed = {'params': space.fixed_params, 'flops': space.fixed_macs}[kind]
+    full = fixed + per_group.sum()
+    target = budget.resolve(value, int(full))
+    if target <= fixed:
+      raise ConfigError(
+        f'--config.objective.{FIELDS[kind]}={value!r} asks for {target:,} {kind}, but the '
+        f'layers no search can remove already have {fixed:,} (of {int(full):,}): ask for more'
+      )
+  start = fixed + (1.0 - config.drop.init_p) * per_group.sum()
+  return Cost(kind, float(fixed), per_group, float(full), float(target), float(start))

@@ -116,16 +116,22 @@ def mean_drop_probability(drop_logits: PyTree, template: PyTree) -> jax.Array:
 
 
 def make_train_step(
-  model, space: space_lib.SearchSpace, config: ml_collections.ConfigDict, run: 'TrainSetup', mesh
+  model,
+  space: space_lib.SearchSpace,
+  config: ml_collections.ConfigDict,
+  run: 'TrainSetup',
+  mesh,
+  latency=None,
 ) -> Callable:
   """``train_step(state, batch) -> (state, metrics)`` of the run set up as ``run`` (its
   optimiser, learning-rate and tau schedules), jitted over the mesh: state replicated,
   batch sharded over 'data', the state donated; on CPU compiled with
   ``xla_options.CPU_TRAIN_OPTIONS``, its convolutions and BatchNorm on the CPU kernels
-  (``backends.cpu.ops.in_use``)."""
+  (``backends.cpu.ops.in_use``). ``latency``: the run's ``latency_table.Table``, which a
+  latency target needs."""
   tx, schedule, temperature = run.tx, run.schedule, run.temperature
   loss_fn = make_loss_fn(model, space, config)
-  targets = targets_lib.from_config(config, space, run.total_steps)
+  targets = targets_lib.from_config(config, space, run.total_steps, latency)
 
   def train_step(state: TrainState, batch: dict):
     key = jax.random.fold_in(state.key('train'), state.step)
@@ -312,7 +318,7 @@ def train(ctx: context_lib.Context) -> tuple:
   first = int(state.step)
   if first >= run.total_steps:
     return state, space
-  train_step = make_train_step(model, space, config, run, mesh)
+  train_step = make_train_step(model, space, config, run, mesh, ctx.latency)
   batch_size = config.train.batch_size
   _announce(run, dataset, space, mesh)
   pending, start, last = [], time.time(), time.time()

@@ -61,12 +61,21 @@ def captured_outputs(model, variables: dict, mask: PyTree, image_shape: tuple) -
   """Every submodule's output of the masked super-network on one all-zero image. Parts that
   a removed conv made independent of the image are read from here."""
   images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  _, state = jax.jit(
+  _, state = _capturing(model)(
+    {'params': variables['params'], 'batch_stats': variables['batch_stats'], 'masks': mask}, images
+  )
+  return jax.device_get(state['intermediates'])
+
+
+@functools.cache
+def _capturing(model):
+  """The jitted capturing apply of ``model``, one per model: building many candidates'
+  compact networks (``latency_table``) compiles it once."""
+  return jax.jit(
     functools.partial(
       model.apply, train=False, capture_intermediates=True, mutable=['intermediates']
     )
-  )({'params': variables['params'], 'batch_stats': variables['batch_stats'], 'masks': mask}, images)
-  return jax.device_get(state['intermediates'])
+  )
 
 
 def build(model, variables: dict, mask: PyTree, image_shape: tuple) -> CompactNet:

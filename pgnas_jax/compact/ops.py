@@ -19,6 +19,7 @@ import numpy as np
 
 EPSILON = 1e-5  # layers.batch_norm's
 _counter = []  # while ``counting_macs`` is active: one list that layers append MACs to
+_convs = []  # while ``recording_convs`` is active: one list that convolutions append to
 
 
 @contextlib.contextmanager
@@ -32,12 +33,25 @@ def counting_macs():
     _counter.pop()
 
 
+@contextlib.contextmanager
+def recording_convs():
+  """Collects ``(input shape, kernel shape, strides, dilation, feature groups)`` of every
+  convolution traced inside, in order (``latency_table`` looks each up)."""
+  _convs.append([])
+  try:
+    yield _convs[-1]
+  finally:
+    _convs.pop()
+
+
 def _record(macs: int) -> None:
   if _counter:
     _counter[-1].append(int(macs))
 
 
 def _conv(x, kernel, strides, dilation, groups=1):
+  if _convs:
+    _convs[-1].append((tuple(x.shape), tuple(kernel.shape), strides, dilation, groups))
   return jax.lax.conv_general_dilated(
     x,
     kernel.astype(x.dtype),
