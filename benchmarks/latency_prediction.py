@@ -65,7 +65,7 @@ def run(network: str, count: int, batch: int, multiple: int) -> dict:
   for i, mask in enumerate(_candidates(space, count, multiple)):
     convs = predictor.convs(mask)
     table = table._replace(entries=predictor.measured(table.entries, convs))
-    predicted, measured = table.predict(convs), predictor.whole(mask)[0]
+    predicted, measured = table.predict(convs), predictor.whole_ms([mask])[0][0]
     params, flops = space_lib.costs(space, mask)
     rows.append(
       {'candidate': i, 'flops': int(flops), 'predicted_ms': predicted, 'measured_ms': measured}

@@ -37,6 +37,7 @@ from pgnas_jax.compact import latency as measuring
 from pgnas_jax.compact import ops
 
 REPEATS = 10  # calls timed per table entry (after compact.latency's warm-up)
+WHOLE_ROUNDS = 5  # windows, in turn, of the full and the smallest network (the line's ends)
 FILE = f'{workdir_lib.SEARCH}/latency_table.json'
 FRONT_MEASURED = 12  # candidates of the accuracy-latency front measured against the table
 
@@ -72,9 +73,10 @@ class Conv(NamedTuple):
 
 def convs_of(net: compact.CompactNet, batch: int) -> list:
   """The convolutions of ``net`` on ``batch`` images, in the order it runs them."""
-  with ops.recording_convs() as seen:
+  apply = compact.inference_fn(net)
+  with ops.recording_convs() as seen:  # a new function: a cached trace would record nothing
     jax.eval_shape(
-      compact.inference_fn(net),
+      lambda weights, images: apply(weights, images),
       net.weights,
       jax.ShapeDtypeStruct((batch,) + net.image_shape, np.float32),
     )
@@ -144,33 +146,40 @@ class Predictor:
   def table(self, space: space_lib.SearchSpace, multiple: int) -> Table:
     """The table of a new run: its entries, the full and the smallest network measured
     whole, and each group's per-channel cost (SPEC section 7)."""
-    full = self.whole(space.template)
-    smallest = self.whole(jax.tree.map(np.zeros_like, _numpy(space.template)))
+    smallest_mask = jax.tree.map(np.zeros_like, _numpy(space.template))
+    (full_ms, smallest_ms), (full, smallest) = self.whole_ms(
+      [space.template, smallest_mask], rounds=WHOLE_ROUNDS
+    )
     halves = {c: (dropped, self.convs(m)) for c, (dropped, m) in _halved(space, multiple).items()}
-    needed = full[1] + smallest[1] + [c for _, convs in halves.values() for c in convs]
+    needed = full + smallest + [c for _, convs in halves.values() for c in convs]
     entries = self.measured({}, needed)
     call_ms = measuring.median_ms(lambda x: x + 1.0, np.zeros((1,), np.float32))
-    table = Table(self.device, self.batch, entries, call_ms, full[0], smallest[0], 0.0, 1.0, [])
-    full_sum, smallest_sum = table.convs_ms(full[1]), table.convs_ms(smallest[1])
-    scale = (full[0] - smallest[0]) / (full_sum - smallest_sum) if full_sum > smallest_sum else 1.0
+    table = Table(self.device, self.batch, entries, call_ms, full_ms, smallest_ms, 0.0, 1.0, [])
+    full_sum, smallest_sum = table.convs_ms(full), table.convs_ms(smallest)
+    scale = (full_ms - smallest_ms) / (full_sum - smallest_sum) if full_sum > smallest_sum else 1.0
     per_channel = {  # a saving lost in the timing noise counts as none, never as a cost
       conv: max(0.0, scale * (full_sum - table.convs_ms(convs)) / dropped)
       for conv, (dropped, convs) in halves.items()
     }
     return table._replace(
-      offset_ms=full[0] - scale * full_sum,
+      offset_ms=full_ms - scale * full_sum,
       scale=scale,
       channel_ms=[per_channel[path[:-1]] for path in _group_paths(space)],
     )
 
-  def whole(self, mask) -> tuple:
-    """(measured ms, convolutions) of the compact network of ``mask``."""
-    net = compact.build(self.model, self.variables, mask, self.image_shape)
+  def whole_ms(self, masks: list, rounds: int = 1) -> tuple:
+    """([measured ms], [convolutions]) of the compact networks of ``masks``, timed in turn
+    for ``rounds`` windows each (a median of ``compact.latency.REPEATS`` calls), the median
+    window kept: a passing disturbance of the machine is outvoted."""
     images = np.zeros((self.batch,) + self.image_shape, np.float32)
-    weights = jax.device_put(net.weights, jax.devices()[0])
-    return measuring.median_ms(compact.inference_fn(net), weights, images), convs_of(
-      net, self.batch
-    )
+    timers, convs = [], []
+    for mask in masks:
+      net = compact.build(self.model, self.variables, mask, self.image_shape)
+      weights = jax.device_put(net.weights, jax.devices()[0])
+      timers.append(measuring.timer(compact.inference_fn(net), weights, images))
+      convs.append(convs_of(net, self.batch))
+    windows = [[t() for t in timers] for _ in range(rounds)]
+    return [float(np.median(w)) for w in zip(*windows)], convs
 
 
 def _measure(conv: Conv, batch: int) -> float:
@@ -322,7 +331,7 @@ def measured_on_front(front: list, predictor: Predictor, mask_of) -> list:
     {
       'index': r['index'],
       'predicted_ms': r['latency_ms'],
-      'measured_ms': predictor.whole(mask_of(r['index']))[0],
+      'measured_ms': predictor.whole_ms([mask_of(r['index'])])[0][0],
     }
     for r in front
   ]

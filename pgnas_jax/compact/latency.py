@@ -21,16 +21,26 @@ WARMUP = 3
 REPEATS = 20
 
 
-def median_ms(fn, *args, repeats: int = REPEATS) -> float:
+def timer(fn, *args, repeats: int = REPEATS):
+  """``fn`` compiled for ``args`` and warmed up; returns a function that times ``repeats``
+  calls and gives their median in milliseconds (call it again for another window)."""
   compiled = jax.jit(fn).lower(*args).compile()
   for _ in range(WARMUP):
     jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return 1000 * statistics.median(times)
+
+  def window() -> float:
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+  return window
+
+
+def median_ms(fn, *args, repeats: int = REPEATS) -> float:
+  return timer(fn, *args, repeats=repeats)()
 
 
 def networks(model, variables: dict, mask, net: compact.CompactNet) -> dict:
