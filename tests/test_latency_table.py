@@ -198,3 +198,23 @@ def test_the_latency_budget_takes_milliseconds_or_a_share():
   assert not limit.fits({'params': 1, 'flops': 1})  # no prediction: not known to fit
   c.objective.target_latency_ms = 8.0  # the search's own budget wins over the target
   assert budget.Budget.from_config(c, 100, 100, 30.0).max_latency_ms == 12.5
+
+
+@pytest.mark.parametrize('fake_clock', [0.6], indirect=True)
+def test_a_latency_budget_added_to_a_finished_run_reuses_its_candidates(tmp_path, fake_clock):
+  """A finished run without latency, run again with ``search.max_latency_ms``: its scored
+  candidates are kept (same scores), each gains its prediction, and the winner is the best
+  that fits the new budget."""
+  config = tiny.config({'search.num_candidates': 8})
+  pipeline.run(config, str(tmp_path))
+  before = tiny.candidates(tmp_path)
+  assert not any('latency_ms' in r for r in before)
+  config.search.max_latency_ms = '95%'
+  result = pipeline.run(config, str(tmp_path))
+  after = tiny.candidates(tmp_path)
+  assert [(r['index'], r['val_acc']) for r in after] == [(r['index'], r['val_acc']) for r in before]
+  limit = result.arch['budget']['max_latency_ms']
+  fitting = [r for r in after if r['latency_ms'] <= limit]
+  assert [r['fits'] for r in after] == [r['latency_ms'] <= limit for r in after]
+  best = min(fitting, key=lambda r: (-r['val_acc'], r['params'], r['index']))
+  assert result.arch['index'] == best['index']
