@@ -34,7 +34,7 @@ from absl import logging
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, finetune, parallel, pipeline, report, search
+from pgnas_jax import finetune, parallel, pipeline, report, search
 from pgnas_jax import records as records_lib
 from pgnas_jax import trained as trained_lib
 from pgnas_jax import workdir as workdir_lib
@@ -322,28 +322,9 @@ class Runner:
     return done
 
 
-def _claim_workdir(study: Study, workdir: str) -> None:
-  """A study's workdir holds one study: its sizes are recorded at the start
-  (``DIR/sizes.json``) and a run with other sizes is refused before anything runs."""
-  path = os.path.join(workdir, 'sizes.json')
-  sizes = json.loads(json.dumps(dataclasses.asdict(study)))
-  if os.path.exists(path):
-    before = workdir_lib.read_json(path)
-    changed = sorted(k for k in set(before) | set(sizes) if before.get(k) != sizes.get(k))
-    if changed:
-      raise errors.IncompatibleWorkdirError(
-        f'--workdir={workdir} holds a study of other sizes ({", ".join(changed)} differ: '
-        f'one is --quick, the other is not); nothing was changed. Use another --workdir, '
-        f'or the flags that started it'
-      )
-  elif parallel.is_main_process():
-    os.makedirs(workdir, exist_ok=True)
-    workdir_lib.write_json(path, sizes)
-
-
 def run_study(study: Study, workdir: str, data_dir: str | None = None, command: str = '') -> dict:
   """Runs (or resumes) the whole study and writes the report; returns the results."""
-  _claim_workdir(study, workdir)
+  studies.claim_workdir(study, workdir)
   runner = Runner(study, workdir, data_dir)
   runs = {}
   counts = tuple(sorted(set(study.candidate_counts + (study.candidates, study.sweep_candidates))))

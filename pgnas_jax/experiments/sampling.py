@@ -367,7 +367,7 @@ def cache_compilations(workdir: str) -> None:
 
 def run_study(study: Study, workdir: str, data_dir: str | None = None, command: str = '') -> dict:
   """Runs (or resumes) the whole study and writes the report; returns the results."""
-  replicate._claim_workdir(study, workdir)
+  studies.claim_workdir(study, workdir)
   cache_compilations(workdir)
   runner = Runner(study, workdir, data_dir)
   training = {e: [runner.training(e, s) for s in study.seeds] for e in estimators.NAMES}

@@ -1,6 +1,7 @@
-"""What the studies (``replicate``, ``sampling``) share: their command line and how a report
-is written from ``results.json``."""
+"""What the studies (``replicate``, ``sampling``, ``targets``) share: their command line, the
+workdir that holds one study's sizes, and how a report is written from ``results.json``."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -10,6 +11,8 @@ from collections.abc import Callable
 from absl import app, flags, logging
 
 from pgnas_jax import cli as cli_lib
+from pgnas_jax import errors, parallel
+from pgnas_jax import workdir as workdir_lib
 
 
 def cli(module: str, run_study: Callable, full, quick, report: str, quick_help: str) -> None:
@@ -64,3 +67,22 @@ class Report(NamedTuple):
       sys.exit(usage)
     with open(os.path.join(sys.argv[1], 'results.json')) as f:
       print(self.write(json.load(f), sys.argv[1]))
+
+
+def claim_workdir(study, workdir: str) -> None:
+  """A study's workdir holds one study: its sizes are recorded at the start
+  (``DIR/sizes.json``) and a run with other sizes is refused before anything runs."""
+  path = os.path.join(workdir, 'sizes.json')
+  sizes = json.loads(json.dumps(dataclasses.asdict(study)))
+  if os.path.exists(path):
+    before = workdir_lib.read_json(path)
+    changed = sorted(k for k in set(before) | set(sizes) if before.get(k) != sizes.get(k))
+    if changed:
+      raise errors.IncompatibleWorkdirError(
+        f'--workdir={workdir} holds a study of other sizes ({", ".join(changed)} differ: '
+        f'one is --quick, the other is not); nothing was changed. Use another --workdir, '
+        f'or the flags that started it'
+      )
+  elif parallel.is_main_process():
+    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.write_json(path, sizes)

@@ -22,7 +22,6 @@ sizes; ``FULL`` is the committed study, ``QUICK`` the CI one):
 """
 
 import dataclasses
-import json
 import os
 import time
 
@@ -32,7 +31,7 @@ from absl import logging
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, parallel, pipeline, supernets, train
+from pgnas_jax import parallel, pipeline, supernets, train
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.experiments import studies, targets_report
@@ -218,27 +217,9 @@ class Runner:
     return out
 
 
-def _claim_workdir(study: Study, workdir: str) -> None:
-  """A study's workdir holds one study; one of other sizes is refused before anything runs."""
-  path = os.path.join(workdir, 'sizes.json')
-  sizes = json.loads(json.dumps(dataclasses.asdict(study)))
-  if os.path.exists(path):
-    before = workdir_lib.read_json(path)
-    changed = sorted(k for k in set(before) | set(sizes) if before.get(k) != sizes.get(k))
-    if changed:
-      raise errors.IncompatibleWorkdirError(
-        f'--workdir={workdir} holds a study of other sizes ({", ".join(changed)} differ: '
-        f'one is --quick, the other is not); nothing was changed. Use another --workdir, '
-        f'or the flags that started it'
-      )
-  elif parallel.is_main_process():
-    os.makedirs(workdir, exist_ok=True)
-    workdir_lib.write_json(path, sizes)
-
-
 def run_study(study: Study, workdir: str, data_dir: str | None = None, command: str = '') -> dict:
   """Runs (or resumes) the whole study and writes the report; returns the results."""
-  _claim_workdir(study, workdir)
+  studies.claim_workdir(study, workdir)
   runner = Runner(study, workdir, data_dir)
   runs = []
   for seed in study.seeds:
