@@ -95,7 +95,7 @@ class Table(NamedTuple):
 
   device: str
   batch: int
-  entries: dict  # Conv.key() of a grid convolution -> median ms
+  entries: dict  # Conv.key() -> median ms of that convolution alone
   call_ms: float  # what calling a compiled program costs, in every entry: taken out of it
   full_ms: float  # the full compact network, measured
   smallest_ms: float  # the smallest candidate's compact network, measured
@@ -126,7 +126,7 @@ class Predictor:
     return convs_of(compact.build(self.model, self.variables, mask, self.image_shape), self.batch)
 
   def measured(self, entries: dict, convs: list) -> dict:
-    """``entries`` with every grid convolution ``convs`` need, measured where missing (the
+    """``entries`` with every convolution of ``convs``, measured where missing (the
     device cache first)."""
     needed = {c.key(): c for c in convs}
     missing = [c for k, c in needed.items() if k not in entries]
