@@ -1,10 +1,19 @@
-"""pgnas_jax's public surface (docs/library.md): make a Flax linen module's convs searchable
-with ``SearchableConv`` and search it on your data with ``search_network``."""
+"""pgnas_jax's public surface (docs/library.md): make a Flax linen module's convs and dense
+layers searchable with ``SearchableConv`` and ``SearchableDense`` and search it on your data
+with ``search_network``."""
 
 from pgnas_jax.data.arrays import from_arrays
-from pgnas_jax.layers import Conv, Dense, SearchableConv, batch_norm
+from pgnas_jax.layers import Conv, Dense, SearchableConv, SearchableDense, batch_norm
 
-__all__ = ['Conv', 'Dense', 'SearchableConv', 'batch_norm', 'from_arrays', 'search_network']
+__all__ = [
+  'Conv',
+  'Dense',
+  'SearchableConv',
+  'SearchableDense',
+  'batch_norm',
+  'from_arrays',
+  'search_network',
+]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""The searchable convolution, plain layers that record their cost, and kernel bookkeeping.
+"""The searchable convolution and dense layer, plain layers that record their cost, and kernel
+bookkeeping.
 
 A ``SearchableConv`` is a plain conv, or (``separable=True``) a depthwise conv followed by a
 pointwise 1x1 conv (the separable conv of ENAS). Every one of its parameters is a kernel whose
@@ -34,6 +35,7 @@ FIXED_MACS = 'fixed_macs'
 AUXILIARY_LOGITS = 'auxiliary_logits'  # training-only classifiers sow their logits here
 
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+dense_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
 
 
 def group_name(i: int) -> str:
@@ -63,9 +65,12 @@ def _macs(y_shape, kernel_shape) -> int:
 
 
 def _apply_keep_mask(x, keep):
+  """``x`` (channels last) times keep masks of one architecture ``(channels,)`` or one per
+  example ``(batch, channels)`` (training), over every axis between."""
   if keep.ndim == 1:  # one architecture for every image
     return x * keep.astype(x.dtype)
-  return x * keep.astype(x.dtype)[:, None, None, :]  # per-example masks in training
+  between = (1,) * (x.ndim - 2)
+  return x * keep.astype(x.dtype).reshape(keep.shape[:1] + between + keep.shape[1:])
 
 
 class SearchableConv(Convolving):
@@ -136,6 +141,57 @@ class SearchableConv(Convolving):
           CHANNEL_COSTS, n, lambda: jnp.array([per_channel, spatial * per_channel], jnp.int32)
         )
     return y
+
+
+class SearchableDense(nn.Module):
+  """A dense layer whose input features the search keeps or drops (an MLP's hidden units,
+  read by the layer after them): features on the last axis of ``x`` (``[batch, features]``
+  or ``[batch, ..., features]``, e.g. tokens), split into groups as ``SearchableConv``'s
+  channels. Its kernel is stored ``[1, 1, inputs, features]`` (axis 2 the input, as every
+  searchable kernel), its bias in a child ``bias`` (never searched). Pruned mode as
+  ``SearchableConv``: the kernel holds the kept inputs; keeping none leaves the bias."""
+
+  features: int
+  groups: Sequence[int] | None = None  # input features per group; None: one group
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    sizes = tuple(self.groups) if self.groups else (x.shape[-1],)
+    if sum(sizes) != x.shape[-1]:
+      raise ValueError(f'{self.name}: groups {sizes} do not add up to {x.shape[-1]} features')
+    names = [group_name(i) for i in range(len(sizes))]
+    if self.has_variable(ARCHITECTURE, names[0]):
+      offsets = np.cumsum((0,) + sizes[:-1])
+      kept = jnp.concatenate(
+        [self.get_variable(ARCHITECTURE, n) + o for n, o in zip(names, offsets)]
+      )
+      kernel = self.param('kernel', nn.initializers.zeros, (1, 1, kept.shape[0], self.features))
+      y = jnp.take(x, kept, axis=-1) @ kernel[0, 0].astype(x.dtype)
+    else:
+      kernel = self.param('kernel', dense_init, (1, 1, x.shape[-1], self.features))
+      if all(self.has_variable(MASKS, n) for n in names):
+        keep = jnp.concatenate([self.get_variable(MASKS, n) for n in names], axis=-1)
+        x = _apply_keep_mask(x, keep)
+      y = x @ kernel[0, 0].astype(x.dtype)
+      if self.is_initializing():  # one input feature: a kernel row, one MAC per output
+        positions = int(np.prod(x.shape[1:-1]))
+        for n, c in zip(names, sizes):
+          self.variable(MASKS, n, jnp.ones, (c,), jnp.float32)
+          self.variable(
+            CHANNEL_COSTS,
+            n,
+            lambda: jnp.array([self.features, positions * self.features], jnp.int32),
+          )
+    return _Bias(self.features, name='bias')(y) if self.use_bias else y
+
+
+class _Bias(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, y):
+    return y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(y.dtype)
 
 
 def _kernel_init(name: str):

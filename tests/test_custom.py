@@ -156,7 +156,7 @@ class BatchOfTwo(nn.Module):
       'BatchOfTwo fails with train=True on a batch of 32 images (train.batch_size, '
       'search.eval_batch_size): TypeError',
     ),
-    (NoSearchable(10), 'NoSearchable has no pgnas_jax.SearchableConv: nothing to search'),
+    (NoSearchable(10), 'NoSearchable has no pgnas_jax.SearchableConv or SearchableDense'),
     (NoTrainFlag(10), 'NoTrainFlag.__call__(self, x) must take (self, images, train: bool)'),
     (PlainDense(10), "PlainDense: layer 'Dense_0' holds a kernel the cost model does not count"),
     (

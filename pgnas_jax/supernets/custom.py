@@ -1,4 +1,5 @@
-"""Your own super-network: any Flax linen module with at least one ``SearchableConv``.
+"""Your own super-network: any Flax linen module with at least one ``SearchableConv`` or
+``SearchableDense``.
 
 ``model.family='custom'`` names the class (``model.custom.module``, 'package.module:Class')
 and its keyword arguments (``model.custom.kwargs``, a JSON object: a string survives
@@ -9,7 +10,7 @@ what a module must satisfy):
   * ``__call__(self, images, train: bool)``; with ``train=False`` it changes no variable
     (BatchNorm reads its running statistics), with ``train=True`` it may update
     ``batch_stats`` (and sow ``auxiliary_logits``); it returns logits ``[batch, classes]``;
-  * at least one ``SearchableConv``: they declare the search space;
+  * at least one ``SearchableConv`` or ``SearchableDense``: they declare the search space;
   * every other conv or dense kernel in a ``pgnas_jax.Conv`` or ``pgnas_jax.Dense``, which
     record the MACs the cost model adds up (BatchNorm, pooling and activations are not
     counted, as for the four families).
@@ -213,8 +214,9 @@ def check(model: nn.Module, dataset, config: ml_collections.ConfigDict) -> None:
   )
   if not variables.get(layers.MASKS):
     raise ConfigError(
-      f'{name} has no pgnas_jax.SearchableConv: nothing to search; make the '
-      f'convs whose input channels should be searched SearchableConv'
+      f'{name} has no pgnas_jax.SearchableConv or SearchableDense: nothing to search; '
+      f'make the convs (dense layers) whose input channels (features) should be searched '
+      f'SearchableConv (SearchableDense)'
     )
   uncounted = _uncounted_kernels(variables)
   if uncounted:
