@@ -73,6 +73,35 @@ def _apply_keep_mask(x, keep):
   return x * keep.astype(x.dtype).reshape(keep.shape[:1] + between + keep.shape[1:])
 
 
+def _input_groups(layer: nn.Module, x, unit: str) -> tuple:
+  """(sizes, names) of the input groups of a searchable ``layer`` reading ``x`` (channels
+  last): its ``groups``, else one group of every input."""
+  sizes = tuple(layer.groups) if layer.groups else (x.shape[-1],)
+  if sum(sizes) != x.shape[-1]:
+    raise ValueError(f'{layer.name}: groups {sizes} do not add up to {x.shape[-1]} {unit}')
+  return sizes, [group_name(i) for i in range(len(sizes))]
+
+
+def _kept_inputs(layer: nn.Module, sizes: tuple, names: list):
+  """The input indices the ``architecture`` collection keeps, over all groups."""
+  offsets = np.cumsum((0,) + sizes[:-1])
+  return jnp.concatenate([layer.get_variable(ARCHITECTURE, n) + o for n, o in zip(names, offsets)])
+
+
+def _masked(layer: nn.Module, x, names: list):
+  """``x`` times the layer's keep masks when the caller passes the ``masks`` collection."""
+  if not all(layer.has_variable(MASKS, n) for n in names):
+    return x
+  return _apply_keep_mask(x, jnp.concatenate([layer.get_variable(MASKS, n) for n in names], -1))
+
+
+def _declare_groups(layer: nn.Module, sizes: tuple, names: list, costs: tuple) -> None:
+  """At init: each group's template of ones and ``costs`` (params, MACs) of one kept input."""
+  for n, c in zip(names, sizes):
+    layer.variable(MASKS, n, jnp.ones, (c,), jnp.float32)
+    layer.variable(CHANNEL_COSTS, n, lambda: jnp.array(costs, jnp.int32))
+
+
 class SearchableConv(Convolving):
   """Conv (no bias, SAME padding) whose input channel groups can be dropped."""
 
@@ -102,16 +131,9 @@ class SearchableConv(Convolving):
 
   @nn.compact
   def __call__(self, x):
-    sizes = tuple(self.groups) if self.groups else (x.shape[-1],)
-    if sum(sizes) != x.shape[-1]:
-      raise ValueError(f'{self.name}: groups {sizes} do not add up to {x.shape[-1]} channels')
-    names = [group_name(i) for i in range(len(sizes))]
-
+    sizes, names = _input_groups(self, x, 'channels')
     if self.has_variable(ARCHITECTURE, names[0]):
-      offsets = np.cumsum((0,) + sizes[:-1])
-      kept = jnp.concatenate(
-        [self.get_variable(ARCHITECTURE, n) + o for n, o in zip(names, offsets)]
-      )
+      kept = _kept_inputs(self, sizes, names)
       # pruned weights are sliced from a trained super-network, never initialised here
       kernels = {
         n: self.param(n, nn.initializers.zeros, s)
@@ -126,20 +148,12 @@ class SearchableConv(Convolving):
     kernels = {
       n: self.param(n, _kernel_init(n), s) for n, s in self._kernel_shapes(x.shape[-1]).items()
     }
-    if all(self.has_variable(MASKS, n) for n in names):
-      keep = jnp.concatenate([self.get_variable(MASKS, n) for n in names], axis=-1)
-      x = _apply_keep_mask(x, keep)
-    y = self._op(x, kernels, self.convolve)
-
+    y = self._op(_masked(self, x, names), kernels, self.convolve)
     if self.is_initializing():
       # one input channel costs its kernel slices; each weight is one MAC per output pixel
       per_channel = sum(int(np.prod(s)) // s[2] for s in self._kernel_shapes(1).values())
       spatial = int(np.prod(y.shape[1:-1]))
-      for n, c in zip(names, sizes):
-        self.variable(MASKS, n, jnp.ones, (c,), jnp.float32)
-        self.variable(
-          CHANNEL_COSTS, n, lambda: jnp.array([per_channel, spatial * per_channel], jnp.int32)
-        )
+      _declare_groups(self, sizes, names, (per_channel, spatial * per_channel))
     return y
 
 
@@ -157,32 +171,17 @@ class SearchableDense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    sizes = tuple(self.groups) if self.groups else (x.shape[-1],)
-    if sum(sizes) != x.shape[-1]:
-      raise ValueError(f'{self.name}: groups {sizes} do not add up to {x.shape[-1]} features')
-    names = [group_name(i) for i in range(len(sizes))]
+    sizes, names = _input_groups(self, x, 'features')
     if self.has_variable(ARCHITECTURE, names[0]):
-      offsets = np.cumsum((0,) + sizes[:-1])
-      kept = jnp.concatenate(
-        [self.get_variable(ARCHITECTURE, n) + o for n, o in zip(names, offsets)]
-      )
+      kept = _kept_inputs(self, sizes, names)
       kernel = self.param('kernel', nn.initializers.zeros, (1, 1, kept.shape[0], self.features))
       y = jnp.take(x, kept, axis=-1) @ kernel[0, 0].astype(x.dtype)
     else:
       kernel = self.param('kernel', dense_init, (1, 1, x.shape[-1], self.features))
-      if all(self.has_variable(MASKS, n) for n in names):
-        keep = jnp.concatenate([self.get_variable(MASKS, n) for n in names], axis=-1)
-        x = _apply_keep_mask(x, keep)
-      y = x @ kernel[0, 0].astype(x.dtype)
+      y = _masked(self, x, names) @ kernel[0, 0].astype(x.dtype)
       if self.is_initializing():  # one input feature: a kernel row, one MAC per output
         positions = int(np.prod(x.shape[1:-1]))
-        for n, c in zip(names, sizes):
-          self.variable(MASKS, n, jnp.ones, (c,), jnp.float32)
-          self.variable(
-            CHANNEL_COSTS,
-            n,
-            lambda: jnp.array([self.features, positions * self.features], jnp.int32),
-          )
+        _declare_groups(self, sizes, names, (self.features, positions * self.features))
     return _Bias(self.features, name='bias')(y) if self.use_bias else y
 
 
