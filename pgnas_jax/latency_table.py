@@ -109,9 +109,6 @@ class Table(NamedTuple):
   def predict(self, convs: list) -> float:
     return self.offset_ms + self.scale * self.convs_ms(convs)
 
-  def as_dict(self) -> dict:
-    return self._asdict()
-
 
 class Predictor:
   """Builds a candidate's compact network and predicts its latency; measures what the
@@ -164,7 +161,7 @@ class Predictor:
     return table._replace(
       offset_ms=full_ms - scale * full_sum,
       scale=scale,
-      channel_ms=[per_channel[path[:-1]] for path in _group_paths(space)],
+      channel_ms=[per_channel[path[:-1]] for path in space_lib.group_paths(space)],
     )
 
   def whole_ms(self, masks: list, rounds: int = 1) -> tuple:
@@ -217,12 +214,6 @@ def _halved(space: space_lib.SearchSpace, multiple: int) -> dict:
   return out
 
 
-def _group_paths(space: space_lib.SearchSpace) -> list:
-  """Each group's path (a tuple of names) in flattening order."""
-  flat = jax.tree_util.tree_flatten_with_path(space.template)[0]
-  return [tuple(k.key for k in path) for path, _ in flat]
-
-
 def _leaf(tree, path: tuple):
   for k in path:
     tree = tree[k]
@@ -230,9 +221,8 @@ def _leaf(tree, path: tuple):
 
 
 def _cache_path(device: str, batch: int) -> str:
-  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
   digest = hashlib.sha256(f'{device} batch {batch}'.encode()).hexdigest()[:16]
-  return os.path.join(root, 'pgnas_jax', 'latency', f'{digest}.json')
+  return os.path.join(workdir_lib.cache_dir(), 'latency', f'{digest}.json')
 
 
 def _read_cache(device: str, batch: int) -> dict:
@@ -290,7 +280,7 @@ def read(workdir: str) -> Table | None:
 def shared(table: Table, workdir: str, writes: bool) -> Table:
   """``table`` as every process reads it from the run's workdir once process 0 wrote it."""
   if writes:
-    workdir_lib.write_json(workdir_lib.path(workdir, FILE), table.as_dict())
+    workdir_lib.write_json(workdir_lib.path(workdir, FILE), table._asdict())
   parallel.barrier('latency table written')
   return read(workdir)
 

@@ -83,7 +83,12 @@ def costs(space: SearchSpace, mask_tree: PyTree) -> tuple:
   )
 
 
+def group_paths(space: SearchSpace) -> list:
+  """Each group's path (a tuple of names), in flattening (and layer) order."""
+  paths = jax.tree_util.tree_flatten_with_path(space.template)[0]
+  return [tuple(k.key for k in path) for path, _ in paths]
+
+
 def group_names(space: SearchSpace) -> list:
   """'/'-joined names of the groups, in flattening (and layer) order."""
-  paths = jax.tree_util.tree_flatten_with_path(space.template)[0]
-  return ['/'.join(k.key for k in path) for path, _ in paths]
+  return ['/'.join(path) for path in group_paths(space)]

@@ -1,6 +1,7 @@
 """The workdir of a run: the name of everything the run writes there, relative to the
 workdir, and the atomic write that keeps a kill from leaving half a file. README.md, "What a
-run writes", says what each one holds."""
+run writes", says what each one holds. Outside every workdir, ``cache_dir``: what pgnas_jax
+builds or measures once per machine."""
 
 import json
 import math
@@ -57,6 +58,13 @@ FINISHED_OUTPUTS = (
   CANDIDATES_PLOT,
   TRAINING_PLOT,
 )
+
+
+def cache_dir() -> str:
+  """``$XDG_CACHE_HOME/pgnas_jax`` (else ``~/.cache/pgnas_jax``): the CPU kernels' library
+  and the latency table's entries, kept for every later run on this machine."""
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'pgnas_jax')
 
 
 def path(workdir: str, name: str) -> str:

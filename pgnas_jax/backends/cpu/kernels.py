@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgnas_jax import layers, parallel
+from pgnas_jax import workdir as workdir_lib
 
 RUNTIME_PACKAGE = 'onednn-cpu-gomp'
 HEADERS_PACKAGE = 'onednn-devel-cpu-gomp'
@@ -104,11 +105,6 @@ def _cpu_flags() -> str:
     return ''
 
 
-def _cache_dir() -> pathlib.Path:
-  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return pathlib.Path(root) / 'pgnas_jax'
-
-
 def compiler() -> str:
   """The C++ compiler that builds the library: $CXX, else g++ or c++ on the PATH."""
   found = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
@@ -132,7 +128,11 @@ def _recipe() -> tuple:
     SOURCE.read_bytes()
     + '|'.join([jax.__version__, compiler_path, *flags, *includes, *links, _cpu_flags()]).encode()
   ).hexdigest()[:16]  # -march=native: a cache shared by different CPUs keeps one per CPU
-  return _cache_dir() / f'cpu_kernels-{identity}.so', [compiler_path, *flags, *includes], links
+  return (
+    pathlib.Path(workdir_lib.cache_dir()) / f'cpu_kernels-{identity}.so',
+    [compiler_path, *flags, *includes],
+    links,
+  )
 
 
 def build(again: bool = False) -> pathlib.Path:
