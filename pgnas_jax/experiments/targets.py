@@ -126,14 +126,14 @@ def arm_config(study: Study, arm: str, share: float, seed: int, context: dict):
   """The main job's config of ``arm`` at FLOPs target ``share``; ``context``: the data
   folder, the training length in steps, the uniform widths, the pretrained checkpoint."""
   c = base_config(study, seed, context['data_dir'])
-  if arm != 'uniform':
-    c.objective.target_flops = share
-    c.finetune.steps = study.finetune_steps
   if arm == 'uniform':
     c.drop.mode, c.drop.random_p = 'random', NEARLY_OFF
     c.search.num_candidates = 1  # tested whole: the full thinned network
     c.model.shake_shake.stem_width, c.model.shake_shake.widths = context['uniform'][share]
-  elif arm == 'init_from':
+  else:
+    c.objective.target_flops = share
+    c.finetune.steps = study.finetune_steps
+  if arm == 'init_from':
     c.train.init_from = context['pretrained'][seed]
     c.train.num_steps = max(1, context['steps'] // 4)
   config_lib.validate(c)
@@ -167,10 +167,11 @@ class Runner:
 
   def __init__(self, study: Study, workdir: str, data_dir: str | None):
     self.study, self.workdir = study, workdir
-    dataset = data_lib.load(base_config(study, 0, data_dir).data)
+    config = base_config(study, 0, data_dir)
+    dataset = data_lib.load(config.data)
     self.context = {
       'data_dir': data_dir,
-      'steps': train.setup(base_config(study, 0, data_dir), dataset).total_steps,
+      'steps': train.setup(config, dataset).total_steps,
       'pretrained': {},
       'uniform': self._uniform_widths(dataset.image_shape),
     }

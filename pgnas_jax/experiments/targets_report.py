@@ -37,8 +37,8 @@ def interval(values) -> tuple:
   return mean, t * float(np.std(values, ddof=1)) / math.sqrt(len(values))
 
 
-def _cell(values, scale: float = 1.0, digits: int = 4) -> str:
-  mean, half = interval([None if v is None else v * scale for v in values])
+def _cell(values, digits: int = 4) -> str:
+  mean, half = interval(values)
   if mean is None:
     return ''
   return f'{mean:.{digits}f}' + ('' if half is None else f' ± {half:.{digits}f}')
