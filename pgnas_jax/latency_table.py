@@ -38,7 +38,6 @@ from pgnas_jax.compact import ops
 
 REPEATS = 10  # calls timed per table entry (after compact.latency's warm-up)
 WHOLE_ROUNDS = 5  # windows, in turn, of the full and the smallest network (the line's ends)
-FILE = f'{workdir_lib.SEARCH}/latency_table.json'
 FRONT_MEASURED = 12  # candidates of the accuracy-latency front measured against the table
 
 
@@ -271,7 +270,7 @@ def for_run(config, model, image_shape: tuple, resumed_in: str | None) -> Table 
 
 
 def read(workdir: str) -> Table | None:
-  path = workdir_lib.path(workdir, FILE)
+  path = workdir_lib.path(workdir, workdir_lib.LATENCY_TABLE)
   if not os.path.exists(path):
     return None
   return Table(**workdir_lib.read_json(path))
@@ -280,7 +279,7 @@ def read(workdir: str) -> Table | None:
 def shared(table: Table, workdir: str, writes: bool) -> Table:
   """``table`` as every process reads it from the run's workdir once process 0 wrote it."""
   if writes:
-    workdir_lib.write_json(workdir_lib.path(workdir, FILE), table._asdict())
+    workdir_lib.write_json(workdir_lib.path(workdir, workdir_lib.LATENCY_TABLE), table._asdict())
   parallel.barrier('latency table written')
   return read(workdir)
 

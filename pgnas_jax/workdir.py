@@ -18,6 +18,7 @@ ARCH = f'{SEARCH}/arch.json'
 WINNER_WEIGHTS = f'{SEARCH}/winner_weights.msgpack'
 WINNER_FINETUNED_WEIGHTS = f'{SEARCH}/winner_finetuned_weights.msgpack'
 PARETO = f'{SEARCH}/pareto.json'
+LATENCY_TABLE = f'{SEARCH}/latency_table.json'  # when the run predicts latency
 PLOTS = 'plots'
 POSTERIOR_PLOT = f'{PLOTS}/drop_probabilities.png'
 CANDIDATES_PLOT = f'{PLOTS}/candidate_val_accuracy.png'
