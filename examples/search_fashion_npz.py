@@ -1,11 +1,12 @@
 """Searches examples/tiny_cnn.py's SmallVGG on Fashion-MNIST given as an .npz file.
 
-    python -m examples.search_fashion_npz --workdir=/tmp/pgnas_small_vgg
+    python -m examples.search_fashion_npz --workdir=/tmp/pgnas_small_vgg [--nnx]
 
 writes the .npz (``x_train``, ``y_train``, ``x_test``, ``y_test``: uint8 images HxW,
 integer labels) from Debian's ``dataset-fashion-mnist`` if ``--npz`` does not exist, reads
 it into an in-memory data source (``pgnas_jax.from_arrays``) and runs the main job on it
 with ``pgnas_jax.search_network``: the workdir is the command line's (docs/workdir.md).
+``--nnx`` searches the same network written with Flax NNX (examples/tiny_cnn_nnx.py).
 Run it from the repository root, so that config.json's ``examples.tiny_cnn:SmallVGG``
 imports. Smaller sizes (``--train_images``, ``--steps``, ...) make the CI run.
 """
@@ -18,7 +19,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import pgnas_jax
-from examples import tiny_cnn
+from examples import tiny_cnn, tiny_cnn_nnx
 from pgnas_jax import cli
 from pgnas_jax import config as config_lib
 from pgnas_jax.data import fashion_mnist
@@ -68,6 +69,7 @@ def main(argv=None):
   parser.add_argument('--npz', default='/tmp/fashion_mnist.npz')
   parser.add_argument('--data_dir', default='/usr/share/datasets/fashion-mnist')
   parser.add_argument('--widths', default='16,32', help='SmallVGG channels per stage')
+  parser.add_argument('--nnx', action='store_true', help='the Flax NNX SmallVGG')
   parser.add_argument('--train_images', type=int, default=60000)
   parser.add_argument('--test_images', type=int, default=10000)
   parser.add_argument('--validation_images', type=int, default=5000)
@@ -80,9 +82,11 @@ def main(argv=None):
   if not os.path.exists(args.npz):
     write_npz(args.npz, args.data_dir)
   data = read_npz(args.npz, args.train_images, args.test_images, args.validation_images)
-  model = tiny_cnn.SmallVGG(
-    num_classes=data.num_classes, widths=tuple(int(w) for w in args.widths.split(','))
-  )
+  widths = tuple(int(w) for w in args.widths.split(','))
+  if args.nnx:
+    model = pgnas_jax.from_nnx(tiny_cnn_nnx.SmallVGG, num_classes=data.num_classes, widths=widths)
+  else:
+    model = tiny_cnn.SmallVGG(num_classes=data.num_classes, widths=widths)
   config = make_config(args, data.train.num_examples)
   return pgnas_jax.search_network(model, data, config, args.workdir)
 

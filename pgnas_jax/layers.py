@@ -58,13 +58,13 @@ class Convolving(nn.Module):
     return xla_conv(x, kernel, stride, dilation, groups)
 
 
-def _macs(y_shape, kernel_shape) -> int:
+def layer_macs(y_shape, kernel_shape) -> int:
   """Multiply-accumulates of one image through a conv (or dense) layer."""
   spatial = int(np.prod(y_shape[1:-1])) if len(y_shape) > 2 else 1
   return spatial * int(np.prod(kernel_shape))
 
 
-def _apply_keep_mask(x, keep):
+def apply_keep_mask(x, keep):
   """``x`` (channels last) times keep masks of one architecture ``(channels,)`` or one per
   example ``(batch, channels)`` (training), over every axis between."""
   if keep.ndim == 1:  # one architecture for every image
@@ -73,12 +73,12 @@ def _apply_keep_mask(x, keep):
   return x * keep.astype(x.dtype).reshape(keep.shape[:1] + between + keep.shape[1:])
 
 
-def _input_groups(layer: nn.Module, x, unit: str) -> tuple:
-  """(sizes, names) of the input groups of a searchable ``layer`` reading ``x`` (channels
-  last): its ``groups``, else one group of every input."""
-  sizes = tuple(layer.groups) if layer.groups else (x.shape[-1],)
-  if sum(sizes) != x.shape[-1]:
-    raise ValueError(f'{layer.name}: groups {sizes} do not add up to {x.shape[-1]} {unit}')
+def input_groups(groups, inputs: int, unit: str, layer: str) -> tuple:
+  """(sizes, names) of the input groups of a searchable layer (named ``layer`` in errors)
+  reading ``inputs`` channels or features: its ``groups``, else one group of every input."""
+  sizes = tuple(groups) if groups else (inputs,)
+  if sum(sizes) != inputs:
+    raise ValueError(f'{layer}: groups {sizes} do not add up to {inputs} {unit}')
   return sizes, [group_name(i) for i in range(len(sizes))]
 
 
@@ -92,7 +92,7 @@ def _masked(layer: nn.Module, x, names: list):
   """``x`` times the layer's keep masks when the caller passes the ``masks`` collection."""
   if not all(layer.has_variable(MASKS, n) for n in names):
     return x
-  return _apply_keep_mask(x, jnp.concatenate([layer.get_variable(MASKS, n) for n in names], -1))
+  return apply_keep_mask(x, jnp.concatenate([layer.get_variable(MASKS, n) for n in names], -1))
 
 
 def _declare_groups(layer: nn.Module, sizes: tuple, names: list, costs: tuple) -> None:
@@ -100,6 +100,41 @@ def _declare_groups(layer: nn.Module, sizes: tuple, names: list, costs: tuple) -
   for n, c in zip(names, sizes):
     layer.variable(MASKS, n, jnp.ones, (c,), jnp.float32)
     layer.variable(CHANNEL_COSTS, n, lambda: jnp.array(costs, jnp.int32))
+
+
+def conv_kernel_shapes(channels: int, features: int, kernel_size: int, separable: bool) -> dict:
+  """Every kernel of a searchable conv reading ``channels`` inputs, input channels on axis 2."""
+  window = (kernel_size, kernel_size)
+  if separable:
+    # depthwise stored [k, k, channels, 1] (not HWIO's [k, k, 1, channels]) so that axis 2
+    # is the input channel, as for every other searchable kernel
+    return {'depthwise': window + (channels, 1), 'pointwise': (1, 1, channels, features)}
+  return {'kernel': window + (channels, features)}
+
+
+def conv_op(x, kernels: dict, geometry: tuple, convolve):
+  """A searchable conv's op on ``x``: ``geometry`` is (strides, dilation, separable)."""
+  strides, dilation, separable = geometry
+  kernels = {n: k.astype(x.dtype) for n, k in kernels.items()}
+  if separable:
+    depthwise = jnp.swapaxes(kernels['depthwise'], 2, 3)
+    x = convolve(x, depthwise, strides, dilation, x.shape[-1])
+    return convolve(x, kernels['pointwise'], 1, 1, 1)
+  return convolve(x, kernels['kernel'], strides, dilation, 1)
+
+
+def conv_input_costs(one_channel_kernels: dict, y_shape) -> tuple:
+  """(params, MACs) one kept input channel costs a conv whose kernels for one input are
+  ``one_channel_kernels`` (shapes) and whose output is ``y_shape``: its kernel slices, each
+  weight one MAC per output pixel."""
+  per_channel = sum(int(np.prod(s)) // s[2] for s in one_channel_kernels.values())
+  return per_channel, int(np.prod(y_shape[1:-1])) * per_channel
+
+
+def dense_input_costs(features: int, x_shape) -> tuple:
+  """(params, MACs) one kept input feature costs a dense layer of ``features`` outputs
+  reading ``x_shape``: a kernel row, one MAC per output at every position."""
+  return features, int(np.prod(x_shape[1:-1])) * features
 
 
 class SearchableConv(Convolving):
@@ -113,25 +148,14 @@ class SearchableConv(Convolving):
   separable: bool = False  # depthwise kernel_size conv (strided, dilated), then pointwise 1x1
 
   def _kernel_shapes(self, channels: int) -> dict:
-    """Every kernel of the op, input channels on axis 2."""
-    window = (self.kernel_size, self.kernel_size)
-    if self.separable:
-      # depthwise stored [k, k, channels, 1] (not HWIO's [k, k, 1, channels]) so that axis 2
-      # is the input channel, as for every other searchable kernel
-      return {'depthwise': window + (channels, 1), 'pointwise': (1, 1, channels, self.features)}
-    return {'kernel': window + (channels, self.features)}
+    return conv_kernel_shapes(channels, self.features, self.kernel_size, self.separable)
 
   def _op(self, x, kernels: dict, convolve):
-    kernels = {n: k.astype(x.dtype) for n, k in kernels.items()}
-    if self.separable:
-      depthwise = jnp.swapaxes(kernels['depthwise'], 2, 3)
-      x = convolve(x, depthwise, self.strides, self.dilation, x.shape[-1])
-      return convolve(x, kernels['pointwise'], 1, 1, 1)
-    return convolve(x, kernels['kernel'], self.strides, self.dilation, 1)
+    return conv_op(x, kernels, (self.strides, self.dilation, self.separable), convolve)
 
   @nn.compact
   def __call__(self, x):
-    sizes, names = _input_groups(self, x, 'channels')
+    sizes, names = input_groups(self.groups, x.shape[-1], 'channels', self.name)
     if self.has_variable(ARCHITECTURE, names[0]):
       kept = _kept_inputs(self, sizes, names)
       # pruned weights are sliced from a trained super-network, never initialised here
@@ -146,14 +170,11 @@ class SearchableConv(Convolving):
       return self._op(jnp.take(x, kept, axis=-1), kernels, self.convolve)
 
     kernels = {
-      n: self.param(n, _kernel_init(n), s) for n, s in self._kernel_shapes(x.shape[-1]).items()
+      n: self.param(n, kernel_init(n), s) for n, s in self._kernel_shapes(x.shape[-1]).items()
     }
     y = self._op(_masked(self, x, names), kernels, self.convolve)
     if self.is_initializing():
-      # one input channel costs its kernel slices; each weight is one MAC per output pixel
-      per_channel = sum(int(np.prod(s)) // s[2] for s in self._kernel_shapes(1).values())
-      spatial = int(np.prod(y.shape[1:-1]))
-      _declare_groups(self, sizes, names, (per_channel, spatial * per_channel))
+      _declare_groups(self, sizes, names, conv_input_costs(self._kernel_shapes(1), y.shape))
     return y
 
 
@@ -171,7 +192,7 @@ class SearchableDense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    sizes, names = _input_groups(self, x, 'features')
+    sizes, names = input_groups(self.groups, x.shape[-1], 'features', self.name)
     if self.has_variable(ARCHITECTURE, names[0]):
       kept = _kept_inputs(self, sizes, names)
       kernel = self.param('kernel', nn.initializers.zeros, (1, 1, kept.shape[0], self.features))
@@ -179,9 +200,8 @@ class SearchableDense(nn.Module):
     else:
       kernel = self.param('kernel', dense_init, (1, 1, x.shape[-1], self.features))
       y = _masked(self, x, names) @ kernel[0, 0].astype(x.dtype)
-      if self.is_initializing():  # one input feature: a kernel row, one MAC per output
-        positions = int(np.prod(x.shape[1:-1]))
-        _declare_groups(self, sizes, names, (self.features, positions * self.features))
+      if self.is_initializing():
+        _declare_groups(self, sizes, names, dense_input_costs(self.features, x.shape))
     return _Bias(self.features, name='bias')(y) if self.use_bias else y
 
 
@@ -193,7 +213,7 @@ class _Bias(nn.Module):
     return y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(y.dtype)
 
 
-def _kernel_init(name: str):
+def kernel_init(name: str):
   if name == 'depthwise':  # fan-in of one depthwise filter is its window, not window x channels
     return nn.initializers.variance_scaling(2.0, 'fan_in', 'normal', in_axis=-1, out_axis=-2)
   return conv_init
@@ -212,7 +232,9 @@ class Conv(Convolving):
     kernel = self.param('kernel', conv_init, window + (x.shape[-1], self.features))
     y = self.convolve(x, kernel.astype(x.dtype), self.strides, 1, 1)
     if self.is_initializing():
-      self.variable(FIXED_MACS, 'macs', lambda: jnp.array(_macs(y.shape, kernel.shape), jnp.int32))
+      self.variable(
+        FIXED_MACS, 'macs', lambda: jnp.array(layer_macs(y.shape, kernel.shape), jnp.int32)
+      )
     return y
 
 

@@ -389,7 +389,8 @@ def search_network(
   start_over: bool = False,
 ) -> Result:
   """The main job from Python on your own ``module`` (a flax.linen module with
-  ``SearchableConv`` layers; None: the one the config names) and ``data`` (a data source such
+  ``SearchableConv`` layers, or ``from_nnx(Class, **kwargs)`` for an NNX network; None: the
+  one the config names) and ``data`` (a data source such
   as ``pgnas_jax.from_arrays(...)``; None: the config's ``data``), into ``workdir`` as the
   command line writes it. ``config`` is not changed: the run's config.json records the module
   as ``model.family='custom'`` with its class and the fields that differ from their defaults,

@@ -37,18 +37,6 @@ IDENTICAL = (
 )
 
 
-def _small_data(num_classes=10):
-  rng = np.random.default_rng(0)
-  return pgnas_jax.from_arrays(
-    rng.integers(0, 256, (300, 12, 12), np.uint8),
-    rng.integers(0, num_classes, 300),
-    rng.integers(0, 256, (50, 12, 12), np.uint8),
-    rng.integers(0, num_classes, 50),
-    num_classes=num_classes,
-    validation_size=100,
-  )
-
-
 def test_command_line_and_python_entry_give_identical_workdirs(tmp_path):
   overrides = {
     **TINY,
@@ -76,7 +64,7 @@ def test_command_line_and_python_entry_give_identical_workdirs(tmp_path):
 def test_python_entry_records_the_module_and_exports_its_pruned_weights(tmp_path):
   # the config names another family: config.json must describe the module that ran, so
   # that the run resumes and export rebuilds it; the caller's config is left as it was
-  config, data = tiny.default_config(TINY), _small_data()
+  config, data = tiny.default_config(TINY), tiny.small_arrays()
   module = tiny_cnn.SmallVGG(num_classes=10, widths=(4, 6))
   arch = pgnas_jax.search_network(module, data, config, str(tmp_path)).arch
   assert config.model.family == 'shake_shake'
@@ -172,7 +160,7 @@ class BatchOfTwo(nn.Module):
 def test_a_module_the_pipeline_cannot_use_is_refused(tmp_path, module, message):
   tiny.users_workdir(tmp_path)
   with pytest.raises(errors.ConfigError) as e:
-    pgnas_jax.search_network(module, _small_data(), tiny.default_config(TINY), str(tmp_path))
+    pgnas_jax.search_network(module, tiny.small_arrays(), tiny.default_config(TINY), str(tmp_path))
   assert message in str(e.value) and '\n' not in str(e.value)
   tiny.left_alone(tmp_path)
 
@@ -187,7 +175,7 @@ def test_a_module_the_pipeline_cannot_use_is_refused(tmp_path, module, message):
     ({'model.custom.module': 'examples.tiny_cnn'}, "is not 'package.module:ClassName'"),
     (
       {'model.custom.module': 'examples.tiny_cnn:Missing'},
-      "examples.tiny_cnn has no flax.linen.Module class 'Missing'",
+      "examples.tiny_cnn has no flax.linen.Module or flax.nnx.Module class 'Missing'",
     ),
     (
       {'model.custom.module': MODULE, 'model.custom.kwargs': '{"depth": 3}'},

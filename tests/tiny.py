@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pgnas_jax
 from pgnas_jax import checkpoint as checkpoint_lib
 from pgnas_jax import cli
 from pgnas_jax import context as context_lib
@@ -267,6 +268,20 @@ def synthetic_dataset(n: int = 64):
 
   return data_lib.Dataset(
     split(n), split(16), split(16), 3, np.full(2, 0.5, np.float32), np.full(2, 0.25, np.float32)
+  )
+
+
+def small_arrays(num_classes: int = 10):
+  """An in-memory data source (``pgnas_jax.from_arrays``) of random 12x12 grey images: 300
+  for training (100 of them validation), 50 for test, the same on every call."""
+  rng = np.random.default_rng(0)
+  return pgnas_jax.from_arrays(
+    rng.integers(0, 256, (300, 12, 12), np.uint8),
+    rng.integers(0, num_classes, 300),
+    rng.integers(0, 256, (50, 12, 12), np.uint8),
+    rng.integers(0, num_classes, 50),
+    num_classes=num_classes,
+    validation_size=100,
   )
 
 

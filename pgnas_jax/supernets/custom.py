@@ -1,5 +1,6 @@
 """Your own super-network: any Flax linen module with at least one ``SearchableConv`` or
-``SearchableDense``.
+``SearchableDense``, or an NNX one with their ``pgnas_jax.nnx`` versions (run as a linen
+module by ``nnx_bridge.FromNNX``).
 
 ``model.family='custom'`` names the class (``model.custom.module``, 'package.module:Class')
 and its keyword arguments (``model.custom.kwargs``, a JSON object: a string survives
@@ -27,11 +28,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from pgnas_jax import layers
 from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.errors import ConfigError, IncompatibleWorkdirError
+from pgnas_jax.supernets import nnx_bridge
 
 MODULE_FIELD = '--config.model.custom.module'
 KWARGS_FIELD = '--config.model.custom.kwargs'
@@ -63,10 +65,10 @@ def load_class(spec: str) -> type:
       f'{MODULE_FIELD}={spec!r}: importing {module_name} fails with {_one_line(e)}; fix the module'
     ) from None
   cls = getattr(module, class_name, None)
-  if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+  if not (isinstance(cls, type) and issubclass(cls, nn.Module) or nnx_bridge.is_nnx_class(cls)):
     raise ConfigError(
-      f'{MODULE_FIELD}={spec!r}: {module_name} has no flax.linen.Module class '
-      f'{class_name!r}; name the class that defines your network'
+      f'{MODULE_FIELD}={spec!r}: {module_name} has no flax.linen.Module or flax.nnx.Module '
+      f'class {class_name!r}; name the class that defines your network'
     )
   return cls
 
@@ -78,10 +80,15 @@ def _one_line(e: Exception) -> str:
   return f'{type(e).__name__}: {" ".join(str(e).split())[:300]}{where}'
 
 
+def _network_class(model: nn.Module) -> type:
+  """The class the user wrote: ``model``'s, or the NNX class it runs."""
+  return model.nnx_class if isinstance(model, nnx_bridge.FromNNX) else type(model)
+
+
 def source(model: nn.Module) -> dict | None:
   """The class of ``model``, the file that defines it and that file's SHA-256: a run of a
   custom module is a run of this code (None where the class has no source file)."""
-  cls = type(model)
+  cls = _network_class(model)
   try:
     path = inspect.getsourcefile(cls)
     with open(path, 'rb') as f:
@@ -112,18 +119,29 @@ def check_source(workdir: str, source: dict | None) -> None:
 
 
 def _takes_num_classes(cls: type) -> bool:
+  if nnx_bridge.is_nnx_class(cls):
+    return 'num_classes' in inspect.signature(cls.__init__).parameters
   return any(f.name == 'num_classes' for f in dataclasses.fields(cls))
 
 
+def _construct(cls: type, kwargs: dict) -> nn.Module:
+  """``cls(**kwargs)``; an NNX class as ``from_nnx(cls, **kwargs)``, its arguments checked
+  against its ``__init__`` (it is built at init, with the run's random key)."""
+  if not nnx_bridge.is_nnx_class(cls):
+    return cls(**kwargs)
+  inspect.signature(cls.__init__).bind(None, **kwargs, rngs=None)
+  return nnx_bridge.from_nnx(cls, **kwargs)
+
+
 def build(custom: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """``Class(**kwargs)``, with ``num_classes`` when the class has that field and ``kwargs``
-  does not set it."""
+  """``Class(**kwargs)``, with ``num_classes`` when the class has that field (argument)
+  and ``kwargs`` does not set it."""
   cls = load_class(custom.module)
   kwargs = _as_tuples(json.loads(custom.kwargs))
   if _takes_num_classes(cls):
     kwargs.setdefault('num_classes', num_classes)
   try:
-    return cls(**kwargs)
+    return _construct(cls, kwargs)
   except TypeError as e:
     raise ConfigError(
       f'{KWARGS_FIELD}={custom.kwargs!r} is refused by {custom.module}: {e}; '
@@ -136,21 +154,35 @@ def build(custom: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     ) from None
 
 
+def _given_fields(model: nn.Module) -> dict:
+  """The fields of a linen ``model`` that differ from their defaults; an NNX network's
+  arguments as ``from_nnx`` was given them."""
+  if isinstance(model, nnx_bridge.FromNNX):
+    return dict(model.kwargs)
+  out = {}
+  for f in dataclasses.fields(type(model)):
+    if not f.init or f.name in ('parent', 'name'):
+      continue
+    value = getattr(model, f.name)
+    if f.default is dataclasses.MISSING or value != f.default:
+      out[f.name] = value
+  return out
+
+
 def describe(model: nn.Module, num_classes: int) -> tuple:
   """(module, kwargs) config values that ``build`` turns back into ``model``: its class and
   the fields that differ from their defaults (``num_classes`` only where it is not the
   data set's)."""
-  cls = type(model)
-  kwargs = {}
-  for f in dataclasses.fields(cls):
-    if not f.init or f.name in ('parent', 'name'):
-      continue
-    value = getattr(model, f.name)
-    if f.default is not dataclasses.MISSING and value == f.default:
-      continue
-    if f.name == 'num_classes' and value == num_classes:
-      continue
-    kwargs[f.name] = value
+  if isinstance(model, nnx.Module):
+    raise ConfigError(
+      f'search_network takes an NNX network as pgnas_jax.from_nnx({type(model).__name__}, '
+      f'**kwargs), not an instance: the run draws its weights from its seed and config.json '
+      f'records the class and its arguments'
+    )
+  cls = _network_class(model)
+  kwargs = _given_fields(model)
+  if kwargs.get('num_classes') == num_classes:
+    del kwargs['num_classes']
   try:
     text = json.dumps(kwargs)
   except TypeError as e:
@@ -162,7 +194,7 @@ def describe(model: nn.Module, num_classes: int) -> tuple:
 
 
 def _check_signature(model: nn.Module, name: str) -> None:
-  signature = inspect.signature(type(model).__call__)
+  signature = inspect.signature(_network_class(model).__call__)
   try:
     signature.bind(model, 'images', train=False)
   except TypeError:
@@ -202,7 +234,13 @@ def _uncounted_kernels(variables: dict) -> list:
 def check(model: nn.Module, dataset, config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError with one line when the pipeline cannot search ``model`` on
   ``dataset`` with ``config``: shapes only, at the batch sizes the run will use."""
-  name = type(model).__name__
+  name = _network_class(model).__name__
+  if isinstance(model, nnx_bridge.FromNNX) and config.search.bn_recalibration_batches:
+    raise ConfigError(
+      f'--config.search.bn_recalibration_batches={config.search.bn_recalibration_batches}: '
+      f're-estimating BatchNorm statistics per candidate is not available for an NNX network '
+      f'({name}); set it to 0'
+    )
   image_shape, num_classes = tuple(dataset.image_shape), dataset.num_classes
   _check_signature(model, name)
   images = jnp.zeros((2,) + image_shape, jnp.float32)
@@ -214,16 +252,16 @@ def check(model: nn.Module, dataset, config: ml_collections.ConfigDict) -> None:
   )
   if not variables.get(layers.MASKS):
     raise ConfigError(
-      f'{name} has no pgnas_jax.SearchableConv or SearchableDense: nothing to search; '
-      f'make the convs (dense layers) whose input channels (features) should be searched '
-      f'SearchableConv (SearchableDense)'
+      f'{name} has no pgnas_jax.SearchableConv or SearchableDense (pgnas_jax.nnx ones in '
+      f'an NNX network): nothing to search; make the convs (dense layers) whose input '
+      f'channels (features) should be searched SearchableConv (SearchableDense)'
     )
   uncounted = _uncounted_kernels(variables)
   if uncounted:
     raise ConfigError(
       f'{name}: layer {uncounted[0]!r} holds a kernel the cost model does not '
-      f'count (a flax.linen Conv or Dense?); use pgnas_jax.Conv or '
-      f'pgnas_jax.Dense, which record their MACs'
+      f'count (a flax Conv, Dense or Linear?); use pgnas_jax.Conv or pgnas_jax.Dense '
+      f'(pgnas_jax.nnx.Conv or .Dense in an NNX network), which record their MACs'
     )
   trained = {k: v for k, v in variables.items() if k in ('params', 'batch_stats', layers.MASKS)}
   logits = _run(
