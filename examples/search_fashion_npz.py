@@ -1,14 +1,16 @@
-"""Searches examples/tiny_cnn.py's SmallVGG on Fashion-MNIST given as an .npz file.
+"""Searches an example network on Fashion-MNIST given as an .npz file.
 
-    python -m examples.search_fashion_npz --workdir=/tmp/pgnas_small_vgg [--nnx]
+    python -m examples.search_fashion_npz --workdir=/tmp/pgnas_small_vgg [--model=vit]
 
 writes the .npz (``x_train``, ``y_train``, ``x_test``, ``y_test``: uint8 images HxW,
 integer labels) from Debian's ``dataset-fashion-mnist`` if ``--npz`` does not exist, reads
 it into an in-memory data source (``pgnas_jax.from_arrays``) and runs the main job on it
 with ``pgnas_jax.search_network``: the workdir is the command line's (docs/workdir.md).
-``--nnx`` searches the same network written with Flax NNX (examples/tiny_cnn_nnx.py).
-Run it from the repository root, so that config.json's ``examples.tiny_cnn:SmallVGG``
-imports. Smaller sizes (``--train_images``, ``--steps``, ...) make the CI run.
+``--model`` picks the network (``MODELS``): examples/tiny_cnn.py's SmallVGG, the same
+network written with Flax NNX (examples/tiny_cnn_nnx.py) or examples/tiny_vit.py's TinyViT;
+``--kwargs`` gives its arguments as a JSON object. Run it from the repository root, so that
+config.json's ``examples.<file>:<Class>`` imports. Smaller sizes (``--train_images``,
+``--steps``, ...) make the CI run.
 """
 
 import argparse
@@ -19,10 +21,25 @@ import numpy as np
 from absl import app, flags, logging
 
 import pgnas_jax
-from examples import tiny_cnn, tiny_cnn_nnx
+from examples import tiny_cnn, tiny_cnn_nnx, tiny_vit
 from pgnas_jax import cli
 from pgnas_jax import config as config_lib
 from pgnas_jax.data import fashion_mnist
+
+
+MODELS = {
+  'vgg': tiny_cnn.SmallVGG,
+  'vgg_nnx': tiny_cnn_nnx.SmallVGG,
+  'vit': tiny_vit.TinyViT,
+}
+
+
+def build_model(name: str, kwargs: dict, num_classes: int):
+  """``MODELS[name](num_classes, **kwargs)``; an NNX class through ``from_nnx``."""
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  if name == 'vgg_nnx':
+    return pgnas_jax.from_nnx(MODELS[name], num_classes=num_classes, **kwargs)
+  return MODELS[name](num_classes=num_classes, **kwargs)
 
 
 def write_npz(path: str, data_dir: str) -> None:
@@ -68,8 +85,8 @@ def main(argv=None):
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--npz', default='/tmp/fashion_mnist.npz')
   parser.add_argument('--data_dir', default='/usr/share/datasets/fashion-mnist')
-  parser.add_argument('--widths', default='16,32', help='SmallVGG channels per stage')
-  parser.add_argument('--nnx', action='store_true', help='the Flax NNX SmallVGG')
+  parser.add_argument('--model', choices=sorted(MODELS), default='vgg')
+  parser.add_argument('--kwargs', default='{}', help="the model's arguments, a JSON object")
   parser.add_argument('--train_images', type=int, default=60000)
   parser.add_argument('--test_images', type=int, default=10000)
   parser.add_argument('--validation_images', type=int, default=5000)
@@ -82,11 +99,7 @@ def main(argv=None):
   if not os.path.exists(args.npz):
     write_npz(args.npz, args.data_dir)
   data = read_npz(args.npz, args.train_images, args.test_images, args.validation_images)
-  widths = tuple(int(w) for w in args.widths.split(','))
-  if args.nnx:
-    model = pgnas_jax.from_nnx(tiny_cnn_nnx.SmallVGG, num_classes=data.num_classes, widths=widths)
-  else:
-    model = tiny_cnn.SmallVGG(num_classes=data.num_classes, widths=widths)
+  model = build_model(args.model, json.loads(args.kwargs), data.num_classes)
   config = make_config(args, data.train.num_examples)
   return pgnas_jax.search_network(model, data, config, args.workdir)
 

@@ -4,11 +4,19 @@ layers searchable with ``SearchableConv`` and ``SearchableDense`` (an NNX module
 **kwargs)``) and search it on your data with ``search_network``."""
 
 from pgnas_jax.data.arrays import from_arrays
-from pgnas_jax.layers import Conv, Dense, SearchableConv, SearchableDense, batch_norm
+from pgnas_jax.layers import (
+  Conv,
+  Dense,
+  SearchableAttention,
+  SearchableConv,
+  SearchableDense,
+  batch_norm,
+)
 
 __all__ = [
   'Conv',
   'Dense',
+  'SearchableAttention',
   'SearchableConv',
   'SearchableDense',
   'batch_norm',

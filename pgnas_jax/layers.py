@@ -205,6 +205,80 @@ class SearchableDense(nn.Module):
     return _Bias(self.features, name='bias')(y) if self.use_bias else y
 
 
+def attention_kernel_shapes(features: int, heads: int, head_dim: int, out_features: int) -> dict:
+  """The kernels of a searchable attention layer with ``heads`` heads, heads on axis 2."""
+  qkv = (1, features, heads, head_dim)
+  return {'query': qkv, 'key': qkv, 'value': qkv, 'out': (1, head_dim, heads, out_features)}
+
+
+def attention_init(name: str):
+  """Fan-in: a token's features for the query, key and value; every head's output for out."""
+  if name == 'out':
+    return nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', (1, 2), 3)
+  return nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', 1, (2, 3))
+
+
+def attend(x, kernels: dict, keep=None):
+  """Multi-head self-attention of tokens ``x`` [batch, tokens, features] through
+  ``kernels`` (``attention_kernel_shapes``), each head's output times its ``keep`` entry
+  (``(heads,)`` or one per example ``(batch, heads)``; None: every head) before the output
+  projection; no bias."""
+  q, k, v = (
+    jnp.einsum('btd,dhk->bthk', x, kernels[n][0].astype(x.dtype)) for n in ('query', 'key', 'value')
+  )
+  scores = jnp.einsum('bthk,bshk->bhts', q, k) / np.sqrt(q.shape[-1]).astype(x.dtype)
+  heads = jnp.einsum('bhts,bshk->bthk', jax.nn.softmax(scores, axis=-1), v)
+  if keep is not None:
+    keep = keep.astype(x.dtype)
+    heads = heads * (keep[:, None] if keep.ndim == 1 else keep[:, None, :, None])
+  return jnp.einsum('bthk,khf->btf', heads, kernels['out'][0].astype(x.dtype))
+
+
+def attention_head_costs(kernels_of_one_head: dict, tokens: int) -> tuple:
+  """(params, MACs) one kept head costs: its kernel slices, each weight one MAC per token,
+  and its scores and weighted sum, ``tokens`` x ``tokens`` x head_dim each."""
+  params = sum(int(np.prod(s)) for s in kernels_of_one_head.values())
+  head_dim = kernels_of_one_head['query'][-1]
+  return params, tokens * params + 2 * tokens * tokens * head_dim
+
+
+class SearchableAttention(nn.Module):
+  """Multi-head self-attention over tokens ``[batch, tokens, features]`` whose heads the
+  search keeps or drops whole: one group, a head per "channel" (its keep mask ``(heads,)``,
+  one drop probability for all). Kernels ``query``, ``key``, ``value`` stored
+  ``[1, features, heads, head_dim]`` and ``out`` ``[1, head_dim, heads, out_features]``
+  (axis 2 the head, as a searchable kernel's input channel), the output bias in a child
+  ``bias``. A head costs its kernel slices and its attention over the tokens. Pruned mode
+  as ``SearchableConv``: the kernels hold the kept heads; keeping none leaves the bias."""
+
+  num_heads: int
+  head_dim: int
+  out_features: int | None = None  # None: the input's features
+
+  @nn.compact
+  def __call__(self, x):
+    if x.ndim != 3:
+      raise ValueError(
+        f'{self.name}: attention reads tokens [batch, tokens, features], not {x.shape}'
+      )
+    out_features = self.out_features or x.shape[-1]
+    names = [group_name(0)]
+    pruned = self.has_variable(ARCHITECTURE, names[0])
+    heads = self.get_variable(ARCHITECTURE, names[0]).shape[0] if pruned else self.num_heads
+    init = (lambda n: nn.initializers.zeros) if pruned else attention_init
+    shapes = attention_kernel_shapes(x.shape[-1], heads, self.head_dim, out_features)
+    kernels = {n: self.param(n, init(n), s) for n, s in shapes.items()}
+    if heads == 0:  # every head dropped: the layer is removed
+      y = jnp.zeros(x.shape[:-1] + (out_features,), x.dtype)
+    else:
+      passed = not pruned and self.has_variable(MASKS, names[0])
+      y = attend(x, kernels, self.get_variable(MASKS, names[0]) if passed else None)
+    if self.is_initializing():
+      one = attention_kernel_shapes(x.shape[-1], 1, self.head_dim, out_features)
+      _declare_groups(self, (self.num_heads,), names, attention_head_costs(one, x.shape[1]))
+    return _Bias(out_features, name='bias')(y)
+
+
 class _Bias(nn.Module):
   features: int
 
@@ -239,7 +313,7 @@ class Conv(Convolving):
 
 
 class Dense(nn.Module):
-  """A dense layer that records its MACs."""
+  """A dense layer that records its MACs (at every position of ``[batch, ..., features]``)."""
 
   features: int
 
@@ -247,7 +321,8 @@ class Dense(nn.Module):
   def __call__(self, x):
     y = nn.Dense(self.features, name='linear')(x)
     if self.is_initializing():
-      self.variable(FIXED_MACS, 'macs', lambda: jnp.array(x.shape[-1] * self.features, jnp.int32))
+      macs = layer_macs(y.shape, (x.shape[-1], self.features))
+      self.variable(FIXED_MACS, 'macs', lambda: jnp.array(macs, jnp.int32))
     return y
 
 

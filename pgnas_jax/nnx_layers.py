@@ -53,7 +53,7 @@ class _Searchable(nnx.Module):
   """Group bookkeeping of a searchable layer reading ``inputs`` channels or features."""
 
   def _declare_groups(self, groups, inputs: int, unit: str) -> None:
-    self.in_features = inputs
+    self.inputs = inputs
     sizes, names = layers.input_groups(groups, inputs, unit, type(self).__name__)
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     self.masks = nnx.Dict({n: Masks(jnp.ones((c,), jnp.float32)) for n, c in zip(names, sizes)})
@@ -66,10 +66,13 @@ class _Searchable(nnx.Module):
     """Every kept input index over all groups, or None when every input is kept (the
     super-network, or a pruned network that kept them all)."""
     kept = jnp.concatenate([k[...] for k in self.architecture.values()])
-    return None if kept.shape[0] == self.in_features else kept
+    return None if kept.shape[0] == self.inputs else kept
+
+  def _keep(self):
+    return jnp.concatenate([m[...] for m in self.masks.values()], -1)
 
   def _masked(self, x):
-    return layers.apply_keep_mask(x, jnp.concatenate([m[...] for m in self.masks.values()], -1))
+    return layers.apply_keep_mask(x, self._keep())
 
   def _set_costs(self, costs: tuple) -> None:
     for c in self.channel_costs.values():
@@ -137,6 +140,38 @@ class SearchableDense(_Searchable):
     return y if self.bias is None else self.bias(y)
 
 
+class SearchableAttention(_Searchable):
+  """``pgnas_jax.SearchableAttention`` for NNX: multi-head self-attention over tokens whose
+  heads the search keeps or drops whole; same kernels, bias child and costs."""
+
+  def __init__(
+    self,
+    in_features: int,
+    num_heads: int,
+    head_dim: int,
+    out_features: int | None = None,
+    *,
+    rngs: nnx.Rngs,
+  ):
+    self._declare_groups(None, num_heads, 'heads')
+    out_features = out_features or in_features
+    self.head_shapes = layers.attention_kernel_shapes(in_features, 1, head_dim, out_features)
+    shapes = layers.attention_kernel_shapes(in_features, num_heads, head_dim, out_features)
+    for name, shape in shapes.items():
+      setattr(self, name, nnx.Param(layers.attention_init(name)(rngs.params(), shape)))
+    self.bias = _Bias(out_features)
+
+  def __call__(self, x):
+    kernels = {n: getattr(self, n)[...] for n in self.head_shapes}
+    kept = self._kept()
+    if kept is not None and kept.shape[0] == 0:  # every head dropped: the layer is removed
+      y = jnp.zeros(x.shape[:-1] + (self.bias.bias.shape[0],), x.dtype)
+    else:  # a pruned network's kernels hold its kept heads only
+      y = layers.attend(x, kernels, self._keep() if kept is None else None)
+    self._set_costs(layers.attention_head_costs(self.head_shapes, x.shape[1]))
+    return self.bias(y)
+
+
 class _Bias(nnx.Module):
   def __init__(self, features: int):
     self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
@@ -170,16 +205,17 @@ class Conv(nnx.Module):
 
 
 class Dense(nnx.Module):
-  """``pgnas_jax.Dense`` for NNX: a dense layer (with bias) recording its MACs."""
+  """``pgnas_jax.Dense`` for NNX: a dense layer (with bias) recording its MACs (at every
+  position of ``[batch, ..., features]``)."""
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
     self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
     self.macs = FixedMacs(jnp.zeros((), jnp.int32))
 
   def __call__(self, x):
-    kernel = self.linear.kernel[...]
-    self.macs.set_value(jnp.array(kernel.shape[0] * kernel.shape[1], jnp.int32))
-    return self.linear(x)
+    y = self.linear(x)
+    self.macs.set_value(jnp.array(layers.layer_macs(y.shape, self.linear.kernel.shape), jnp.int32))
+    return y
 
 
 def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:

@@ -287,7 +287,7 @@ def test_example_searches_its_cnn_on_an_npz(tmp_path):
       f'--workdir={tmp_path / "run"}',
       f'--npz={npz}',
       f'--data_dir={DATA_DIR}',
-      '--widths=4,8',
+      '--kwargs={"widths": [4, 8]}',
       '--train_images=600',
       '--test_images=200',
       '--validation_images=200',

@@ -44,6 +44,7 @@ class LinenNet(nn.Module):
     tokens = x.reshape(x.shape[0], -1, x.shape[-1])
     tokens = nn.relu(pgnas_jax.SearchableDense(12, name='mlp_in')(tokens))
     tokens = pgnas_jax.SearchableDense(8, groups=(5, 7), use_bias=False, name='mlp_out')(tokens)
+    tokens = tokens + pgnas_jax.SearchableAttention(2, 4, name='attention')(tokens)
     return pgnas_jax.Dense(10, name='head')(jnp.mean(tokens, axis=1))
 
 
@@ -58,6 +59,7 @@ class NnxNet(nnx.Module):
     self.dilated = P.SearchableConv(8, 8, 3, dilation=2, rngs=rngs)
     self.mlp_in = P.SearchableDense(8, 12, rngs=rngs)
     self.mlp_out = P.SearchableDense(12, 8, groups=(5, 7), use_bias=False, rngs=rngs)
+    self.attention = P.SearchableAttention(8, 2, 4, rngs=rngs)
     self.head = P.Dense(8, 10, rngs=rngs)
 
   def __call__(self, x, train: bool = False):
@@ -66,6 +68,7 @@ class NnxNet(nnx.Module):
     x = self.dilated(nnx.relu(self.sep_bn(x, use_running_average=not train)))
     tokens = x.reshape(x.shape[0], -1, x.shape[-1])
     tokens = self.mlp_out(nnx.relu(self.mlp_in(tokens)))
+    tokens = tokens + self.attention(tokens)
     return self.head(jnp.mean(tokens, axis=1))
 
 
@@ -91,7 +94,7 @@ def test_nnx_layers_declare_the_linen_layers_variables_and_costs():
     assert _shapes(variables[collection]) == _shapes(reference[collection]), collection
   for collection in ('channel_costs', 'fixed_macs'):  # values: what the layers cost
     jax.tree.map(np.testing.assert_array_equal, variables[collection], reference[collection])
-  assert len(jax.tree.leaves(variables['masks'])) == 7  # 2 + 1 + 1 + 1 + 2 groups
+  assert len(jax.tree.leaves(variables['masks'])) == 8  # 2 + 1 + 1 + 1 + 2 + 1 groups
 
 
 def _random_mask(template, key, per_example=0):
@@ -129,6 +132,7 @@ def test_nnx_pruned_network_gives_the_masked_logits_and_a_removed_conv_outputs_z
   flat = traverse_util.flatten_dict(mask)
   flat[('dilated', 'group0')] = jnp.zeros(8)  # every input of a conv dropped
   flat[('mlp_out', 'group1')] = jnp.ones(7)  # a group kept whole
+  flat[('attention', 'group0')] = jnp.array([0.0, 1.0])  # a head dropped
   mask = traverse_util.unflatten_dict(flat)
   pruned = export.pruned_variables(trained, space, mask)
   images = jax.random.normal(jax.random.key(6), (4, 16, 16, 3))
@@ -137,7 +141,7 @@ def test_nnx_pruned_network_gives_the_masked_logits_and_a_removed_conv_outputs_z
   masked = bridged.apply({**trained, 'masks': mask}, images)
   np.testing.assert_allclose(logits, masked, rtol=1e-5, atol=1e-5)
   assert space_lib.count_params(pruned['params']) == space_lib.costs(space, mask)[0]
-  assert sorted(masks.channel_counts(space.template)) == [2, 4, 5, 7, 8, 8, 8]
+  assert sorted(masks.channel_counts(space.template)) == [2, 2, 4, 5, 7, 8, 8, 8]
 
 
 def test_nnx_network_changing_batch_stats_outside_training_is_an_error():

@@ -219,14 +219,15 @@ def _run(name: str, what: str, fn, *args):
 
 
 def _uncounted_kernels(variables: dict) -> list:
-  """Layers holding a kernel (2 or more axes) whose MACs no pgnas_jax layer records."""
+  """Layers holding a kernel (a parameter named ``kernel``: flax's Conv, Dense, Linear,
+  Einsum) whose MACs no pgnas_jax layer records."""
   counted = set(layers.searchable_conv_paths(variables[layers.MASKS]))
   counted |= set(traverse_util.flatten_dict(variables.get(layers.FIXED_MACS, {})))
   counted = {path[:-1] if path[-1] == 'macs' else path for path in counted}
   out = []
-  for path, leaf in traverse_util.flatten_dict(variables['params']).items():
+  for path in traverse_util.flatten_dict(variables['params']):
     layer = path[:-1]
-    if len(leaf.shape) >= 2 and layer not in counted and layer[:-1] not in counted:
+    if path[-1] == 'kernel' and layer not in counted and layer[:-1] not in counted:
       out.append('/'.join(layer))
   return out
 
