@@ -184,3 +184,22 @@ def test_imagenet_configs_hold_the_papers_setup(name, family, l2, batch, epochs,
     10.0,
   )
   assert (c.train.momentum, c.train.nesterov) == (0.9, True)
+
+
+def test_synthetic_imagenet_is_read_as_prepared_imagenet(tmp_path):
+  # benchmarks/synthetic_imagenet.py writes tfds' own array_record form: the real reader
+  # opens it, decodes its JPEGs of varied sizes and crops them as the real data set's
+  from benchmarks import synthetic_imagenet
+
+  folder = synthetic_imagenet.write(str(tmp_path), train=24, validation=8)
+  assert folder.endswith('imagenet2012/5.1.0')
+  d = data_lib.load(_data(validation_size=4, image_size=32, data_dir=str(tmp_path)))
+  assert (len(d.train), len(d.validation), len(d.test), d.num_classes) == (20, 4, 8, 1000)
+  shapes = {d.test[i][0].shape for i in range(8)}
+  assert len(shapes) == 8 and all(s[2] == 3 for s in shapes)  # every picture its own size
+  assert [d.test[i][1] for i in range(8)] == list(range(8))
+  batch = d.train_batch(_data(image_size=32), 0, 0, 8)
+  assert batch['images'].shape == (8, 32, 32, 3) and np.isfinite(batch['images']).all()
+  expected = (crops.centre_crop(d.test[3][0], 32) / 255.0 - imagenet.MEAN) / imagenet.STD
+  test_batch = next(iter(d.eval_batches(d.test, 8)))
+  np.testing.assert_allclose(test_batch['images'][3], expected, rtol=1e-5, atol=1e-5)
