@@ -57,7 +57,11 @@ def initial_variables(model, image_shape: tuple, key: jax.Array) -> dict:
   """``model.init`` on one image of ``image_shape``, jitted: every collection, the search
   space's included."""
   dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  return jax.jit(lambda k: model.init({'params': k}, dummy, train=False))(key)
+
+  def init_model(k):  # named: compile logs name the program by it
+    return model.init({'params': k}, dummy, train=False)
+
+  return jax.jit(init_model)(key)
 
 
 def of_model(model, image_shape: tuple) -> SearchSpace:

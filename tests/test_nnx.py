@@ -153,7 +153,8 @@ def test_nnx_network_changing_batch_stats_outside_training_is_an_error():
 
 def test_nnx_example_is_searched_end_to_end_and_its_pruned_weights_run(tmp_path):
   config, data = tiny.default_config(TINY), tiny.small_arrays()
-  module = pgnas_jax.from_nnx(tiny_cnn_nnx.SmallVGG, num_classes=10, widths=(4, 6))
+  # a list argument, as JSON gives it: held as a tuple (the module keys compiled functions)
+  module = pgnas_jax.from_nnx(tiny_cnn_nnx.SmallVGG, num_classes=10, widths=[4, 6])
   arch = pgnas_jax.search_network(module, data, config, str(tmp_path)).arch
   saved = json.loads((tmp_path / 'config.json').read_text())['model']
   assert saved['custom'] == {

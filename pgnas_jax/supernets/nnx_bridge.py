@@ -44,7 +44,12 @@ def from_nnx(nnx_class: type, **kwargs) -> 'FromNNX':
   (``search_network``): its weights are drawn from the run's seed."""
   if not is_nnx_class(nnx_class):
     raise TypeError(f'from_nnx takes a flax.nnx.Module class, not {nnx_class!r}')
-  return FromNNX(nnx_class, tuple(sorted(kwargs.items())))
+  return FromNNX(nnx_class, tuple(sorted((k, _hashable(v)) for k, v in kwargs.items())))
+
+
+def _hashable(value):
+  """Lists as tuples, at any depth: the module is a key of compiled-function caches."""
+  return tuple(_hashable(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def _linen_place(path: tuple, variable) -> tuple:
