@@ -8,12 +8,24 @@ Without --config it runs the embedded default (``pgnas_jax/config.py``).
 
 import os
 
+import jax
 from absl import app, flags, logging
 
 from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import parallel, pipeline
+from pgnas_jax import workdir as workdir_lib
 from pgnas_jax.backends.cpu import host_devices
+
+
+def keep_compiled_programs() -> None:
+  """JAX's persistent compilation cache in ``<cache_dir>/xla`` unless the user chose one
+  (``JAX_COMPILATION_CACHE_DIR``): every process of every start compiles the same programs,
+  minutes for the ImageNet networks (benchmarks/results/rehearsal.md); a restarted or resumed
+  run, or the next run of the same network, loads them instead. A hit runs the very same
+  executable."""
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir_lib.cache_dir(), 'xla'))
 
 
 def cli():
@@ -55,6 +67,7 @@ def cli():
     several = distributed_flag.value or num_processes_flag.value not in (None, 1)
     # before JAX starts its backends
     host_devices.split_for(cpu_devices_flag.value, config, several_processes=several)
+    keep_compiled_programs()
     parallel.initialize_distributed(
       distributed_flag.value,
       coordinator_flag.value,
