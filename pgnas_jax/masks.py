@@ -41,25 +41,50 @@ def mean_drop_probability(probabilities, channels) -> float:
   return sum(p * n for p, n in zip(probabilities, channels)) / sum(channels)
 
 
-def _per_leaf(key: jax.Array, drop_logits: PyTree, template: PyTree, draw) -> PyTree:
-  """``draw(k, theta, channels)`` for every leaf, with ``k = fold_in(key, leaf_index)``.
+def size_classes(template: PyTree) -> list:
+  """(channels, leaf indices) of every distinct group size, sizes ascending: the layout of a
+  packed draw, where the leaves of one size lie stacked in one array."""
+  sizes = channel_counts(template)
+  return [(size, [i for i, s in enumerate(sizes) if s == size]) for size in sorted(set(sizes))]
+
+
+def _per_class(key: jax.Array, drop_logits: PyTree, template: PyTree, draw) -> dict:
+  """``draw(k, theta, channels)`` for every leaf, with ``k = fold_in(key, leaf_index)``,
+  packed: channels -> the draws of the leaves of that size stacked on axis 0.
 
   Leaves of one size are drawn together, ``vmap`` over their keys and logits: the values are
   those of one call per leaf, but a super-network with hundreds of groups (SupNet-D-121 has
   593) compiles a handful of random-number computations instead of one per group.
   """
   chex.assert_trees_all_equal_structs(drop_logits, template)
-  treedef = jax.tree.structure(template)
   thetas = jax.tree.leaves(drop_logits)
-  sizes = channel_counts(template)
-  out = [None] * len(sizes)
-  for size in sorted(set(sizes)):
-    which = [i for i, s in enumerate(sizes) if s == size]
+  out = {}
+  for size, which in size_classes(template):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.array(which))
-    drawn = jax.vmap(lambda k, t: draw(k, t, size))(keys, jnp.stack([thetas[i] for i in which]))
+    stacked = jnp.stack([thetas[i] for i in which])
+    out[size] = jax.vmap(lambda k, t: draw(k, t, size))(keys, stacked)
+  return out
+
+
+def unpack(packed: dict, template: PyTree, leading: int = 0) -> PyTree:
+  """The tree of ``template``'s structure from a packed draw whose size classes lie on axis
+  ``leading`` (1 when candidates come first); numpy arrays stay numpy."""
+  out = [None] * len(channel_counts(template))
+  for size, which in size_classes(template):
     for j, i in enumerate(which):
-      out[i] = drawn[j]
-  return jax.tree.unflatten(treedef, out)
+      out[i] = packed[size][(slice(None),) * leading + (j,)]
+  return jax.tree.unflatten(jax.tree.structure(template), out)
+
+
+def pack_logits(drop_logits: PyTree, template: PyTree) -> dict:
+  """The drop logits packed as a draw: channels -> the logits of the groups of that size."""
+  thetas = jax.tree.leaves(drop_logits)
+  return {size: jnp.stack([thetas[i] for i in which]) for size, which in size_classes(template)}
+
+
+def _per_leaf(key: jax.Array, drop_logits: PyTree, template: PyTree, draw) -> PyTree:
+  """``_per_class`` as a tree of ``template``'s structure."""
+  return unpack(_per_class(key, drop_logits, template, draw), template)
 
 
 def logistic_noise(key: jax.Array, template: PyTree, batch_size: int) -> PyTree:
@@ -86,22 +111,42 @@ def relaxed_masks(
   return concrete_keep(drop_logits, logistic_noise(key, template, batch_size), tau)
 
 
-def leaf_draws(key: jax.Array, template: PyTree, draw) -> PyTree:
-  """``draw(k, channels)`` for every leaf of ``template``, ``k = fold_in(key, leaf_index)``:
-  what a candidate sampler builds its per-channel uniforms from (``samplers.py``)."""
+def packed_leaf_draws(key: jax.Array, template: PyTree, draw) -> dict:
+  """``draw(k, channels)`` for every leaf of ``template``, ``k = fold_in(key, leaf_index)``,
+  packed (``_per_class``): what a candidate sampler builds its per-channel uniforms from
+  (``samplers.py``)."""
   zeros = jax.tree.map(lambda _: jnp.float32(0), template)
-  return _per_leaf(key, zeros, template, lambda k, _, channels: draw(k, channels))
+  return _per_class(key, zeros, template, lambda k, _, channels: draw(k, channels))
+
+
+def leaf_draws(key: jax.Array, template: PyTree, draw) -> PyTree:
+  """``packed_leaf_draws`` as a tree of ``template``'s structure."""
+  return unpack(packed_leaf_draws(key, template, draw), template)
+
+
+def packed_uniforms(key: jax.Array, template: PyTree) -> dict:
+  """One U[0, 1) per channel, leaf i from ``fold_in(key, i)``, packed."""
+  return packed_leaf_draws(key, template, lambda k, channels: jax.random.uniform(k, (channels,)))
 
 
 def uniforms(key: jax.Array, template: PyTree) -> PyTree:
   """One U[0, 1) per channel, leaf shape ``(channels,)``, leaf i from ``fold_in(key, i)``."""
-  return leaf_draws(key, template, lambda k, channels: jax.random.uniform(k, (channels,)))
+  return unpack(packed_uniforms(key, template), template)
+
+
+def _keep(u, theta):
+  return (u >= jax.nn.sigmoid(theta)).astype(jnp.float32)
 
 
 def keep_where(u: PyTree, drop_logits: PyTree) -> PyTree:
   """The hard keep mask of per-channel uniforms ``u``: channel kept iff u >= p (SPEC
   section 3), so a channel is dropped with probability p when u is U[0, 1)."""
-  return jax.tree.map(lambda x, t: (x >= jax.nn.sigmoid(t)).astype(jnp.float32), u, drop_logits)
+  return jax.tree.map(_keep, u, drop_logits)
+
+
+def packed_keep_where(u: dict, logits: dict) -> dict:
+  """``keep_where`` of packed uniforms and packed logits (``pack_logits``)."""
+  return {size: _keep(u[size], logits[size][:, None]) for size in u}
 
 
 def hard_mask(key: jax.Array, drop_logits: PyTree, template: PyTree) -> PyTree:

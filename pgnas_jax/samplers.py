@@ -8,8 +8,11 @@ is a function of (search key, ``c``) alone, never of the other candidates drawn 
 chunk), of the devices or of the processes.
 
 A sampler is a function ``draw(sampler, search_key, indices, drop_logits, template) ->
-masks`` (leaves with a leading candidate axis) registered by name in ``DRAWS``; the config
-chooses it by that name (``search.sampler``), ``from_config`` builds the ``Sampler``.
+masks`` registered by name in ``DRAWS``; the config chooses it by that name
+(``search.sampler``), ``from_config`` builds the ``Sampler``. It returns the masks packed
+(``masks.unpack``): per group size, the masks of the groups of that size stacked, candidates
+first (``[candidates, groups, channels]``), so that drawing D-121's 593 groups compiles a
+handful of operations, not one per group.
 """
 
 import dataclasses
@@ -25,30 +28,38 @@ PyTree = Any
 DEFAULT = 'iid'
 
 
-def _iid(sampler, search_key, indices, drop_logits, template) -> PyTree:
+def _iid(sampler, search_key, indices, drop_logits, template) -> dict:
   """Independent masks, candidate c from ``fold_in(search_key, c)``."""
-  return masks_lib.candidate_masks(search_key, indices, drop_logits, template)
-
-
-def _antithetic(sampler, search_key, indices, drop_logits, template) -> PyTree:
-  """Candidates 2k and 2k+1 share the uniforms of ``fold_in(search_key, k)``: 2k keeps
-  where u >= p, 2k+1 where 1 - u >= p."""
+  logits = masks_lib.pack_logits(drop_logits, template)
 
   def draw(c):
-    u = masks_lib.uniforms(jax.random.fold_in(search_key, c // 2), template)
-    u = jax.tree.map(lambda x: jnp.where(c % 2 == 1, 1.0 - x, x), u)
-    return masks_lib.keep_where(u, drop_logits)
+    u = masks_lib.packed_uniforms(jax.random.fold_in(search_key, c), template)
+    return masks_lib.packed_keep_where(u, logits)
 
   return jax.vmap(draw)(indices)
 
 
-def _stratified(sampler, search_key, indices, drop_logits, template) -> PyTree:
+def _antithetic(sampler, search_key, indices, drop_logits, template) -> dict:
+  """Candidates 2k and 2k+1 share the uniforms of ``fold_in(search_key, k)``: 2k keeps
+  where u >= p, 2k+1 where 1 - u >= p."""
+  logits = masks_lib.pack_logits(drop_logits, template)
+
+  def draw(c):
+    u = masks_lib.packed_uniforms(jax.random.fold_in(search_key, c // 2), template)
+    u = jax.tree.map(lambda x: jnp.where(c % 2 == 1, 1.0 - x, x), u)
+    return masks_lib.packed_keep_where(u, logits)
+
+  return jax.vmap(draw)(indices)
+
+
+def _stratified(sampler, search_key, indices, drop_logits, template) -> dict:
   """Latin-hypercube per channel over blocks of B candidates. In block b = c // B, from
   ``fold_in(search_key, b)``, every position r = 0..B-1 of every channel gets 32 random bits;
   candidate c (position r) takes the stratum s = the rank of its bits among the block's
   (ties by position), so the B candidates of a block hold the strata 0..B-1 in a random
   order per channel, plus a jitter v: u = (s + v) / B."""
   size = sampler.block
+  logits = masks_lib.pack_logits(drop_logits, template)
 
   def draw(c):
     position = c % size
@@ -63,20 +74,22 @@ def _stratified(sampler, search_key, indices, drop_logits, template) -> PyTree:
       )
       return (stratum.astype(jnp.float32) + jitter) / size
 
-    u = masks_lib.leaf_draws(jax.random.fold_in(search_key, c // size), template, leaf)
-    return masks_lib.keep_where(u, drop_logits)
+    u = masks_lib.packed_leaf_draws(jax.random.fold_in(search_key, c // size), template, leaf)
+    return masks_lib.packed_keep_where(u, logits)
 
   return jax.vmap(draw)(indices)
 
 
-def _mode(sampler, search_key, indices, drop_logits, template) -> PyTree:
+def _mode(sampler, search_key, indices, drop_logits, template) -> dict:
   """The posterior mode, the same for every index: keep a channel iff p < 0.5."""
-
-  def leaf(theta, m):
-    keep = jnp.broadcast_to((jax.nn.sigmoid(theta) < 0.5).astype(jnp.float32), m.shape)
-    return jnp.broadcast_to(keep, indices.shape + m.shape)
-
-  return jax.tree.map(leaf, drop_logits, template)
+  logits = masks_lib.pack_logits(drop_logits, template)
+  return {
+    size: jnp.broadcast_to(
+      (jax.nn.sigmoid(theta) < 0.5).astype(jnp.float32)[:, None],
+      indices.shape + theta.shape + (size,),
+    )
+    for size, theta in logits.items()
+  }
 
 
 DRAWS = {'iid': _iid, 'antithetic': _antithetic, 'stratified': _stratified, 'mode': _mode}
@@ -92,9 +105,16 @@ class Sampler:
   block: int = 0  # candidates per block of 'stratified'; 0 for the others
   channel_multiple: int = 1  # channels kept or dropped together (search.channel_multiple)
 
-  def __call__(self, search_key, indices, drop_logits, template) -> PyTree:
+  def packed(self, search_key, indices, drop_logits, template) -> dict:
+    """The masks of candidates ``indices``, packed (``[candidates, groups, channels]`` per
+    group size): what ``search.draw_candidates`` compiles."""
     drawn = DRAWS[self.name](self, search_key, indices, drop_logits, template)
     return drawn if self.channel_multiple == 1 else in_blocks(drawn, self.channel_multiple)
+
+  def __call__(self, search_key, indices, drop_logits, template) -> PyTree:
+    """The masks of candidates ``indices``, leaves with a leading candidate axis."""
+    packed = self.packed(search_key, indices, drop_logits, template)
+    return masks_lib.unpack(packed, template, leading=1)
 
   def num_candidates(self, requested: int) -> int:
     """How many distinct candidates there are to score: 1 for 'mode'."""

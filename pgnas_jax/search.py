@@ -21,6 +21,7 @@ from pgnas_jax.errors import ConfigError, Preempted
 from pgnas_jax import budget as budget_lib
 from pgnas_jax.backends.cpu import ops as cpu_ops
 from pgnas_jax import layers
+from pgnas_jax import masks as masks_lib
 from pgnas_jax import metric_writers, parallel, precision, train
 from pgnas_jax import records as records_lib
 from pgnas_jax import samplers as samplers_lib
@@ -283,6 +284,10 @@ class Scorer(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames='sampler')
+def _draw_packed(search_key, indices, drop_logits, template, sampler) -> dict:
+  return sampler.packed(search_key, indices, drop_logits, template)
+
+
 def draw_candidates(
   search_key: jax.Array,
   indices: jax.Array,
@@ -290,8 +295,12 @@ def draw_candidates(
   template: PyTree,
   sampler: samplers_lib.Sampler = samplers_lib.IID,
 ) -> PyTree:
-  """Hard masks of candidates ``indices`` (leaves with a leading candidate axis)."""
-  return sampler(search_key, indices, drop_logits, template)
+  """Hard masks of candidates ``indices`` (leaves with a leading candidate axis), on the
+  host: drawn packed by one compiled program (``Sampler.packed``) and split into groups by
+  numpy; a program with one output per group compiled for over a minute at D-121's 593
+  groups (docs/scaling.md)."""
+  packed = jax.device_get(_draw_packed(search_key, indices, drop_logits, template, sampler))
+  return masks_lib.unpack(packed, template, leading=1)
 
 
 def candidate_mask(
@@ -372,9 +381,7 @@ def rank_candidates(
   for first in range(resumed, num, chunk):
     # the last chunk is padded with extra candidates (one compilation) and trimmed
     indices = jnp.arange(first, first + chunk)
-    masks = jax.device_get(
-      draw_candidates(search_key, indices, state.drop_logits, space.template, sampler)
-    )
+    masks = draw_candidates(search_key, indices, state.drop_logits, space.template, sampler)
     scores = scorer.candidates(state.variables, masks, *validation)
     new = _records(run, first, scores, space, masks, min(chunk, num - first))
     new = budget_lib.mark(new, log.budget)
