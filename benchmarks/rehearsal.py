@@ -39,19 +39,11 @@ import time
 
 import psutil
 
-from benchmarks import harness, synthetic_imagenet
+from benchmarks import fingerprints, harness, synthetic_imagenet
 
 ROOT = harness.ROOT
 CONFIGS = {'d121': 'configs/imagenet_d121.py', 'r50': 'configs/imagenet_r50.py'}
-RESULT_FILES = (
-  'config.json',
-  'metrics.jsonl',
-  'posterior.json',
-  'search/candidates.jsonl',
-  'search/arch.json',
-  'search/winner_weights.msgpack',
-  'search/winner_compact.npz',
-)
+RESULT_FILES = fingerprints.FILES + ('search/winner_compact.npz',)
 COUNTS = {  # everything else is the config file's
   'train.num_steps': 6,
   'train.batch_size': 8,  # 2 images per device

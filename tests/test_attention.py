@@ -94,17 +94,7 @@ def test_a_head_costs_its_kernel_slices_and_its_attention():
 
 
 def test_vit_example_is_searched_end_to_end_and_its_pruned_weights_run(tmp_path):
-  config = tiny.default_config(
-    {
-      'train.num_steps': 4,
-      'train.batch_size': 32,
-      'train.log_every_steps': 2,
-      'search.num_candidates': 4,
-      'search.chunk_size': 4,
-      'search.eval_batch_size': 100,
-      'log.tensorboard': False,
-    }
-  )
+  config = tiny.default_config(tiny.CUSTOM_RUN)
   data = tiny.small_arrays()
   module = tiny_vit.TinyViT(num_classes=10, width=8, depth=1, num_heads=2)
   arch = pgnas_jax.search_network(module, data, config, str(tmp_path)).arch

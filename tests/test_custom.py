@@ -18,16 +18,7 @@ from pgnas_jax import errors, export, pipeline
 
 DATA_DIR = '/usr/share/datasets/fashion-mnist'
 MODULE = 'examples.tiny_cnn:SmallVGG'
-TINY = {
-  'data.validation_size': 200,
-  'train.num_steps': 4,
-  'train.batch_size': 32,
-  'train.log_every_steps': 2,
-  'search.num_candidates': 4,
-  'search.chunk_size': 4,
-  'search.eval_batch_size': 100,
-  'log.tensorboard': False,
-}
+TINY = tiny.CUSTOM_RUN
 IDENTICAL = (
   'config.json',
   'posterior.json',

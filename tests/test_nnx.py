@@ -18,16 +18,7 @@ from pgnas_jax import config as config_lib
 from pgnas_jax import errors, export, masks, space as space_lib
 from pgnas_jax.supernets import custom
 
-TINY = {
-  'data.validation_size': 100,
-  'train.num_steps': 4,
-  'train.batch_size': 32,
-  'train.log_every_steps': 2,
-  'search.num_candidates': 4,
-  'search.chunk_size': 4,
-  'search.eval_batch_size': 100,
-  'log.tensorboard': False,
-}
+TINY = tiny.CUSTOM_RUN
 
 
 class LinenNet(nn.Module):

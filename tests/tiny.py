@@ -271,6 +271,19 @@ def synthetic_dataset(n: int = 64):
   )
 
 
+# a few steps and candidates of a user's own network (test_custom, test_nnx, test_attention)
+CUSTOM_RUN = {
+  'data.validation_size': 200,
+  'train.num_steps': 4,
+  'train.batch_size': 32,
+  'train.log_every_steps': 2,
+  'search.num_candidates': 4,
+  'search.chunk_size': 4,
+  'search.eval_batch_size': 100,
+  'log.tensorboard': False,
+}
+
+
 def small_arrays(num_classes: int = 10):
   """An in-memory data source (``pgnas_jax.from_arrays``) of random 12x12 grey images: 300
   for training (100 of them validation), 50 for test, the same on every call."""
