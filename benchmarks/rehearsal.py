@@ -133,6 +133,7 @@ def launch(network: str, workdir: str, overrides: dict, kill_at_checkpoint: bool
     'JAX_COMPILATION_CACHE_DIR': workdir + '.xla',
   }
   start = time.perf_counter()
+  offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0  # an earlier start's
   with open(log_path, 'a') as log:
     launcher = subprocess.Popen(
       _command(network, workdir, overrides), cwd=ROOT, env=env, stdout=log, stderr=log
@@ -152,6 +153,7 @@ def launch(network: str, workdir: str, overrides: dict, kill_at_checkpoint: bool
           killed = True
       time.sleep(0.5)
   with open(log_path) as f:
+    f.seek(offset)
     compiles = {}
     for name, seconds in COMPILED.findall(f.read()):
       compiles[name] = max(compiles.get(name, 0.0), float(seconds))
