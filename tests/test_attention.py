@@ -104,9 +104,5 @@ def test_vit_example_is_searched_end_to_end_and_its_pruned_weights_run(tmp_path)
     'module': 'examples.tiny_vit:TinyViT',
     'kwargs': '{"width": 8, "depth": 1, "num_heads": 2}',
   }
-  pruned = export.load_weights(str(tmp_path / 'search' / 'winner_weights.msgpack'))
-  batch = next(data.eval_batches(data.test, 50))
-  logits = module.apply(pruned, batch['images'], train=False)
-  accuracy = float(np.mean(np.argmax(logits, -1) == batch['labels']))
-  assert accuracy == pytest.approx(arch['test_acc'], abs=1e-6)
-  assert space_lib.count_params(pruned['params']) == arch['params']
+  # the input-sliced pruned weights give the winner's test accuracy in the module itself
+  tiny.check_pruned_winner(module, data, tmp_path, arch)

@@ -4,7 +4,6 @@ checks that refuse a module the pipeline cannot use, and the example."""
 import json
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import pgnas_jax
 from examples import search_fashion_npz, tiny_cnn
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import errors, export, pipeline
+from pgnas_jax import errors, pipeline
 
 DATA_DIR = '/usr/share/datasets/fashion-mnist'
 MODULE = 'examples.tiny_cnn:SmallVGG'
@@ -64,12 +63,7 @@ def test_python_entry_records_the_module_and_exports_its_pruned_weights(tmp_path
   assert saved['custom'] == {'module': MODULE, 'kwargs': '{"widths": [4, 6]}'}
   assert 'compact_params' not in arch
   # the input-sliced pruned weights give the winner's test accuracy in the module itself
-  pruned = export.load_weights(str(tmp_path / 'search' / 'winner_weights.msgpack'))
-  batch = next(data.eval_batches(data.test, 50))
-  logits = module.apply(pruned, batch['images'], train=False)
-  accuracy = float(np.mean(np.argmax(logits, -1) == batch['labels']))
-  assert accuracy == pytest.approx(arch['test_acc'], abs=1e-6)
-  assert sum(np.size(x) for x in jax.tree.leaves(pruned['params'])) == arch['params']
+  tiny.check_pruned_winner(module, data, tmp_path, arch)
   # resuming the finished run with the same module and data does nothing
   assert pgnas_jax.search_network(module, data, config, str(tmp_path)).arch == arch
 

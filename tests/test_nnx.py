@@ -156,12 +156,8 @@ def test_nnx_example_is_searched_end_to_end_and_its_pruned_weights_run(tmp_path)
   rebuilt = config_lib.get_config()
   rebuilt.model.custom.update(saved['custom'])
   assert custom.build(rebuilt.model.custom, 10) == module
-  pruned = export.load_weights(str(tmp_path / 'search' / 'winner_weights.msgpack'))
-  batch = next(data.eval_batches(data.test, 50))
-  logits = module.apply(pruned, batch['images'], train=False)
-  accuracy = float(np.mean(np.argmax(logits, -1) == batch['labels']))
-  assert accuracy == pytest.approx(arch['test_acc'], abs=1e-6)
-  assert space_lib.count_params(pruned['params']) == arch['params']
+  # the input-sliced pruned weights give the winner's test accuracy in the module itself
+  tiny.check_pruned_winner(module, data, tmp_path, arch)
   assert pgnas_jax.search_network(module, data, config, str(tmp_path)).arch == arch
 
 

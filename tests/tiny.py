@@ -28,6 +28,7 @@ from pgnas_jax import cli
 from pgnas_jax import context as context_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
+from pgnas_jax import export as export_lib
 from pgnas_jax import masks as masks_lib
 from pgnas_jax import parallel, pipeline, supernets, train
 from pgnas_jax import space as space_lib
@@ -296,6 +297,17 @@ def small_arrays(num_classes: int = 10):
     num_classes=num_classes,
     validation_size=100,
   )
+
+
+def check_pruned_winner(module, data, workdir, arch: dict) -> None:
+  """The winner's input-sliced pruned weights (``search/winner_weights.msgpack``) run in
+  ``module`` itself give the winner's test accuracy and hold its params."""
+  pruned = export_lib.load_weights(str(pathlib.Path(workdir) / 'search' / 'winner_weights.msgpack'))
+  batch = next(data.eval_batches(data.test, 50))
+  logits = module.apply(pruned, batch['images'], train=False)
+  accuracy = float(np.mean(np.argmax(logits, -1) == batch['labels']))
+  assert accuracy == pytest.approx(arch['test_acc'], abs=1e-6)
+  assert space_lib.count_params(pruned['params']) == arch['params']
 
 
 def refused(config, workdir, capsys) -> str:
