@@ -74,13 +74,7 @@ def config_of(network: str, overrides: dict):
   from pgnas_jax import config as config_lib
 
   config = config_lib.read_config_file(os.path.join(ROOT, CONFIGS[network])).get_config()
-  for key, value in overrides.items():
-    *sections, name = key.split('.')
-    target = config
-    for section in sections:
-      target = target[section]
-    target[name] = value
-  return config
+  return config_lib.set_fields(config, overrides)
 
 
 def _flag(key: str, value) -> str:

@@ -639,6 +639,18 @@ def _get(config, dotted):
   return node
 
 
+def set_fields(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """``config`` with ``overrides`` (dotted field -> value) set, as ``--config.`` flags set
+  them."""
+  for key, value in overrides.items():
+    *parents, name = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad field and the fix."""
   reference = get_config()

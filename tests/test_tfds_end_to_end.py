@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 import tiny
 
+from pgnas_jax import config as config_lib
 from pgnas_jax import pipeline
 
 # a tiny member of each config's family, and an image size ImageNet's mock images are cut to
@@ -41,7 +42,7 @@ SHORT_RUN = {
   [pytest.param('cifar10_m', 16, marks=pytest.mark.long(19)), ('imagenet_d121', 0)],
 )
 def test_config_end_to_end_on_mock_data(tmp_path, name, cutout):
-  c = tiny.set_fields(tiny.config_file(name).get_config(), {**TINY_MODELS[name], **SHORT_RUN})
+  c = config_lib.set_fields(tiny.config_file(name).get_config(), {**TINY_MODELS[name], **SHORT_RUN})
   with tfds.testing.mock_data(num_examples=48):
     arch = pipeline.run(c, str(tmp_path)).arch
   assert (tmp_path / 'report.md').exists()

@@ -111,20 +111,9 @@ def flags(overrides: dict | None = None) -> list[str]:
   return [f'--config.{k}={_flag_value(v)}' for k, v in _tiny(overrides).items()]
 
 
-def set_fields(c, overrides: dict):
-  """``c`` with ``overrides`` (dotted field -> value) set, as ``--config.`` flags set them."""
-  for key, value in overrides.items():
-    *parents, name = key.split('.')
-    node = c
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
-  return c
-
-
 def default_config(overrides: dict | None = None):
   """The default config (the full-size run, not the tiny one) with ``overrides``."""
-  return set_fields(config_lib.get_config(), overrides or {})
+  return config_lib.set_fields(config_lib.get_config(), overrides or {})
 
 
 def config(overrides: dict | None = None):
