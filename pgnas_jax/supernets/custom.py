@@ -39,15 +39,6 @@ MODULE_FIELD = '--config.model.custom.module'
 KWARGS_FIELD = '--config.model.custom.kwargs'
 
 
-def _as_tuples(value):
-  """JSON lists become tuples: linen module fields must be hashable."""
-  if isinstance(value, list):
-    return tuple(_as_tuples(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _as_tuples(v) for k, v in value.items()}
-  return value
-
-
 def load_class(spec: str) -> type:
   """The class ``spec`` ('package.module:ClassName') names."""
   module_name, _, class_name = spec.partition(':')
@@ -137,7 +128,7 @@ def build(custom: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """``Class(**kwargs)``, with ``num_classes`` when the class has that field (argument)
   and ``kwargs`` does not set it."""
   cls = load_class(custom.module)
-  kwargs = _as_tuples(json.loads(custom.kwargs))
+  kwargs = nnx_bridge.as_tuples(json.loads(custom.kwargs))
   if _takes_num_classes(cls):
     kwargs.setdefault('num_classes', num_classes)
   try:

@@ -44,12 +44,17 @@ def from_nnx(nnx_class: type, **kwargs) -> 'FromNNX':
   (``search_network``): its weights are drawn from the run's seed."""
   if not is_nnx_class(nnx_class):
     raise TypeError(f'from_nnx takes a flax.nnx.Module class, not {nnx_class!r}')
-  return FromNNX(nnx_class, tuple(sorted((k, _hashable(v)) for k, v in kwargs.items())))
+  return FromNNX(nnx_class, tuple(sorted((k, as_tuples(v)) for k, v in kwargs.items())))
 
 
-def _hashable(value):
-  """Lists as tuples, at any depth: the module is a key of compiled-function caches."""
-  return tuple(_hashable(v) for v in value) if isinstance(value, list | tuple) else value
+def as_tuples(value):
+  """``value`` with its lists as tuples, at any depth (JSON gives lists): a module's fields
+  must be hashable, the module is a key of compiled-function caches."""
+  if isinstance(value, list | tuple):
+    return tuple(as_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: as_tuples(v) for k, v in value.items()}
+  return value
 
 
 def _linen_place(path: tuple, variable) -> tuple:
