@@ -123,6 +123,14 @@ def conv_op(x, kernels: dict, geometry: tuple, convolve):
   return convolve(x, kernels['kernel'], strides, dilation, 1)
 
 
+def removed_conv_output(x, kernel_shapes: dict, geometry: tuple):
+  """What a searchable conv whose every input is dropped outputs: zeros of the shape its op
+  (``kernel_shapes`` for all of ``x``'s channels, ``geometry`` as ``conv_op``'s) gives."""
+  full = {n: jnp.zeros(s, x.dtype) for n, s in kernel_shapes.items()}
+  shape = jax.eval_shape(lambda a: conv_op(a, full, geometry, xla_conv), x).shape
+  return jnp.zeros(shape, x.dtype)
+
+
 def conv_input_costs(one_channel_kernels: dict, y_shape) -> tuple:
   """(params, MACs) one kept input channel costs a conv whose kernels for one input are
   ``one_channel_kernels`` (shapes) and whose output is ``y_shape``: its kernel slices, each
@@ -150,8 +158,12 @@ class SearchableConv(Convolving):
   def _kernel_shapes(self, channels: int) -> dict:
     return conv_kernel_shapes(channels, self.features, self.kernel_size, self.separable)
 
+  @property
+  def _geometry(self) -> tuple:
+    return self.strides, self.dilation, self.separable
+
   def _op(self, x, kernels: dict, convolve):
-    return conv_op(x, kernels, (self.strides, self.dilation, self.separable), convolve)
+    return conv_op(x, kernels, self._geometry, convolve)
 
   @nn.compact
   def __call__(self, x):
@@ -164,9 +176,7 @@ class SearchableConv(Convolving):
         for n, s in self._kernel_shapes(kept.shape[0]).items()
       }
       if kept.shape[0] == 0:  # every input dropped: the operation is removed
-        full = {n: jnp.zeros(s, x.dtype) for n, s in self._kernel_shapes(x.shape[-1]).items()}
-        shape = jax.eval_shape(lambda a: self._op(a, full, xla_conv), x).shape
-        return jnp.zeros(shape, x.dtype)
+        return removed_conv_output(x, self._kernel_shapes(x.shape[-1]), self._geometry)
       return self._op(jnp.take(x, kept, axis=-1), kernels, self.convolve)
 
     kernels = {

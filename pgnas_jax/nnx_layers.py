@@ -15,7 +15,6 @@ ones in a container named after that collection (``self.masks['group0']``), and
     every index until then.
 """
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -110,9 +109,7 @@ class SearchableConv(_Searchable):
     if kept is None:
       y = layers.conv_op(self._masked(x), kernels, self.geometry, layers.xla_conv)
     elif kept.shape[0] == 0:  # every input dropped: the operation is removed
-      full = {n: jnp.zeros(s, x.dtype) for n, s in self._kernel_shapes(x.shape[-1]).items()}
-      shape = jax.eval_shape(lambda a: layers.conv_op(a, full, self.geometry, layers.xla_conv), x)
-      return jnp.zeros(shape.shape, x.dtype)
+      return layers.removed_conv_output(x, self._kernel_shapes(x.shape[-1]), self.geometry)
     else:
       y = layers.conv_op(jnp.take(x, kept, axis=-1), kernels, self.geometry, layers.xla_conv)
     self._set_costs(layers.conv_input_costs(self._kernel_shapes(1), y.shape))
