@@ -57,12 +57,11 @@ def _per_class(key: jax.Array, drop_logits: PyTree, template: PyTree, draw) -> d
   593) compiles a handful of random-number computations instead of one per group.
   """
   chex.assert_trees_all_equal_structs(drop_logits, template)
-  thetas = jax.tree.leaves(drop_logits)
+  logits = pack_logits(drop_logits, template)
   out = {}
   for size, which in size_classes(template):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.array(which))
-    stacked = jnp.stack([thetas[i] for i in which])
-    out[size] = jax.vmap(lambda k, t: draw(k, t, size))(keys, stacked)
+    out[size] = jax.vmap(lambda k, t: draw(k, t, size))(keys, logits[size])
   return out
 
 

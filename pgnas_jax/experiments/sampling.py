@@ -274,7 +274,7 @@ class Runner:
       result[name] = {
         'val_accs': [r['val_acc'] for r in records],
         'params': [r['params'] for r in records],
-        'duplicates': sampling_report.count_duplicates(jax.device_get(drawn)),
+        'duplicates': sampling_report.count_duplicates(drawn),  # on the host
       }
     result['wall_seconds'] = time.time() - start
     self._write(cache, result)
