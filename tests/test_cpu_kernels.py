@@ -17,6 +17,7 @@ at the 1e-1 level."""
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import subprocess
@@ -334,9 +335,10 @@ def test_fence_catches_onednn_strided_1x1_overrun():
   assert 'jit_1x1:avx2 wrote' in done.stdout and 'past its scratchpad buffer' in done.stdout
 
 
-def test_kernel_failing_its_self_check_is_not_used(monkeypatch, caplog):
+def test_kernel_failing_its_self_check_is_not_used(monkeypatch, caplog, tmp_path):
   """One line names the geometry and why; the program keeps XLA's convolution there, with
   XLA's results; the other geometries stay on oneDNN."""
+  monkeypatch.setattr(cpu_kernels, '_verdicts_path', lambda: tmp_path / 'verdicts.json')
   refused = (4, 9, 4, 6, 3, 2, 1)
   n, size, cin, cout, k, stride, dilation = refused
   real_check = cpu_kernels._self_check
@@ -372,6 +374,37 @@ def test_kernel_failing_its_self_check_is_not_used(monkeypatch, caplog):
 
     (dx0, dkernel0), _ = jax.jit(jax.grad(reference_loss, argnums=(0, 1), has_aux=True))(x, kernel)
     assert _relative(dx, dx0) < 2e-5 and _relative(dkernel, dkernel0) < 2e-5
+  finally:
+    cpu_kernels._passes.cache_clear()
+
+
+def test_self_check_verdicts_are_kept_for_later_processes(monkeypatch, tmp_path):
+  """A geometry checked once is not checked again by a later process (its verdict, pass or
+  failure, is read back); another ONEDNN_* setting or a damaged file checks again."""
+  path = tmp_path / 'verdicts.json'
+  monkeypatch.setattr(cpu_kernels, '_verdicts_path', lambda: path)
+  checked = []
+
+  def check(*geometry):
+    checked.append(geometry)
+    return 'refused here' if geometry[2] == 2 else None
+
+  monkeypatch.setattr(cpu_kernels, '_self_check', check)
+  passing = ((2, 8, 8, 4), (3, 3, 4, 4), 1, 1, 1)
+  failing = ((2, 8, 8, 4), (3, 3, 4, 4), 2, 1, 1)
+
+  def new_process():
+    cpu_kernels._passes.cache_clear()
+    return [cpu_kernels._passes('convolution', *g) for g in (passing, failing)]
+
+  try:
+    assert new_process() == [True, False] and len(checked) == 2
+    assert new_process() == [True, False] and len(checked) == 2  # read back, not checked
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')
+    assert new_process() == [True, False] and len(checked) == 4
+    path.write_text('{"cut')
+    assert new_process() == [True, False] and len(checked) == 6
+    assert len(json.loads(path.read_text())) == 2  # the damaged file replaced
   finally:
     cpu_kernels._passes.cache_clear()
 

@@ -38,7 +38,10 @@ have run where the project was tested. Before a convolution or a BatchNorm's sum
 over, its per-device geometry passes a one-time self-check (``_self_check``): oneDNN's calls
 on random inputs, each on fenced copies of its buffers (``kernels.cc``: a write outside
 a buffer or into an input fails the call), must match XLA's within ``SELF_CHECK_TOLERANCE``.
-One that fails keeps XLA's op, with one logged line saying why. ``PGNAS_JAX_CPU_KERNELS=checked``
+One that fails keeps XLA's op, with one logged line saying why. Verdicts are kept beside the
+cached library (``<library>.verdicts.json``, per geometry, threads per call and ``ONEDNN_*``
+setting), so a restarted process or the next run on this CPU checks only new geometries
+(SupNet-D-121 has 132: 68 s per start, docs/scaling.md). ``PGNAS_JAX_CPU_KERNELS=checked``
 runs every call fenced (slow; for tests and for hunting a fault). Strided 1x1 convolutions
 are handed over as unstrided ones on every stride-th pixel (``_as_handed``): oneDNN 3.2's
 own reduction to unit stride writes past its scratchpad when a 1x1 kernel gradient has
@@ -50,6 +53,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import pathlib
@@ -259,8 +263,14 @@ def handles_batch_norm(x: jax.Array, mesh) -> bool:
 
 @functools.cache
 def _passes(kind: str, *geometry) -> bool:
-  with jax.ensure_compile_time_eval():  # concrete calls, also while a step is traced
-    why = _self_check(*geometry) if kind == 'convolution' else _self_check_sums(*geometry)
+  key = json.dumps([kind, geometry, _threads_per_call(), _onednn_settings()], default=int)
+  kept = _read_verdicts()
+  if key in kept:
+    why = kept[key]
+  else:
+    with jax.ensure_compile_time_eval():  # concrete calls, also while a step is traced
+      why = _self_check(*geometry) if kind == 'convolution' else _self_check_sums(*geometry)
+    _keep_verdict(key, why)
   if why:
     logging.warning(
       "oneDNN's %s of %s failed its self-check on this CPU (%s): this run keeps XLA's op "
@@ -270,6 +280,40 @@ def _passes(kind: str, *geometry) -> bool:
       why,
     )
   return not why
+
+
+def _onednn_settings() -> list:
+  """The ``ONEDNN_*`` environment (``ONEDNN_MAX_CPU_ISA`` changes the kernels chosen)."""
+  return sorted((k, v) for k, v in os.environ.items() if k.startswith('ONEDNN_'))
+
+
+def _verdicts_path() -> pathlib.Path:
+  """Beside the library: its name holds the source, compiler, flags and CPU it is for."""
+  return _recipe()[0].with_suffix('.verdicts.json')
+
+
+def _read_verdicts() -> dict:
+  """Self-check verdicts kept by earlier processes (key -> None or why it failed); a
+  missing or damaged file is an empty one (every geometry is checked again)."""
+  try:
+    kept = json.loads(_verdicts_path().read_text())
+  except (OSError, ValueError):
+    return {}
+  return kept if isinstance(kept, dict) else {}
+
+
+def _keep_verdict(key: str, why: str | None) -> None:
+  """Adds one verdict to the file (written whole under a name of this process and renamed:
+  processes writing at once may drop each other's newest verdicts, which are checked again
+  at the next start)."""
+  path = _verdicts_path()
+  verdicts = {**_read_verdicts(), key: why}
+  partial = path.with_suffix(f'.{os.getpid()}.partial')
+  try:
+    partial.write_text(json.dumps(verdicts, indent=0))
+    os.replace(partial, path)
+  except OSError as e:  # a read-only cache: checked again next time
+    logging.info('could not keep the self-check verdict in %s (%s)', path, e)
 
 
 def _described(x_shape, kernel_shape=None, stride=None, dilation=None, groups=None) -> str:
