@@ -313,7 +313,7 @@ def _compiles(compile_s: dict, at_least: float) -> str:
   return '; '.join(f'{name} {seconds:.0f} s' for name, seconds in slow if seconds >= at_least)
 
 
-def _cpu() -> str:
+def cpu_name() -> str:
   with open('/proc/cpuinfo') as f:
     names = re.findall(r'model name\s*:\s*(.+)', f.read())
   return f'{names[0] if names else "unknown CPU"}, {os.cpu_count()} cores'
@@ -365,14 +365,14 @@ def write(name: str, rows: list, note: str = '') -> str:
     for r in rows
   ]
   counts = ', '.join(f'{k}={v}' for k, v in COUNTS.items())
-  notes = f'{_cpu()}; each run 2 processes of 2 simulated devices; counts: {counts}. {note}'
+  notes = f'{cpu_name()}; each run 2 processes of 2 simulated devices; counts: {counts}. {note}'
   text = harness.write_table(name, 'Rehearsal: 2 processes x 2 devices', list(runs[0]), runs, notes)
   text += harness.write_table(
     name + '_step',
     "The train step at the config's batch over 4 devices",
     list(steps[0]),
     steps,
-    f'{_cpu()}; one process of 4 simulated devices. {note}',
+    f'{cpu_name()}; one process of 4 simulated devices. {note}',
   )
   with open(os.path.join(harness.RESULTS, name + '_runs.json'), 'w') as f:
     json.dump(rows, f, indent=1)
