@@ -33,8 +33,8 @@ from pgnas_jax.errors import ConfigError
 from pgnas_jax import records as records_lib
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
+from pgnas_jax.compact import derived
 from pgnas_jax.compact import latency as measuring
-from pgnas_jax.compact import ops
 
 REPEATS = 10  # calls timed per table entry (after compact.latency's warm-up)
 WHOLE_ROUNDS = 5  # windows, in turn, of the full and the smallest network (the line's ends)
@@ -72,16 +72,10 @@ class Conv(NamedTuple):
 
 def convs_of(net: compact.CompactNet, batch: int) -> list:
   """The convolutions of ``net`` on ``batch`` images, in the order it runs them."""
-  apply = compact.inference_fn(net)
-  with ops.recording_convs() as seen:  # a new function: a cached trace would record nothing
-    jax.eval_shape(
-      lambda weights, images: apply(weights, images),
-      net.weights,
-      jax.ShapeDtypeStruct((batch,) + net.image_shape, np.float32),
-    )
   return [
-    Conv(x[1], x[2], kernel[:2], stride, dilation, groups > 1, x[-1], kernel[-1])
-    for x, kernel, stride, dilation, groups in seen
+    Conv(x[1], x[2], kernel[:2], strides[0], dilation[0], groups > 1, x[-1], kernel[-1])
+    for kind, x, kernel, strides, dilation, groups, _ in compact.layers(net, batch)
+    if kind == 'conv'
   ]
 
 
@@ -115,7 +109,10 @@ class Predictor:
 
   def __init__(self, model, variables: dict, image_shape: tuple, batch: int):
     self.model, self.image_shape, self.batch = model, tuple(image_shape), batch
-    self.variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+    self.variables = {
+      'params': variables['params'],
+      'batch_stats': variables.get('batch_stats', {}),
+    }
     self.device = measuring.describe_device()
 
   def convs(self, mask) -> list:
@@ -185,7 +182,7 @@ def _measure(conv: Conv, batch: int) -> float:
   kernel = rng.standard_normal(conv.window + (conv.inputs // groups, conv.outputs), np.float32)
   device = jax.devices()[0]
   return measuring.median_ms(
-    lambda k, x: ops._conv(x, k, conv.stride, conv.dilation, groups),
+    lambda k, x: derived.same_conv(x, k, conv.stride, conv.dilation, groups),
     jax.device_put(kernel, device),
     jax.device_put(images, device),
     repeats=REPEATS,
@@ -251,19 +248,20 @@ def _write_cache(device: str, batch: int, entries: dict) -> None:
 def for_run(config, model, image_shape: tuple, resumed_in: str | None) -> Table | None:
   """The run's table: the one saved in ``resumed_in`` (a resumed run's workdir) if any, else
   made on this machine; None when the run predicts no latency. Checked before the workdir
-  is touched: a custom module has no compact network to predict from."""
+  is touched: a network whose compact network cannot be derived has none to predict from."""
   if not wanted(config):
     return None
-  if not compact.supports(model):
+  variables = space_lib.initial_variables(model, image_shape, jax.random.key(0))
+  try:
+    compact.build(model, variables, variables[layers.MASKS], image_shape)
+  except compact.Unsupported as e:
     raise ConfigError(
-      'latency is predicted from the compact network, which a custom module does not have '
-      'yet: set no search.max_latency_ms, objective.target_latency_ms or '
-      'search.predict_latency for model.family=custom'
-    )
+      f'latency is predicted from the compact network, which this network has none of ({e}): '
+      'set no search.max_latency_ms, objective.target_latency_ms or search.predict_latency'
+    ) from None
   saved = read(resumed_in) if resumed_in else None
   if saved is not None:
     return saved
-  variables = space_lib.initial_variables(model, image_shape, jax.random.key(0))
   predictor = Predictor(model, variables, image_shape, config.search.latency_batch_size)
   logging.info('latency table: measuring on %s', predictor.device)
   return predictor.table(space_lib.from_variables(variables), config.search.channel_multiple)

@@ -49,17 +49,20 @@ class Outputs:
 
   def compact(self, model, variables: dict, mask, image_shape: tuple, measure: bool) -> dict:
     """The network to deploy, ``search/winner_compact.*``: arch.json's fields for it (empty
-    where nothing is written, or for a custom module, which has none)."""
+    where nothing is written, or where the network has an op the derivation cannot follow:
+    then one line says which, and the input-sliced winner is what there is)."""
     if not self.writes:
       return {}
-    if not compact.supports(model):
-      logging.info(
-        'no compact network for a custom module: search/winner_weights.msgpack holds '
-        "the winner's input-sliced pruned weights (docs/library.md)"
+    stem = self.path(f'{workdir_lib.SEARCH}/winner_compact')
+    try:
+      return candidate.deploy(model, variables, mask, image_shape, stem, measure)
+    except compact.Unsupported as e:
+      logging.warning(
+        "no compact network: %s; search/winner_weights.msgpack holds the winner's "
+        'input-sliced pruned weights (docs/library.md)',
+        e,
       )
       return {}
-    stem = self.path(f'{workdir_lib.SEARCH}/winner_compact')
-    return candidate.deploy(model, variables, mask, image_shape, stem, measure)
 
   def pareto(self, records: list, supernet: dict, winner_index, budget, measured=()):
     """``search/pareto.json`` and its plot; the fronts (None where nothing is written).

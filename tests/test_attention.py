@@ -93,8 +93,8 @@ def test_a_head_costs_its_kernel_slices_and_its_attention():
   )
 
 
-def test_vit_example_is_searched_end_to_end_and_its_pruned_weights_run(tmp_path):
-  config = tiny.default_config(tiny.CUSTOM_RUN)
+def test_vit_example_is_searched_end_to_end_and_its_pruned_and_compact_weights_run(tmp_path):
+  config = tiny.default_config({**tiny.CUSTOM_RUN, 'export.latency': True})
   data = tiny.small_arrays()
   module = tiny_vit.TinyViT(num_classes=10, width=8, depth=1, num_heads=2)
   arch = pgnas_jax.search_network(module, data, config, str(tmp_path)).arch
@@ -104,5 +104,7 @@ def test_vit_example_is_searched_end_to_end_and_its_pruned_weights_run(tmp_path)
     'module': 'examples.tiny_vit:TinyViT',
     'kwargs': '{"width": 8, "depth": 1, "num_heads": 2}',
   }
-  # the input-sliced pruned weights give the winner's test accuracy in the module itself
+  # the input-sliced pruned weights give the winner's test accuracy in the module itself;
+  # its compact network, the masked module's logits, and its latency is measured
   tiny.check_pruned_winner(module, data, tmp_path, arch)
+  tiny.check_compact_winner(module, data, tmp_path, arch, latency=True)

@@ -1,5 +1,7 @@
-"""The compact network (issue 15): every family's compact logits equal the masked
-super-network's, with convs removed, and its counts are those of the arrays it stores.
+"""The compact network (issues 15 and 31), derived from the traced program
+(``compact/derived.py``): every family's compact logits equal the masked super-network's,
+with convs of every kind removed, and so do a custom Linen module's, an NNX module's and
+the ViT's; its counts are those of the arrays it stores; an op it cannot follow is named.
 
 Tolerance: float32 logits agree within rtol 1e-5, atol 1e-5. The compact network adds fewer
 terms (dropped channels are gone, not zero) in another order, and its BatchNorms are folded
@@ -8,12 +10,16 @@ networks (measured up to 1.1e-5 on logits of 41). A wrong channel moves the logi
 own size (the unmasked super-network differs by more than 1e-4, checked below).
 """
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny
 
-from pgnas_jax import compact
+import pgnas_jax
+from examples import tiny_cnn, tiny_cnn_nnx, tiny_vit
+from pgnas_jax import compact, layers
 from pgnas_jax import space as space_lib
 
 # More removals per family, each a different case: a whole branch or layer, the first conv
@@ -48,10 +54,8 @@ def test_compact_logits_equal_masked_supernet_with_convs_removed(family):
   assert compact.num_params(net) == sizes
   assert compact.macs(net) < space_lib.costs(space, mask)[1]
   # every removed conv's weights are gone: a removed first conv of a pair takes the pair
-  flat = jax.tree_util.tree_flatten_with_path(net.weights)[0]
-  names = {'/'.join(str(k.key) for k in path) for path, _ in flat}
   for path in [tiny.REMOVED_CONV[family]] + ALSO_REMOVED[family]:
-    assert not any(n.startswith('/'.join(path) + '/') for n in names), path
+    assert not any(n.startswith('/'.join(path) + '/') for n in net.weights), path
 
 
 @pytest.mark.parametrize('family', sorted(tiny.REMOVED_CONV))
@@ -67,19 +71,20 @@ def test_full_mask_is_the_supernet_and_counts_its_macs(family):
 def test_shake_shake_compact_params_by_hand():
   model, _, variables, space, images = tiny.family_case('shake_shake')
   mask = tiny.candidate_mask(space)
-  tiny.remove_conv(mask, tiny.REMOVED_CONV['shake_shake'])  # stage1_block0/branch1: a constant of 8
+  tiny.remove_conv(mask, tiny.REMOVED_CONV['shake_shake'])  # stage1_block0/branch1: a constant
   net, _ = _check_equal(model, variables, mask, images.shape[1:], images)
   n = lambda path: int(np.sum(mask[path[0]][path[1]][path[2]]['group0']))
   expected = 3 * 3 * 3 * 4 + 4 + 8 * 3 + 3  # stem (folded BN: a bias), classifier
   for block, width, _ in (('stage0_block0', 4, 4), ('stage1_block0', 8, 4)):
     for branch in ('branch0', 'branch1'):
       k0, k1 = n((block, branch, 'conv0')), n((block, branch, 'conv1'))
-      if k1 == 0:
-        expected += width  # the branch is its BatchNorm's constant
-      else:  # conv0: kept inputs x conv1's kept inputs, + bias; conv1: k1 x width, + bias
+      if k1 > 0:  # conv0: kept inputs x conv1's kept inputs, + bias; conv1: k1 x width, + bias
         expected += 9 * k0 * k1 + k1 + 9 * k1 * width + width
+      # else the branch is its BatchNorm's constant, which the other branch's last conv
+      # takes into its bias: nothing more is stored
   expected += 2 * (4 * 4 + 4)  # stage 1's shortcut: two 1x1 paths 4 -> 4 with biases
   assert compact.num_params(net) == expected
+  assert net.weights['stage1_block0/branch0/conv1/bias'].shape == (8,)
 
 
 def test_densenet_channel_kept_by_some_readers_only():
@@ -94,11 +99,59 @@ def test_densenet_channel_kept_by_some_readers_only():
   net, _ = _check_equal(model, variables, mask, images.shape[1:], images)
   width = variables['params']['transition0']['conv']['kernel'].shape[-1]
   growth = model.growth_rate
-  rows = [net.weights[f'block1_layer{i}']['conv1x1']['kernel'].shape[2] for i in range(3)]
+  rows = [net.weights[f'block1_layer{i}/conv1x1/kernel'].shape[2] for i in range(3)]
   assert rows == [width - 1, width - 2 + growth - 1, width + 2 * growth]
-  assert net.plan['block1_layer1'] is not None and net.plan['block1_layer2'] is None
-  # the final BatchNorm still reads every channel: none was dropped by every reader
-  assert net.weights['final_bn']['scale'].shape == (width + 3 * growth,)
+  # the classifier still reads every channel: none was dropped by every reader; the final
+  # BatchNorm holds them but the last layer's, which its conv's bias and kernel took in
+  assert net.weights['classifier/linear/kernel'].shape[0] == width + 3 * growth
+  assert net.weights['final_bn/scale'].shape == (width + 2 * growth,)
+  assert net.weights['block1_layer2/conv3x3/bias'].shape == (growth,)
+
+
+def _custom_case(module, shape=(8, 8, 1)):
+  init = jax.jit(lambda k: module.init({'params': k}, jnp.zeros((1,) + shape), train=False))(
+    jax.random.key(0)
+  )
+  variables = tiny.trained_looking({**init, 'batch_stats': init.get('batch_stats', {})})
+  images = np.asarray(jax.random.normal(jax.random.key(5), (3,) + shape))
+  return variables, space_lib.from_variables(init), images
+
+
+@pytest.mark.parametrize(
+  'module',
+  [
+    tiny_cnn.SmallVGG(num_classes=3, widths=(4, 8)),
+    pgnas_jax.from_nnx(tiny_cnn_nnx.SmallVGG, num_classes=3, widths=(4, 8)),
+    tiny_vit.TinyViT(num_classes=3, width=8, depth=2, num_heads=2),
+  ],
+  ids=['linen_cnn', 'nnx_cnn', 'vit'],
+)
+def test_custom_modules_compact_logits_equal_the_masked_module(module):
+  """Linen, NNX and the ViT: the unmasked network stores exactly its parameters (BatchNorms
+  folded where there are any, a LayerNorm's scale kept), a candidate fewer, the dropped
+  hidden units' weights gone."""
+  variables, space, images = _custom_case(module)
+  total = space_lib.count_params(variables['params'])
+  full, _ = _check_equal(module, variables, space.template, (8, 8, 1), images)
+  if not variables['batch_stats']:
+    assert compact.num_params(full) == total
+  assert compact.num_params(full) <= total
+  mask = tiny.candidate_mask(space)
+  net, _ = _check_equal(module, variables, mask, (8, 8, 1), images)
+  assert compact.num_params(net) < compact.num_params(full)
+  assert compact.macs(net) < compact.macs(full)
+
+
+def test_an_op_the_derivation_cannot_follow_is_named():
+  class Cumulative(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = jnp.cumsum(layers.SearchableConv(4, 3, name='conv')(x), axis=1)
+      return layers.Dense(3, name='head')(jnp.mean(x, axis=(1, 2)))
+
+  variables, space, images = _custom_case(Cumulative())
+  with pytest.raises(compact.Unsupported, match="cannot follow the op 'cumsum'"):
+    compact.build(Cumulative(), variables, space.template, (8, 8, 1))
 
 
 CHILD = """

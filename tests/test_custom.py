@@ -24,6 +24,7 @@ IDENTICAL = (
   'search/candidates.jsonl',
   'search/arch.json',
   'search/winner_weights.msgpack',
+  'search/winner_compact.npz',
 )
 
 
@@ -38,7 +39,7 @@ def test_command_line_and_python_entry_give_identical_workdirs(tmp_path):
   args = [f'--config.{k}={v}' for k, v in overrides.items()]
   result = tiny.main(tmp_path / 'cli', *args)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'no compact network for a custom module' in result.stderr
+  assert (tmp_path / 'cli' / 'search' / 'winner_compact.stablehlo').exists()
 
   config = tiny.default_config(overrides)
   module = tiny_cnn.SmallVGG(num_classes=10, widths=(4, 8))
@@ -61,9 +62,10 @@ def test_python_entry_records_the_module_and_exports_its_pruned_weights(tmp_path
   saved = json.loads((tmp_path / 'config.json').read_text())['model']
   assert saved['family'] == 'custom'
   assert saved['custom'] == {'module': MODULE, 'kwargs': '{"widths": [4, 6]}'}
-  assert 'compact_params' not in arch
-  # the input-sliced pruned weights give the winner's test accuracy in the module itself
+  # the input-sliced pruned weights give the winner's test accuracy in the module itself,
+  # and its compact network the same logits
   tiny.check_pruned_winner(module, data, tmp_path, arch)
+  tiny.check_compact_winner(module, data, tmp_path, arch)
   # resuming the finished run with the same module and data does nothing
   assert pgnas_jax.search_network(module, data, config, str(tmp_path)).arch == arch
 

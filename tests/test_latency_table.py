@@ -17,18 +17,19 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import pytest
 
 import tiny
 
-from pgnas_jax import budget, errors, latency_table, pipeline
+from pgnas_jax import budget, errors, latency_table, layers, pipeline
 from pgnas_jax import config as config_lib
 from pgnas_jax.compact import latency as measuring
-from pgnas_jax.compact import ops
+from pgnas_jax.compact import derived
 
 
 def _conv_ms(seen) -> float:
-  (batch, height, width, inputs), kernel, stride, _, groups = seen
+  _, (batch, height, width, inputs), kernel, (stride, _), _, groups, _ = seen
   pixels = math.ceil(height / stride) * math.ceil(width / stride)
   odd = 0.05 * ((inputs // groups) % 8 != 0)  # a width off the vector length costs more
   return 0.01 + odd + 1e-7 * batch * pixels * kernel[0] * kernel[1] * (inputs // groups) * kernel[3]
@@ -37,9 +38,9 @@ def _conv_ms(seen) -> float:
 def _fake_ms(fn, *args, overlap=1.0):
   """0.25 ms a call; a compact network (a ``functools.partial``) adds 2 ms and runs its
   convolutions ``overlap`` of their time alone."""
-  with ops.recording_convs() as seen:  # a new function each time: traced, not cached
+  with derived.recording() as seen:  # a new function each time: traced, not cached
     jax.eval_shape(lambda *a: fn(*a), *args)
-  convs = sum(_conv_ms(s) for s in seen)
+  convs = sum(_conv_ms(s) for s in seen if s[0] == 'conv')
   if isinstance(fn, functools.partial):
     return 0.25 + 2.0 + overlap * convs
   return 0.25 + convs
@@ -177,14 +178,18 @@ def test_a_latency_target_below_the_smallest_network_is_refused_before_the_workd
   assert not (tmp_path / 'w').exists()
 
 
-def test_a_custom_module_cannot_predict_latency():
+def test_a_network_without_a_compact_network_cannot_predict_latency():
+  """An op the compact derivation cannot follow (a cumulative sum over the image) is named
+  in the one-line refusal."""
+
   class Custom(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
-      return nn.Dense(10)(x.reshape(x.shape[0], -1))
+      x = jnp.cumsum(layers.SearchableConv(4, 3, name='conv')(x), axis=1)
+      return layers.Dense(10, name='head')(jnp.mean(x, axis=(1, 2)))
 
   config = tiny.default_config({'search.predict_latency': True})
-  with pytest.raises(errors.ConfigError, match='which a custom module does not have'):
+  with pytest.raises(errors.ConfigError, match="cannot follow the op 'cumsum'"):
     latency_table.for_run(config, Custom(), (8, 8, 1), None)
 
 

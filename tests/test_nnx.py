@@ -142,8 +142,8 @@ def test_nnx_network_changing_batch_stats_outside_training_is_an_error():
     bridged.apply(trained, jnp.ones((2, 16, 16, 3)), train=True)  # batch_stats not mutable
 
 
-def test_nnx_example_is_searched_end_to_end_and_its_pruned_weights_run(tmp_path):
-  config, data = tiny.default_config(TINY), tiny.small_arrays()
+def test_nnx_example_is_searched_end_to_end_and_its_pruned_and_compact_weights_run(tmp_path):
+  config, data = tiny.default_config({**TINY, 'export.latency': True}), tiny.small_arrays()
   # a list argument, as JSON gives it: held as a tuple (the module keys compiled functions)
   module = pgnas_jax.from_nnx(tiny_cnn_nnx.SmallVGG, num_classes=10, widths=[4, 6])
   arch = pgnas_jax.search_network(module, data, config, str(tmp_path)).arch
@@ -156,8 +156,10 @@ def test_nnx_example_is_searched_end_to_end_and_its_pruned_weights_run(tmp_path)
   rebuilt = config_lib.get_config()
   rebuilt.model.custom.update(saved['custom'])
   assert custom.build(rebuilt.model.custom, 10) == module
-  # the input-sliced pruned weights give the winner's test accuracy in the module itself
+  # the input-sliced pruned weights give the winner's test accuracy in the module itself;
+  # its compact network, the masked module's logits, and its latency is measured
   tiny.check_pruned_winner(module, data, tmp_path, arch)
+  tiny.check_compact_winner(module, data, tmp_path, arch, latency=True)
   assert pgnas_jax.search_network(module, data, config, str(tmp_path)).arch == arch
 
 

@@ -1,12 +1,11 @@
-"""A family added as a contributor would add one: its module, its config fields and its
-compact builder in its own file (this one) and one registration line, and the whole main
-job runs on it: config, training, search, compact export, and the export command's
-restore."""
+"""A family added as a contributor would add one: its module and its config fields in its
+own file (this one) and one registration line, and the whole main job runs on it: config,
+training, search, the compact export (derived from its traced program: a family writes no
+builder), and the export command's restore."""
 
 import json
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from pgnas_jax import compact as compact_lib
 from pgnas_jax import layers, pipeline, supernets
 from pgnas_jax import trained as trained_lib
 from pgnas_jax import config as config_lib
-from pgnas_jax.compact import candidate, ops
+from pgnas_jax.compact import candidate
 from pgnas_jax.schema import POSITIVE, Field
 
 
@@ -36,32 +35,10 @@ class ToyNet(nn.Module):
 FIELDS = (Field('width', 6, 'channels of the stem and the searchable conv', check=POSITIVE),)
 
 
-def compact(model, variables, mask, captured):
-  """This family's compact network (``supernets.Family.compact`` names this module):
-  (plan, weights), the stem computing only the channels the searchable conv keeps."""
-  p = variables['params']
-  keep = ops.kept(mask['conv']['group0'])
-  head = {k: np.asarray(v) for k, v in p['head']['linear'].items()}
-  if len(keep) == 0:  # the searchable conv is removed: the classifier sees relu(0) = 0
-    return {'removed': True}, {'head': head}
-  stem = {'kernel': np.asarray(p['stem']['kernel'])[..., keep]}
-  conv = {'kernel': np.asarray(p['conv']['kernel'])[:, :, keep]}
-  return {'removed': False}, {'stem': stem, 'conv': conv, 'head': head}
-
-
-def apply(model, plan, weights, images):
-  """The compact network's logits."""
-  if plan['removed']:
-    return ops.dense(jnp.zeros(images.shape[:1] + (model.width,)), weights['head'])
-  x = jax.nn.relu(ops.conv(images, weights['stem']))
-  x = jax.nn.relu(ops.conv(x, weights['conv']))
-  return ops.dense(jnp.mean(x, axis=(1, 2)), weights['head'])
-
-
 @pytest.fixture
 def toy_family(monkeypatch):
   monkeypatch.setattr(supernets, 'FAMILIES', dict(supernets.FAMILIES))
-  supernets.register('toy', supernets.Family(ToyNet, FIELDS, __name__))  # the one line
+  supernets.register('toy', supernets.Family(ToyNet, FIELDS))  # the one line
 
 
 def test_a_registered_family_is_configured_searched_and_exported(toy_family, tmp_path):
@@ -78,7 +55,7 @@ def test_a_registered_family_is_configured_searched_and_exported(toy_family, tmp
   # the compact network: as many numbers as its kept channels need, the masked logits
   kept = len(arch['kept_channels']['conv/group0'])
   stem, conv, head = 9 * 1 * kept, 9 * kept * 5, 5 * 10 + 10
-  assert arch['compact_params'] == (stem + conv + head if kept else head)
+  assert arch['compact_params'] == (stem + conv + head if kept else 10)  # else: the logits
   described = candidate.from_workdir(str(tmp_path), arch['index'], measure=False)
   assert described['compact_params'] == arch['compact_params']
   run = trained_lib.restore(str(tmp_path), config)

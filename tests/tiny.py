@@ -271,6 +271,7 @@ CUSTOM_RUN = {
   'search.chunk_size': 4,
   'search.eval_batch_size': 100,
   'log.tensorboard': False,
+  'export.latency': False,  # measured by the NNX and ViT examples' tests only
 }
 
 
@@ -297,6 +298,28 @@ def check_pruned_winner(module, data, workdir, arch: dict) -> None:
   accuracy = float(np.mean(np.argmax(logits, -1) == batch['labels']))
   assert accuracy == pytest.approx(arch['test_acc'], abs=1e-6)
   assert space_lib.count_params(pruned['params']) == arch['params']
+
+
+def check_compact_winner(module, data, workdir, arch: dict, latency: bool = False) -> None:
+  """The winner's compact network (``search/winner_compact.{npz,stablehlo}``, run with jax
+  alone) gives the masked module's logits within the compact tests' tolerance (rtol and atol
+  1e-5, ``tests/test_compact.py``), stores fewer numbers than the winner's input slices and
+  counts what it stores; ``latency``: its latency was measured."""
+  folder = pathlib.Path(workdir) / 'search'
+  program = jax.export.deserialize((folder / 'winner_compact.stablehlo').read_bytes())
+  with np.load(folder / 'winner_compact.npz') as stored:
+    weights = dict(stored)
+  assert sum(w.size for w in weights.values()) == arch['compact_params'] <= arch['params']
+  pruned = export_lib.load_weights(str(folder / 'winner_weights.msgpack'))
+  images = next(data.eval_batches(data.test, 50))['images']
+  np.testing.assert_allclose(
+    np.asarray(program.call(weights, images)),
+    np.asarray(module.apply(pruned, images, train=False)),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  if latency:
+    assert arch['latency_ms']['compact']['128'] > 0 and arch['latency_ms']['supernet']['1'] > 0
 
 
 def refused(config, workdir, capsys) -> str:

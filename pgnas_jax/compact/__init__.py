@@ -1,99 +1,55 @@
 """The compact network: one candidate of a super-network as the network a user would deploy.
 
-From a hard mask, every channel that nothing reads is removed (issue 15, SPEC section 4):
-  * a searchable conv keeps only the input channels its mask keeps (the search's input
-    slices), and its producer computes an output channel only if some reader keeps it: a
-    conv's output channel goes, with the BatchNorm scale, offset and statistics after it,
-    when every consumer dropped it; where several consumers read one feature map (residual
-    streams, DenseNet concatenations, ENAS nodes), a channel goes only if all of them did;
+From a hard mask, every channel that nothing reads is removed (issues 15 and 31, SPEC
+section 4), for any network, the four families, a custom Linen or NNX module alike:
+``derived`` follows each channel through the masked network's traced program.
+  * a conv or dense layer keeps only the input channels its mask keeps, and its producer
+    computes an output channel only if some reader keeps it; where several readers share
+    a feature map (residual streams, DenseNet concatenations, ENAS nodes), a channel goes
+    only if all of them dropped it;
   * a conv that keeps no input is removed and outputs zero; what follows it up to the next
-    join (its BatchNorm, the next conv) no longer depends on the image and is stored as a
-    constant, and the layers that only fed it are removed with it;
-  * a BatchNorm right after a conv is folded into the conv (kernel scaled, bias added); the
-    training-only parts (ENAS's auxiliary head) are left out.
-Kernels are stored already sliced. A conv that reads only part of a feature map that must
-stay whole for another reader (a residual stream, a concatenation) takes its channels with a
-static slice or gather; a conv that is its producer's only reader reads it as it is.
+    join no longer depends on the image and is computed at export: its readers add it to
+    their bias (a vector, or a map where a padded conv made it vary over the image);
+  * BatchNorms at inference, the mean over stacked branches and other per-channel affine
+    ops are folded into the conv or dense layer before them where it has no other reader,
+    else kept as a scale and an offset; training-only parts (ENAS's auxiliary head) are
+    not in the inference program at all.
+An op the derivation cannot follow raises ``derived.Unsupported`` naming it.
 
-``CompactNet`` holds the family, the super-network module (its static hyperparameters:
-strides, arcs), ``plan`` (static channel positions, per family) and ``weights`` (arrays
-only). ``apply(net, images)`` runs it; ``weights`` are everything it stores, so its
-parameter count is the sum of their sizes.
+``CompactNet`` holds the program (``derived.Program``: static steps, no arrays), ``weights``
+(every array it stores: its parameter count is the sum of their sizes) and the image shape.
+``apply(net, images)`` runs it at any batch size.
 """
 
 import functools
-import importlib
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgnas_jax import supernets
-from pgnas_jax.compact import ops
+from pgnas_jax.compact import derived
 
 PyTree = Any
+Unsupported = derived.Unsupported
 
 
 class CompactNet(NamedTuple):
-  family: str
-  model: Any  # the super-network module: strides, arcs and other static hyperparameters
-  plan: dict  # static per-family structure (channel positions read), no arrays
-  weights: dict  # every array the network stores
+  program: derived.Program  # static steps
+  weights: dict  # every array the network stores, by name
   image_shape: tuple  # one image, (H, W, C)
 
 
-def supports(model) -> bool:
-  """Whether ``model`` is of a family with a compact network (not a custom module)."""
-  family = supernets.family_of(model)
-  return family is not None and family.compact is not None
-
-
-def _family(model):
-  """(family name, the module building its compact network) of ``model``."""
-  for name, family in supernets.FAMILIES.items():
-    if family.compact and isinstance(model, family.module):
-      return name, importlib.import_module(family.compact)
-  raise TypeError(f'no compact network for {type(model).__name__}')
-
-
-def captured_outputs(model, variables: dict, mask: PyTree, image_shape: tuple) -> dict:
-  """Every submodule's output of the masked super-network on one all-zero image. Parts that
-  a removed conv made independent of the image are read from here."""
-  images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  _, state = _capturing(model)(
-    {'params': variables['params'], 'batch_stats': variables['batch_stats'], 'masks': mask}, images
-  )
-  return jax.device_get(state['intermediates'])
-
-
-@functools.cache
-def _capturing(model):
-  """The jitted capturing apply of ``model``, one per model: building many candidates'
-  compact networks (``latency_table``) compiles it once."""
-  return jax.jit(
-    functools.partial(
-      model.apply, train=False, capture_intermediates=True, mutable=['intermediates']
-    )
-  )
-
-
 def build(model, variables: dict, mask: PyTree, image_shape: tuple) -> CompactNet:
-  """The compact network of candidate ``mask`` (a hard keep mask, one leaf per group)."""
-  name, module = _family(model)
-  mask = jax.tree.map(np.asarray, jax.device_get(mask))
-  variables = jax.device_get(
-    {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-  )
-  captured = captured_outputs(model, variables, mask, image_shape)
-  plan, weights = module.compact(model, variables, mask, captured)
-  return CompactNet(name, model, plan, ops.f32(weights), tuple(image_shape))
+  """The compact network of candidate ``mask`` (a hard keep mask, one leaf per group);
+  raises ``Unsupported`` for an op the derivation cannot follow."""
+  program, weights = derived.derive(model, variables, mask, image_shape)
+  return CompactNet(program, weights, tuple(image_shape))
 
 
 def inference_fn(net: CompactNet):
   """``f(weights, images) -> logits``, the compact network as a function of its arrays."""
-  _, module = _family(net.model)
-  return functools.partial(module.apply, net.model, net.plan)
+  return functools.partial(derived.apply, net.program)
 
 
 def apply(net: CompactNet, images):
@@ -105,10 +61,18 @@ def num_params(net: CompactNet) -> int:
   return int(sum(np.size(a) for a in jax.tree.leaves(net.weights)))
 
 
+def layers(net: CompactNet, batch: int = 1) -> list:
+  """Its convolutions and dense products on ``batch`` images, in order:
+  ``(kind, input shape, kernel shape, strides, dilation, groups, macs)``."""
+  with derived.recording() as seen:  # a new function: a cached trace would record nothing
+    jax.eval_shape(
+      lambda weights, images: apply(net._replace(weights=weights), images),
+      net.weights,
+      jax.ShapeDtypeStruct((batch,) + net.image_shape, jnp.float32),
+    )
+  return list(seen)
+
+
 def macs(net: CompactNet) -> int:
   """Multiply-accumulates of its conv and dense layers for one image."""
-  with ops.counting_macs() as counted:
-    jax.eval_shape(
-      inference_fn(net), net.weights, jax.ShapeDtypeStruct((1,) + net.image_shape, jnp.float32)
-    )
-  return int(sum(counted))
+  return int(sum(entry[-1] for entry in layers(net)))

@@ -111,22 +111,25 @@ def _export(workdir: str, index, measure: bool) -> dict:
   record = _candidate(workdir, index)
   dataset = data_lib.load(config.data)
   run = trained.restore(workdir, config, dataset, parallel.make_mesh(jax.devices()[:1]))
-  if not compact.supports(run.model):
-    raise errors.ExportError(
-      f'{workdir} searched a custom module ({config.model.custom.module}): there is no '
-      f"compact network for it; its winner's input-sliced pruned weights are in "
-      f'search/winner_weights.msgpack'
-    )
   mask = run.mask(record['index'], samplers.from_config(config.search))
   name = f'candidate{record["index"]}_compact'
   folder = workdir_lib.path(workdir, workdir_lib.SEARCH)
   variables = jax.device_get(run.state.variables)
+  try:
+    deployed = deploy(
+      run.model, variables, mask, dataset.image_shape, os.path.join(folder, name), measure
+    )
+  except compact.Unsupported as e:
+    raise errors.ExportError(
+      f"{workdir}: no compact network ({e}); the winner's input-sliced pruned weights are in "
+      f'search/winner_weights.msgpack'
+    ) from None
   described = {
     'index': record['index'],
     'val_acc': record['val_acc'],
     'input_slice_params': record['params'],
     'input_slice_flops': record['flops'],
-    **deploy(run.model, variables, mask, dataset.image_shape, os.path.join(folder, name), measure),
+    **deployed,
   }
   workdir_lib.write_json(os.path.join(folder, name + '.json'), described)
   logging.info('candidate %d exported to %s', record['index'], folder)

@@ -30,7 +30,9 @@ is refused with ``Unsupported``, naming the op; the caller keeps the input-slice
 The program runs at any batch size (``apply``), its weights are every array it stores.
 """
 
+import contextlib
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -105,20 +107,36 @@ def _inline(closed: core.ClosedJaxpr, args: list) -> list:
 
 def trace(model, weights: dict, mask, image_shape: tuple):
   """(flat jaxpr of the masked network's logits at ``BATCH`` images as a function of its
-  weight leaves and images, the weights' '/'-joined names, their values)."""
-
-  def logits(weights, images):
-    return model.apply({**weights, 'masks': mask}, images, train=False)
-
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(weights)
-  names = ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in leaves]
-  values = [np.asarray(v) for _, v in leaves]
-  images = jax.ShapeDtypeStruct((BATCH,) + tuple(image_shape), jnp.float32)
-  closed = jax.make_jaxpr(lambda flat, x: logits(jax.tree_util.tree_unflatten(treedef, flat), x))(
-    values, images
+  weight leaves, mask leaves and images, their '/'-joined names, their values). The trace is
+  kept per model and shapes: every candidate of a search shares it."""
+  leaves = []
+  for collection, tree in (('', weights), ('masks/', mask)):
+    for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      name = collection + '/'.join(str(getattr(k, 'key', k)) for k in path)
+      leaves.append((name, np.asarray(value)))
+  names, values = [n for n, _ in leaves], [v for _, v in leaves]
+  structure = (
+    jax.tree.structure(weights),
+    jax.tree.structure(mask),
+    tuple((v.shape, v.dtype.str) for v in values),
   )
-  flat = jax.make_jaxpr(lambda *a: _inline(closed, list(a)))(*values, images)
-  return flat, names, values
+  return _traced(model, tuple(image_shape), structure), names, values
+
+
+@functools.lru_cache(maxsize=8)
+def _traced(model, image_shape: tuple, structure) -> core.ClosedJaxpr:
+  weights_def, mask_def, avals = structure
+  count = weights_def.num_leaves
+
+  def logits(*leaves):
+    weights = jax.tree_util.tree_unflatten(weights_def, leaves[:count])
+    mask = jax.tree_util.tree_unflatten(mask_def, leaves[count:-1])
+    return model.apply({**weights, 'masks': mask}, leaves[-1], train=False)
+
+  args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in avals]
+  args.append(jax.ShapeDtypeStruct((BATCH,) + image_shape, jnp.float32))
+  closed = jax.make_jaxpr(logits)(*args)
+  return jax.make_jaxpr(lambda *a: _inline(closed, list(a)))(*args)
 
 
 # ---- pass 1: what is known ----
@@ -203,6 +221,7 @@ class Value:
   stacked: int | None = None
   members: list | None = None
   shift_learned: bool = True  # False: the shift follows from shapes alone (gelu's 1 + ...)
+  label: str | None = None  # the layer whose weights a pending affine holds (its name)
 
 
 class Step(NamedTuple):
@@ -230,6 +249,7 @@ class Derivation:
     self.steps = []
     self.weights = {}
     self.refs = 1  # ref 0: the images
+    self.layer_name = None
     self.emitted = {}
 
   # pass 1
@@ -238,10 +258,12 @@ class Derivation:
     for v, c in zip(j.constvars, self.consts):
       self.known[v] = Known(const=np.asarray(c))
     for v, c, name in zip(j.invars[:-1], self.values, self.names):
-      self.known[v] = Known(const=np.asarray(c), sources=frozenset([name]))
+      learned = frozenset() if name.startswith('masks/') else frozenset([name])
+      self.known[v] = Known(const=np.asarray(c), sources=learned)
     image = j.invars[-1]
     n = image.aval.shape[-1]
-    self.known[image] = Known(axis=image.aval.ndim - 1, mask=np.zeros(n, bool), values=None)
+    shape = image.aval.shape
+    self.known[image] = Known(axis=len(shape) - 1, mask=np.zeros(n, bool), values=np.zeros(shape))
     for eqn in j.eqns:
       name = eqn.primitive.name
       ins = [self._known_of(v) for v in eqn.invars]
@@ -433,6 +455,12 @@ def _layer_of(weight: str) -> str:
   return '/'.join(parts[1:-1] if parts[0] in ('params', 'batch_stats') else parts[:-1])
 
 
+def _label(sources) -> str | None:
+  """The one layer that ``sources`` (weight names) belong to, if one."""
+  found = {_layer_of(n) for n in sources}
+  return found.pop() if len(found) == 1 else None
+
+
 def _add(a, b):
   return b if a is None else a + b
 
@@ -559,10 +587,12 @@ class Emitter(Derivation):
       self.vals[out] = self._emit(eqn)
     (out,) = self.jaxpr.outvars
     k = self.known[out]
-    if not k.dynamic:
-      raise Unsupported('the logits do not depend on the images')
-    full = None if k.axis is None else np.arange(out.aval.shape[k.axis])
-    ref = self._placed(out, full)
+    if not k.dynamic:  # every searchable input dropped: the same logits for every image
+      self.layer_name = 'logits'
+      ref = self._step('constant', (0,), {}, {'constant': np.asarray(k.const[:1], np.float64)})
+    else:
+      full = None if k.axis is None else np.arange(out.aval.shape[k.axis])
+      ref = self._placed(out, full)
     weights = {n: _stored(n, w) for n, w in self.weights.items()}
     return Program(tuple(self.steps), ref, k.axis), weights
 
@@ -611,6 +641,13 @@ class Emitter(Derivation):
     return t.scale is None and (val.present is None or np.array_equal(t.channels, val.present))
 
   def _materialize(self, val: Value) -> int:
+    saved = self.layer_name
+    try:
+      return self._materialized(val)
+    finally:
+      self.layer_name = saved
+
+  def _materialized(self, val: Value) -> int:
     """A ref holding ``val`` at exactly its present channels; pending affine ops folded into
     their producers where they have no other reader."""
     if val.members is not None:  # stacked: every member at the same channels
@@ -621,6 +658,7 @@ class Emitter(Derivation):
     if self._is_plain(val):
       return val.terms[0].ref
     present, axis = val.present, val.axis
+    self.layer_name = val.label  # names the scale and offset stored here
     shift = None if val.shift is None else np.array(val.shift, np.float64)
     unassigned = np.ones(len(present), bool)
     refs = []
@@ -954,7 +992,8 @@ class Emitter(Derivation):
       factor = vector if name == 'mul' else 1.0 / vector
       if not np.all(np.isfinite(factor)):
         return None
-      return self._scaled(val, factor, present, ko, learned=bool(kc.sources))
+      scaled = self._scaled(val, factor, present, ko, learned=bool(kc.sources))
+      return dataclasses.replace(scaled, label=_label(kc.sources) or val.label)
     # add / sub: a per-channel or per-pixel constant
     c = _batch_constant(kc.const, shape)
     if c is None:
@@ -965,7 +1004,8 @@ class Emitter(Derivation):
         val = self._scaled(val, -np.ones(len(present)), present, ko)
       else:
         c = -c
-    return self._shifted(val, _vector_or_map(c, ko.axis), present, ko, learned=bool(kc.sources))
+    shifted = self._shifted(val, _vector_or_map(c, ko.axis), present, ko, learned=bool(kc.sources))
+    return dataclasses.replace(shifted, label=_label(kc.sources) or val.label)
 
   def _restricted(self, val: Value, present, axis) -> Value:
     """``val`` with only channels ``present`` (a product with a constant zeroed the rest)."""
@@ -1020,8 +1060,10 @@ class Emitter(Derivation):
     shift = None
     if val.shift is not None:
       shift = val.shift * np.reshape(factor, _shape_along(ko.axis, val.shift.ndim, len(factor)))
-    learned = val.shift_learned or learned
-    return Value(ko.axis, present, terms, shift=shift, shift_learned=learned)
+    label = val.label
+    return Value(
+      ko.axis, present, terms, shift=shift, shift_learned=val.shift_learned or learned, label=label
+    )
 
   def _shifted(self, val: Value, c, present, ko, learned: bool = True) -> Value:
     val = self._restricted(val, present, ko.axis)
@@ -1029,7 +1071,9 @@ class Emitter(Derivation):
       return val
     shift = c if val.shift is None else val.shift + c
     learned = learned or (val.shift is not None and val.shift_learned)
-    return Value(ko.axis, present, list(val.terms), shift=shift, shift_learned=learned)
+    return Value(
+      ko.axis, present, list(val.terms), shift=shift, shift_learned=learned, label=val.label
+    )
 
   def _known_shift(self, v, present, axis, ndim):
     """The known channels of ``v`` among ``present`` as a shift (None: none)."""
@@ -1200,6 +1244,48 @@ def _stored(name: str, array) -> np.ndarray:
 # ---- running it ----
 
 
+_recorders = []  # while ``recording`` is active: lists that conv and dense layers append to
+
+
+@contextlib.contextmanager
+def recording():
+  """Collects every convolution and dense product traced inside (``apply``), in order, as
+  ``(kind, input shape, kernel shape, strides, dilation, groups, macs)``; MACs per call
+  (trace one image for MACs per image)."""
+  _recorders.append([])
+  try:
+    yield _recorders[-1]
+  finally:
+    _recorders.pop()
+
+
+def _record(kind, x, kernel, out, strides=(1, 1), dilation=(1, 1), groups=1, contracted=1):
+  if not _recorders:
+    return
+  if kind == 'conv':
+    macs = math.prod(out.shape) * math.prod(kernel.shape) // kernel.shape[-1]
+  else:
+    macs = math.prod(out.shape) * contracted
+  entry = (kind, tuple(x.shape), tuple(kernel.shape), tuple(strides), tuple(dilation), groups, macs)
+  _recorders[-1].append(entry)
+
+
+def same_conv(x, kernel, stride: int, dilation: int, groups: int):
+  """A SAME-padded NHWC x HWIO convolution, recorded as the program's are (the latency
+  table times one alone)."""
+  y = jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    (stride, stride),
+    'SAME',
+    rhs_dilation=(dilation, dilation),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=groups,
+  )
+  _record('conv', x, kernel, y, (stride, stride), (dilation, dilation), groups)
+  return y
+
+
 def _run_step(step: Step, env: dict, weights: dict):
   p = step.params
   ins = [env[r] for r in step.inputs]
@@ -1217,10 +1303,12 @@ def _run_step(step: Step, env: dict, weights: dict):
       dimension_numbers=p['dimension_numbers'],
       feature_group_count=p['feature_group_count'],
     )
+    _record('conv', x, kernel, y, p['window_strides'], p['rhs_dilation'], p['feature_group_count'])
     return _biased(y, step, weights, p['axis'])
   if kind == 'dot':
     kernel = weights[step.weights[0]].astype(ins[0].dtype)
     y = jnp.tensordot(ins[0], kernel, axes=([p['contract']], [p['kernel_in_dim']]))
+    _record('dense', ins[0], kernel, y, contracted=kernel.shape[p['kernel_in_dim']])
     return _biased(y, step, weights, p['axis'])
   if kind == 'affine':
     x = ins[0]
@@ -1243,6 +1331,9 @@ def _run_step(step: Step, env: dict, weights: dict):
     return total
   if kind == 'stack':
     return jnp.stack(ins, axis=p['axis'])
+  if kind == 'constant':
+    c = weights[step.weights[0]]
+    return jnp.broadcast_to(c.astype(ins[0].dtype), ins[0].shape[:1] + c.shape[1:])
   return _run_op(p, ins, weights)
 
 
@@ -1292,7 +1383,22 @@ def _run_op(p: dict, ins: list, weights: dict):
     if key in params:
       params[key] = (batch,) + tuple(params[key][1:])
   operands = [jnp.asarray(o, jnp.float32) if isinstance(o, np.ndarray) else o for o in operands]
-  return p['primitive'].bind(*operands, **params)
+  out = p['primitive'].bind(*operands, **params)
+  if name == 'conv_general_dilated':  # one the derivation ran whole (a grouped conv)
+    _record(
+      'conv', operands[0], operands[1], out, params['window_strides'], params['rhs_dilation'],
+      params['feature_group_count'],
+    )  # fmt: skip
+  if name == 'dot_general':  # a product of two image-dependent values (attention), or whole
+    (contract, _), _ = params['dimension_numbers']
+    _record(
+      'dense',
+      operands[0],
+      operands[1],
+      out,
+      contracted=math.prod(operands[0].shape[d] for d in contract),
+    )
+  return out
 
 
 def apply(program: Program, weights: dict, images):

@@ -14,7 +14,6 @@ import os
 
 import jax
 import numpy as np
-from flax import traverse_util
 
 from pgnas_jax import compact
 
@@ -22,15 +21,11 @@ PLATFORMS = ('cpu', 'cuda', 'tpu')  # lowered for each, so the file runs on any 
 
 
 def flat_weights(net: compact.CompactNet) -> dict:
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(net.weights, sep='/').items()}
+  return {k: np.asarray(v) for k, v in net.weights.items()}
 
 
 def exported(net: compact.CompactNet) -> jax.export.Exported:
-  apply = compact.inference_fn(net)
-
-  def logits(flat, images):
-    return apply(traverse_util.unflatten_dict(flat, sep='/'), images)
-
+  logits = compact.inference_fn(net)
   (batch,) = jax.export.symbolic_shape('batch')
   weights = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), flat_weights(net))
   images = jax.ShapeDtypeStruct((batch,) + net.image_shape, np.float32)

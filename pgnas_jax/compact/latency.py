@@ -46,7 +46,7 @@ def median_ms(fn, *args, repeats: int = REPEATS) -> float:
 def networks(model, variables: dict, mask, net: compact.CompactNet) -> dict:
   """name -> (function of (weights, images), its weights)."""
   supernet = functools.partial(model.apply, train=False)
-  weights = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  weights = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   return {
     'compact': (compact.inference_fn(net), net.weights),
     'masked_supernet': (supernet, {**weights, 'masks': mask}),

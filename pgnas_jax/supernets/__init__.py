@@ -1,11 +1,12 @@
 """Super-networks by family, in a registry. A family is one unit: its module (a flax.linen
 module ``model.apply(variables, images, train=...)`` whose searchable convs read masks
 from the ``masks`` collection), its config fields (``model.<family>.*``, each a field of the
-module of the same name, so the model is built from its own config section by keyword),
-checks across them, and the module that builds its compact network. The config, ``build``,
-the compact export and ``docs/config.md`` all read ``FAMILIES``; adding a family is its own
-file(s) and one ``register`` line. ``custom`` is the user's own module
-(``supernets/custom.py``), built from a class path instead."""
+module of the same name, so the model is built from its own config section by keyword)
+and checks across them. The config, ``build`` and ``docs/config.md`` read ``FAMILIES``;
+the compact export needs nothing of a family (``compact/derived.py`` follows any
+network's channels); adding a family is its own file and one ``register`` line.
+``custom`` is the user's own module (``supernets/custom.py``), built from a class path
+instead."""
 
 import dataclasses
 
@@ -24,9 +25,6 @@ CUSTOM = 'custom'
 class Family:
   module: type  # the flax.linen module, built as module(num_classes=..., **its fields)
   fields: tuple  # schema.Field, named as the module's fields, under model.<family>
-  # the module building its compact network: compact(model, variables, mask, captured) ->
-  # (plan, weights) and apply(model, plan, weights, images) (see compact/__init__.py)
-  compact: str | None = None
   constraints: tuple = ()  # (field names, test of their values, what must hold)
 
 
@@ -40,13 +38,10 @@ def register(name: str, family: Family) -> None:
   FAMILIES[name] = family
 
 
-register('shake_shake', Family(ShakeShakeNet, shake_shake.FIELDS, 'pgnas_jax.compact.shake_shake'))
-register('enas', Family(EnasNet, enas.FIELDS, 'pgnas_jax.compact.enas'))
-register(
-  'resnet',
-  Family(MultiKernelResNet, resnet.FIELDS, 'pgnas_jax.compact.resnet', resnet.CONSTRAINTS),
-)
-register('densenet', Family(SearchableDenseNet, densenet.FIELDS, 'pgnas_jax.compact.densenet'))
+register('shake_shake', Family(ShakeShakeNet, shake_shake.FIELDS))
+register('enas', Family(EnasNet, enas.FIELDS))
+register('resnet', Family(MultiKernelResNet, resnet.FIELDS, resnet.CONSTRAINTS))
+register('densenet', Family(SearchableDenseNet, densenet.FIELDS))
 
 
 def names() -> tuple:
