@@ -142,6 +142,24 @@ def test_custom_modules_compact_logits_equal_the_masked_module(module):
   assert compact.macs(net) < compact.macs(full)
 
 
+def test_a_dropped_attention_head_is_removed_with_its_projections():
+  """The head axis is followed through the query, key and value projections, attention's
+  batched products and softmax, to the output projection: a dropped head's slices of all
+  four kernels are gone (4 x width x head_dim numbers), and its MACs."""
+  module = tiny_vit.TinyViT(num_classes=3, width=8, depth=1, num_heads=2)
+  variables, space, images = _custom_case(module)
+  mask = jax.tree.map(np.array, space.template)
+  full, _ = _check_equal(module, variables, mask, (8, 8, 1), images)
+  mask['block0_attention']['group0'][1] = 0
+  net, _ = _check_equal(module, variables, mask, (8, 8, 1), images)
+  assert compact.num_params(full) - compact.num_params(net) == 4 * 8 * 4
+  kernels = [
+    a for name, a in net.weights.items() if name.startswith('block0_attention') and 'kernel' in name
+  ]
+  assert len(kernels) == 4 and all(1 in a.shape and 2 not in a.shape for a in kernels)
+  assert compact.macs(net) < compact.macs(full)
+
+
 def test_an_op_the_derivation_cannot_follow_is_named():
   class Cumulative(nn.Module):
     @nn.compact

@@ -319,7 +319,7 @@ class Derivation:
             )
             ok |= zero
       if ok.any():
-        operands = [np.broadcast_to(k.const, out_shape) if not k.dynamic else k.values for k in ins]
+        operands = [np.broadcast_to(k.values if k.dynamic else k.const, out_shape) for k in ins]
         result = np.asarray(eqn.primitive.bind(*[jnp.asarray(o) for o in operands], **p))
         mask, values = ok, np.where(_along(ok, axis, len(out_shape)), result, 0.0)
     elif name == 'concatenate':
@@ -419,6 +419,8 @@ class Derivation:
         return None
       return dynamic.copy()
     if name == 'dot_general':
+      if self._known_of(eqn.invars[1]).dynamic:  # batched over heads: the heads needed
+        return need & dynamic
       return dynamic.copy()
     if name == 'concatenate' and p['dimension'] == out.axis:
       offset = sum(u.aval.shape[out.axis] for u in eqn.invars[:i])
@@ -484,12 +486,17 @@ def _out_axis(eqn, ins: list) -> int | None:
     return dn.out_spec[1] if ins[0].axis == dn.lhs_spec[1] and not grouped else None
   if name == 'dot_general':
     (lc, rc), (lb, rb) = p['dimension_numbers']
-    if ins[1].dynamic or not ins[0].dynamic or tuple(lc) != (ins[0].axis,) or lb or rb:
-      return None
-    rhs_free = [d for d in range(eqn.invars[1].aval.ndim) if d not in rc]
-    if len(rhs_free) != 1:
-      return None
-    return len(out_shape) - 1
+    if ins[0].dynamic and not ins[1].dynamic:  # a layer: its kernel contracts the channels
+      if ins[0].axis not in lc or lb or rb:
+        return None
+      rhs_free = [d for d in range(eqn.invars[1].aval.ndim) if d not in rc]
+      lhs_free = eqn.invars[0].aval.ndim - len(lc)
+      return lhs_free if rhs_free else None  # the kernel's first free axis: heads, features
+    if ins[0].dynamic and ins[1].dynamic:  # two values batched over their channel axis
+      left, right = ins[0].axis, ins[1].axis
+      if left in lb and right in rb and lb.index(left) == rb.index(right):
+        return lb.index(left)
+    return None
   if name in ELEMENTWISE:
     # the full-shaped operands' common axis; an operand of size 1 there (a LayerNorm's
     # statistics) is the same for every channel
@@ -506,9 +513,11 @@ def _out_axis(eqn, ins: list) -> int | None:
     if len(full) != 1 or None in full:
       return None
     (axis,) = full
-    return (
-      axis if all(u.aval.shape == out_shape or u.aval.shape[axis] == 1 for u, _ in dyn) else None
+    fits = all(
+      u.aval.shape[axis] == 1 or (k.axis == axis and u.aval.shape[axis] == out_shape[axis])
+      for u, k in dyn
     )
+    return axis if fits else None
   if None in axes or len(axes) != 1:
     return None
   (axis,) = axes
@@ -927,6 +936,9 @@ class Emitter(Derivation):
     return self._materialize(val), None
 
   def _dot(self, eqn, ko: Known, present) -> Value:
+    """A layer's product with its kernel (a dense layer, attention's projections): the
+    kernel's rows of the input channels computed, its columns (along its first free axis)
+    of the output channels needed."""
     x, w = eqn.invars
     if ko.axis is None or self.known[w].dynamic:
       return self._generic(eqn, ko, present)
@@ -935,8 +947,8 @@ class Emitter(Derivation):
     self.layer_name = layer
     kx = self.known[x]
     have = self.present(x)
-    rin = rc[0]
-    rout = [d for d in range(kernel.ndim) if d != rin][0]
+    rin = rc[list(lc).index(kx.axis)]
+    rout = [d for d in range(kernel.ndim) if d not in rc][0]
     k = np.take(np.take(kernel, have, axis=rin), present, axis=rout)
     ref, scale = self._input_scale(x)
     if scale is not None:
@@ -946,22 +958,12 @@ class Emitter(Derivation):
       rows = np.flatnonzero(kx.mask)
       known = np.take(kx.values[:1], rows, axis=kx.axis)
       c = np.tensordot(
-        known, np.take(np.take(kernel, rows, axis=rin), present, axis=rout), axes=([kx.axis], [rin])
+        known, np.take(np.take(kernel, rows, axis=rin), present, axis=rout), axes=(lc, rc)
       )
       shift = c if c.any() else None
     ndim = eqn.outvars[0].aval.ndim
-    ref = self._step(
-      'dot',
-      (ref,),
-      {
-        'contract': int(lc[0]),
-        'kernel_in_dim': rin,
-        'kernel_out_dim': rout,
-        'axis': ko.axis,
-        'ndim': ndim,
-      },
-      {'kernel': k},
-    )
+    params = {'contract': tuple(lc), 'kernel_in_dims': tuple(rc), 'kernel_out_dim': rout}
+    ref = self._step('dot', (ref,), {**params, 'axis': ko.axis, 'ndim': ndim}, {'kernel': k})
     return Value(ko.axis, present, [Term(ref, present, producer=ref)], shift=shift)
 
   def _affine(self, eqn, ko: Known, present) -> Value | None:
@@ -1307,8 +1309,9 @@ def _run_step(step: Step, env: dict, weights: dict):
     return _biased(y, step, weights, p['axis'])
   if kind == 'dot':
     kernel = weights[step.weights[0]].astype(ins[0].dtype)
-    y = jnp.tensordot(ins[0], kernel, axes=([p['contract']], [p['kernel_in_dim']]))
-    _record('dense', ins[0], kernel, y, contracted=kernel.shape[p['kernel_in_dim']])
+    y = jnp.tensordot(ins[0], kernel, axes=(p['contract'], p['kernel_in_dims']))
+    contracted = math.prod(kernel.shape[d] for d in p['kernel_in_dims'])
+    _record('dense', ins[0], kernel, y, contracted=contracted)
     return _biased(y, step, weights, p['axis'])
   if kind == 'affine':
     x = ins[0]
