@@ -146,7 +146,8 @@ def _traced(model, image_shape: tuple, structure) -> core.ClosedJaxpr:
 class Known:
   """What pass 1 knows of a value: ``const`` (the whole value, image-independent), or for an
   image-dependent one its channel ``axis`` (None: not followed) and which channels along it
-  are known (``mask``) with their values (``values``, full shape, zero elsewhere). A
+  are known (``mask``) with their values (``values``, full shape, zero elsewhere; None: all
+  zero, a mask's product, the common case, held without an array). A
   constant's ``sources``: the weights it is computed from (none: it follows from shapes
   alone, like a pooling's divisor, and is not stored as a weight)."""
 
@@ -263,7 +264,7 @@ class Derivation:
     image = j.invars[-1]
     n = image.aval.shape[-1]
     shape = image.aval.shape
-    self.known[image] = Known(axis=len(shape) - 1, mask=np.zeros(n, bool), values=np.zeros(shape))
+    self.known[image] = Known(axis=len(shape) - 1, mask=np.zeros(n, bool))
     for eqn in j.eqns:
       name = eqn.primitive.name
       ins = [self._known_of(v) for v in eqn.invars]
@@ -278,7 +279,8 @@ class Derivation:
         )
       known = self._forward_rule(eqn, ins)
       if known.axis is not None and known.mask.all():  # every channel known: a constant
-        known = Known(const=known.values, sources=frozenset(['(a removed conv)']))
+        const = _values(known, eqn.outvars[0].aval.shape)
+        known = Known(const=const, sources=frozenset(['(a removed conv)']))
       self.known[eqn.outvars[0]] = known
     for eqn in j.eqns:
       for v in eqn.invars:
@@ -295,12 +297,18 @@ class Derivation:
   def _forward_rule(self, eqn, ins: list) -> Known:
     name, p = eqn.primitive.name, eqn.params
     out_shape = eqn.outvars[0].aval.shape
+    shapes = [v.aval.shape for v in eqn.invars]
     dyn = [k for k in ins if k.dynamic]
     axis = _out_axis(eqn, ins)
     if axis is None:
       return Known()
     n = out_shape[axis]
-    mask, values = np.zeros(n, bool), np.zeros(out_shape, np.float64)
+    mask, values = np.zeros(n, bool), None
+    others = tuple(i for i in range(len(out_shape)) if i != axis)
+
+    def operand(k, shape):
+      return _values(k, shape) if k.dynamic else np.broadcast_to(k.const, shape)
+
     if name in ELEMENTWISE:
       # known where every image-dependent operand is; a product is known zero where a
       # constant factor is zero along the channel axis
@@ -308,73 +316,50 @@ class Derivation:
       for k in dyn:
         ok &= k.mask if k.axis == axis and len(k.mask) == n else np.zeros(n, bool)
       if name == 'mul':
-        for k in ins:
+        for k, shape in zip(ins, shapes):
           if not k.dynamic:
-            c = np.broadcast_to(k.const, out_shape)
-            zero = np.all(c == 0, axis=tuple(i for i in range(len(out_shape)) if i != axis))
-            ok |= zero
-          elif k.axis == axis:
-            zero = k.mask & np.all(
-              k.values == 0, axis=tuple(i for i in range(len(out_shape)) if i != axis)
-            )
-            ok |= zero
+            ok |= np.all(np.broadcast_to(k.const, out_shape) == 0, axis=others)
+          elif k.axis == axis and len(k.mask) == n:
+            ok |= k.mask & np.all(np.broadcast_to(_values(k, shape), out_shape) == 0, axis=others)
       if ok.any():
-        operands = [np.broadcast_to(k.values if k.dynamic else k.const, out_shape) for k in ins]
+        operands = [np.broadcast_to(operand(k, sh), out_shape) for k, sh in zip(ins, shapes)]
         result = np.asarray(eqn.primitive.bind(*[jnp.asarray(o) for o in operands], **p))
         mask, values = ok, np.where(_along(ok, axis, len(out_shape)), result, 0.0)
-    elif name == 'concatenate':
-      d = p['dimension']
-      if d == axis:
-        offset = 0
-        for v, k in zip(eqn.invars, ins):
-          size = v.aval.shape[d]
-          sl = tuple(
-            slice(offset, offset + size) if i == d else slice(None) for i in range(len(out_shape))
-          )
-          if k.dynamic:
-            mask[offset : offset + size] = k.mask
-            values[sl] = k.values
-          else:
-            mask[offset : offset + size] = True
-            values[sl] = k.const
-          offset += size
-      else:
-        ok = np.ones(n, bool)
-        for k in ins:
-          if k.dynamic:
-            ok &= k.mask
-        if ok.any():
-          parts = [k.values if k.dynamic else k.const for k in ins]
-          result = np.concatenate(parts, axis=d)
-          mask, values = ok, np.where(_along(ok, axis, len(out_shape)), result, 0.0)
-    elif name == 'stack':
+    elif name == 'concatenate' and p['dimension'] == axis:
+      parts, offset = [], 0
+      for k, shape in zip(ins, shapes):
+        mask[offset : offset + shape[axis]] = k.mask if k.dynamic else True
+        parts.append(operand(k, shape))
+        offset += shape[axis]
+      if mask.any():
+        values = np.where(_along(mask, axis, len(out_shape)), np.concatenate(parts, axis), 0.0)
+    elif name in ('concatenate', 'stack'):
       ok = np.ones(n, bool)
-      for k in ins:
-        if k.dynamic:
-          ok &= k.mask
+      for k in dyn:
+        ok &= k.mask
       if ok.any():
-        parts = [
-          k.values if k.dynamic else np.broadcast_to(k.const, k_shape)
-          for k, k_shape in zip(ins, [v.aval.shape for v in eqn.invars])
-        ]
-        result = np.stack(parts, axis=p['axis'])
+        parts = [operand(k, shape) for k, shape in zip(ins, shapes)]
+        if name == 'stack':
+          result = np.stack(parts, axis=p['axis'])
+        else:
+          result = np.concatenate(parts, axis=p['dimension'])
         mask, values = ok, np.where(_along(ok, axis, len(out_shape)), result, 0.0)
     elif name == 'conv_general_dilated' and _depthwise(eqn):
       (k,) = dyn  # channel by channel: a known input channel gives a known output one
       if k.mask.any():
-        result = np.asarray(
-          eqn.primitive.bind(jnp.asarray(k.values, jnp.float32), ins[1].const, **p)
-        )
+        x = jnp.asarray(_values(k, shapes[0]), jnp.float32)
+        result = np.asarray(eqn.primitive.bind(x, ins[1].const, **p))
         mask, values = k.mask.copy(), np.where(_along(k.mask, axis, len(out_shape)), result, 0.0)
     elif name in ('conv_general_dilated', 'dot_general'):
       pass  # outputs mix channels: none known unless every input is (pass 1's constant)
     else:  # one image-dependent operand, the channel axis carried
       (k,) = dyn
       if k.mask.any():
-        others = [np.asarray(i.const) if not i.dynamic else None for i in ins]
-        operands = [k.values if o is None else o for o in others]
+        operands = [operand(i, shape) for i, shape in zip(ins, shapes)]
         result = np.asarray(eqn.primitive.bind(*[jnp.asarray(o) for o in operands], **p))
         mask, values = k.mask.copy(), np.where(_along(k.mask, axis, len(out_shape)), result, 0.0)
+    if values is not None and not values.any():
+      values = None  # known zeros (a mask's): nothing to hold
     return Known(axis=axis, mask=mask, values=values)
 
   # pass 2
@@ -465,6 +450,11 @@ def _label(sources) -> str | None:
 
 def _add(a, b):
   return b if a is None else a + b
+
+
+def _values(k: Known, shape) -> np.ndarray:
+  """An image-dependent value's known channels' values (zeros elsewhere), full shape."""
+  return np.zeros(shape) if k.values is None else k.values
 
 
 def _along(flags, axis, ndim):
@@ -786,7 +776,7 @@ class Emitter(Derivation):
     ref = self._place(ref, val.present, want, k.axis)
     known = k.mask[want]
     if known.any():
-      values = k.values[:1] * _along(k.mask, k.axis, k.values.ndim)
+      values = _values(k, v.aval.shape)[:1] * _along(k.mask, k.axis, v.aval.ndim)
       values = np.take(values, want, axis=k.axis)
       if values.any():
         ref = self._affine_step(ref, k.axis, {'shift': _vector_or_map(values, k.axis)}, {})
@@ -896,7 +886,7 @@ class Emitter(Derivation):
     shift = None
     if not _depthwise(eqn) and kx.mask.any():
       rows = np.flatnonzero(kx.mask)
-      known = np.take(kx.values[:1], rows, axis=kx.axis).astype(np.float32)
+      known = np.take(_values(kx, x.aval.shape)[:1], rows, axis=kx.axis).astype(np.float32)
       kk = np.take(np.take(kernel, rows, axis=kin), present, axis=kout).astype(np.float32)
       c = np.asarray(
         jax.lax.conv_general_dilated(known, kk, precision='highest', **conv_params), np.float64
@@ -956,7 +946,7 @@ class Emitter(Derivation):
     shift = None
     if kx.mask.any():
       rows = np.flatnonzero(kx.mask)
-      known = np.take(kx.values[:1], rows, axis=kx.axis)
+      known = np.take(_values(kx, x.aval.shape)[:1], rows, axis=kx.axis)
       c = np.tensordot(
         known, np.take(np.take(kernel, rows, axis=rin), present, axis=rout), axes=(lc, rc)
       )
@@ -1083,7 +1073,8 @@ class Emitter(Derivation):
     missing = np.isin(present, np.flatnonzero(k.mask))
     if not missing.any():
       return None
-    values = np.take(k.values[:1], present, axis=axis) * _along(missing, axis, ndim)
+    values = np.take(_values(k, v.aval.shape)[:1], present, axis=axis)
+    values = values * _along(missing, axis, ndim)
     return _vector_or_map(values, axis) if values.any() else None
 
   def _sum(self, addends: list, ko, present) -> Value | None:
