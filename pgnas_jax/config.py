@@ -488,7 +488,8 @@ FIELDS = (
     'export.latency',
     True,
     "measure the compact winner's, the masked and the full super-network's latency at "
-    'batch 1 and 128 (median of 20 after warm-up) into `arch.json` `latency_ms` and '
+    'batch 1 and 128 (the three timed in turn, medians of 20 calls after warm-up) into '
+    '`arch.json` `latency_ms` and '
     '`report.md`; False: skip it (a timing, not a result: the only field of the workdir '
     'that differs between two runs of one config)',
     check=Check(lambda v: type(v) is bool, 'True or False'),
