@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,11 +119,18 @@ def _first_checkpoint(workdir: str) -> bool:
   return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
 
-def launch(network: str, workdir: str, overrides: dict, kill_at_checkpoint: bool = False) -> dict:
+def launch(
+  network: str,
+  workdir: str,
+  overrides: dict,
+  kill_at_checkpoint: bool = False,
+  timeout_s: float = 3600.0,
+) -> dict:
   """Runs the main job as 2 processes of 2 devices, its persistent compilation cache in
   ``<workdir>.xla`` and its other caches (the CPU kernels' library and self-check verdicts)
   in ``<workdir>.cache``, both empty at the first start as on a new machine; with
-  ``kill_at_checkpoint``, SIGKILLs process 1 once the first checkpoint is on disk. Returns
+  ``kill_at_checkpoint``, SIGKILLs process 1 once the first checkpoint is on disk; a start
+  still running after ``timeout_s`` (a hang) is killed whole and says so. Returns
   wall seconds, exit status, each process's peak resident MiB, every program's compile
   seconds (slowest process; a program loaded from the cache is not compiled) and all
   compilations' seconds and count per process (their sum over the processes, halved)."""
@@ -140,9 +148,18 @@ def launch(network: str, workdir: str, overrides: dict, kill_at_checkpoint: bool
     launcher = subprocess.Popen(
       _command(network, workdir, overrides), cwd=ROOT, env=env, stdout=log, stderr=log
     )
-    peak, killed = {}, False
+    peak, killed, timed_out = {}, False, False
     parent = psutil.Process(launcher.pid)
     while launcher.poll() is None:
+      if time.perf_counter() - start > timeout_s:
+        timed_out = True
+        for proc in parent.children(recursive=True) + [parent]:
+          try:
+            proc.send_signal(signal.SIGKILL)
+          except psutil.Error:
+            pass
+        launcher.wait()
+        break
       for pid, proc in _processes(parent).items():
         try:
           peak[pid] = max(peak.get(pid, 0), proc.memory_info().rss)
@@ -163,6 +180,7 @@ def launch(network: str, workdir: str, overrides: dict, kill_at_checkpoint: bool
   return {
     'wall_s': time.perf_counter() - start,
     'status': launcher.returncode,
+    'timed_out': timed_out,
     'killed': killed,
     'peak_rss_mib': {p: round(b / 2**20) for p, b in sorted(peak.items())},
     'compile_s': compiles,
@@ -261,17 +279,24 @@ def _analysis(network: str, quick: bool) -> dict:
   }
 
 
+def _check(run: dict, what: str) -> None:
+  if run['status'] or run['timed_out']:
+    with open(run['log']) as f:
+      tail = f.read()[-3000:]
+    how = 'hung (killed after its time limit)' if run['timed_out'] else f'status {run["status"]}'
+    raise RuntimeError(f'{what} failed: {how}; its log {run["log"]} ends:\n{tail}')
+
+
 def rehearse(network: str, data_dir: str, quick: bool, scratch: str) -> dict:
   """One network: runs A and B, the step analysis; the table's row."""
   overrides = {**COUNTS, **(QUICK if quick else {}), 'data.data_dir': data_dir}
   a, b = os.path.join(scratch, f'{network}_a'), os.path.join(scratch, f'{network}_b')
-  run_a = launch(network, a, overrides)
-  if run_a['status']:
-    with open(run_a['log']) as f:
-      tail = f.read()[-3000:]
-    raise RuntimeError(f'run A of {network} failed (status {run_a["status"]}):\n{tail}')
-  first_b = launch(network, b, overrides, kill_at_checkpoint=True)
-  rerun_b = launch(network, b, overrides)
+  timeout_s = 600.0 if quick else 3600.0
+  run_a = launch(network, a, overrides, timeout_s=timeout_s)
+  _check(run_a, f'run A of {network}')
+  first_b = launch(network, b, overrides, kill_at_checkpoint=True, timeout_s=timeout_s)
+  rerun_b = launch(network, b, overrides, timeout_s=timeout_s)
+  _check(rerun_b, f'the rerun of {network} after the kill')
   arch = json.load(open(os.path.join(a, 'search', 'arch.json')))
   timings = json.load(open(os.path.join(a, 'timings.json')))
   images = COUNTS['data.validation_size']
@@ -395,10 +420,12 @@ def main(argv=None) -> None:
   if not os.path.isdir(os.path.join(args.data_dir, synthetic_imagenet.NAME)):
     synthetic_imagenet.write(args.data_dir, IMAGES['train'], IMAGES['validation'])
   rows = []
-  with tempfile.TemporaryDirectory() as scratch:
-    for network in args.networks.split(','):
-      rows.append(rehearse(network, args.data_dir, args.quick, scratch))
+  scratch = tempfile.mkdtemp(prefix='pgnas_rehearsal_')  # kept, with the logs, on a failure
+  print(f'workdirs and logs in {scratch}', flush=True)
+  for network in args.networks.split(','):
+    rows.append(rehearse(network, args.data_dir, args.quick, scratch))
   write('rehearsal_quick' if args.quick else 'rehearsal', rows, args.note)
+  shutil.rmtree(scratch)
 
 
 if __name__ == '__main__':
