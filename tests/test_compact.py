@@ -160,16 +160,40 @@ def test_a_dropped_attention_head_is_removed_with_its_projections():
   assert compact.macs(net) < compact.macs(full)
 
 
-def test_an_op_the_derivation_cannot_follow_is_named():
-  class Cumulative(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-      x = jnp.cumsum(layers.SearchableConv(4, 3, name='conv')(x), axis=1)
-      return layers.Dense(3, name='head')(jnp.mean(x, axis=(1, 2)))
+class Cumulative(nn.Module):
+  """A cumulative sum over the image: an op the derivation does not follow."""
 
-  variables, space, images = _custom_case(Cumulative())
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = jnp.cumsum(layers.SearchableConv(4, 3, name='conv')(x), axis=1)
+    return layers.Dense(3, name='head')(jnp.mean(x, axis=(1, 2)))
+
+
+def test_an_op_the_derivation_cannot_follow_is_named():
+  variables, space, _ = _custom_case(Cumulative())
   with pytest.raises(compact.Unsupported, match="cannot follow the op 'cumsum'"):
     compact.build(Cumulative(), variables, space.template, (8, 8, 1))
+
+
+def test_a_run_whose_compact_network_cannot_be_derived_keeps_its_input_sliced_winner(
+  tmp_path, caplog
+):
+  """The main job's export step: one logged line naming the op, no compact files, no
+  compact fields in arch.json; the input-sliced winner is written before it."""
+  import logging
+
+  from pgnas_jax import outputs
+
+  module = Cumulative()
+  variables, space, _ = _custom_case(module)
+  (tmp_path / 'search').mkdir()
+  with caplog.at_level(logging.WARNING):
+    fields = outputs.Outputs(str(tmp_path), writes=True).compact(
+      module, variables, space.template, (8, 8, 1), measure=True
+    )
+  assert fields == {} and not list((tmp_path / 'search').iterdir())
+  (line,) = [r.getMessage() for r in caplog.records if 'no compact network' in r.getMessage()]
+  assert "'cumsum'" in line and 'winner_weights.msgpack' in line
 
 
 CHILD = """
