@@ -28,6 +28,19 @@ def keep_compiled_programs() -> None:
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir_lib.cache_dir(), 'xla'))
 
 
+def no_cache_across_cpu_processes() -> None:
+  """Turns the persistent compilation cache off in a run of several processes on CPUs
+  (once they have joined, before anything compiles). Only process 0 writes cache entries,
+  and on CPUs the other processes' programs do not hit them, so at a restart process 0
+  loads its programs and the others compile theirs: SupNet-D-121's train step, 100 to
+  180 s. XLA:CPU's cross-process collectives (gloo) give up when one process waits more
+  than 30 s for the others to reach its first collective, and the restart hung (twice in
+  two rehearsals, docs/scaling.md). Compiled alike, the processes reach it together."""
+  if jax.process_count() > 1 and jax.devices()[0].platform == 'cpu':
+    jax.config.update('jax_enable_compilation_cache', False)
+    logging.info('persistent compilation cache off: several CPU processes (see main.py)')
+
+
 def cli():
   """Defines the flags and runs the job."""
   config_flag = cli_lib.define_config_flag(os.path.join(os.path.dirname(__file__), 'config.py'))
@@ -76,6 +89,7 @@ def cli():
     )
     if not parallel.is_main_process():  # one progress log for the run, process 0's
       logging.set_verbosity(logging.WARNING)
+    no_cache_across_cpu_processes()
     pipeline.run(config, workdir_flag.value, start_over_flag.value)
 
   def main(argv):
