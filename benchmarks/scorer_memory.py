@@ -128,7 +128,7 @@ def main(argv=None) -> None:
     parser.error('--candidates needs 1 and two counts above 1 (the slope)')
   name = 'scorer_memory_quick' if args.quick else 'scorer_memory'
   results = [measure(n, candidates, args.quick) for n in args.networks.split(',')]
-  print(write(name, results))
+  write(name, results)
   with open(os.path.join(harness.RESULTS, name + '.json'), 'w') as f:
     json.dump(results, f, indent=1, default=float)
 
