@@ -364,8 +364,7 @@ def write(name: str, rows: list, note: str = '') -> str:
         f'{r["run_a"]["compilations_per_process"]:.0f} / '
         f'{r["run_b_rerun"]["compilations_per_process"]:.0f}'
       ),
-      'compiles of 1 s or more (restart)': _compiles(r['run_b_rerun']['compile_s'], 1.0)
-      or 'none',
+      'compiles of 1 s or more (restart)': _compiles(r['run_b_rerun']['compile_s'], 1.0) or 'none',
       'checkpoint MiB': r['checkpoint_mib'],
       'ranking s / candidate / 1000 images': r['ranking_s_per_candidate_per_1000'],
       'input images/s per core': r['input']['per_core'],
