@@ -162,17 +162,6 @@ class Known:
     return self.const is None
 
 
-def _const(v, known: dict):
-  if isinstance(v, core.Literal):
-    return np.asarray(v.val)
-  k = known[v]
-  return k.const
-
-
-def _channels(shape, axis) -> int:
-  return shape[axis]
-
-
 def _per_channel(const: np.ndarray, shape: tuple, axis: int) -> np.ndarray | None:
   """``const`` broadcast to ``shape`` as a vector along ``axis`` (its length, or 1) when it
   is constant along every other axis; else None."""
@@ -251,7 +240,6 @@ class Derivation:
     self.weights = {}
     self.refs = 1  # ref 0: the images
     self.layer_name = None
-    self.emitted = {}
 
   # pass 1
   def forward(self):
@@ -573,11 +561,8 @@ class Emitter(Derivation):
   def run(self) -> tuple:
     self.forward()
     self.backward()
-    self.vals = {
-      self.jaxpr.invars[-1]: self._plain(0, np.arange(self.jaxpr.invars[-1].aval.shape[-1]), 3)
-    }
     image = self.jaxpr.invars[-1]
-    self.vals[image] = self._plain(0, self.present(image), image.aval.ndim - 1)
+    self.vals = {image: self._plain(0, self.present(image), image.aval.ndim - 1)}
     for i, eqn in enumerate(self.jaxpr.eqns):
       out = eqn.outvars[0]
       if not self.known[out].dynamic or not self.need.get(out, np.zeros(1, bool)).any():
@@ -705,7 +690,7 @@ class Emitter(Derivation):
 
   def _fold(self, producer_ref: int, scale, shift) -> None:
     """Folds ``* scale + shift`` into the conv or dense step that made ``producer_ref``."""
-    index = next(i for i, s in enumerate(self.steps) if s.params['out'] == producer_ref)
+    index = self._producer(producer_ref)
     step = self.steps[index]
     kernel_name = step.weights[0]
     out_dim = step.params['kernel_out_dim']
@@ -1028,17 +1013,19 @@ class Emitter(Derivation):
       )
     return Value(axis, present, terms, shift=shift, shift_learned=val.shift_learned)
 
+  def _producer(self, ref: int) -> int:
+    """The index of the step whose output is ``ref``."""
+    return next(i for i, step in enumerate(self.steps) if step.params['out'] == ref)
+
   def _drop_outputs(self, producer_ref: int, keep) -> None:
-    index = next(i for i, s in enumerate(self.steps) if s.params['out'] == producer_ref)
-    step = self.steps[index]
+    step = self.steps[self._producer(producer_ref)]
+    if step.kind == 'conv' and step.params['feature_group_count'] > 1:
+      raise Unsupported('a depthwise conv whose outputs a later product zeroes')
     out_dim, axis = step.params['kernel_out_dim'], step.params['axis']
     self.weights[step.weights[0]] = np.take(self.weights[step.weights[0]], keep, axis=out_dim)
     if len(step.weights) > 1:
       b = self.weights[step.weights[1]]
       self.weights[step.weights[1]] = np.take(b, keep, axis=axis) if b.shape[axis] > 1 else b
-    if step.kind == 'conv' and step.params['feature_group_count'] > 1:
-      self.steps[index] = step._replace(params={**step.params, 'feature_group_count': len(keep)})
-      raise Unsupported('a depthwise conv whose outputs a later product zeroes')
 
   def _scaled(self, val: Value, factor, present, ko, learned: bool = False) -> Value:
     val = self._restricted(val, present, ko.axis)
