@@ -6,8 +6,9 @@ three are timed in turn for ``ROUNDS`` rounds of ``REPEATS // ROUNDS`` calls, on
 time, blocking on the logits, and each reports the median over its rounds of a round's
 median. In turn, so that a machine that slows down for a while (a shared host) slows all
 three alike: their ratio, the speed-up, is what a run reports (measured one after the
-other on a shared 2-core Intel Xeon (AVX-512), one compact network's speed-up at batch 128 read 1.26x
-to 1.72x in three runs; timed in turn, its quartiles over 15 rounds were 1.51x and 1.60x).
+other on a shared 2-core Intel Xeon (AVX-512), one compact network's speed-up at batch 128
+read 1.26x to 1.72x in three runs; timed in turn, its quartiles over 15 rounds were 1.51x
+and 1.60x).
 """
 
 import functools
