@@ -372,12 +372,18 @@ FIELDS = (
   ),
   Field(
     'search.channel_multiple',
-    1,
+    'auto',
     "candidates keep or drop a group's input channels in aligned blocks of this many (the "
     'block takes the draw of its first channel), so every kept width of the compact '
-    'network is a multiple of it (8 suits most vector units); it must divide every '
-    "group's width. Training is unchanged; a rerun with another value scores again",
-    check=Check(lambda v: type(v) is int and v >= 1, 'a whole number >= 1'),
+    "network is a multiple of it; it must divide every group's width. `auto`: 1 without "
+    "an `objective.target_*` (the paper's search); with one, the largest of 16, 8, 4, 2 "
+    "dividing every group's width, so that the target's saving is realised (on a CPU a "
+    'convolution below 16 channels costs nearly what a 16-channel one does, '
+    '`docs/targets.md`). Training is unchanged; a rerun with another value scores again',
+    check=Check(
+      lambda v: v == 'auto' or (type(v) is int and v >= 1), "'auto' or a whole number >= 1"
+    ),
+    any_type=True,
     on_resume=RESCORE,
     older_runs=1,
   ),

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from pgnas_jax import compact, layers, parallel
+from pgnas_jax import compact, layers, parallel, targets
 from pgnas_jax.errors import ConfigError
 from pgnas_jax import records as records_lib
 from pgnas_jax import space as space_lib
@@ -264,7 +264,8 @@ def for_run(config, model, image_shape: tuple, resumed_in: str | None) -> Table 
     return saved
   predictor = Predictor(model, variables, image_shape, config.search.latency_batch_size)
   logging.info('latency table: measuring on %s', predictor.device)
-  return predictor.table(space_lib.from_variables(variables), config.search.channel_multiple)
+  space = space_lib.from_variables(variables)
+  return predictor.table(space, targets.channel_multiple(config, space.template))
 
 
 def read(workdir: str) -> Table | None:

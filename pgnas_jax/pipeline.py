@@ -136,12 +136,11 @@ def _checked_inputs(config, model, dataset, resumed_in: str | None) -> tuple:
   if config.train.init_from:  # the file fits the model
     pretrained.load(config.train.init_from, _variable_shapes(model, dataset))
   latency = latency_table.for_run(config, model, dataset.image_shape, resumed_in)
-  steered = any(config.objective[field] for field in targets.FIELDS.values())
-  if steered or config.search.channel_multiple > 1:  # checks that need the search space
+  if targets.steered(config) or config.search.channel_multiple not in (1, 'auto'):
     space = space_lib.of_model(model, dataset.image_shape)
     targets.from_config(config, space, 1, latency)
     sizes = dict(zip(space_lib.group_names(space), masks_lib.channel_counts(space.template)))
-    samplers.check_blocks(config.search.channel_multiple, sizes)
+    samplers.check_blocks(targets.channel_multiple(config, space.template), sizes)
   return dataset, model, latency
 
 
@@ -239,7 +238,7 @@ def run_stages(ctx: context_lib.Context) -> Result:
       arch['finetuned'] = finetune_winner(ctx, trained, ranking, outputs)
   _obey_stop(ctx, 'the winner was tested, exported and fine-tuned')
   result = Result(arch, posterior, ranking.records, ranking.winner, timings)
-  sampler = samplers.from_config(ctx.config.search)
+  sampler = _sampler(ctx.config, trained)
   outputs.finished(result, ranking.budget, sampler.num_candidates(ctx.config.search.num_candidates))
   logging.info(
     'winner #%d: val acc %.4f, test acc %.4f, %d params (full super-network: '
@@ -277,8 +276,10 @@ def rank(ctx: context_lib.Context, trained: Trained, outputs: outputs_lib.Output
   path = outputs.path(workdir_lib.CANDIDATES)
   with metric_writers.for_search(ctx.workdir, config.log) as writer:
     log = search.RankingLog(path, ctx.guard, writer, budget)
+    validation_sets = search.Validation(validation, recalibration)
+    sampler = _sampler(config, trained)
     records = search.rank_candidates(
-      scorer, trained.state, space, search.Validation(validation, recalibration), config.search, log
+      scorer, trained.state, space, validation_sets, config.search, sampler, log
     )
   if ctx.latency is not None:
     records, _ = latency_table.predicted(
@@ -291,7 +292,7 @@ def rank(ctx: context_lib.Context, trained: Trained, outputs: outputs_lib.Output
   except errors.BudgetError:
     outputs.pareto(records, supernet, None, budget)
     raise
-  mask = trained.mask(winner['index'], samplers.from_config(config.search))
+  mask = trained.mask(winner['index'], sampler)
   variables = scorer.recalibrated(trained.state.variables, mask, recalibration)
   return Ranking(records, budget, winner, mask, variables, supernet, scorer, validation)
 
@@ -303,8 +304,13 @@ def _predictor(ctx: context_lib.Context, trained: Trained) -> latency_table.Pred
 
 def _mask_of(ctx: context_lib.Context, trained: Trained):
   """A candidate's hard mask by index, as the search drew it."""
-  sampler = samplers.from_config(ctx.config.search)
+  sampler = _sampler(ctx.config, trained)
   return lambda index: trained.mask(index, sampler)
+
+
+def _sampler(config, trained: Trained) -> samplers.Sampler:
+  multiple = targets.channel_multiple(config, trained.space.template)
+  return samplers.from_config(config.search, multiple)
 
 
 def _where(ctx: context_lib.Context) -> tuple:

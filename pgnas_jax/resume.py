@@ -15,7 +15,7 @@ from flax import traverse_util
 from pgnas_jax import cli as cli_lib
 from pgnas_jax import config as config_lib
 from pgnas_jax import budget as budget_lib
-from pgnas_jax import errors, parallel, samplers
+from pgnas_jax import errors, parallel, samplers, targets
 from pgnas_jax import records as records_lib
 from pgnas_jax import workdir as workdir_lib
 
@@ -87,11 +87,18 @@ def _budget_changed(workdir: str, config: ml_collections.ConfigDict) -> bool:
 def sampler_changed(workdir: str, config: ml_collections.ConfigDict) -> bool:
   """Whether a run is resumed with another candidate sampler (the ``RESCORE`` fields, as
   ``samplers.from_config`` reads them): it then scores its candidates again."""
-  before = _as_run(workdir)
-  search = {k.split('.')[1]: v for k, v in before.items() if k.startswith('search.')}
-  return samplers.from_config(ml_collections.ConfigDict(search)) != samplers.from_config(
-    config.search
-  )
+  before = traverse_util.unflatten_dict(_as_run(workdir), sep='.')
+  return _sampler(ml_collections.ConfigDict(before)) != _sampler(config)
+
+
+def _sampler(config: ml_collections.ConfigDict) -> samplers.Sampler:
+  """The sampler as the config writes it, ``search.channel_multiple='auto'`` read as 1 where
+  no target is set (``targets.channel_multiple``; with one, 'auto' stays: a target cannot
+  change on resume, nor the network's widths)."""
+  multiple = config.search.channel_multiple
+  if multiple == 'auto' and not targets.steered(config):
+    multiple = 1
+  return samplers.from_config(config.search, multiple)
 
 
 def start_over(workdir: str) -> None:

@@ -142,10 +142,12 @@ def in_blocks(drawn: PyTree, multiple: int) -> PyTree:
 IID = Sampler()
 
 
-def from_config(search_config) -> Sampler:
+def from_config(search_config, channel_multiple) -> Sampler:
+  """The sampler of ``search_config`` keeping channels in blocks of ``channel_multiple``
+  (``targets.channel_multiple``: the field with ``'auto'`` resolved)."""
   name = search_config.sampler
   block = search_config.stratified_block if name == 'stratified' else 0
-  return Sampler(name, block, search_config.channel_multiple)
+  return Sampler(name, block, channel_multiple)
 
 
 def check_blocks(multiple: int, sizes: dict) -> None:

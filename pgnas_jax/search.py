@@ -349,6 +349,7 @@ def rank_candidates(
   space: space_lib.SearchSpace,
   validation: Validation,
   search_config,
+  sampler: samplers_lib.Sampler,
   log: RankingLog,
 ) -> list:
   """Scores candidates 0..C-1 of the posterior that training left in ``state`` on the
@@ -356,12 +357,12 @@ def rank_candidates(
   (``records.resume``); each chunk's lines are appended durably (flush + fsync) once
   scored, by process 0. Every process scores every chunk (its validation rows on its
   devices) and gets all the records. A candidate's mask is not kept: it follows from
-  (search key, index) and ``search.sampler``, see ``candidate_mask``. ``log.writer`` gets
+  (search key, index) and ``sampler`` (``search.sampler`` in channel blocks), see
+  ``candidate_mask``. ``log.writer`` gets
   the best validation accuracy so far against the number of candidates scored, after each
   chunk. Every candidate is scored; ``fits`` records whether it fits the search's budget.
   With ``validation.recalibration`` each candidate's BatchNorm statistics are re-estimated
   before it is scored."""
-  sampler = samplers_lib.from_config(search_config)
   num, chunk = sampler.num_candidates(search_config.num_candidates), search_config.chunk_size
   if num < search_config.num_candidates:
     logging.info(

@@ -21,6 +21,9 @@ PyTree = Any
 KINDS = ('params', 'flops', 'latency')
 FIELDS = dict(zip(KINDS, ('target_params', 'target_flops', 'target_latency_ms')))  # objective.*
 BISECTION = (64.0, 48)  # largest logit shift, halvings: 64 / 2**48 is below float32's step
+# search.channel_multiple='auto' with a target: float32 lanes of an AVX-512 vector (two of
+# AVX2's); narrower kept widths run at a fraction of their MACs' rate (docs/targets.md)
+AUTO_MULTIPLE = 16
 
 
 class Cost(NamedTuple):
@@ -79,6 +82,29 @@ def _shift_to(cost: Cost, drop_logits: PyTree, ceiling: jax.Array) -> jax.Array:
 
   _, high = jax.lax.fori_loop(0, halvings, halve, (jnp.float32(0.0), jnp.float32(top)))
   return jnp.where(over(jnp.float32(0.0)), high, 0.0)
+
+
+def steered(config) -> bool:
+  """Whether the config sets a target."""
+  return any(config.objective[field] for field in FIELDS.values())
+
+
+def channel_multiple(config, template: PyTree) -> int:
+  """``search.channel_multiple`` as a number for the network of mask ``template``:
+  ``'auto'`` is 1 without a target (the paper's search) and with one the largest of
+  ``AUTO_MULTIPLE``, its halves and 1 that divides every group's width, so that a target's
+  saving is realised: on this project's CPU a convolution below 16 channels costs nearly
+  what a 16-channel one does (docs/targets.md)."""
+  requested = config.search.channel_multiple
+  if requested != 'auto':
+    return requested
+  if not steered(config):
+    return 1
+  widths = masks.channel_counts(template)
+  multiple = AUTO_MULTIPLE
+  while any(width % multiple for width in widths):
+    multiple //= 2
+  return multiple
 
 
 def from_config(

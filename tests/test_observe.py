@@ -21,7 +21,7 @@ from tensorboardX.proto import event_pb2
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import data as data_lib
-from pgnas_jax import cli, masks, metric_writers, observe, parallel, search
+from pgnas_jax import cli, masks, metric_writers, observe, parallel, samplers, search
 from pgnas_jax import space as space_lib
 
 STEPS, LOG_EVERY, PROFILED = 4, 2, 3
@@ -182,7 +182,7 @@ def test_search_writes_best_so_far_against_candidates_scored(tiny_net, tiny_vari
     config.num_candidates, config.chunk_size = num, 4
     log = search.RankingLog(out, guard, written)
     records = search.rank_candidates(
-      scorer, state, space, search.Validation(validation), config, log
+      scorer, state, space, search.Validation(validation), config, samplers.IID, log
     )
   accs = [r['val_acc'] for r in records]
   assert written.rows == [(n, max(accs[:n])) for n in (4, 8, 10)]

@@ -16,7 +16,7 @@ import tiny
 
 from pgnas_jax import config as config_lib
 from pgnas_jax import errors, masks, parallel, pipeline, records, resume, rng, samplers
-from pgnas_jax import search, supernets, train
+from pgnas_jax import search, supernets, targets, train
 from pgnas_jax import space as space_lib
 from pgnas_jax import workdir as workdir_lib
 
@@ -234,7 +234,7 @@ def _recorded_by(workdir, config, count):
     jnp.arange(count),
     logits,
     space.template,
-    samplers.from_config(config.search),
+    samplers.from_config(config.search, targets.channel_multiple(config, space.template)),
   )
   dropped = space_lib.kept_counts(space.template) - space_lib.kept_counts(jax.device_get(drawn))
   names = space_lib.group_names(space)

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 from flax import traverse_util
 
-from pgnas_jax import compact, errors, parallel, samplers, trained
+from pgnas_jax import compact, errors, parallel, samplers, targets, trained
 from pgnas_jax import config as config_lib
 from pgnas_jax import lock as lock_lib
 from pgnas_jax import records as records_lib
@@ -111,7 +111,8 @@ def _export(workdir: str, index, measure: bool) -> dict:
   record = _candidate(workdir, index)
   dataset = data_lib.load(config.data)
   run = trained.restore(workdir, config, dataset, parallel.make_mesh(jax.devices()[:1]))
-  mask = run.mask(record['index'], samplers.from_config(config.search))
+  multiple = targets.channel_multiple(config, run.space.template)
+  mask = run.mask(record['index'], samplers.from_config(config.search, multiple))
   name = f'candidate{record["index"]}_compact'
   folder = workdir_lib.path(workdir, workdir_lib.SEARCH)
   variables = jax.device_get(run.state.variables)

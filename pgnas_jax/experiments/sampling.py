@@ -51,6 +51,7 @@ from pgnas_jax import (
   samplers,
   search,
   supernets,
+  targets,
   train,
 )
 from pgnas_jax import records as records_lib
@@ -250,10 +251,11 @@ class Runner:
       self.dataset.validation, self.dataset, config.search.eval_batch_size, self.mesh
     )
     result = {}
+    multiple = targets.channel_multiple(config, trained.space.template)
     for name in samplers.NAMES:
       search_config = config.search.copy_and_resolve_references()
       search_config.sampler = name
-      sampler = samplers.from_config(search_config)
+      sampler = samplers.from_config(search_config, multiple)
       if name == config.search.sampler:  # the main job's own candidates
         records = records_lib.read(workdir_lib.path(workdir, workdir_lib.CANDIDATES))
       else:
@@ -262,7 +264,13 @@ class Runner:
         with checkpoint_lib.PreemptionGuard() as guard:
           log = search.RankingLog(path, guard, budget=search.budget(config, trained.space))
           records = search.rank_candidates(
-            scorer, trained.state, trained.space, search.Validation(validation), search_config, log
+            scorer,
+            trained.state,
+            trained.space,
+            search.Validation(validation),
+            search_config,
+            sampler,
+            log,
           )
       drawn = search.draw_candidates(
         trained.state.key('search'),
