@@ -141,8 +141,10 @@ def test_fields_declare_how_they_resume(tmp_path):
   older = tmp_path / 'older'
   older.mkdir()
   workdir = _saved_run(older, config, drop=[f.name for f in added])
-  assert all(f.older_runs == f.default for f in added)  # so the default config resumes it
+  # so the default config resumes it as it ran (channel_multiple's 'auto' is 1 untargeted)
+  assert all(f.older_runs == f.default for f in added if f.name != 'search.channel_multiple')
   resume.check_resumable(workdir, config)
+  assert not resume.sampler_changed(workdir, config)
   for field in (f for f in added if f.on_resume == config_lib.REFUSED):
     changed = _with_another_value(field)
     with pytest.raises(

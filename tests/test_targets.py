@@ -213,13 +213,25 @@ def test_a_multiple_that_does_not_divide_a_group_is_refused_before_the_workdir(t
   assert not (tmp_path / 'w').exists()
 
 
+def test_auto_channel_multiple_is_one_without_a_target_and_up_to_16_with_one():
+  template = {'a': jnp.ones(16), 'b': jnp.ones(64)}
+  config = config_lib.get_config()
+  assert config.search.channel_multiple == 'auto'
+  assert targets.channel_multiple(config, template) == 1  # the paper's search
+  config.objective.target_flops = 0.5
+  assert targets.channel_multiple(config, template) == 16
+  for width, multiple in ((24, 8), (12, 4), (10, 2), (7, 1)):
+    assert targets.channel_multiple(config, {**template, 'c': jnp.ones(width)}) == multiple
+  config.search.channel_multiple = 4  # a number is kept, target or not
+  assert targets.channel_multiple(config, template) == 4
+
+
 def test_a_steered_run_in_channel_blocks_end_to_end(tmp_path):
-  """The main job with a FLOPs target and blocks of 4: training logs the expected cost and
-  plots it, the winner fits the target, and arch.json and the compact network keep widths
-  in multiples of 4."""
-  config = tiny.config(
-    {'objective.target_flops': 0.6, 'search.channel_multiple': 4, 'train.num_steps': 8}
-  )
+  """The main job with a FLOPs target and the default ``channel_multiple`` ('auto': blocks
+  of 4, the tiny network's narrowest groups): training logs the expected cost and plots it,
+  the winner fits the target, and arch.json and the compact network keep widths in
+  multiples of 4, candidates being cut in blocks (some width strictly between 0 and full)."""
+  config = tiny.config({'objective.target_flops': 0.6, 'train.num_steps': 8})
   result = pipeline.run(config, str(tmp_path))
   metrics = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert metrics[-1]['expected_flops'] <= metrics[-1]['target_flops'] + 1e-6
@@ -227,6 +239,9 @@ def test_a_steered_run_in_channel_blocks_end_to_end(tmp_path):
   arch = result.arch
   assert arch['flops'] <= arch['budget']['max_flops'] == int(0.6 * arch['supernet']['flops'])
   assert all(len(kept) % 4 == 0 for kept in arch['kept_channels'].values())
+  dropped = [c['dropped'] for c in tiny.candidates(tmp_path)]
+  assert all(n % 4 == 0 for c in dropped for n in c.values())
+  assert any(c['stage1_block0/branch0/conv1/group0'] == 4 for c in dropped)  # half of 8
   weights = np.load(tmp_path / 'search' / 'winner_compact.npz')
   for name in weights.files:
     w = weights[name]

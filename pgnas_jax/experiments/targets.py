@@ -96,6 +96,9 @@ def base_config(study: Study, seed: int, data_dir: str | None) -> ml_collections
   c.train.num_steps = study.train_steps
   c.train.batch_size = study.batch_size
   c.search.num_candidates = study.candidates
+  # accuracy at the FLOPs asked for, as counted: candidates cut channel by channel, as the
+  # uniform arm's widths are (a target's default, 'auto', keeps blocks of 16; docs/targets.md)
+  c.search.channel_multiple = 1
   c.checkpoint.every_steps = 200
   c.export.latency = study.latency
   return c
