@@ -102,13 +102,15 @@ def test_training_holds_the_target_on_one_and_four_devices_alike(tiny_net):
   assert sum(m['target_shift'] > 0 for m in runs[1][1]) >= 6  # the target did the pruning
   for a, b in zip(jax.tree.leaves(runs[1][0].drop_logits), jax.tree.leaves(runs[4][0].drop_logits)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
-  # candidates of the steered posterior come out the same in any chunking (SPEC section 3)
+  # candidates of the steered posterior, in the run's channel blocks ('auto': 4 here), come
+  # out the same in any chunking (SPEC section 3)
   logits, template = runs[1][0].drop_logits, steps.space.template
-  whole = masks.candidate_masks(jax.random.key(9), jnp.arange(6), logits, template)
+  multiple = targets.channel_multiple(config, template)
+  sampler = samplers.from_config(config.search, multiple)
+  assert multiple == 4
+  whole = sampler(jax.random.key(9), jnp.arange(6), logits, template)
   for first in range(0, 6, 4):
-    part = masks.candidate_masks(
-      jax.random.key(9), jnp.arange(first, min(first + 4, 6)), logits, template
-    )
+    part = sampler(jax.random.key(9), jnp.arange(first, min(first + 4, 6)), logits, template)
     jax.tree.map(lambda w, p: np.testing.assert_array_equal(w[first : first + 4], p), whole, part)
 
 
