@@ -23,6 +23,7 @@ from pgnas_jax import budget, estimators, rng, samplers, supernets
 from pgnas_jax import data as data_lib
 from pgnas_jax.errors import ConfigError
 from pgnas_jax.schema import (  # noqa: F401  (the schema's names, re-exported)
+  AUTO_OR_COUNT,
   EACH_ODD,
   EACH_POSITIVE,
   KEPT,
@@ -380,9 +381,7 @@ FIELDS = (
     "dividing every group's width, so that the target's saving is realised (on a CPU a "
     'convolution below 16 channels costs nearly what a 16-channel one does, '
     '`docs/targets.md`). Training is unchanged; a rerun with another value scores again',
-    check=Check(
-      lambda v: v == 'auto' or (type(v) is int and v >= 1), "'auto' or a whole number >= 1"
-    ),
+    check=AUTO_OR_COUNT,
     any_type=True,
     on_resume=RESCORE,
     older_runs=1,
@@ -395,9 +394,7 @@ FIELDS = (
     "platform's best images per call (CPU: 100, measured in `docs/benchmarks.md`; "
     'accelerators: 16,384), fewer if their activations would take more than half the '
     "device's free memory (`search.auto_chunk_size`)",
-    check=Check(
-      lambda v: v == 'auto' or (type(v) is int and v >= 1), "'auto' or a whole number >= 1"
-    ),
+    check=AUTO_OR_COUNT,
     any_type=True,
   ),
   Field(

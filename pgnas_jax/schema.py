@@ -25,6 +25,9 @@ PROBABILITY = Check(
   lambda v: 0.0 < np.float32(v) < 1.0 and 0.0 < v < 1.0,
   'in (0, 1), and neither 0 nor 1 in float32 (about 1.4e-45 .. 1 - 6e-8)',
 )
+AUTO_OR_COUNT = Check(
+  lambda v: v == 'auto' or (type(v) is int and v >= 1), "'auto' or a whole number >= 1"
+)
 EACH_POSITIVE = Check(lambda v: len(v) > 0 and all(x > 0 for x in v), 'non-empty, each > 0')
 EACH_ODD = Check(
   lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v), 'non-empty, each an odd number > 0'
