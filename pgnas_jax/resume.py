@@ -93,12 +93,9 @@ def sampler_changed(workdir: str, config: ml_collections.ConfigDict) -> bool:
 
 def _sampler(config: ml_collections.ConfigDict) -> samplers.Sampler:
   """The sampler as the config writes it, ``search.channel_multiple='auto'`` read as 1 where
-  no target is set (``targets.channel_multiple``; with one, 'auto' stays: a target cannot
+  no target is set (``targets.requested_multiple``; with one, 'auto' stays: a target cannot
   change on resume, nor the network's widths)."""
-  multiple = config.search.channel_multiple
-  if multiple == 'auto' and not targets.steered(config):
-    multiple = 1
-  return samplers.from_config(config.search, multiple)
+  return samplers.from_config(config.search, targets.requested_multiple(config))
 
 
 def start_over(workdir: str) -> None:

@@ -358,11 +358,10 @@ def rank_candidates(
   scored, by process 0. Every process scores every chunk (its validation rows on its
   devices) and gets all the records. A candidate's mask is not kept: it follows from
   (search key, index) and ``sampler`` (``search.sampler`` in channel blocks), see
-  ``candidate_mask``. ``log.writer`` gets
-  the best validation accuracy so far against the number of candidates scored, after each
-  chunk. Every candidate is scored; ``fits`` records whether it fits the search's budget.
-  With ``validation.recalibration`` each candidate's BatchNorm statistics are re-estimated
-  before it is scored."""
+  ``candidate_mask``. ``log.writer`` gets the best validation accuracy so far against the
+  number of candidates scored, after each chunk. Every candidate is scored; ``fits``
+  records whether it fits the search's budget. With ``validation.recalibration`` each
+  candidate's BatchNorm statistics are re-estimated before it is scored."""
   num, chunk = sampler.num_candidates(search_config.num_candidates), search_config.chunk_size
   if num < search_config.num_candidates:
     logging.info(

@@ -89,17 +89,22 @@ def steered(config) -> bool:
   return any(config.objective[field] for field in FIELDS.values())
 
 
+def requested_multiple(config) -> int | str:
+  """``search.channel_multiple`` as far as the config alone says: ``'auto'`` is 1 without
+  a target (the paper's search); with one it stays ``'auto'`` (``channel_multiple``)."""
+  requested = config.search.channel_multiple
+  return 1 if requested == 'auto' and not steered(config) else requested
+
+
 def channel_multiple(config, template: PyTree) -> int:
   """``search.channel_multiple`` as a number for the network of mask ``template``:
   ``'auto'`` is 1 without a target (the paper's search) and with one the largest of
   ``AUTO_MULTIPLE``, its halves and 1 that divides every group's width, so that a target's
   saving is realised: on this project's CPU a convolution below 16 channels costs nearly
   what a 16-channel one does (docs/targets.md)."""
-  requested = config.search.channel_multiple
+  requested = requested_multiple(config)
   if requested != 'auto':
     return requested
-  if not steered(config):
-    return 1
   widths = masks.channel_counts(template)
   multiple = AUTO_MULTIPLE
   while any(width % multiple for width in widths):
